@@ -1,0 +1,202 @@
+"""LoRSum, Scaled LoRSum and their statistics as pure functions of tensors (spec/lorsum.md §3–6, §9).
+
+Every tensor may carry leading batch dimensions (a group of same-shape layers). Math runs in fp32, or
+fp64 when any input factor is fp64; results come back in the dtype of pair 0. Nothing here reads a value
+on the host, so a step built from these functions can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from .. import ops
+from ..reference import batch_scalar
+
+Pair = tuple[Tensor, Tensor]
+
+__all__ = [
+    "compute_dtype",
+    "low_rank_sum",
+    "scaled_low_rank_sum",
+    "kfac_statistics",
+    "shampoo_statistics",
+    "ema",
+    "effective_metric",
+    "gradient_norm",
+    "svdlora_step",
+]
+
+
+def compute_dtype(*tensors: Tensor) -> torch.dtype:
+    """fp64 if any tensor is fp64, else fp32: the dtype of all optimizer math (DESIGN.md)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _check_pairs(pairs: Sequence[Pair], coeffs: Sequence, iters: int) -> None:
+    if len(pairs) == 0:
+        raise ValueError("low_rank_sum needs at least one factor pair: pairs[0] = (A0, B0)")
+    if len(coeffs) != len(pairs):
+        raise ValueError(f"got {len(pairs)} factor pairs but {len(coeffs)} coefficients")
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
+        raise ValueError(f"iters must be an integer >= 0, got {iters!r}")
+    A0, B0 = pairs[0]
+    if A0.ndim < 2 or B0.ndim < 2 or A0.shape[-2] != B0.shape[-1]:
+        raise ValueError(
+            f"pairs[0] must be (A0 (r×n), B0 (m×r)); got shapes {tuple(A0.shape)} and {tuple(B0.shape)}"
+        )
+    n, m = A0.shape[-1], B0.shape[-2]
+    for j, (f_in, f_out) in enumerate(pairs):
+        if f_in.shape[-1] != n or f_out.shape[-2] != m or f_in.shape[-2] != f_out.shape[-1]:
+            raise ValueError(
+                f"pairs[{j}] = (F_in {tuple(f_in.shape)}, F_out {tuple(f_out.shape)}) does not stand for an "
+                f"{m}×{n} matrix F_out @ F_in"
+            )
+
+
+def _lorsum(pairs, coeffs, metrics, lmbd, iters, backend) -> Pair:
+    _check_pairs(pairs, coeffs, iters)
+    out_dtype = pairs[0][0].dtype
+    dt = compute_dtype(*(t for pair in pairs for t in pair))
+    cast = [(f_in.to(dt), f_out.to(dt)) for f_in, f_out in pairs]
+    if metrics is not None:
+        metrics = (metrics[0].to(dt), metrics[1].to(dt))
+    anchor, rest = cast[0], cast[1:]
+    A0, B0 = anchor
+    kw = dict(backend=backend)
+    if iters == 0:
+        # One Jacobi round: both half-steps from the anchor (spec §3.4; the official plain code
+        # returns its input here, spec §11 P1).
+        A_new = ops.lorsum_update_in(B0, anchor, rest, coeffs, lmbd, metrics, **kw)
+        B_new = ops.lorsum_update_out(A0, anchor, rest, coeffs, lmbd, metrics, **kw)
+    else:
+        B_new = B0
+        for _ in range(iters):
+            A_new = ops.lorsum_update_in(B_new, anchor, rest, coeffs, lmbd, metrics, **kw)
+            B_new = ops.lorsum_update_out(A_new, anchor, rest, coeffs, lmbd, metrics, **kw)
+    return A_new.to(out_dtype), B_new.to(out_dtype)
+
+
+def low_rank_sum(
+    pairs: Sequence[Pair], coeffs: Sequence, *, lmbd=0.0, iters: int = 1, backend: str | None = "auto"
+) -> Pair:
+    """Rank-r compression of the implicit sum ``Σ_j c_j F_out_j @ F_in_j`` by proximal ALS (LoRSum).
+
+    Args:
+        pairs: factor pairs ``(F_in (q×n), F_out (m×q))``; ``pairs[0] = (A0, B0)`` is the warm start and
+            the proximal anchor. The gradient enters as ``(X, S.mT)``.
+        coeffs: one coefficient per pair (float, 0-d tensor, or one value per batch element).
+        lmbd: the proximal weight λ itself (the optimizers pass ``lr * lmbd``).
+        iters: k ALS rounds, A-step first (Gauss–Seidel); ``0`` is one Jacobi round, i.e. the
+            Riemannian-preconditioned (RPLoRA) step.
+        backend: "auto", "native", "triton" or "torch".
+
+    Returns:
+        ``(A, B)``: the new factors, in the dtype of ``A0``.
+    """
+    return _lorsum(pairs, coeffs, None, lmbd, iters, backend)
+
+
+def scaled_low_rank_sum(
+    pairs: Sequence[Pair],
+    coeffs: Sequence,
+    metrics: tuple[Tensor, Tensor],
+    *,
+    lmbd=0.0,
+    iters: int = 1,
+    backend: str | None = "auto",
+) -> Pair:
+    """LoRSum in the diagonal metric ``metrics = (m_in (n,), m_out (m,))`` (spec/lorsum.md §6.2).
+
+    The metrics are the effective ones (``effective_metric``), strictly positive. Pair 0 is the anchor and
+    is not preconditioned; every other pair is mapped to ``M_out⁻¹ F_out F_in M_in⁻¹``. With unit metrics
+    this equals ``low_rank_sum``.
+    """
+    m_in, m_out = metrics
+    A0, B0 = pairs[0]
+    if m_in.shape[-1] != A0.shape[-1] or m_out.shape[-1] != B0.shape[-2]:
+        raise ValueError(
+            f"metrics must be (m_in ({A0.shape[-1]},), m_out ({B0.shape[-2]},)); got "
+            f"{tuple(m_in.shape)} and {tuple(m_out.shape)}"
+        )
+    return _lorsum(pairs, coeffs, (m_in, m_out), lmbd, iters, backend)
+
+
+def kfac_statistics(
+    X: Tensor, S: Tensor, *, loss_reduction: str = "mean", backend: str | None = "auto"
+) -> tuple[Tensor, Tensor]:
+    """Diagonal K-FAC statistics of one batch: ``(E[x²] (n,), c·Σ_t s_t² (m,))`` (spec §6.1).
+
+    ``c`` is T for a mean-reduced loss (each row of S carries the 1/T factor) and 1/T for a sum, so both
+    give the mean squared per-token output gradient. One read of X and of S: 2·T·(m+n) flops.
+    """
+    T = X.shape[-2]
+    if loss_reduction not in ("mean", "sum"):
+        raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+    scale = T if loss_reduction == "mean" else 1.0 / max(T, 1)
+    return ops.col_sq_sums(X, backend=backend) / max(T, 1), ops.col_sq_sums(S, backend=backend) * scale
+
+
+def shampoo_statistics(
+    X: Tensor, S: Tensor, *, loss_reduction: str = "mean", backend: str | None = "auto"
+) -> tuple[Tensor, Tensor]:
+    """Diagonal Shampoo statistics ``(c·diag(GᵀG) (n,), c·diag(GGᵀ) (m,))`` of ``G = SᵀX`` (spec §6.1).
+
+    Computed as the column and row energies of G, produced in m×256 slabs and reduced at once: 2·T·m·n
+    flops and m·256 transient numbers per layer. The official code's ``X ⊙ (S Sᵀ X)`` needs a T×T Gram
+    and 2·T²·(m+n) flops; this never forms it. ``c`` is as in ``kfac_statistics``.
+    """
+    T = X.shape[-2]
+    if loss_reduction not in ("mean", "sum"):
+        raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+    scale = T if loss_reduction == "mean" else 1.0 / max(T, 1)
+    rows, cols = ops.row_col_energies(X, S, backend=backend)
+    return cols * scale, rows * scale
+
+
+def ema(v: Tensor, stat: Tensor, beta) -> Tensor:
+    """``β·v + (1−β)·stat``: the metrics' exponential moving average (no bias correction, spec §6.1)."""
+    return v * beta + stat.to(v.dtype) * (1 - beta)
+
+
+def effective_metric(v: Tensor, damping: float, power: float) -> Tensor:
+    """``(v + δ)^p``, elementwise: damping is added before the fractional power (spec §6.1)."""
+    return (v + damping).pow(power)
+
+
+def gradient_norm(X: Tensor, S: Tensor, *, backend: str | None = "auto") -> Tensor:
+    """``‖Sᵀ X‖_F`` per batch element, never forming G nor a T×T Gram.
+
+    When ``T·(m+n) < m·n`` the identity ‖SᵀX‖² = ⟨XXᵀ, SSᵀ⟩ is summed over 256×256 token blocks
+    (2·T²·(m+n) flops, 256² transient numbers); otherwise G's row energies are summed slab by slab
+    (2·T·m·n flops, m·256 transient numbers). Either way the cheaper exact formula is used.
+    """
+    T, n, m = X.shape[-2], X.shape[-1], S.shape[-1]
+    dt = compute_dtype(X, S)
+    if T * (m + n) >= m * n:
+        rows, _ = ops.row_col_energies(X, S, backend=backend)
+        return rows.sum(-1).sqrt()
+    Xc, Sc = X.to(dt), S.to(dt)
+    block = 256
+    total = torch.zeros(X.shape[:-2], dtype=dt, device=X.device)
+    for i in range(0, T, block):
+        for j in range(0, T, block):
+            xx = Xc[..., i : i + block, :] @ Xc[..., j : j + block, :].mT
+            ss = Sc[..., i : i + block, :] @ Sc[..., j : j + block, :].mT
+            total = total + (xx * ss).sum((-2, -1))
+    return total.clamp_min(0).sqrt()
+
+
+def svdlora_step(A: Tensor, B: Tensor, grad: Tensor, lr) -> Pair:
+    """The SVDLoRA step LoRSum approximates: ``Π_r(B·A − lr·grad)`` refactored as ``(Σ^½Vᵀ, UΣ^½)``.
+
+    This baseline forms the m×n matrix and takes a full SVD (spec §2); it exists for tests and demos.
+    """
+    r = A.shape[-2]
+    dt = compute_dtype(A, B, grad)
+    W = B.to(dt) @ A.to(dt) - batch_scalar(lr, A.to(dt)) * grad.to(dt)
+    U, sig, Vh = torch.linalg.svd(W, full_matrices=False)
+    root = sig[..., :r].sqrt()
+    return (root.unsqueeze(-1) * Vh[..., :r, :]).to(A.dtype), (U[..., :, :r] * root.unsqueeze(-2)).to(B.dtype)

@@ -1,0 +1,328 @@
+"""The machinery every LoRA optimizer of the package shares.
+
+``LoRAOptimizer`` is a ``torch.optim.Optimizer`` built from a model, not from its parameters, because the
+methods act on (A, B) pairs and on each layer's X and S:
+
+* It finds the LoRA pairs (``lora.find_lora_layers``) and, when the method needs them, hooks the layers
+  (``capture.ActivationCapture``).
+* Param groups come in two kinds: ``"lora"`` groups hold factor pairs (a layer's A and B always in the
+  same group) and are stepped by the method; ``"other"`` groups hold the remaining trainable parameters
+  (heads, biases) and are stepped by torch's fused AdamW with their own ``lr``. LR schedulers scale both.
+* ``step()`` validates everything before it changes anything, buckets the layers of a group by shape,
+  stacks each bucket into one batched call of the method's pure function (``_method_step``), and writes
+  results back in the parameter dtype. A layer whose new values are not all finite is left untouched,
+  state included, and counted in its ``state[A]["skipped_steps"]`` and in ``self.state["skipped_steps"]``;
+  the choice is made with ``torch.where`` on the device, never by reading a flag on the host.
+* Method state (momentum factors, metrics) lives in fp32 (fp64 for fp64 parameters), keyed by the
+  layer's A parameter, and keeps its dtype through ``state_dict``/``load_state_dict``.
+
+Subclasses set ``needs_capture`` and implement ``_init_layer_state`` and ``_method_step``.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Iterable
+
+import torch
+from torch import Tensor, nn
+from torch.optim.adam import adam as _torch_adam
+
+from ..capture import ActivationCapture
+from ..lora import LoRALayer, find_lora_layers
+
+__all__ = ["LoRAOptimizer"]
+
+# Keys of a LoRA layer's state that are not method tensors to stack.
+_COUNTERS = ("step", "skipped_steps")
+
+
+class LoRAOptimizer(torch.optim.Optimizer):
+    needs_capture: bool = True
+
+    def __init__(
+        self,
+        model: nn.Module,
+        defaults: dict[str, Any],
+        *,
+        param_groups: Iterable[dict] | None = None,
+        other_lr: float = 1e-4,
+        other_betas: tuple[float, float] = (0.9, 0.999),
+        other_eps: float = 1e-8,
+        other_weight_decay: float = 0.0,
+        seed: int = 0,
+    ):
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"{type(self).__name__} takes the model (an nn.Module), not {type(model).__name__}: it pairs "
+                "each LoRA A with its B by module and hooks the layers"
+            )
+        _check_positive("lr", defaults["lr"], allow_zero=True)
+        _check_positive("other_lr", other_lr, allow_zero=True)
+        layers = find_lora_layers(model)
+        if not layers:
+            raise ValueError(
+                f"{type(self).__name__}: the model has no trainable LoRA layers (modules with lora_A/lora_B "
+                "Linear factors); wrap it with PEFT or lorsum_kernels.LoRALinear first"
+            )
+        for layer in layers:
+            if layer.rank > min(layer.in_features, layer.out_features):
+                raise ValueError(
+                    f"{layer.name}: rank {layer.rank} is larger than min(m, n) = "
+                    f"{min(layer.in_features, layer.out_features)}"
+                )
+        self._layers_by_A = {id(layer.A): layer for layer in layers}
+        by_B = {id(layer.B): layer for layer in layers}
+        other_defaults = dict(
+            lr=other_lr, betas=tuple(other_betas), eps=other_eps, weight_decay=other_weight_decay
+        )
+        if param_groups is None:
+            groups = [{"params": [p for layer in layers for p in (layer.A, layer.B)], "kind": "lora"}]
+            lora_ids = set(self._layers_by_A) | set(by_B)
+            others = [p for p in model.parameters() if p.requires_grad and id(p) not in lora_ids]
+            if others:  # never an empty group: schedulers and DeepSpeed trip over them
+                groups.append({"params": others, "kind": "other", **other_defaults})
+        else:
+            groups = [self._classify_group(dict(g), by_B, other_defaults) for g in param_groups]
+        self._seed = seed
+        super().__init__(groups, defaults)
+        self._layers = [self._layers_by_A[id(p)] for g in self._lora_groups() for p in g["params"]
+                        if id(p) in self._layers_by_A]
+        self.state["skipped_steps"] = torch.zeros((), dtype=torch.int64, device=self._layers[0].A.device)
+        generator = torch.Generator().manual_seed(seed)
+        for group in self._lora_groups():
+            for layer in self._group_layers(group):
+                st = self.state[layer.A]
+                st["step"] = torch.zeros((), dtype=torch.int64, device=layer.A.device)
+                st["skipped_steps"] = torch.zeros((), dtype=torch.int64, device=layer.A.device)
+                for key, value in self._init_layer_state(layer, group, generator).items():
+                    st[key] = value
+        self._capture = ActivationCapture(self._layers) if self.needs_capture else None
+
+    # ----------------------------------------------------------------------------------------------
+    # construction helpers
+
+    def _classify_group(self, group: dict, by_B: dict, other_defaults: dict) -> dict:
+        params = list(group["params"])
+        if not params:
+            raise ValueError("empty parameter group")
+        ids = {id(p) for p in params}
+        is_lora = [id(p) in self._layers_by_A or id(p) in by_B for p in params]
+        if all(is_lora):
+            for p in params:
+                layer = self._layers_by_A.get(id(p)) or by_B[id(p)]
+                if id(layer.A) not in ids or id(layer.B) not in ids:
+                    raise ValueError(f"{layer.name}: lora_A and lora_B must be in the same parameter group")
+            group["kind"] = "lora"
+        elif not any(is_lora):
+            for key, value in other_defaults.items():
+                group.setdefault(key, value)
+            group["kind"] = "other"
+        else:
+            raise ValueError("a parameter group mixes LoRA factors with other parameters; split it in two")
+        group["params"] = params
+        return group
+
+    def _lora_groups(self):
+        return [g for g in self.param_groups if g["kind"] == "lora"]
+
+    def _group_layers(self, group: dict) -> list[LoRALayer]:
+        return [self._layers_by_A[id(p)] for p in group["params"] if id(p) in self._layers_by_A]
+
+    def _state_dtype(self, layer: LoRALayer) -> torch.dtype:
+        return torch.float64 if layer.A.dtype == torch.float64 else torch.float32
+
+    # ----------------------------------------------------------------------------------------------
+    # subclass interface
+
+    def _init_layer_state(self, layer: LoRALayer, group: dict, generator: torch.Generator) -> dict:
+        """Initial method state of one layer (fp32 tensors on the layer's device)."""
+        return {}
+
+    def _method_step(self, group: dict, A: Tensor, B: Tensor, X, S, state: dict, grads) -> tuple:
+        """One step for a bucket of L layers. A (L,r,n) and B (L,m,r) are balanced factors in fp32
+        (``√s·A``, ``√s·B``), X (L,T,n) and S (L,T,m) the captured data in their own dtype (None when
+        the method needs no capture), ``state`` the stacked method state, ``grads`` the stacked
+        (A.grad, B.grad) of the balanced factors. Returns (A_new, B_new, new_state)."""
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------------------------------------
+    # the step
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        if self._capture is not None:
+            self._capture.clear()  # gradients were discarded: the matching X/S must go too
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        plan = self._plan()  # validates everything before any state changes
+        for group, buckets in plan:
+            for layers, data in buckets:
+                self._step_bucket(group, layers, data)
+        for group in self.param_groups:
+            if group["kind"] == "other":
+                self._step_other(group)
+        if self._capture is not None:
+            self._capture.clear()
+        return loss
+
+    def _plan(self):
+        plan = []
+        for group in self._lora_groups():
+            buckets: dict[tuple, tuple[list, list]] = defaultdict(lambda: ([], []))
+            for layer in self._group_layers(group):
+                has_grad = layer.A.grad is not None or layer.B.grad is not None
+                data = None
+                if self._capture is not None:
+                    data = self._capture.get(layer.module)
+                    if data is None:
+                        if has_grad:
+                            raise RuntimeError(
+                                f"{layer.name} has gradients but no captured inputs/output-gradients: was "
+                                "its forward run in eval mode, under no_grad, or before the optimizer "
+                                "was created?"
+                            )
+                        continue
+                elif not has_grad:
+                    continue
+                T = -1 if data is None else data[0].shape[0]
+                xdt = None if data is None else (data[0].dtype, data[1].dtype)
+                key = (tuple(layer.A.shape), tuple(layer.B.shape), layer.A.dtype, layer.A.device, T, xdt)
+                buckets[key][0].append(layer)
+                buckets[key][1].append(data)
+            plan.append((group, list(buckets.values())))
+        return plan
+
+    def _step_bucket(self, group: dict, layers: list[LoRALayer], data: list) -> None:
+        dev, pdt = layers[0].A.device, layers[0].A.dtype
+        dt = self._state_dtype(layers[0])
+        root = torch.tensor([layer.scale for layer in layers], dtype=dt, device=dev).sqrt().view(-1, 1, 1)
+        A = torch.stack([layer.A for layer in layers]).to(dt) * root
+        B = torch.stack([layer.B for layer in layers]).to(dt) * root
+        grads = None
+        if not self.needs_capture:
+            # ∂L/∂(√s·A) = √s·BᵀG = A.grad/√s: the gradients of the balanced factors.
+            grads = tuple(
+                torch.stack([_grad_or_zeros(getattr(layer, side)) for layer in layers]).to(dt) / root
+                for side in ("A", "B")
+            )
+        X = S = None
+        if self.needs_capture:
+            X = torch.stack([d[0] for d in data]) if len(data) > 1 else data[0][0].unsqueeze(0)
+            S = torch.stack([d[1] for d in data]) if len(data) > 1 else data[0][1].unsqueeze(0)
+        keys = [k for k in self.state[layers[0].A] if k not in _COUNTERS]
+        state = {k: torch.stack([self.state[layer.A][k] for layer in layers]) for k in keys}
+        A_new, B_new, new_state = self._method_step(group, A, B, X, S, state, grads)
+        A_new, B_new = A_new / root, B_new / root
+        outputs = [A_new, B_new, *new_state.values()]
+        finite = torch.stack([t.isfinite().flatten(1).all(1) for t in outputs]).all(0)  # (L,)
+        self.state["skipped_steps"] += (~finite).sum()
+        for i, layer in enumerate(layers):
+            ok = finite[i]
+            layer.A.copy_(torch.where(ok, A_new[i].to(pdt), layer.A))
+            layer.B.copy_(torch.where(ok, B_new[i].to(pdt), layer.B))
+            st = self.state[layer.A]
+            for k, v in new_state.items():
+                st[k].copy_(torch.where(ok, v[i], st[k]))
+            st["step"] += ok
+            st["skipped_steps"] += ~ok
+
+    def _step_other(self, group: dict) -> None:
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        for p in params:
+            st = self.state[p]
+            if not st:
+                st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        grads = [p.grad for p in params]
+        # One device flag: a non-finite gradient skips this group's update (and its step count).
+        found_inf = torch.stack([~g.isfinite().all() for g in grads]).any().float()
+        self.state["skipped_steps"] += found_inf.to(torch.int64)
+        beta1, beta2 = group["betas"]
+        _torch_adam(
+            params,
+            grads,
+            [self.state[p]["exp_avg"] for p in params],
+            [self.state[p]["exp_avg_sq"] for p in params],
+            [],
+            [self.state[p]["step"] for p in params],
+            fused=True,
+            found_inf=found_inf,
+            decoupled_weight_decay=True,
+            amsgrad=False,
+            beta1=beta1,
+            beta2=beta2,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            maximize=False,
+        )
+
+    # ----------------------------------------------------------------------------------------------
+    # checkpoints
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Like torch's, after checking every state shape, and keeping the saved state dtypes.
+
+        torch casts floating state to the parameter's dtype on load, which would turn fp32 method state
+        of bf16 LoRA factors into bf16; the saved tensors are restored with their own dtype instead.
+        """
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"the state dict has {len(saved_groups)} parameter groups, this optimizer has "
+                f"{len(self.param_groups)}"
+            )
+        id_to_param = {}
+        for saved, group in zip(saved_groups, self.param_groups):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError("a parameter group of the state dict has a different number of parameters")
+            id_to_param.update(zip(saved["params"], group["params"]))
+        saved_state = state_dict["state"]
+        for pid, entries in saved_state.items():
+            if pid not in id_to_param:
+                continue
+            current = self.state.get(id_to_param[pid], {})
+            for key, value in entries.items():
+                if key in current and isinstance(value, Tensor) and value.shape != current[key].shape:
+                    raise ValueError(
+                        f"state '{key}' of parameter {pid} has shape {tuple(value.shape)} in the state dict "
+                        f"but {tuple(current[key].shape)} here"
+                    )
+            if isinstance(id_to_param[pid], Tensor) and "exp_avg" in entries:
+                p = id_to_param[pid]
+                if entries["exp_avg"].shape != p.shape:
+                    raise ValueError(f"AdamW state of parameter {pid} does not match its shape {tuple(p.shape)}")
+        super().load_state_dict(state_dict)
+        for pid, entries in saved_state.items():
+            if pid not in id_to_param:
+                continue
+            param = id_to_param[pid]
+            for key, value in entries.items():
+                if isinstance(value, Tensor):
+                    self.state[param][key] = value.to(device=param.device, dtype=value.dtype, copy=True)
+        if "skipped_steps" in saved_state:
+            self.state["skipped_steps"] = saved_state["skipped_steps"].clone()
+
+    def remove_hooks(self) -> None:
+        """Detach the capture hooks from the model (the optimizer cannot step afterwards)."""
+        if self._capture is not None:
+            self._capture.remove()
+
+
+def _grad_or_zeros(p: Tensor) -> Tensor:
+    return p.grad if p.grad is not None else torch.zeros_like(p)
+
+
+def _check_positive(name: str, value, *, allow_zero: bool = False) -> None:
+    value = float(value)
+    if not (value > 0 or (allow_zero and value == 0)):
+        raise ValueError(f"invalid {name}: {value} (must be {'>= 0' if allow_zero else '> 0'})")

@@ -1,0 +1,193 @@
+"""PSI-LoRA (LoRSum) and Scaled PSI-LoRA as torch.optim optimizers (spec/lorsum.md §5.1, §6.4).
+
+The step is defined on the merged weight: ``s·B·A`` moves as SVDLoRA's ``W`` would with the same lr,
+whatever α/r (spec §11 P10). Internally the factors are balanced (``√s·A``, ``√s·B``), so the proximal
+term ``λ(‖A − A0‖² + ‖B − B0‖²)`` is taken in those coordinates; with s = 1 this is the official method.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..backends import resolve_backend
+from ..functional.psi_lora import psi_lora_step, scaled_psi_lora_step
+from .base import LoRAOptimizer, _check_positive
+
+__all__ = ["LoRSum", "ScaledLoRSum"]
+
+
+def _check_iters(iters) -> None:
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
+        raise ValueError(f"iters must be an integer >= 0, got {iters!r}")
+
+
+def _check_unit(name: str, value, *, closed: bool = False) -> None:
+    if not (0.0 <= value < 1.0 or (closed and value == 1.0)):
+        raise ValueError(f"invalid {name}: {value} (must be in [0, 1{']' if closed else ')'})")
+
+
+class _MomentumFactors:
+    """Low-rank momentum state shared by both optimizers: A_m ~ N(0,1) seeds the subspace, B_m = 0."""
+
+    def _momentum_state(self, layer, group, generator, beta: float) -> dict:
+        if beta == 0:
+            return {}
+        rank = group["momentum_rank"] or layer.rank
+        if rank > min(layer.in_features, layer.out_features):
+            raise ValueError(
+                f"{layer.name}: momentum_rank {rank} is larger than min(m, n) = "
+                f"{min(layer.in_features, layer.out_features)}"
+            )
+        dt = self._state_dtype(layer)
+        # Drawn on the CPU from the optimizer's seeded generator, so every rank and device agrees.
+        A_m = torch.randn(rank, layer.in_features, generator=generator, dtype=dt).to(layer.A.device)
+        return {"momentum_in": A_m, "momentum_out": torch.zeros(layer.out_features, rank, dtype=dt,
+                                                                device=layer.A.device)}
+
+
+def _momentum_of(state: dict):
+    return (state["momentum_in"], state["momentum_out"]) if "momentum_in" in state else None
+
+
+def _momentum_dict(buffer) -> dict:
+    return {} if buffer is None else {"momentum_in": buffer[0], "momentum_out": buffer[1]}
+
+
+class LoRSum(_MomentumFactors, LoRAOptimizer):
+    """PSI-LoRA: each step is the rank-r LoRSum of ``s·B·A − η·(momentum direction)``.
+
+    Args:
+        model (nn.Module): the model holding the LoRA layers (PEFT, ``LoRALinear`` or any module with
+            ``lora_A``/``lora_B`` Linear children).
+        lr (float): η, read from the param group at every step (schedulers work). (Default: 1e-3)
+        lmbd (float): λ0; the proximal weight is λ = η·λ0. (Default: 1e-2)
+        iters (int): k ALS rounds; 0 is one Jacobi round, the Riemannian-preconditioned step. (Default: 1)
+        momentum (float): β of the low-rank heavy-ball buffer; 0 keeps no buffer. (Default: 0)
+        dampening (float): d, as in torch SGD. (Default: 0)
+        momentum_rank (int, optional): rank of the buffer factors; None means the layer's rank r.
+        lmbd_momentum (float, optional): λ0 of the buffer's LoRSum; None means ``lmbd``.
+        backend (str): "auto", "native", "triton" or "torch" for the hot paths. (Default: "auto")
+        seed (int): seeds the momentum factors' random start. (Default: 0)
+        param_groups (list[dict], optional): torch-style groups of LoRA factors (a layer's A and B
+            together) or of other parameters, with per-group overrides.
+        other_lr, other_betas, other_eps, other_weight_decay: torch AdamW for trainable non-LoRA
+            parameters (heads, biases). (Default: 1e-4, (0.9, 0.999), 1e-8, 0)
+    """
+
+    def __init__(
+        self,
+        model,
+        lr: float = 1e-3,
+        *,
+        lmbd: float = 1e-2,
+        iters: int = 1,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        momentum_rank: int | None = None,
+        lmbd_momentum: float | None = None,
+        backend: str = "auto",
+        seed: int = 0,
+        **kwargs,
+    ):
+        _check_positive("lmbd", lmbd, allow_zero=True)
+        _check_iters(iters)
+        _check_unit("momentum", momentum)
+        _check_unit("dampening", dampening, closed=True)
+        if momentum_rank is not None and (not isinstance(momentum_rank, int) or momentum_rank < 1):
+            raise ValueError(f"momentum_rank must be a positive integer or None, got {momentum_rank!r}")
+        resolve_backend(backend, torch.device("cpu"), "lorsum_update_in")  # unknown names raise now
+        defaults = dict(
+            lr=lr, lmbd=lmbd, iters=iters, momentum=momentum, dampening=dampening, momentum_rank=momentum_rank,
+            lmbd_momentum=lmbd if lmbd_momentum is None else lmbd_momentum, backend=backend,
+        )
+        super().__init__(model, defaults, seed=seed, **kwargs)
+
+    def _init_layer_state(self, layer, group, generator):
+        return self._momentum_state(layer, group, generator, group["momentum"])
+
+    def _method_step(self, group, A, B, X, S, state, grads):
+        A, B, buffer = psi_lora_step(
+            A, B, X, S, _momentum_of(state), lr=group["lr"], lmbd=group["lmbd"],
+            lmbd_momentum=group["lmbd_momentum"], iters=group["iters"], momentum=group["momentum"],
+            dampening=group["dampening"], backend=group["backend"],
+        )
+        return A, B, _momentum_dict(buffer)
+
+
+class ScaledLoRSum(_MomentumFactors, LoRAOptimizer):
+    """Scaled PSI-LoRA: LoRSum in a diagonal K-FAC or Shampoo metric with a fractional power.
+
+    Args:
+        model, lr, lmbd, iters, momentum_rank, backend, seed, param_groups, other_*: as in ``LoRSum``;
+            the proximal weight is λ = max(η·λ0, min_lmbd).
+        betas (tuple[float, float]): β1 of the momentum buffer (0 keeps none) and β2 of the metric EMA.
+            (Default: (0.9, 0.999))
+        damping (float): δ added to the metric statistics before the power. (Default: 0.1)
+        metric (str): "kfac" (E[x²], E[s²]) or "shampoo" (diag(GᵀG), diag(GGᵀ)). (Default: "kfac")
+        metric_power (float): p in (v + δ)^p, 0 ≤ p ≤ 1. (Default: 0.5)
+        loss_reduction (str): "mean" or "sum", how the loss reduces over tokens; fixes the scale of the
+            output-gradient statistic. (Default: "mean")
+        min_lmbd (float): floor of λ, as in the official code. (Default: 1e-5)
+        init_metric_scale (float): initial value of the metric EMAs. (Default: 1.0)
+    """
+
+    def __init__(
+        self,
+        model,
+        lr: float = 1e-3,
+        *,
+        lmbd: float = 1e-2,
+        iters: int = 1,
+        betas: tuple[float, float] = (0.9, 0.999),
+        damping: float = 0.1,
+        metric: str = "kfac",
+        metric_power: float = 0.5,
+        loss_reduction: str = "mean",
+        min_lmbd: float = 1e-5,
+        init_metric_scale: float = 1.0,
+        momentum_rank: int | None = None,
+        backend: str = "auto",
+        seed: int = 0,
+        **kwargs,
+    ):
+        _check_positive("lmbd", lmbd, allow_zero=True)
+        _check_iters(iters)
+        _check_unit("betas[0]", betas[0])
+        _check_unit("betas[1]", betas[1])
+        _check_positive("damping", damping, allow_zero=True)
+        _check_positive("min_lmbd", min_lmbd, allow_zero=True)
+        _check_positive("init_metric_scale", init_metric_scale)
+        if metric not in ("kfac", "shampoo"):
+            raise ValueError(f"metric must be 'kfac' or 'shampoo', got {metric!r}")
+        if not 0.0 <= metric_power <= 1.0:
+            raise ValueError(f"metric_power must be in [0, 1], got {metric_power}")
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+        if momentum_rank is not None and (not isinstance(momentum_rank, int) or momentum_rank < 1):
+            raise ValueError(f"momentum_rank must be a positive integer or None, got {momentum_rank!r}")
+        resolve_backend(backend, torch.device("cpu"), "lorsum_update_in")
+        defaults = dict(
+            lr=lr, lmbd=lmbd, iters=iters, betas=tuple(betas), damping=damping, metric=metric,
+            metric_power=metric_power, loss_reduction=loss_reduction, min_lmbd=min_lmbd,
+            init_metric_scale=init_metric_scale, momentum_rank=momentum_rank, backend=backend,
+        )
+        super().__init__(model, defaults, seed=seed, **kwargs)
+
+    def _init_layer_state(self, layer, group, generator):
+        dt, dev = self._state_dtype(layer), layer.A.device
+        scale = group["init_metric_scale"]
+        state = {
+            "metric_in": torch.full((layer.in_features,), scale, dtype=dt, device=dev),
+            "metric_out": torch.full((layer.out_features,), scale, dtype=dt, device=dev),
+        }
+        state.update(self._momentum_state(layer, group, generator, group["betas"][0]))
+        return state
+
+    def _method_step(self, group, A, B, X, S, state, grads):
+        A, B, (v_in, v_out), buffer = scaled_psi_lora_step(
+            A, B, X, S, (state["metric_in"], state["metric_out"]), _momentum_of(state),
+            lr=group["lr"], lmbd=group["lmbd"], min_lmbd=group["min_lmbd"], iters=group["iters"],
+            betas=group["betas"], damping=group["damping"], metric=group["metric"],
+            metric_power=group["metric_power"], loss_reduction=group["loss_reduction"], backend=group["backend"],
+        )
+        return A, B, {"metric_in": v_in, "metric_out": v_out, **_momentum_dict(buffer)}

@@ -1,0 +1,26 @@
+"""SVDLoRA, the step LoRSum approximates, as a baseline optimizer (spec/lorsum.md §2).
+
+Each step is ``s·B·A ← Π_r(s·B·A − η·G)`` by a full SVD of the m×n matrix, with ``G = SᵀX`` formed from
+the captured layer data: plain gradient descent on the merged weight, projected back to rank r. It
+costs what LoRSum avoids (an m×n gradient and an SVD per layer) and exists for comparisons and tests.
+"""
+
+from __future__ import annotations
+
+from ..functional import svdlora_step
+from .base import LoRAOptimizer
+
+__all__ = ["SVDLoRA"]
+
+
+class SVDLoRA(LoRAOptimizer):
+    """Projected gradient descent on the merged LoRA weight. Args: ``model``, ``lr`` and the
+    ``param_groups`` / ``other_*`` options of ``LoRSum``."""
+
+    def __init__(self, model, lr: float = 1e-3, **kwargs):
+        super().__init__(model, dict(lr=lr), **kwargs)
+
+    def _method_step(self, group, A, B, X, S, state, grads):
+        G = S.to(A.dtype).mT @ X.to(A.dtype)
+        A, B = svdlora_step(A, B, G, group["lr"])
+        return A, B, {}
