@@ -197,6 +197,10 @@ def svdlora_step(A: Tensor, B: Tensor, grad: Tensor, lr) -> Pair:
     r = A.shape[-2]
     dt = compute_dtype(A, B, grad)
     W = B.to(dt) @ A.to(dt) - batch_scalar(lr, A.to(dt)) * grad.to(dt)
-    U, sig, Vh = torch.linalg.svd(W, full_matrices=False)
+    # LAPACK refuses non-finite input; decompose zeros there and hand NaN back, decided on the device.
+    bad = ~W.isfinite().flatten(-2).all(-1).view(*W.shape[:-2], 1, 1)
+    U, sig, Vh = torch.linalg.svd(torch.where(bad, 0.0, W), full_matrices=False)
     root = sig[..., :r].sqrt()
-    return (root.unsqueeze(-1) * Vh[..., :r, :]).to(A.dtype), (U[..., :, :r] * root.unsqueeze(-2)).to(B.dtype)
+    A_new = torch.where(bad, float("nan"), root.unsqueeze(-1) * Vh[..., :r, :])
+    B_new = torch.where(bad, float("nan"), U[..., :, :r] * root.unsqueeze(-2))
+    return A_new.to(A.dtype), B_new.to(B.dtype)

@@ -39,8 +39,9 @@ class _MomentumFactors:
                 f"{min(layer.in_features, layer.out_features)}"
             )
         dt = self._state_dtype(layer)
-        # Drawn on the CPU from the optimizer's seeded generator, so every rank and device agrees.
-        A_m = torch.randn(rank, layer.in_features, generator=generator, dtype=dt).to(layer.A.device)
+        # Drawn in fp32 on the CPU from the optimizer's seeded generator, so every rank, device and
+        # parameter dtype starts from the same numbers.
+        A_m = torch.randn(rank, layer.in_features, generator=generator).to(device=layer.A.device, dtype=dt)
         return {"momentum_in": A_m, "momentum_out": torch.zeros(layer.out_features, rank, dtype=dt,
                                                                 device=layer.A.device)}
 

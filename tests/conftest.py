@@ -1,0 +1,48 @@
+"""Shared test fixtures and helpers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import lorsum_kernels as lk
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Relative Frobenius error, computed in fp64; NaN anywhere gives inf (NaN never passes)."""
+    a, e = actual.double(), expected.double()
+    if not torch.isfinite(a).all():
+        return float("inf")
+    return ((a - e).norm() / e.norm().clamp_min(1e-300)).item()
+
+
+class TinyLoRAMLP(nn.Module):
+    """Two LoRA layers of the same shape (one bucket), one of another shape, and a trainable head."""
+
+    def __init__(self, d_in=12, d_hidden=20, d_out=5, r=3, alpha=6.0, dtype=torch.float32):
+        super().__init__()
+        self.l1 = lk.LoRALinear(nn.Linear(d_in, d_hidden, dtype=dtype), r, alpha)
+        self.l2 = lk.LoRALinear(nn.Linear(d_hidden, d_hidden, dtype=dtype), r, alpha)
+        self.l3 = lk.LoRALinear(nn.Linear(d_hidden, d_hidden, dtype=dtype), r, alpha)
+        self.head = nn.Linear(d_hidden, d_out, dtype=dtype)
+        for layer in (self.l1, self.l2, self.l3):  # non-zero B so every factor moves from step one
+            nn.init.normal_(layer.lora_B.weight, std=0.1)
+
+    def forward(self, x):
+        h = torch.tanh(self.l1(x))
+        h = torch.tanh(self.l2(h))
+        h = torch.tanh(self.l3(h))
+        return self.head(h)
+
+
+@pytest.fixture
+def tiny_model():
+    torch.manual_seed(0)
+    return TinyLoRAMLP()
+
+
+@pytest.fixture
+def tiny_batch():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(2, 7, 12, generator=g), torch.randint(0, 5, (2, 7), generator=g)

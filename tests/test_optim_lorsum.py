@@ -1,0 +1,422 @@
+"""LoRSum / ScaledLoRSum / SVDLoRA as torch optimizers: semantics, checkpoints, dtypes, bad input."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import lorsum_kernels as lk
+from lorsum_kernels.functional import low_rank_sum, svdlora_step
+
+from .conftest import TinyLoRAMLP, rel_err
+
+OPTIMIZERS = {
+    "lorsum": dict(lr=0.3, iters=1),
+    "lorsum_momentum": dict(lr=0.3, iters=2, momentum=0.9, dampening=0.1),
+    "lorsum_k0": dict(lr=0.3, iters=0, momentum=0.5),
+    "scaled_kfac": dict(lr=0.3, metric="kfac"),
+    "scaled_shampoo": dict(lr=0.3, metric="shampoo", betas=(0.0, 0.9)),
+    "svdlora": dict(lr=0.3),
+}
+
+
+def make(name, model, **extra):
+    kw = {**OPTIMIZERS[name], **extra}
+    cls = {"lorsum": lk.LoRSum, "scaled": lk.ScaledLoRSum, "svdlora": lk.SVDLoRA}[name.split("_")[0]]
+    return cls(model, **kw)
+
+
+def loss_of(model, batch):
+    x, y = batch
+    return nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
+
+
+def train(model, opt, batches):
+    for batch in batches:
+        opt.zero_grad()
+        loss_of(model, batch).backward()
+        opt.step()
+
+
+def batches(n, seed=1, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(2, 7, 12, generator=g).to(dtype), torch.randint(0, 5, (2, 7), generator=g))
+            for _ in range(n)]
+
+
+def merged_grads(model, batch):
+    """G = dL/dW of every LoRA layer, read independently from a copy whose base weights are trainable."""
+    twin = copy.deepcopy(model)
+    for layer in (twin.l1, twin.l2, twin.l3):
+        layer.base.weight.requires_grad_(True)
+    loss_of(twin, batch).backward()
+    return [layer.base.weight.grad.clone() for layer in (twin.l1, twin.l2, twin.l3)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# the step is the functional method on the merged weight
+
+
+@pytest.mark.parametrize("alpha", [3.0, 6.0, 0.75])
+@pytest.mark.parametrize("iters", [0, 1, 3])
+def test_lorsum_step_equals_functional_on_merged_weight(alpha, iters):
+    torch.manual_seed(0)
+    model = TinyLoRAMLP(alpha=alpha)
+    batch = batches(1)[0]
+    grads = merged_grads(model, batch)
+    layers = [model.l1, model.l2, model.l3]
+    before = [(l.lora_A.weight.detach().clone(), l.lora_B.weight.detach().clone(), l.scaling) for l in layers]
+    opt = lk.LoRSum(model, lr=0.2, lmbd=0.05, iters=iters)
+    loss_of(model, batch).backward()
+    opt.step()
+    for layer, (A0, B0, s), G in zip(layers, before, grads):
+        root = s**0.5
+        A_exp, B_exp = low_rank_sum([(root * A0, root * B0), (torch.eye(G.shape[1]), G)], [1.0, -0.2],
+                                    lmbd=0.2 * 0.05, iters=iters)
+        assert rel_err(layer.lora_A.weight, A_exp / root) < 1e-5
+        assert rel_err(layer.lora_B.weight, B_exp / root) < 1e-5
+
+
+@pytest.mark.parametrize("alpha", [1.5, 3.0, 12.0])
+def test_scale_is_honoured_merged_weight_moves_like_svdlora(alpha):
+    """Spec §11 P10: whatever α/r, s·B·A moves to Π_r(s·B·A − ηG), SVDLoRA's step with the same lr."""
+    torch.manual_seed(0)
+    model = TinyLoRAMLP(alpha=alpha)  # r = 3, so s = alpha / 3
+    batch = batches(1)[0]
+    G = merged_grads(model, batch)[1]
+    l2 = model.l2
+    s = l2.scaling
+    A0, B0 = l2.lora_A.weight.detach().clone(), l2.lora_B.weight.detach().clone()
+    A_ref, B_ref = svdlora_step(A0 * s, B0, G, 0.5)
+    opt = lk.LoRSum(model, lr=0.5, lmbd=1e-9, iters=12)
+    loss_of(model, batch).backward()
+    opt.step()
+    W_new = s * l2.lora_B.weight.detach() @ l2.lora_A.weight.detach()
+    assert rel_err(W_new, B_ref @ A_ref) < 1e-4
+    # The published code ignores s: it moves B·A to Π_r(B·A − ηG), so s·B·A lands elsewhere when s ≠ 1.
+    A_off, B_off = svdlora_step(A0, B0, G, 0.5)
+    if s != 1.0:
+        assert rel_err(s * B_off @ A_off, B_ref @ A_ref) > 1e-2
+
+
+def test_k0_is_not_a_noop_and_equals_jacobi():
+    """Spec §11 P1: iters=0 must move the factors (the official plain code returns them unchanged)."""
+    torch.manual_seed(0)
+    model = TinyLoRAMLP()
+    batch = batches(1)[0]
+    A0 = model.l1.lora_A.weight.detach().clone()
+    opt = lk.LoRSum(model, lr=0.2, iters=0)
+    loss_of(model, batch).backward()
+    opt.step()
+    assert rel_err(model.l1.lora_A.weight, A0) > 1e-4
+
+
+def test_svdlora_optimizer_is_projected_gd():
+    torch.manual_seed(0)
+    model = TinyLoRAMLP(alpha=6.0)
+    batch = batches(1)[0]
+    G = merged_grads(model, batch)[0]
+    l1 = model.l1
+    s = l1.scaling
+    A_ref, B_ref = svdlora_step(l1.lora_A.weight.detach() * s, l1.lora_B.weight.detach(), G, 0.1)
+    opt = lk.SVDLoRA(model, lr=0.1)
+    loss_of(model, batch).backward()
+    opt.step()
+    assert rel_err(s * l1.lora_B.weight.detach() @ l1.lora_A.weight.detach(), B_ref @ A_ref) < 1e-5
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    """T16 at the optimizer level: two micro-batches with a summed loss step exactly like their union."""
+    torch.manual_seed(0)
+    model_a = TinyLoRAMLP()
+    model_b = copy.deepcopy(model_a)
+    (x1, y1), (x2, y2) = batches(2)
+    opt_a, opt_b = lk.LoRSum(model_a, lr=0.1, iters=1), lk.LoRSum(model_b, lr=0.1, iters=1)
+
+    def summed(model, x, y):
+        return nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten(), reduction="sum")
+
+    summed(model_a, x1, y1).backward()
+    summed(model_a, x2, y2).backward()
+    opt_a.step()
+    summed(model_b, torch.cat([x1, x2]), torch.cat([y1, y2])).backward()
+    opt_b.step()
+    for pa, pb in zip(model_a.parameters(), model_b.parameters()):
+        assert rel_err(pa, pb) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------------
+# torch.optim behaviour
+
+
+def test_param_groups_have_their_own_lr():
+    torch.manual_seed(0)
+    model = TinyLoRAMLP()
+    twin = copy.deepcopy(model)
+    A1, head = model.l1.lora_A.weight.detach().clone(), model.head.weight.detach().clone()
+    groups = [
+        {"params": [model.l1.lora_A.weight, model.l1.lora_B.weight], "lr": 0.0, "lmbd": 0.0},
+        {"params": [model.l2.lora_A.weight, model.l2.lora_B.weight, model.l3.lora_A.weight,
+                    model.l3.lora_B.weight]},
+        {"params": list(model.head.parameters()), "lr": 0.0},
+    ]
+    opt = lk.LoRSum(model, lr=0.2, param_groups=groups)
+    assert [g["kind"] for g in opt.param_groups] == ["lora", "lora", "other"]
+    assert opt.param_groups[1]["lr"] == 0.2 and opt.param_groups[2]["betas"] == (0.9, 0.999)
+    ref = lk.LoRSum(twin, lr=0.2)
+    batch = batches(1)[0]
+    for o, m in ((opt, model), (ref, twin)):
+        loss_of(m, batch).backward()
+        o.step()
+    assert rel_err(model.l1.lora_A.weight, A1) < 1e-6  # lr 0 (and λ 0): the layer stays
+    assert torch.equal(model.head.weight, head)
+    assert rel_err(model.l2.lora_B.weight, twin.l2.lora_B.weight) < 1e-6  # default lr: as without groups
+    assert rel_err(twin.l1.lora_A.weight, A1) > 1e-4
+
+
+def test_param_group_errors():
+    torch.manual_seed(0)
+    model = TinyLoRAMLP()
+    with pytest.raises(ValueError, match="same parameter group"):
+        lk.LoRSum(model, param_groups=[{"params": [model.l1.lora_A.weight]},
+                                       {"params": [model.l1.lora_B.weight]}])
+    with pytest.raises(ValueError, match="mixes LoRA factors"):
+        lk.LoRSum(model, param_groups=[{"params": [model.l1.lora_A.weight, model.l1.lora_B.weight,
+                                                   model.head.weight]}])
+
+
+def test_lr_scheduler_is_read_every_step():
+    torch.manual_seed(0)
+    model = TinyLoRAMLP()
+    twin = copy.deepcopy(model)
+    data = batches(3)
+    opt = lk.LoRSum(model, lr=0.4, iters=1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5**t)
+    for batch in data:
+        opt.zero_grad()
+        loss_of(model, batch).backward()
+        opt.step()
+        sched.step()
+    ref = lk.LoRSum(twin, lr=0.4, iters=1)
+    for t, batch in enumerate(data):  # the same run with the lrs set by hand
+        ref.param_groups[0]["lr"], ref.param_groups[1]["lr"] = 0.4 * 0.5**t, 1e-4 * 0.5**t
+        ref.zero_grad()
+        loss_of(twin, batch).backward()
+        ref.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.4 * 0.5**3)
+    for pa, pb in zip(model.parameters(), twin.parameters()):
+        assert rel_err(pa, pb) < 1e-5
+
+
+def test_closure_is_evaluated_with_grad():
+    torch.manual_seed(0)
+    model = TinyLoRAMLP()
+    batch = batches(1)[0]
+    opt = lk.LoRSum(model, lr=0.1)
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_of(model, batch)
+        loss.backward()
+        return loss
+
+    A0 = model.l1.lora_A.weight.detach().clone()
+    with torch.no_grad():
+        expected = loss_of(model, batch)
+    loss = opt.step(closure)
+    assert loss.grad_fn is not None  # evaluated with grad enabled although step() runs under no_grad
+    assert torch.allclose(loss.detach(), expected)
+    assert rel_err(model.l1.lora_A.weight, A0) > 1e-5
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_state_dict_round_trip_continues_bit_identically(name):
+    torch.manual_seed(0)
+    model = TinyLoRAMLP()
+    data = batches(7)
+    opt = make(name, model)
+    train(model, opt, data[:3])
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    train(model, opt, data[3:])
+
+    buf.seek(0)
+    saved = torch.load(buf, map_location="cpu")
+    torch.manual_seed(123)  # a different init: everything must come from the checkpoint
+    resumed = TinyLoRAMLP()
+    resumed.load_state_dict(saved["model"])
+    opt2 = make(name, resumed, seed=99)
+    opt2.load_state_dict(saved["opt"])
+    train(resumed, opt2, data[3:])
+    for pa, pb in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(pa, pb)
+    sa, sb = opt.state_dict()["state"], opt2.state_dict()["state"]
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        if isinstance(sa[key], torch.Tensor):
+            assert torch.equal(sa[key], sb[key])
+            continue
+        for k in sa[key]:
+            assert torch.equal(sa[key][k], sb[key][k]), (key, k)
+
+
+@pytest.mark.parametrize("name", ["lorsum_momentum", "scaled_kfac"])
+def test_bf16_parameters_keep_fp32_state_through_load(name):
+    torch.manual_seed(0)
+    model = TinyLoRAMLP(dtype=torch.bfloat16)
+    data = batches(3, dtype=torch.bfloat16)
+    opt = make(name, model)
+    train(model, opt, data[:2])
+    assert model.l1.lora_A.weight.dtype == torch.bfloat16
+    fp32_keys = [k for k, v in opt.state[model.l1.lora_A.weight].items() if v.is_floating_point()]
+    assert fp32_keys and all(opt.state[model.l1.lora_A.weight][k].dtype == torch.float32 for k in fp32_keys)
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    opt2 = make(name, model)
+    opt2.load_state_dict(torch.load(buf, map_location="cpu"))
+    for k in fp32_keys:
+        assert opt2.state[model.l1.lora_A.weight][k].dtype == torch.float32
+        assert torch.equal(opt2.state[model.l1.lora_A.weight][k], opt.state[model.l1.lora_A.weight][k])
+    train(model, opt2, data[2:])
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", ["lorsum_momentum", "scaled_kfac", "scaled_shampoo"])
+def test_fp32_matches_fp64_over_steps(name):
+    torch.manual_seed(0)
+    model32 = TinyLoRAMLP()
+    model64 = copy.deepcopy(model32).double()
+    opt32, opt64 = make(name, model32), make(name, model64)
+    assert opt64.state[model64.l1.lora_A.weight]["step"].dtype == torch.int64
+    float_state = [v for v in opt64.state[model64.l1.lora_A.weight].values() if v.is_floating_point()]
+    assert all(v.dtype == torch.float64 for v in float_state)
+    data = batches(3)
+    train(model32, opt32, data)
+    train(model64, opt64, [(x.double(), y) for x, y in data])
+    for p32, p64 in zip(model32.parameters(), model64.parameters()):
+        assert rel_err(p32, p64) < 1e-4
+
+
+# ---------------------------------------------------------------------------------------------------
+# non-finite steps are skipped and counted
+
+
+def _poison_first_layer_grad(model):
+    """A forward hook registered before the optimizer's: it turns l1's output gradient into NaN."""
+
+    def hook(module, args, output):
+        output.register_hook(lambda g: g * float("nan"))
+
+    return model.l1.register_forward_hook(hook)
+
+
+@pytest.mark.parametrize("name", ["lorsum_momentum", "scaled_kfac", "svdlora"])
+def test_non_finite_layer_is_skipped_and_counted(name):
+    torch.manual_seed(0)
+    model = TinyLoRAMLP()
+    handle = _poison_first_layer_grad(model)
+    opt = make(name, model)
+    snapshot = {k: v.clone() for k, v in opt.state[model.l1.lora_A.weight].items()}
+    A1, A2 = model.l1.lora_A.weight.detach().clone(), model.l2.lora_A.weight.detach().clone()
+    loss_of(model, batches(1)[0]).backward()
+    opt.step()
+    assert torch.equal(model.l1.lora_A.weight, A1)
+    for k, v in opt.state[model.l1.lora_A.weight].items():
+        if k == "skipped_steps":
+            assert v.item() == 1
+        else:
+            assert torch.equal(v, snapshot[k]), k
+    assert not torch.equal(model.l2.lora_A.weight, A2)
+    assert opt.state[model.l2.lora_A.weight]["step"].item() == 1
+    assert opt.state["skipped_steps"].item() == 1
+    handle.remove()
+    opt.zero_grad()
+    loss_of(model, batches(1, seed=5)[0]).backward()
+    opt.step()
+    assert not torch.equal(model.l1.lora_A.weight, A1)
+    assert opt.state["skipped_steps"].item() == 1
+
+
+def test_non_finite_other_params_are_skipped():
+    torch.manual_seed(0)
+    model = TinyLoRAMLP()
+    opt = lk.LoRSum(model, lr=0.1)
+    head = model.head.weight.detach().clone()
+    x, y = batches(1)[0]
+    loss_of(model, (x, y)).backward()
+    model.head.weight.grad[0, 0] = float("inf")
+    opt.step()
+    assert torch.equal(model.head.weight, head)
+    assert opt.state[model.head.weight]["step"].item() == 0
+    assert opt.state["skipped_steps"].item() == 1
+
+
+# ---------------------------------------------------------------------------------------------------
+# bad input: clear errors before anything changes
+
+
+class _WideRank(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lora_A = nn.Linear(4, 6, bias=False)  # rank 6 > min(4, 5)
+        self.lora_B = nn.Linear(6, 5, bias=False)
+
+    def forward(self, x):
+        return self.lora_B(self.lora_A(x))
+
+
+def test_bad_input_errors():
+    torch.manual_seed(0)
+    model = TinyLoRAMLP()
+    with pytest.raises(ValueError, match="no trainable LoRA layers"):
+        lk.LoRSum(nn.Sequential(nn.Linear(3, 3)))
+    with pytest.raises(TypeError, match="takes the model"):
+        lk.LoRSum(model.parameters())
+    with pytest.raises(ValueError, match="rank 6 is larger than min"):
+        lk.LoRSum(_WideRank())
+    with pytest.raises(ValueError, match="backend"):
+        lk.LoRSum(model, backend="cuda-magic")
+    with pytest.raises(ValueError, match="momentum_rank"):
+        lk.LoRSum(model, momentum=0.9, momentum_rank=100)
+    with pytest.raises(ValueError, match="iters"):
+        lk.LoRSum(model, iters=-1)
+    with pytest.raises(ValueError, match="metric"):
+        lk.ScaledLoRSum(model, metric="full")
+    with pytest.raises(ValueError, match="lr"):
+        lk.LoRSum(model, lr=-1.0)
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        lk.create_optimizer(model, "sgd_but_better")
+
+
+def test_load_state_dict_shape_mismatch_changes_nothing():
+    torch.manual_seed(0)
+    small = TinyLoRAMLP(r=3)
+    big = TinyLoRAMLP(r=4)
+    opt_small = lk.LoRSum(small, momentum=0.9)
+    opt_big = lk.LoRSum(big, momentum=0.9)
+    before = copy.deepcopy(opt_small.state_dict())
+    with pytest.raises(ValueError, match="shape"):
+        opt_small.load_state_dict(opt_big.state_dict())
+    after = opt_small.state_dict()
+    for key, entries in before["state"].items():
+        if isinstance(entries, torch.Tensor):
+            assert torch.equal(entries, after["state"][key])
+            continue
+        for k, v in entries.items():
+            assert torch.equal(v, after["state"][key][k])
+
+
+def test_create_optimizer_names():
+    torch.manual_seed(0)
+    model = TinyLoRAMLP()
+    assert isinstance(lk.create_optimizer(model, "lorsum", lr=0.1), lk.LoRSum)
+    assert isinstance(lk.create_optimizer(model, "scaled_lorsum", lr=0.1), lk.ScaledLoRSum)
+    adamw = lk.create_optimizer(model, "adamw", lr=1e-3)
+    assert isinstance(adamw, torch.optim.AdamW)
+    n_trainable = sum(1 for p in model.parameters() if p.requires_grad)
+    assert sum(len(g["params"]) for g in adamw.param_groups) == n_trainable
