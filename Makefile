@@ -1,0 +1,42 @@
+# The README's commands. Each target sets the environment up first (tools/setup_env.sh: .venv, missing
+# packages, the native extension), so they work on a fresh machine and offline on a prepared one.
+
+PYTHON ?= python3
+VENV ?= .venv
+VENV_PY := $(VENV)/bin/python
+NVCC ?= nvcc
+# Plain-CUDA sources (no torch headers, DESIGN.md): compiled alone with nvcc as a fast check, even where
+# torch has no CUDA and setup.py cannot build them into the extension.
+CUDA_SRCS ?= $(wildcard csrc/cuda/*.cu)
+
+.PHONY: venv test cuda-check demo demo-synthetic bench
+
+venv:
+	PYTHON="$(PYTHON)" VENV="$(VENV)" bash tools/setup_env.sh
+
+# Compiles each CUDA source to a throwaway object when nvcc is on the PATH; nothing to do without
+# sources or without nvcc.
+cuda-check:
+	@if ! command -v "$(NVCC)" >/dev/null 2>&1; then \
+		echo "cuda-check: $(NVCC) not found, skipping"; \
+	elif [ -z "$(strip $(CUDA_SRCS))" ]; then \
+		echo "cuda-check: no CUDA sources"; \
+	else \
+		tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+		for src in $(CUDA_SRCS); do \
+			echo "$(NVCC) -c $$src"; \
+			"$(NVCC)" -std=c++20 -O3 -c "$$src" -o "$$tmp/$$(basename "$$src" .cu).o" || exit 1; \
+		done; \
+	fi
+
+test: venv cuda-check
+	$(VENV_PY) -m pytest -q tests
+
+demo: venv
+	$(VENV_PY) -m lorsum_kernels.demo.synthetic
+
+demo-synthetic: venv
+	$(VENV_PY) -m lorsum_kernels.demo.synthetic
+
+bench: venv
+	$(VENV_PY) -m pytest bench --benchmark-only -q

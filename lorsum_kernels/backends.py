@@ -1,0 +1,107 @@
+"""Which implementation of a hot-path op runs: ``native``, ``triton`` or ``torch`` (DESIGN.md "Dispatch").
+
+Contract of :func:`resolve_backend` ``(backend, device, op) -> name``:
+
+* ``backend`` is one of :data:`BACKENDS`, or ``None`` / ``"auto"``, which reads the environment variable
+  ``LORSUM_BACKEND`` (unset or empty means ``"auto"``). Any other name raises ``ValueError``.
+* ``"auto"`` chooses per device. CUDA: the native op if the extension has a CUDA kernel for it, else
+  Triton if triton imports and the op has a Triton implementation (:data:`TRITON_OPS`), else torch.
+  CPU: the native op if the extension loaded, else torch. Other devices: torch. When auto falls back
+  because the extension failed to load, one warning is issued per process.
+* A forced backend (``"native"``, ``"triton"``) that is missing for that op and device raises
+  ``RuntimeError`` naming the op, the device and why (the extension's load error, if any). ``"torch"``
+  (the reference implementation) is always available. Triton on a CPU device means the Triton
+  interpreter, so forcing it there also needs ``TRITON_INTERPRET=1``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+
+import torch
+
+from lorsum_kernels import _native
+
+BACKENDS = ("native", "triton", "torch")
+
+# Ops with a Triton implementation, by op name (the same names as torch.ops.lorsum.*). The Triton
+# launchers add themselves here when they are written.
+TRITON_OPS: set[str] = set()
+
+_warned_native_fallback = False
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Whether ``import triton`` succeeds (checked once)."""
+    try:
+        import triton  # noqa: F401
+    except Exception:  # ImportError, or a broken install failing at import time
+        return False
+    return True
+
+
+def _triton_missing_reason(device: torch.device, op: str) -> str | None:
+    if op not in TRITON_OPS:
+        return f"op {op!r} has no Triton implementation"
+    if not triton_available():
+        return "triton is not importable"
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return "Triton runs on a CPU device only in the interpreter (TRITON_INTERPRET=1)"
+    if device.type not in ("cpu", "cuda"):
+        return f"Triton does not run on {device.type} devices"
+    return None
+
+
+def _native_missing_reason(device: torch.device, op: str) -> str | None:
+    if _native.has_native_op(op, device.type):
+        return None
+    if not _native.NATIVE_AVAILABLE:
+        return f"the native extension did not load ({_native.native_error})"
+    return f"the native extension has no {device.type} kernel for it"
+
+
+def _warn_native_fallback_once() -> None:
+    global _warned_native_fallback
+    # A deliberate LORSUM_SKIP_LOADING_SO=1 is not a failure worth a warning.
+    if _warned_native_fallback or os.environ.get("LORSUM_SKIP_LOADING_SO", "0").strip() == "1":
+        return
+    _warned_native_fallback = True
+    warnings.warn(
+        f"lorsum_kernels: native extension unavailable ({_native.native_error}); "
+        "falling back to the Triton/torch backends",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def resolve_backend(backend: str | None, device: torch.device | str, op: str) -> str:
+    """The backend that runs ``op`` on ``device``; see the module docstring for the rules."""
+    name = backend if backend is not None else "auto"
+    if name == "auto":
+        name = os.environ.get("LORSUM_BACKEND", "").strip().lower() or "auto"
+    if name != "auto" and name not in BACKENDS:
+        source = "backend" if backend not in (None, "auto") else "LORSUM_BACKEND"
+        raise ValueError(f"unknown {source} {name!r}; valid names: {', '.join(BACKENDS)} or 'auto'")
+    device = torch.device(device)
+
+    if name == "auto":
+        if device.type in ("cpu", "cuda"):
+            if _native.has_native_op(op, device.type):
+                return "native"
+            if not _native.NATIVE_AVAILABLE:
+                _warn_native_fallback_once()
+        if device.type == "cuda" and _triton_missing_reason(device, op) is None:
+            return "triton"
+        return "torch"
+
+    reason = None
+    if name == "native":
+        reason = _native_missing_reason(device, op)
+    elif name == "triton":
+        reason = _triton_missing_reason(device, op)
+    if reason is not None:
+        raise RuntimeError(f"backend {name!r} is not available for op {op!r} on device {device}: {reason}")
+    return name
