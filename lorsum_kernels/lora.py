@@ -95,7 +95,7 @@ def _scale_of(module: nn.Module, adapter: str | None) -> float:
 
 
 def find_lora_layers(model: nn.Module) -> list[LoRALayer]:
-    """Every trainable LoRA pair in ``model``, in module order. Raises for PEFT DoRA layers."""
+    """Every trainable LoRA pair in ``model``, in module order. Raises for PEFT variants (DoRA, KaSA, ...)."""
     layers: list[LoRALayer] = []
     for name, module in model.named_modules():
         lora_A, lora_B = getattr(module, "lora_A", None), getattr(module, "lora_B", None)
@@ -113,6 +113,14 @@ def find_lora_layers(model: nn.Module) -> list[LoRALayer]:
             if getattr(module, "use_dora", {}).get(adapter, False):
                 raise NotImplementedError(
                     f"{name}: DoRA adapters are not supported (the magnitude vector changes the gradient)"
+                )
+            # PEFT routes DoRA, KaSA, aLoRA, ... through lora_variant: each changes ΔW = s·B·A or which
+            # tokens it applies to, so G = SᵀX would no longer be the factors' merged gradient.
+            variant = getattr(module, "lora_variant", {}).get(adapter) if adapter is not None else None
+            if variant is not None:
+                raise NotImplementedError(
+                    f"{name}: the PEFT LoRA variant {type(variant).__name__} is not supported (it changes "
+                    "the update s·B·A that the optimizers are defined on)"
                 )
             label = name if adapter is None else f"{name}[{adapter}]"
             layers.append(LoRALayer(label, module, a_mod.weight, b_mod.weight, _scale_of(module, adapter)))

@@ -420,3 +420,35 @@ def test_create_optimizer_names():
     assert isinstance(adamw, torch.optim.AdamW)
     n_trainable = sum(1 for p in model.parameters() if p.requires_grad)
     assert sum(len(g["params"]) for g in adamw.param_groups) == n_trainable
+
+
+def test_records_of_a_step_that_never_ran_are_dropped():
+    """An AMP-style skipped step (backward, no step, model.zero_grad()) must not leak its X/S into the next."""
+    torch.manual_seed(0)
+    model = TinyLoRAMLP()
+    twin = copy.deepcopy(model)
+    stale, fresh = batches(2)
+    opt, ref = lk.LoRSum(model, lr=0.2), lk.LoRSum(twin, lr=0.2)
+    loss_of(model, stale).backward()
+    model.zero_grad()  # the optimizer's own zero_grad is never called, as in the HF Trainer
+    loss_of(model, fresh).backward()
+    opt.step()
+    loss_of(twin, fresh).backward()
+    ref.step()
+    for pa, pb in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(pa, pb)
+
+
+def test_unused_layer_after_zero_grad_without_none_is_skipped():
+    torch.manual_seed(0)
+    model = TinyLoRAMLP()
+    opt = lk.LoRSum(model, lr=0.2)
+    loss_of(model, batches(1)[0]).backward()
+    opt.step()
+    opt.zero_grad(set_to_none=False)  # l3 keeps a zero gradient tensor
+    A3 = model.l3.lora_A.weight.detach().clone()
+    x, y = batches(1, seed=3)[0]
+    h = torch.tanh(model.l2(torch.tanh(model.l1(x))))  # l3 unused this step
+    nn.functional.cross_entropy(model.head(h).flatten(0, 1), y.flatten()).backward()
+    opt.step()
+    assert torch.equal(model.l3.lora_A.weight, A3)

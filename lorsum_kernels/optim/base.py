@@ -176,19 +176,18 @@ class LoRAOptimizer(torch.optim.Optimizer):
         for group in self._lora_groups():
             buckets: dict[tuple, tuple[list, list]] = defaultdict(lambda: ([], []))
             for layer in self._group_layers(group):
-                has_grad = layer.A.grad is not None or layer.B.grad is not None
                 data = None
                 if self._capture is not None:
                     data = self._capture.get(layer.module)
                     if data is None:
-                        if has_grad:
+                        if self._capture.received_grad(layer.module):
                             raise RuntimeError(
                                 f"{layer.name} has gradients but no captured inputs/output-gradients: was "
                                 "its forward run in eval mode, under no_grad, or before the optimizer "
                                 "was created?"
                             )
                         continue
-                elif not has_grad:
+                elif layer.A.grad is None and layer.B.grad is None:
                     continue
                 T = -1 if data is None else data[0].shape[0]
                 xdt = None if data is None else (data[0].dtype, data[1].dtype)
