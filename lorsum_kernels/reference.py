@@ -21,12 +21,13 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-# Ridge added to every r×r Gram before its Cholesky factorisation, relative to its mean diagonal. Small
-# enough to leave fp32 results unchanged at the 1e-7 level, large enough to make a rank-deficient but
-# non-zero Gram factorisable. When even that fails (an exactly singular or indefinite-by-rounding
-# matrix), the fallback ridge is used instead, selected on the device without reading the status.
-RELATIVE_RIDGE = 1e-7
-FALLBACK_RIDGE = 1e-4
+# Ridge added to every r×r Gram before its Cholesky factorisation, relative to its mean diagonal, per
+# math dtype: small enough to leave results unchanged at that dtype's working accuracy, large enough to
+# make a rank-deficient but non-zero Gram factorisable. Where even that fails (an exactly singular Gram,
+# or one indefinite by rounding), the fallback ridge is used instead, selected on the device without
+# reading the status.
+RELATIVE_RIDGE = {torch.float32: 1e-7, torch.float64: 1e-14}
+FALLBACK_RIDGE = {torch.float32: 1e-4, torch.float64: 1e-8}
 
 Pair = tuple[Tensor, Tensor]
 
@@ -40,20 +41,37 @@ def batch_scalar(value, like: Tensor) -> Tensor | float:
     return float(value)
 
 
-def spd_solve(gram: Tensor, rhs: Tensor, *, left: bool = True) -> Tensor:
-    """Solve ``gram @ Z = rhs`` (``left``) or ``Z @ gram = rhs`` for a batch of symmetric PSD r×r matrices.
+def relative_ridge(dtype: torch.dtype) -> float:
+    return RELATIVE_RIDGE.get(dtype, RELATIVE_RIDGE[torch.float32])
 
-    Cholesky with a ridge relative to the mean diagonal; where the factorisation fails the fallback ridge
-    is used, chosen per batch element with ``torch.where`` so no status is read on the host.
+
+def ridged_cholesky(gram: Tensor, ridge) -> Tensor:
+    """Cholesky factor of ``gram + ridge·mean(diag(gram))·I`` for a batch of symmetric PSD r×r matrices.
+
+    The ridge is relative to the mean diagonal, so it means the same for any scale of the factors or of
+    the metric. The mean diagonal is floored at ``sqrt(finfo.tiny)`` so that an all-zero Gram (B = 0 at
+    the standard LoRA init) still gets a factorisable, normal-range matrix; its right-hand sides are zero
+    then, and so are the solutions. ``ridge = 0`` is the exact factorisation wherever it exists. Where the
+    factorisation fails, ``ridge + FALLBACK_RIDGE[dtype]`` is used instead, chosen per batch element on
+    the device (no status is read on the host).
     """
     r = gram.shape[-1]
     eye = torch.eye(r, dtype=gram.dtype, device=gram.device)
-    scale = gram.diagonal(dim1=-2, dim2=-1).mean(-1, keepdim=True).unsqueeze(-1)
-    # A zero Gram (B = 0 and lmbd = 0) still gets a factorisable matrix; its right side is then zero.
-    scale = scale.clamp_min(torch.finfo(gram.dtype).tiny)
-    chol, info = torch.linalg.cholesky_ex(gram + (RELATIVE_RIDGE * scale) * eye)
-    chol_fallback, _ = torch.linalg.cholesky_ex(gram + (FALLBACK_RIDGE * scale) * eye)
-    chol = torch.where((info == 0).reshape(*info.shape, 1, 1), chol, chol_fallback)
+    floor = torch.finfo(gram.dtype).tiny ** 0.5
+    scale = gram.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(floor)[..., None, None]
+    ridge = batch_scalar(ridge, gram)
+    fallback = FALLBACK_RIDGE.get(gram.dtype, FALLBACK_RIDGE[torch.float32])
+    chol, info = torch.linalg.cholesky_ex(gram + (ridge * scale) * eye)
+    chol_fallback, _ = torch.linalg.cholesky_ex(gram + ((ridge + fallback) * scale) * eye)
+    return torch.where((info == 0)[..., None, None], chol, chol_fallback)
+
+
+def spd_solve(gram: Tensor, rhs: Tensor, *, left: bool = True) -> Tensor:
+    """Solve ``gram @ Z = rhs`` (``left``) or ``Z @ gram = rhs`` for a batch of symmetric PSD r×r matrices.
+
+    Cholesky with the dtype's relative ridge (``ridged_cholesky``); no status is read on the host.
+    """
+    chol = ridged_cholesky(gram, relative_ridge(gram.dtype))
     return torch.cholesky_solve(rhs, chol) if left else torch.cholesky_solve(rhs.mT, chol).mT
 
 
@@ -80,14 +98,17 @@ def lorsum_update_in(
     lam = batch_scalar(lmbd, A0)
     gram = weighted_B.mT @ B_hat
     gram = gram + lam * torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
-    rhs = (weighted_B.mT @ B0) @ A0 * batch_scalar(coeffs[0], A0) + lam * A0
+    # Solved for the change from the anchor: the right side minus gram·A0 is B̂ᵀM_out(c0·B0 − B̂)·A0 plus
+    # the data terms, so the ridge pulls toward the prox anchor (not toward 0) and a first A-step from
+    # B̂ = B0 with c0 = 1 sees the data terms alone.
+    residual = (weighted_B.mT @ (B0 * batch_scalar(coeffs[0], B0) - B_hat)) @ A0
     data = None
     for (f_in, f_out), c in zip(pairs, coeffs[1:]):
         term = (B_hat.mT @ f_out) @ f_in * batch_scalar(c, A0)
         data = term if data is None else data + term
     if data is not None:
-        rhs = rhs + (data if metrics is None else data / metrics[0].unsqueeze(-2))
-    return spd_solve(gram, rhs, left=True)
+        residual = residual + (data if metrics is None else data / metrics[0].unsqueeze(-2))
+    return A0 + spd_solve(gram, residual, left=True)
 
 
 def lorsum_update_out(
@@ -107,14 +128,15 @@ def lorsum_update_out(
     lam = batch_scalar(lmbd, B0)
     gram = weighted_A @ A_hat.mT
     gram = gram + lam * torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
-    rhs = B0 @ (A0 @ weighted_A.mT) * batch_scalar(coeffs[0], B0) + lam * B0
+    # Solved for the change from the anchor, as in lorsum_update_in: B0·(c0·A0 − Â)·M_in·Âᵀ + data terms.
+    residual = B0 @ ((A0 * batch_scalar(coeffs[0], A0) - A_hat) @ weighted_A.mT)
     data = None
     for (f_in, f_out), c in zip(pairs, coeffs[1:]):
         term = f_out @ (f_in @ A_hat.mT) * batch_scalar(c, B0)
         data = term if data is None else data + term
     if data is not None:
-        rhs = rhs + (data if metrics is None else data / metrics[1].unsqueeze(-1))
-    return spd_solve(gram, rhs, left=False)
+        residual = residual + (data if metrics is None else data / metrics[1].unsqueeze(-1))
+    return B0 + spd_solve(gram, residual, left=False)
 
 
 def col_sq_sums(x: Tensor) -> Tensor:
@@ -147,3 +169,79 @@ def row_col_energies(X: Tensor, S: Tensor, *, block_size: int = 256) -> tuple[Te
         rows = rows + slab.sum(-1)
         col_blocks.append(slab.sum(-2))
     return rows, torch.cat(col_blocks, dim=-1)
+
+
+def sketch_products(
+    X: Tensor, S: Tensor, V: Tensor | None = None, U: Tensor | None = None
+) -> tuple[Tensor | None, Tensor | None]:
+    """Thin products with ``G = Sᵀ X`` without forming G: ``(G V, Gᵀ U) = (Sᵀ (X V), Xᵀ (S U))``.
+
+    ``X`` is (..., T, n), ``S`` (..., T, m), ``V`` (..., n, ℓ) and ``U`` (..., m, ℓ); either of V and U may
+    be None, and its product is then skipped (returned as None). The products are (..., m, ℓ) and
+    (..., n, ℓ). This is the hot path of LoRA-One's randomized SVD of the implicit gradient (one batch's
+    contribution per call): 2·T·ℓ·(m+n) flops per product and one read of X and S, never m×n numbers.
+    Computed in fp64 when any input is fp64, else fp32.
+    """
+    tensors = [t for t in (X, S, V, U) if t is not None]
+    acc = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    Xc, Sc = X.to(acc), S.to(acc)
+    GV = None if V is None else Sc.mT @ (Xc @ V.to(acc))
+    GtU = None if U is None else Xc.mT @ (Sc @ U.to(acc))
+    return GV, GtU
+
+
+# --------------------------------------------------------------------------------------------------
+# AdaPreLoRA (spec/adaprelora.md): the H-weighted factor solve and the rank-2r surrogate energies.
+# (The exact energies of G = SᵀX are ``row_col_energies`` above.)
+
+
+def adaprelora_solve(
+    A: Tensor, B: Tensor, g_A: Tensor, g_B: Tensor, p: Tensor, q: Tensor, *, ridge
+) -> tuple[Tensor, Tensor]:
+    """AdaPreLoRA's closed-form factor direction in the metric ``H(Y) = diag(p)·Y·diag(q)`` (spec §3.3–3.4).
+
+    ``A`` (..., r, n), ``B`` (..., m, r); ``g_A = BᵀG`` and ``g_B = G·Aᵀ`` are the (unscaled) factor
+    gradients; ``p`` (..., m) and ``q`` (..., n) are positive. With ``M_B = BᵀPB``, ``M_A = AQAᵀ`` (each
+    plus the relative ``ridge``, see ``ridged_cholesky``) it returns
+
+        dA = M_B⁻¹ g_A Q⁻¹ − ½ (M_B⁻¹ g_A Aᵀ) M_A⁻¹ A
+        dB = P⁻¹ g_B M_A⁻¹ − ½ B M_B⁻¹ (Bᵀ P (P⁻¹ g_B M_A⁻¹))
+
+    i.e. the member of the normal equations' solution family whose two contributions ``B·dA`` and
+    ``dB·A`` split the overlap ``Π_B T Π_A`` evenly (T = P⁻¹GQ⁻¹); their sum is the H-orthogonal
+    projection of T onto the tangent space at (B, A). The two r×r Grams are factored once each; every
+    intermediate is r-wide (spec §3.7): O((m+n)r² + r³) flops, no m×n tensor.
+
+    When ``g_A``/``g_B`` come from one G (no momentum) the two cross terms are the same r×r matrix
+    ``M_B⁻¹ K M_A⁻¹`` with ``K = g_A Aᵀ = Bᵀ g_B``; each factor uses its own input as in spec §3.7.
+    """
+    pB = B * p.unsqueeze(-1)  # P·B
+    M_B = B.mT @ pB
+    M_A = (A * q.unsqueeze(-2)) @ A.mT
+    L_B = ridged_cholesky(M_B, ridge)
+    L_A = ridged_cholesky(M_A, ridge)
+    Y = torch.cholesky_solve(g_A, L_B)  # M_B⁻¹ g_A (r×n)
+    # M_A is symmetric, so Z = P⁻¹ g_B M_A⁻¹ is the transpose of a left solve.
+    Z = torch.cholesky_solve((g_B / p.unsqueeze(-1)).mT, L_A).mT  # (m×r)
+    cross_A = torch.cholesky_solve((Y @ A.mT).mT, L_A).mT  # M_B⁻¹ K M_A⁻¹ from g_A
+    cross_B = torch.cholesky_solve(pB.mT @ Z, L_B)  # M_B⁻¹ K M_A⁻¹ from g_B
+    dA = Y / q.unsqueeze(-2) - 0.5 * (cross_A @ A)
+    dB = Z - 0.5 * (B @ cross_B)
+    return dA, dB
+
+
+def tangent_energies(B: Tensor, E: Tensor, F: Tensor, A: Tensor) -> tuple[Tensor, Tensor]:
+    """Row and column energies of the rank-2r matrix ``B·E + F·A`` without forming it (spec §3.5 (b)).
+
+    ``B``, ``F`` are (..., m, r); ``E``, ``A`` are (..., r, n). With ``Z = [B F]`` (m×2r) and
+    ``W = [E; A]`` (2r×n) the matrix is ``Z·W``, so ``rows_i = z_iᵀ (W Wᵀ) z_i`` and
+    ``cols_j = w_jᵀ (Zᵀ Z) w_j``: two 2r×2r Grams and two r-wide products, O((m+n)r²) flops and
+    O((m+n)r) memory. AdaPreLoRA's surrogate is ``tangent_energies(B, g_A, g_B, A)``, the energies of
+    ``G̃ = B g_A + g_B A``. Rounding can make an exact zero come out slightly negative; results are
+    clamped at 0.
+    """
+    Z = torch.cat([B, F], dim=-1)
+    W = torch.cat([E, A], dim=-2)
+    rows = ((Z @ (W @ W.mT)) * Z).sum(-1)
+    cols = (((Z.mT @ Z) @ W) * W).sum(-2)
+    return rows.clamp_min(0), cols.clamp_min(0)

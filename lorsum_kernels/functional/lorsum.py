@@ -54,6 +54,17 @@ def _check_pairs(pairs: Sequence[Pair], coeffs: Sequence, iters: int) -> None:
                 f"pairs[{j}] = (F_in {tuple(f_in.shape)}, F_out {tuple(f_out.shape)}) does not stand for an "
                 f"{m}×{n} matrix F_out @ F_in"
             )
+    _check_batch_shapes([t.shape[:-2] for pair in pairs for t in pair], "factor pairs")
+
+
+def _check_batch_shapes(shapes, what: str) -> None:
+    """Leading (layer) dimensions must broadcast; say so here rather than deep inside a matmul."""
+    try:
+        torch.broadcast_shapes(*shapes)
+    except RuntimeError:
+        raise ValueError(
+            f"the leading (layer) dimensions of the {what} do not match: {[tuple(s) for s in shapes]}"
+        ) from None
 
 
 def _lorsum(pairs, coeffs, metrics, lmbd, iters, backend) -> Pair:
@@ -121,6 +132,7 @@ def scaled_low_rank_sum(
             f"metrics must be (m_in ({A0.shape[-1]},), m_out ({B0.shape[-2]},)); got "
             f"{tuple(m_in.shape)} and {tuple(m_out.shape)}"
         )
+    _check_batch_shapes([A0.shape[:-2], m_in.shape[:-1], m_out.shape[:-1]], "factors and metrics")
     return _lorsum(pairs, coeffs, (m_in, m_out), lmbd, iters, backend)
 
 
