@@ -63,3 +63,36 @@ def row_col_energies(
 ) -> tuple[Tensor, Tensor]:
     resolve_backend(backend, X.device, "row_col_energies")
     return reference.row_col_energies(X, S, block_size=block_size)
+
+
+def sketch_products(
+    X: Tensor,
+    S: Tensor,
+    V: Tensor | None = None,
+    U: Tensor | None = None,
+    *,
+    backend: str | None = "auto",
+) -> tuple[Tensor | None, Tensor | None]:
+    resolve_backend(backend, X.device, "sketch_products")
+    return reference.sketch_products(X, S, V, U)
+
+
+__all__ += ["sketch_products"]
+
+
+__all__ += ["adaprelora_solve", "tangent_energies"]
+
+
+def adaprelora_solve(
+    A: Tensor, B: Tensor, g_A: Tensor, g_B: Tensor, p: Tensor, q: Tensor, *, ridge,
+    backend: str | None = "auto",
+) -> tuple[Tensor, Tensor]:
+    resolve_backend(backend, A.device, "adaprelora_solve")
+    return reference.adaprelora_solve(A, B, g_A, g_B, p, q, ridge=ridge)
+
+
+def tangent_energies(
+    B: Tensor, E: Tensor, F: Tensor, A: Tensor, *, backend: str | None = "auto"
+) -> tuple[Tensor, Tensor]:
+    resolve_backend(backend, B.device, "tangent_energies")
+    return reference.tangent_energies(B, E, F, A)

@@ -8,14 +8,20 @@ from torch import nn
 from .base import LoRAOptimizer
 from .lorsum import LoRSum, ScaledLoRSum
 from .svdlora import SVDLoRA
+from .adaprelora import AdaPreLoRA
+from .riemannian import ScaledAdamW, ScaledGD
 
-__all__ = ["LoRAOptimizer", "LoRSum", "ScaledLoRSum", "SVDLoRA", "OPTIMIZERS", "create_optimizer"]
+__all__ = ["LoRAOptimizer", "LoRSum", "ScaledLoRSum", "SVDLoRA", "OPTIMIZERS", "create_optimizer",
+           "AdaPreLoRA", "ScaledGD", "ScaledAdamW"]
 
 # snake_case class name -> class; "adamw" is the plain LoRA + torch AdamW baseline.
 OPTIMIZERS: dict[str, type] = {
     "lorsum": LoRSum,
     "scaled_lorsum": ScaledLoRSum,
     "svdlora": SVDLoRA,
+    "adaprelora": AdaPreLoRA,
+    "scaled_gd": ScaledGD,
+    "scaled_adamw": ScaledAdamW,
 }
 
 

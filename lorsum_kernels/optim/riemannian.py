@@ -1,0 +1,180 @@
+"""Riemannian-preconditioned LoRA (Zhang & Pilanci, ICML 2024) as torch.optim optimizers.
+
+``ScaledGD`` and ``ScaledAdamW`` (spec/lora_one.md §3, spec/lorsum.md §4(b)) precondition each LoRA
+pair's gradients with the r×r Grams of the other factor and need no captured activations. Pairs are
+found by module (``lora.find_lora_layers``), never by parameter order.
+
+The step is defined on the merged weight: the base class hands over the balanced factors ``√s·A``,
+``√s·B`` (whose product is the merged ``s·B·A``) and their gradients, so two models with different α/r
+but the same merged factors follow the same trajectory. With s = 1 (α = r) and ``update_order="jacobi"``
+this is PEFT's ``create_riemannian_optimizer`` (docs/riemannian_vs_peft.md lists every difference).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..backends import resolve_backend
+from ..functional.riemannian import UPDATE_ORDERS, scaled_adamw_step, scaled_gd_step
+from .base import LoRAOptimizer, _check_positive
+
+__all__ = ["ScaledGD", "ScaledAdamW"]
+
+
+def _finite_inputs(*tensors: Tensor | None) -> Tensor:
+    """(L,) flags: whether every input of each layer of the bucket is finite."""
+    flags = [t.isfinite().flatten(1).all(1) for t in tensors if t is not None]
+    return torch.stack(flags).all(0)
+
+
+def _skip_nonfinite(A_new: Tensor, ok: Tensor) -> Tensor:
+    """Make a layer's new A non-finite when any of its inputs was, so the base class skips that layer.
+
+    The base class skips layers whose outputs are not finite; a non-finite gradient almost always
+    propagates there, but not provably (e.g. through a clamp), so the decision is made explicit here,
+    on the device.
+    """
+    return torch.where(ok.view(-1, *([1] * (A_new.ndim - 1))), A_new, torch.nan)
+
+
+def _unpack_t(state: dict) -> dict:
+    """The per-layer step count ``t`` is stored with shape (1,) (the base class checks every state tensor
+    per layer with ``flatten(1)``, which needs a dimension besides the layer one); the functional API
+    takes one value per layer."""
+    return {**state, "t": state["t"].squeeze(-1)}
+
+
+def _pack_t(state: dict) -> dict:
+    return {**state, "t": state["t"].unsqueeze(-1)}
+
+
+def _check_betas(betas) -> None:
+    if len(betas) != 2:
+        raise ValueError(f"betas must be a pair, got {betas!r}")
+    for i, b in enumerate(betas):
+        if not 0.0 <= float(b) < 1.0:
+            raise ValueError(f"invalid betas[{i}]: {b} (must be in [0, 1))")
+
+
+def _check_order(update_order: str) -> None:
+    if update_order not in UPDATE_ORDERS:
+        raise ValueError(f"update_order must be one of {UPDATE_ORDERS}, got {update_order!r}")
+
+
+class ScaledGD(LoRAOptimizer):
+    """ScaledGD: ``A ← A − η(BᵀB + δI)⁻¹∇_A``, ``B ← B − η∇_B(AAᵀ + δI)⁻¹`` on the balanced factors.
+
+    To first order the merged weight moves by ``−η(P_B G + G P_A)`` (P_B, P_A the orthogonal projectors
+    onto col(B) and row(A)), whatever α/r and whatever the balance of the factors.
+
+    Args:
+        model (nn.Module): the model holding the LoRA layers (PEFT, ``LoRALinear`` or any module with
+            ``lora_A``/``lora_B`` Linear children).
+        lr (float): η, read from the param group at every step. (Default: 1e-2)
+        reg (float): δ, the absolute damping added to both r×r Grams of the balanced factors. (Default: 1e-6)
+        weight_decay (float): decoupled: ``p ← p(1 − η·wd)``. (Default: 0)
+        update_order (str): "jacobi" (both preconditioners from the pre-step factors, the official
+            ``SGDr``) or "gauss_seidel" (B's from the new A). (Default: "jacobi")
+        backend (str): "auto", "native", "triton" or "torch" for the r×r solves. (Default: "auto")
+        param_groups, other_lr, other_betas, other_eps, other_weight_decay, seed: as in ``LoRSum``.
+    """
+
+    needs_capture = False
+
+    def __init__(
+        self,
+        model,
+        lr: float = 1e-2,
+        *,
+        reg: float = 1e-6,
+        weight_decay: float = 0.0,
+        update_order: str = "jacobi",
+        backend: str = "auto",
+        **kwargs,
+    ):
+        _check_positive("reg", reg, allow_zero=True)
+        _check_positive("weight_decay", weight_decay, allow_zero=True)
+        _check_order(update_order)
+        resolve_backend(backend, torch.device("cpu"), "spd_solve")  # unknown names raise now
+        defaults = dict(lr=lr, reg=reg, weight_decay=weight_decay, update_order=update_order, backend=backend)
+        super().__init__(model, defaults, **kwargs)
+
+    def _method_step(self, group, A, B, X, S, state, grads):
+        g_A, g_B = grads
+        A_new, B_new = scaled_gd_step(
+            A, B, g_A, g_B, lr=group["lr"], reg=group["reg"], weight_decay=group["weight_decay"],
+            update_order=group["update_order"], backend=group["backend"],
+        )
+        return _skip_nonfinite(A_new, _finite_inputs(g_A, g_B)), B_new, {}
+
+
+class ScaledAdamW(LoRAOptimizer):
+    """Scaled AdamW: AdamW on the Riemannian-preconditioned gradients of the balanced factors.
+
+    ``g̃_A = (BᵀB + δI)⁻¹∇_A`` feeds A's Adam moments and A steps; then ``g̃_B = ∇_B(AAᵀ + δI)⁻¹`` feeds
+    B's, with A the updated A (``"gauss_seidel"``, the official ``AdamWr``) or the pre-step A
+    (``"jacobi"``, PEFT). State per pair: two Adam moments per factor, 2(m+n)r numbers, in fp32.
+
+    Args:
+        model (nn.Module): the model holding the LoRA layers.
+        lr (float): η. (Default: 1e-3)
+        betas (tuple[float, float]): Adam's (β1, β2). (Default: (0.9, 0.999))
+        eps (float): Adam's ε. (Default: 1e-8)
+        weight_decay (float): decoupled, applied before the Adam step as torch AdamW does. (Default: 0)
+        reg (float): δ, the absolute damping of the balanced factors' r×r Grams. (Default: 1e-6)
+        correct_bias (bool): Adam bias correction, as torch AdamW; the official code's default is
+            False. (Default: True)
+        update_order (str): "gauss_seidel" or "jacobi". (Default: "gauss_seidel")
+        backend (str): for the r×r solves. (Default: "auto")
+        param_groups, other_lr, other_betas, other_eps, other_weight_decay, seed: as in ``LoRSum``.
+    """
+
+    needs_capture = False
+
+    def __init__(
+        self,
+        model,
+        lr: float = 1e-3,
+        *,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        reg: float = 1e-6,
+        correct_bias: bool = True,
+        update_order: str = "gauss_seidel",
+        backend: str = "auto",
+        **kwargs,
+    ):
+        _check_betas(betas)
+        _check_positive("eps", eps, allow_zero=True)
+        _check_positive("weight_decay", weight_decay, allow_zero=True)
+        _check_positive("reg", reg, allow_zero=True)
+        _check_order(update_order)
+        resolve_backend(backend, torch.device("cpu"), "spd_solve")
+        defaults = dict(
+            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, reg=reg,
+            correct_bias=bool(correct_bias), update_order=update_order, backend=backend,
+        )
+        super().__init__(model, defaults, **kwargs)
+
+    def _init_layer_state(self, layer, group, generator):
+        kw = dict(dtype=self._state_dtype(layer), device=layer.A.device)
+        r, n, m = layer.rank, layer.in_features, layer.out_features
+        return {
+            # Adam's step count, shape (1,) (see _unpack_t): the base class's "step" is not passed down.
+            "t": torch.zeros(1, **kw),
+            "exp_avg_A": torch.zeros(r, n, **kw),
+            "exp_avg_sq_A": torch.zeros(r, n, **kw),
+            "exp_avg_B": torch.zeros(m, r, **kw),
+            "exp_avg_sq_B": torch.zeros(m, r, **kw),
+        }
+
+    def _method_step(self, group, A, B, X, S, state, grads):
+        g_A, g_B = grads
+        A_new, B_new, new_state = scaled_adamw_step(
+            A, B, g_A, g_B, _unpack_t(state), lr=group["lr"], betas=group["betas"], eps=group["eps"],
+            weight_decay=group["weight_decay"], reg=group["reg"], correct_bias=group["correct_bias"],
+            update_order=group["update_order"], backend=group["backend"],
+        )
+        return _skip_nonfinite(A_new, _finite_inputs(g_A, g_B)), B_new, _pack_t(new_state)
