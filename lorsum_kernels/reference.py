@@ -165,9 +165,10 @@ def row_col_energies(X: Tensor, S: Tensor, *, block_size: int = 256) -> tuple[Te
     rows = torch.zeros(S.shape[:-2] + S.shape[-1:], dtype=acc, device=S.device)
     col_blocks = []
     for start in range(0, n, block_size):
-        slab = (S_t @ X[..., start : start + block_size].to(acc)).square()
+        slab = (S_t @ X[..., start : start + block_size].to(acc)).square_()
         rows = rows + slab.sum(-1)
         col_blocks.append(slab.sum(-2))
+        del slab  # one m×block slab alive at a time
     return rows, torch.cat(col_blocks, dim=-1)
 
 
