@@ -1,62 +1,70 @@
-"""lorsum-kernels: fast, correct LoRA optimizers (LoRSum / PSI-LoRA, Scaled LoRSum, and baselines).
+"""lorsum-kernels: fast, correct LoRA optimizers for PyTorch.
 
-Public API: the optimizers (``LoRSum``, ``ScaledLoRSum``, ``SVDLoRA``, ``create_optimizer``), the
-functional methods (``low_rank_sum``, ``scaled_low_rank_sum``, metric statistics, ``svdlora_step``,
-``gradient_norm``), LoRA discovery (``LoRALinear``, ``find_lora_layers``) and the gradient-based
-initialisations (``lora_one_init``, ``lora_ga_init``).
+Public API:
+
+* optimizers (``torch.optim.Optimizer``, built from the model): ``LoRSum``, ``ScaledLoRSum``,
+  ``AdaPreLoRA``, ``ScaledGD``, ``ScaledAdamW``, ``SVDLoRA``, and ``create_optimizer(model, name)``;
+* functional methods: ``low_rank_sum``, ``scaled_low_rank_sum``, the metric statistics
+  (``kfac_statistics``, ``shampoo_statistics``, ``ema``, ``effective_metric``), ``gradient_norm``,
+  ``svdlora_step``, ``adaprelora_direction``, ``exact_statistics``, ``surrogate_statistics``,
+  ``scaled_gd_direction``;
+* LoRA discovery: ``LoRALinear``, ``find_lora_layers``; initialisation: ``lora_one_init``,
+  ``lora_ga_init``.
 """
 
 from .functional import (
+    adaprelora_direction,
     effective_metric,
     ema,
+    exact_statistics,
     gradient_norm,
     kfac_statistics,
     low_rank_sum,
+    scaled_gd_direction,
     scaled_low_rank_sum,
     shampoo_statistics,
+    surrogate_statistics,
     svdlora_step,
 )
 from .init import lora_ga_init, lora_one_init
 from .lora import LoRALayer, LoRALinear, find_lora_layers
-from .optim import LoRAOptimizer, LoRSum, ScaledLoRSum, SVDLoRA, create_optimizer
+from .optim import (
+    AdaPreLoRA,
+    LoRAOptimizer,
+    LoRSum,
+    ScaledAdamW,
+    ScaledGD,
+    ScaledLoRSum,
+    SVDLoRA,
+    create_optimizer,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaPreLoRA",
     "LoRALayer",
     "LoRALinear",
     "LoRAOptimizer",
     "LoRSum",
     "SVDLoRA",
+    "ScaledAdamW",
+    "ScaledGD",
     "ScaledLoRSum",
+    "adaprelora_direction",
     "create_optimizer",
     "effective_metric",
     "ema",
+    "exact_statistics",
     "find_lora_layers",
     "gradient_norm",
     "kfac_statistics",
+    "lora_ga_init",
+    "lora_one_init",
     "low_rank_sum",
+    "scaled_gd_direction",
     "scaled_low_rank_sum",
     "shampoo_statistics",
-    "svdlora_step",
-    "lora_one_init",
-    "lora_ga_init",
-]
-
-from .functional import (  # noqa: E402
-    adaprelora_direction,
-    exact_statistics,
-    scaled_gd_direction,
-    surrogate_statistics,
-)
-from .optim import AdaPreLoRA, ScaledAdamW, ScaledGD  # noqa: E402
-
-__all__ += [
-    "AdaPreLoRA",
-    "ScaledAdamW",
-    "ScaledGD",
-    "adaprelora_direction",
-    "exact_statistics",
-    "scaled_gd_direction",
     "surrogate_statistics",
+    "svdlora_step",
 ]

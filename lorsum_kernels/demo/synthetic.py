@@ -82,9 +82,13 @@ def methods() -> dict[str, Callable]:
         "AdaPreLoRA": lambda m: lk.AdaPreLoRA(m, lr=0.5),
         "Scaled AdamW": lambda m: lk.ScaledAdamW(m, lr=0.2),
     }
-    table = {name: (lambda f: lambda model, problem: f(model))(f) for name, f in plain.items()}
+    table = {name: _without_init(factory) for name, factory in plain.items()}
     table["LoRA-One + ScaledGD"] = lora_one_then(lambda m: lk.ScaledGD(m, lr=0.2))
     return table
+
+
+def _without_init(factory):
+    return lambda model, problem: factory(model)
 
 
 def run(name: str, build, steps: int, seed: int, problem) -> dict:

@@ -5,14 +5,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .adaprelora import AdaPreLoRA
 from .base import LoRAOptimizer
 from .lorsum import LoRSum, ScaledLoRSum
-from .svdlora import SVDLoRA
-from .adaprelora import AdaPreLoRA
 from .riemannian import ScaledAdamW, ScaledGD
+from .svdlora import SVDLoRA
 
-__all__ = ["LoRAOptimizer", "LoRSum", "ScaledLoRSum", "SVDLoRA", "OPTIMIZERS", "create_optimizer",
-           "AdaPreLoRA", "ScaledGD", "ScaledAdamW"]
+__all__ = ["OPTIMIZERS", "AdaPreLoRA", "LoRAOptimizer", "LoRSum", "SVDLoRA", "ScaledAdamW", "ScaledGD",
+           "ScaledLoRSum", "create_optimizer"]
 
 # snake_case class name -> class; "adamw" is the plain LoRA + torch AdamW baseline.
 OPTIMIZERS: dict[str, type] = {

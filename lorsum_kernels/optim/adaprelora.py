@@ -22,8 +22,7 @@ import torch
 
 from ..backends import resolve_backend
 from ..functional.adaprelora import MOMENTUM_MODES, adaprelora_step
-from .base import LoRAOptimizer, _check_positive, _grad_or_zeros
-from .riemannian import _finite_inputs, _pack_t, _skip_nonfinite, _unpack_t
+from .base import LoRAOptimizer, _check_positive
 
 __all__ = ["AdaPreLoRA"]
 
@@ -97,9 +96,10 @@ class AdaPreLoRA(LoRAOptimizer):
             raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
         resolve_backend(backend, torch.device("cpu"), "adaprelora_solve")  # unknown names raise now
         self.statistics = statistics
-        # An instance attribute read by the base class: only the exact statistics hook the layers.
+        # Instance attributes read by the base class: only the exact statistics hook the layers, and the
+        # factor gradients are needed either way.
         self.needs_capture = statistics == "exact"
-        self._bucket_layers = None
+        self.needs_grads = True
         defaults = dict(
             lr=lr, betas=(float(betas[0]), None if betas[1] is None else float(betas[1])),
             weight_decay=weight_decay, momentum=momentum, decay_rate=decay_rate, eps1=eps1, ridge=ridge,
@@ -110,9 +110,8 @@ class AdaPreLoRA(LoRAOptimizer):
     def _init_layer_state(self, layer, group, generator):
         kw = dict(dtype=self._state_dtype(layer), device=layer.A.device)
         r, n, m = layer.rank, layer.in_features, layer.out_features
-        # "t" is the step count of the EMA schedule and the bias corrections, shape (1,) (see
-        # riemannian._unpack_t); the base class's "step" counter is not handed to _method_step.
-        state = {"t": torch.zeros(1, **kw), "row_stat": torch.zeros(m, **kw),
+        # "t": the step count of the EMA schedule and the bias corrections, in the math dtype.
+        state = {"t": torch.zeros((), **kw), "row_stat": torch.zeros(m, **kw),
                  "col_stat": torch.zeros(n, **kw)}
         if group["momentum"] is not None:
             state.update(exp_avg_A=torch.zeros(r, n, **kw), exp_avg_B=torch.zeros(m, r, **kw))
@@ -120,31 +119,12 @@ class AdaPreLoRA(LoRAOptimizer):
             state.update(exp_avg_sq_A=torch.zeros(r, n, **kw), exp_avg_sq_B=torch.zeros(m, r, **kw))
         return state
 
-    def _step_bucket(self, group, layers, data):
-        # With capture on, the base class hands _method_step no gradients; remember the bucket's layers
-        # so that they can be read there (see _balanced_grads).
-        self._bucket_layers = layers
-        try:
-            super()._step_bucket(group, layers, data)
-        finally:
-            self._bucket_layers = None
-
-    def _balanced_grads(self, A):
-        """The gradients of the balanced factors, ∇_{√s·A} = A.grad/√s, as the base class forms them."""
-        layers = self._bucket_layers
-        scales = torch.tensor([layer.scale for layer in layers], dtype=A.dtype, device=A.device)
-        root = scales.sqrt().view(-1, 1, 1)
-        return tuple(
-            torch.stack([_grad_or_zeros(getattr(layer, side)) for layer in layers]).to(A.dtype) / root
-            for side in ("A", "B")
-        )
-
     def _method_step(self, group, A, B, X, S, state, grads):
-        g_A, g_B = grads if grads is not None else self._balanced_grads(A)
+        g_A, g_B = grads
         A_new, B_new, new_state = adaprelora_step(
-            A, B, g_A, g_B, _unpack_t(state), X=X, S=S, lr=group["lr"], betas=group["betas"],
+            A, B, g_A, g_B, state, X=X, S=S, lr=group["lr"], betas=group["betas"],
             weight_decay=group["weight_decay"], momentum=group["momentum"], decay_rate=group["decay_rate"],
             eps1=group["eps1"], ridge=group["ridge"], adam_beta2=group["adam_beta2"], eps=group["eps"],
             block_size=group["block_size"], backend=group["backend"],
         )
-        return _skip_nonfinite(A_new, _finite_inputs(g_A, g_B, X, S)), B_new, _pack_t(new_state)
+        return A_new, B_new, new_state

@@ -10,13 +10,14 @@ methods act on (A, B) pairs and on each layer's X and S:
   (heads, biases) and are stepped by torch's fused AdamW with their own ``lr``. LR schedulers scale both.
 * ``step()`` validates everything before it changes anything, buckets the layers of a group by shape,
   stacks each bucket into one batched call of the method's pure function (``_method_step``), and writes
-  results back in the parameter dtype. A layer whose new values are not all finite is left untouched,
+  results back in the parameter dtype. A layer whose inputs or new values are not all finite is left untouched,
   state included, and counted in its ``state[A]["skipped_steps"]`` and in ``self.state["skipped_steps"]``;
   the choice is made with ``torch.where`` on the device, never by reading a flag on the host.
 * Method state (momentum factors, metrics) lives in fp32 (fp64 for fp64 parameters), keyed by the
   layer's A parameter, and keeps its dtype through ``state_dict``/``load_state_dict``.
 
-Subclasses set ``needs_capture`` and implement ``_init_layer_state`` and ``_method_step``.
+Subclasses set ``needs_capture`` (and ``needs_grads`` when they read the factors' gradients while
+capturing) and implement ``_init_layer_state`` and ``_method_step``.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ _COUNTERS = ("step", "skipped_steps")
 
 class LoRAOptimizer(torch.optim.Optimizer):
     needs_capture: bool = True
+    # Whether _method_step receives the factors' autograd gradients; None means "when not capturing".
+    needs_grads: bool | None = None
 
     def __init__(
         self,
@@ -142,8 +145,9 @@ class LoRAOptimizer(torch.optim.Optimizer):
     def _method_step(self, group: dict, A: Tensor, B: Tensor, X, S, state: dict, grads) -> tuple:
         """One step for a bucket of L layers. A (L,r,n) and B (L,m,r) are balanced factors in fp32
         (``√s·A``, ``√s·B``), X (L,T,n) and S (L,T,m) the captured data in their own dtype (None when
-        the method needs no capture), ``state`` the stacked method state, ``grads`` the stacked
-        (A.grad, B.grad) of the balanced factors. Returns (A_new, B_new, new_state)."""
+        the method needs no capture), ``state`` the stacked method state (per-layer tensors of any shape,
+        0-d ones included), ``grads`` the stacked gradients of the balanced factors when ``needs_grads``
+        (else None). Returns (A_new, B_new, new_state)."""
         raise NotImplementedError
 
     # ----------------------------------------------------------------------------------------------
@@ -204,7 +208,7 @@ class LoRAOptimizer(torch.optim.Optimizer):
         A = torch.stack([layer.A for layer in layers]).to(dt) * root
         B = torch.stack([layer.B for layer in layers]).to(dt) * root
         grads = None
-        if not self.needs_capture:
+        if self.needs_grads or (self.needs_grads is None and not self.needs_capture):
             # ∂L/∂(√s·A) = √s·BᵀG = A.grad/√s: the gradients of the balanced factors.
             grads = tuple(
                 torch.stack([_grad_or_zeros(getattr(layer, side)) for layer in layers]).to(dt) / root
@@ -218,8 +222,10 @@ class LoRAOptimizer(torch.optim.Optimizer):
         state = {k: torch.stack([self.state[layer.A][k] for layer in layers]) for k in keys}
         A_new, B_new, new_state = self._method_step(group, A, B, X, S, state, grads)
         A_new, B_new = A_new / root, B_new / root
-        outputs = [A_new, B_new, *new_state.values()]
-        finite = torch.stack([t.isfinite().flatten(1).all(1) for t in outputs]).all(0)  # (L,)
+        # A layer steps only if everything it read and everything it would write is finite: a NaN input
+        # almost always reaches the outputs, but not provably (a clamp, a zero weight), so both count.
+        checked = [A_new, B_new, *new_state.values(), *(t for t in (X, S) if t is not None), *(grads or ())]
+        finite = torch.stack([t.isfinite().reshape(len(layers), -1).all(1) for t in checked]).all(0)  # (L,)
         self.state["skipped_steps"] += (~finite).sum()
         for i, layer in enumerate(layers):
             ok = finite[i]

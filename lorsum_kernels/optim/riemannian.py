@@ -13,40 +13,12 @@ this is PEFT's ``create_riemannian_optimizer`` (docs/riemannian_vs_peft.md lists
 from __future__ import annotations
 
 import torch
-from torch import Tensor
 
 from ..backends import resolve_backend
 from ..functional.riemannian import UPDATE_ORDERS, scaled_adamw_step, scaled_gd_step
 from .base import LoRAOptimizer, _check_positive
 
 __all__ = ["ScaledGD", "ScaledAdamW"]
-
-
-def _finite_inputs(*tensors: Tensor | None) -> Tensor:
-    """(L,) flags: whether every input of each layer of the bucket is finite."""
-    flags = [t.isfinite().flatten(1).all(1) for t in tensors if t is not None]
-    return torch.stack(flags).all(0)
-
-
-def _skip_nonfinite(A_new: Tensor, ok: Tensor) -> Tensor:
-    """Make a layer's new A non-finite when any of its inputs was, so the base class skips that layer.
-
-    The base class skips layers whose outputs are not finite; a non-finite gradient almost always
-    propagates there, but not provably (e.g. through a clamp), so the decision is made explicit here,
-    on the device.
-    """
-    return torch.where(ok.view(-1, *([1] * (A_new.ndim - 1))), A_new, torch.nan)
-
-
-def _unpack_t(state: dict) -> dict:
-    """The per-layer step count ``t`` is stored with shape (1,) (the base class checks every state tensor
-    per layer with ``flatten(1)``, which needs a dimension besides the layer one); the functional API
-    takes one value per layer."""
-    return {**state, "t": state["t"].squeeze(-1)}
-
-
-def _pack_t(state: dict) -> dict:
-    return {**state, "t": state["t"].unsqueeze(-1)}
 
 
 def _check_betas(betas) -> None:
@@ -106,7 +78,7 @@ class ScaledGD(LoRAOptimizer):
             A, B, g_A, g_B, lr=group["lr"], reg=group["reg"], weight_decay=group["weight_decay"],
             update_order=group["update_order"], backend=group["backend"],
         )
-        return _skip_nonfinite(A_new, _finite_inputs(g_A, g_B)), B_new, {}
+        return A_new, B_new, {}
 
 
 class ScaledAdamW(LoRAOptimizer):
@@ -162,8 +134,7 @@ class ScaledAdamW(LoRAOptimizer):
         kw = dict(dtype=self._state_dtype(layer), device=layer.A.device)
         r, n, m = layer.rank, layer.in_features, layer.out_features
         return {
-            # Adam's step count, shape (1,) (see _unpack_t): the base class's "step" is not passed down.
-            "t": torch.zeros(1, **kw),
+            "t": torch.zeros((), **kw),  # Adam's step count for the bias corrections
             "exp_avg_A": torch.zeros(r, n, **kw),
             "exp_avg_sq_A": torch.zeros(r, n, **kw),
             "exp_avg_B": torch.zeros(m, r, **kw),
@@ -173,8 +144,8 @@ class ScaledAdamW(LoRAOptimizer):
     def _method_step(self, group, A, B, X, S, state, grads):
         g_A, g_B = grads
         A_new, B_new, new_state = scaled_adamw_step(
-            A, B, g_A, g_B, _unpack_t(state), lr=group["lr"], betas=group["betas"], eps=group["eps"],
+            A, B, g_A, g_B, state, lr=group["lr"], betas=group["betas"], eps=group["eps"],
             weight_decay=group["weight_decay"], reg=group["reg"], correct_bias=group["correct_bias"],
             update_order=group["update_order"], backend=group["backend"],
         )
-        return _skip_nonfinite(A_new, _finite_inputs(g_A, g_B)), B_new, _pack_t(new_state)
+        return A_new, B_new, new_state
