@@ -46,3 +46,14 @@ def tiny_model():
 def tiny_batch():
     g = torch.Generator().manual_seed(1)
     return torch.randn(2, 7, 12, generator=g), torch.randint(0, 5, (2, 7), generator=g)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The test problems are tiny: one intra-op thread is as fast, and it avoids OpenMP spin-waits that
+    make each op ~100× slower when the 2 cores are shared with other jobs. Tests of threading set their
+    own count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

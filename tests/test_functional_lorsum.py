@@ -31,16 +31,6 @@ from .conftest import rel_err
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These problems are tiny: one intra-op thread is as fast, and it avoids OpenMP spin-waits that make
-    each op ~100× slower when the 2 cores are shared with other jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # (m, n, r, T): the spec's sizes (m, n ~ 40–60, r 3–4, T 25–30) and the odd shape 5×123, r=3.
 SHAPES = [(50, 40, 4, 25), (40, 60, 3, 30), (5, 123, 3, 7)]
 SHAPE_IDS = [f"m{m}-n{n}-r{r}-T{T}" for m, n, r, T in SHAPES]

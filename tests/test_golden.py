@@ -23,16 +23,6 @@ GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden" / "lorsum_off
 TOL = 1e-3  # golden/README.md
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These problems are tiny: one intra-op thread is as fast, and it avoids OpenMP spin-waits that make
-    each op ~100× slower when the 2 cores are shared with other jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 pytestmark = pytest.mark.skipif(
     not GOLDEN.is_file(), reason=f"golden outputs of the official code not found at {GOLDEN}"
 )

@@ -27,16 +27,6 @@ from .conftest import TinyLoRAMLP, rel_err
 # helpers
 
 
-@pytest.fixture(autouse=True)
-def _one_intra_op_thread():
-    """These tensors are tiny: one intra-op thread is as fast, and immune to OpenMP oversubscription on a
-    busy 2-core machine (which made this file 10× slower). Restored after each test."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def mlp_loss(model, batch):
     x, y = batch
     return nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())

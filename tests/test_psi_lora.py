@@ -19,16 +19,6 @@ from .conftest import rel_err
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These problems are tiny: one intra-op thread is as fast, and it avoids OpenMP spin-waits that make
-    each op ~100× slower when the 2 cores are shared with other jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def gauss(shape, seed):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=F64)
 
