@@ -118,6 +118,9 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    # A 200×600 problem: one intra-op thread is as fast, and timings stay meaningful on a shared machine
+    # (OpenMP workers spin-waiting on busy cores make small ops up to 100× slower).
+    torch.set_num_threads(1)
     problem = make_problem(args.seed)
     rows = [run(name, f, args.steps, args.seed, problem) for name, f in methods().items()]
     print(f"Deterministic linear task: W* {M_IN}x{N_OUT}, r={RANK}, {args.steps} steps, seed {args.seed}")
