@@ -25,9 +25,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 from lorsum_kernels.backends import resolve_backend
+from lorsum_kernels.benchmark.memory import tensor_peak_bytes
 from lorsum_kernels.functional import adaprelora_step, exact_statistics, surrogate_statistics
 
 M = N = 1024
@@ -59,15 +59,7 @@ def _state(momentum: bool = True):
 def profiled_peak_bytes(fn) -> int:
     """Peak of the allocator's running total during one call (transients plus the outputs)."""
     fn()  # warm up
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    current = peak = 0
-    for event in events:
-        current += event.nbytes()
-        peak = max(peak, current)
-    return peak
+    return tensor_peak_bytes(fn)
 
 
 def _record(benchmark, name: str, peak: int, analytic: int | None, **extra) -> None:

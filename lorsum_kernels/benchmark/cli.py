@@ -33,8 +33,8 @@ from .ops_suite import cases
 RESULTS = Path(os.environ.get("LORSUM_BENCH_RESULTS", Path.cwd() / "bench" / "results"))
 SPEED_FIELDS = ["timestamp", "op", "config", "backend", "median_ms", "p20_ms", "p80_ms", "speedup_vs_torch",
                 "gbps", "frac_copy_bw", "device", "torch", "triton", "commit"]
-MEMORY_FIELDS = ["timestamp", "optimizer", "config", "step_peak_mib", "resident_mib", "vs_adamw", "measure",
-                 "device", "torch", "commit"]
+MEMORY_FIELDS = ["timestamp", "optimizer", "config", "step_peak_mib", "vs_adamw", "state_mib",
+                 "process_peak_rss_mib", "measure", "device", "torch", "commit"]
 
 
 def environment(device: torch.device) -> dict:
@@ -191,16 +191,18 @@ def run_memory(args, device: torch.device) -> list[dict]:
     cfg = f"{args.layers} layers {args.dim}x{args.dim} r={args.rank} T={args.tokens} fp32"
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     print(f"device: {env['device']}  torch {env['torch']}  commit {env['commit']}\nconfig: {cfg}")
-    print(f"{'optimizer':<16}{'step peak MiB':>15}{'resident MiB':>14}{'vs adamw':>10}  measure")
+    print(f"{'optimizer':<16}{'step peak MiB':>15}{'vs adamw':>10}{'state MiB':>11}{'process RSS MiB':>17}"
+          "  measure")
     out = []
     for r in rows:
         row = dict(timestamp=now, optimizer=r["optimizer"], config=cfg,
-                   step_peak_mib=round(r["step_peak_bytes"] / 2**20, 2),
-                   resident_mib=round(r["resident_bytes"] / 2**20, 2), vs_adamw=round(r["vs_adamw"], 3),
-                   measure=r["measure"], **env)
+                   step_peak_mib=round(r["step_peak_bytes"] / 2**20, 2), vs_adamw=round(r["vs_adamw"], 3),
+                   state_mib=round(r["state_bytes"] / 2**20, 3),
+                   process_peak_rss_mib=round(r["process_peak_rss_bytes"] / 2**20, 1), measure=r["measure"],
+                   **env)
         out.append(row)
-        print(f"{row['optimizer']:<16}{row['step_peak_mib']:>15.2f}{row['resident_mib']:>14.2f}"
-              f"{row['vs_adamw']:>10.3f}  {row['measure']}")
+        print(f"{row['optimizer']:<16}{row['step_peak_mib']:>15.2f}{row['vs_adamw']:>10.3f}"
+              f"{row['state_mib']:>11.3f}{row['process_peak_rss_mib']:>17.1f}  {row['measure']}")
     _append(RESULTS / "memory.csv", MEMORY_FIELDS, out)
     return out
 

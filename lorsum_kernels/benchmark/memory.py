@@ -2,23 +2,25 @@
 
 The model is a stack of ``layers`` LoRA layers ``d×d`` (rank ``rank``) with tanh between them, fed
 ``tokens`` rows. One warm-up step creates the optimizer state; the measured step is the second one, so
-the figure includes the state, the X/S cache from forward to ``step()``, and the step's transients.
+the figure includes the X/S cache from forward to ``step()`` and the step's transients; the optimizer
+state (allocated by the first step) is reported separately.
 
 * CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus the memory allocated
   before the step (model, state, inputs stay allocated and are reported separately).
-* CPU: each configuration runs in its own subprocess (``python -m lorsum_kernels.benchmark.memory``);
-  the peak resident set is reset through ``/proc/self/clear_refs`` just before the measured step and
-  read back as ``VmHWM``, so the figure is the step's peak RSS over the RSS it started from, not the
-  import's. Allocator caching makes RSS an upper bound of the live tensors.
+* CPU: each configuration runs in its own subprocess (``python -m lorsum_kernels.benchmark.memory``).
+  The step's peak is the peak of live tensor bytes above those live before it, from the allocator events
+  that ``torch.profiler`` records (the CPU counterpart of ``max_memory_allocated``); the subprocess's peak
+  resident set (``ru_maxrss``: imports, model, both steps) is reported beside it. RSS alone was tried and
+  rejected: glibc keeps freed pages, so a step's RSS growth depends on what earlier steps left behind.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -38,11 +40,20 @@ def build(dim: int, rank: int, layers: int, device: torch.device) -> nn.Module:
     return nn.Sequential(*blocks).to(device)
 
 
-def _rss_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field):
-            return int(line.split()[1])
-    return -1
+def tensor_peak_bytes(fn) -> int:
+    """Peak of live tensor bytes allocated by ``fn`` on the CPU, above what was live before it: the
+    running sum of the allocator events that ``torch.profiler`` records with ``profile_memory=True``
+    (what ``max_memory_allocated`` is on a GPU)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    # The raw kineto events keep every allocation and free in order; the aggregated FunctionEvents do not.
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for event in events:
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak
 
 
 def measure_one(name: str, dim: int, rank: int, layers: int, tokens: int, device: torch.device) -> dict:
@@ -57,6 +68,8 @@ def measure_one(name: str, dim: int, rank: int, layers: int, tokens: int, device
         opt.zero_grad()
 
     step()  # creates the optimizer state
+    state_bytes = sum(t.numel() * t.element_size() for st in opt.state.values() if isinstance(st, dict)
+                      for t in st.values() if isinstance(t, torch.Tensor))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         before = torch.cuda.memory_allocated(device)
@@ -64,13 +77,12 @@ def measure_one(name: str, dim: int, rank: int, layers: int, tokens: int, device
         step()
         torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_allocated(device) - before
-        return dict(optimizer=name, resident_bytes=before, step_peak_bytes=peak, measure="cuda allocator")
-    before = _rss_kib("VmRSS:")
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-    step()
-    peak = _rss_kib("VmHWM:")
-    return dict(optimizer=name, resident_bytes=before * 1024, step_peak_bytes=(peak - before) * 1024,
-                measure="process peak RSS")
+        return dict(optimizer=name, state_bytes=state_bytes, step_peak_bytes=peak, process_peak_rss_bytes=0,
+                    measure="cuda allocator")
+    peak = tensor_peak_bytes(step)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    return dict(optimizer=name, state_bytes=state_bytes, step_peak_bytes=peak, process_peak_rss_bytes=rss,
+                measure="cpu allocator (profiler)")
 
 
 def run(optimizers, dim, rank, layers, tokens, device: torch.device) -> list[dict]:

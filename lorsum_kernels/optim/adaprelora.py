@@ -57,6 +57,8 @@ class AdaPreLoRA(LoRAOptimizer):
         param_groups, other_lr, other_betas, other_eps, other_weight_decay, seed: as in ``LoRSum``.
     """
 
+    _data_op = "row_col_energies"
+
     def __init__(
         self,
         model,

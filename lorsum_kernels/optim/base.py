@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim.adam import adam as _torch_adam
 
+from ..backends import resolve_backend
 from ..capture import ActivationCapture
 from ..lora import LoRALayer, find_lora_layers
 
@@ -132,6 +133,15 @@ class LoRAOptimizer(torch.optim.Optimizer):
     def _group_layers(self, group: dict) -> list[LoRALayer]:
         return [self._layers_by_A[id(p)] for p in group["params"] if id(p) in self._layers_by_A]
 
+    # The op whose backend decides whether a bucket's captured X and S are stacked (see _unbatched_data).
+    _data_op = "lorsum_update_in"
+
+    def _unbatched_data(self, group: dict, device: torch.device) -> bool:
+        """Whether layers with captured data step one at a time. Stacking a bucket copies its X and S
+        (as large as the cache itself); only a backend with a grouped kernel gains from it, while the
+        torch reference runs the same products per layer anyway."""
+        return resolve_backend(group.get("backend"), device, self._data_op) == "torch"
+
     def _state_dtype(self, layer: LoRALayer) -> torch.dtype:
         return torch.float64 if layer.A.dtype == torch.float64 else torch.float32
 
@@ -196,6 +206,8 @@ class LoRAOptimizer(torch.optim.Optimizer):
                 T = -1 if data is None else data[0].shape[0]
                 xdt = None if data is None else (data[0].dtype, data[1].dtype)
                 key = (tuple(layer.A.shape), tuple(layer.B.shape), layer.A.dtype, layer.A.device, T, xdt)
+                if data is not None and self._unbatched_data(group, layer.A.device):
+                    key = key + (id(layer),)  # a bucket of one: no stacked copy of X and S
                 buckets[key][0].append(layer)
                 buckets[key][1].append(data)
             plan.append((group, list(buckets.values())))
