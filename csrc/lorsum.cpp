@@ -34,4 +34,40 @@ TORCH_LIBRARY(lorsum, m) {
   // Column sums of squares over the token dimension: x (..., T, n) -> (..., n), accumulated and
   // returned in fp32 (fp64 for fp64 input). The diagonal K-FAC statistic of spec/lorsum.md §6.1.
   m.def("col_sq_sums(Tensor x) -> Tensor");
+
+  // Diagonal K-FAC metric step (spec/lorsum.md §6.1), one read of X (..., T, n) and S (..., T, m):
+  // v ← beta·v + (1−beta)·scale·Σ_t x_t² for (v_in, X, scale_in) and (v_out, S, scale_out), and the
+  // effective metrics M = (v + damping)^power. Returns (v_in, v_out, M_in, M_out) in the dtypes of v.
+  m.def(
+      "kfac_metric_update(Tensor X, Tensor S, Tensor v_in, Tensor v_out, float beta, float damping, "
+      "float power, float scale_in, float scale_out) -> (Tensor, Tensor, Tensor, Tensor)");
+
+  // Row and column energies of G = Sᵀ·X without writing G: X (..., T, n), S (..., T, m) ->
+  // (rows (..., m) = diag(G·Gᵀ), cols (..., n) = diag(Gᵀ·G)), fp32 (fp64 if an input is fp64).
+  m.def("row_col_energies(Tensor X, Tensor S) -> (Tensor, Tensor)");
+
+  // Batched r×r SPD solve gram·Z = rhs (left) or Z·gram = rhs, with the ridge relative to the mean
+  // diagonal and the on-device fallback of reference.spd_solve. gram (..., r, r); rhs (..., r, N) or
+  // (..., N, r); batch dimensions broadcast. Result in the promoted dtype of gram and rhs.
+  m.def("spd_solve(Tensor gram, Tensor rhs, bool left=True) -> Tensor");
+
+  // LoRSum's ALS half-steps (spec/lorsum.md §3.3, §6.2) for a batch of L same-shape layers: the A-step
+  // returns Â (..., r, n) from B_hat (..., m, r); the B-step returns B̂ (..., m, r) from A_hat (..., r, n).
+  // (A0, B0) is pair 0 (anchor and warm start); f_in[j] (..., q_j, n) and f_out[j] (..., m, q_j) are the
+  // other pairs (the gradient pair is (X, S.mT)). coeffs is (J+1,) or (J+1, L): c0 for the anchor, then
+  // one per pair, shared or per layer; lmbd is 0-d or (L,). m_in (..., n) and m_out (..., m) are the
+  // effective diagonal metrics, both or neither. All leading batch dimensions are equal. Arithmetic in
+  // fp32 (fp64 if any input is fp64), bf16/fp16 inputs read as they are; the result has A0's dtype.
+  m.def(
+      "lorsum_update_in(Tensor B_hat, Tensor A0, Tensor B0, Tensor[] f_in, Tensor[] f_out, Tensor coeffs, "
+      "Tensor lmbd, Tensor? m_in=None, Tensor? m_out=None) -> Tensor");
+  m.def(
+      "lorsum_update_out(Tensor A_hat, Tensor A0, Tensor B0, Tensor[] f_in, Tensor[] f_out, Tensor coeffs, "
+      "Tensor lmbd, Tensor? m_in=None, Tensor? m_out=None) -> Tensor");
+
+  // The token products of a factor pair (f_in (..., q, n), f_out (..., m, q)) with wide factors, one read
+  // of each operand per product: (Wᵀ·f_out·f_in (..., w, n), f_out·f_in·Vᵀ (..., m, v)). For the gradient
+  // pair these are (S·W)ᵀ·X and Sᵀ·(X·Vᵀ); W = [B̂ | B̂_m] serves several half-steps in one pass (spec §9
+  // H2). An absent W or V gives an empty (..., 0, n) or (..., m, 0) result.
+  m.def("pair_products(Tensor f_in, Tensor f_out, Tensor? W=None, Tensor? V=None) -> (Tensor, Tensor)");
 }

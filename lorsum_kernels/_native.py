@@ -97,3 +97,82 @@ if NATIVE_AVAILABLE:
     torch.library.register_autograd(
         "lorsum::col_sq_sums", _col_sq_sums_backward, setup_context=_col_sq_sums_setup_context
     )
+
+
+def _op_defined(name: str) -> bool:
+    """Whether the loaded library declares ``lorsum::<name>`` (an older build may lack newer ops)."""
+    try:
+        getattr(torch.ops.lorsum, name)
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+def _acc_of(*tensors) -> torch.dtype:
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+if NATIVE_AVAILABLE and _op_defined("lorsum_update_in"):
+    # Fakes of the block power iteration, the batched solve, the energies and the fused K-FAC metric
+    # step: shapes and dtypes as the CPU kernels in csrc/cpu/ produce them (contiguous outputs).
+
+    def _check_half_step(op, in_side, hat, A0, B0, f_in, f_out, m_in, m_out):
+        hat_name = "B_hat" if in_side else "A_hat"
+        torch._check(
+            A0.dim() >= 2 and B0.dim() >= 2 and hat.dim() >= 2,
+            lambda: f"{op}: A0, B0 and {hat_name} must have at least 2 dimensions",
+        )
+        r, n, m = A0.shape[-2], A0.shape[-1], B0.shape[-2]
+        batch = A0.shape[:-2]
+        torch._check(B0.shape[-1] == r, lambda: f"{op}: A0 {tuple(A0.shape)} and B0 {tuple(B0.shape)}: ranks differ")
+        want = (m, r) if in_side else (r, n)
+        torch._check(
+            hat.shape[:-2] == batch and tuple(hat.shape[-2:]) == want,
+            lambda: f"{op}: {hat_name} must be {tuple(batch) + want}, got {tuple(hat.shape)}",
+        )
+        torch._check(len(f_in) == len(f_out), lambda: f"{op}: got {len(f_in)} f_in factors but {len(f_out)} f_out")
+        for j, (fi, fo) in enumerate(zip(f_in, f_out)):
+            torch._check(
+                fi.shape[:-2] == batch and fo.shape[:-2] == batch and fi.shape[-1] == n and fo.shape[-2] == m
+                and fi.shape[-2] == fo.shape[-1],
+                lambda j=j, fi=fi, fo=fo: f"{op}: pair {j} (f_in {tuple(fi.shape)}, f_out {tuple(fo.shape)}) does "
+                f"not stand for an {m}x{n} matrix f_out @ f_in",
+            )
+        torch._check((m_in is None) == (m_out is None), lambda: f"{op}: give both metrics (m_in and m_out) or neither")
+
+    @torch.library.register_fake("lorsum::lorsum_update_in")
+    def _lorsum_update_in_fake(B_hat, A0, B0, f_in, f_out, coeffs, lmbd, m_in=None, m_out=None):
+        _check_half_step("lorsum_update_in", True, B_hat, A0, B0, f_in, f_out, m_in, m_out)
+        return A0.new_empty(A0.shape)
+
+    @torch.library.register_fake("lorsum::lorsum_update_out")
+    def _lorsum_update_out_fake(A_hat, A0, B0, f_in, f_out, coeffs, lmbd, m_in=None, m_out=None):
+        _check_half_step("lorsum_update_out", False, A_hat, A0, B0, f_in, f_out, m_in, m_out)
+        return A0.new_empty(B0.shape)
+
+    @torch.library.register_fake("lorsum::pair_products")
+    def _pair_products_fake(f_in, f_out, W=None, V=None):
+        torch._check(f_in.dim() >= 2 and f_out.dim() >= 2, lambda: "pair_products: f_in and f_out must be matrices")
+        batch, n, m = f_in.shape[:-2], f_in.shape[-1], f_out.shape[-2]
+        acc = _acc_of(f_in, f_out, W, V)
+        w = 0 if W is None else W.shape[-1]
+        v = 0 if V is None else V.shape[-2]
+        return f_in.new_empty(batch + (w, n), dtype=acc), f_in.new_empty(batch + (m, v), dtype=acc)
+
+    @torch.library.register_fake("lorsum::spd_solve")
+    def _spd_solve_fake(gram, rhs, left=True):
+        torch._check(gram.dim() >= 2 and gram.shape[-1] == gram.shape[-2], lambda: "spd_solve: gram must be square")
+        batch = torch.broadcast_shapes(gram.shape[:-2], rhs.shape[:-2])
+        return rhs.new_empty(batch + rhs.shape[-2:], dtype=torch.promote_types(gram.dtype, rhs.dtype))
+
+    @torch.library.register_fake("lorsum::row_col_energies")
+    def _row_col_energies_fake(X, S):
+        torch._check(X.dim() >= 2 and S.dim() >= 2, lambda: "row_col_energies: X and S must be matrices")
+        acc = _acc_of(X, S)
+        batch = X.shape[:-2]
+        return X.new_empty(batch + S.shape[-1:], dtype=acc), X.new_empty(batch + X.shape[-1:], dtype=acc)
+
+    @torch.library.register_fake("lorsum::kfac_metric_update")
+    def _kfac_metric_update_fake(X, S, v_in, v_out, beta, damping, power, scale_in, scale_out):
+        return v_in.new_empty(v_in.shape), v_out.new_empty(v_out.shape), v_in.new_empty(v_in.shape), \
+            v_out.new_empty(v_out.shape)

@@ -29,7 +29,8 @@ def lorsum_update_in(
     *,
     backend: str | None = "auto",
 ) -> Tensor:
-    resolve_backend(backend, B_hat.device, "lorsum_update_in")
+    if resolve_backend(backend, B_hat.device, "lorsum_update_in") == "native":
+        return torch.ops.lorsum.lorsum_update_in(*_half_step_args(B_hat, anchor, pairs, coeffs, lmbd, metrics))
     return reference.lorsum_update_in(B_hat, anchor, pairs, coeffs, lmbd, metrics)
 
 
@@ -43,12 +44,14 @@ def lorsum_update_out(
     *,
     backend: str | None = "auto",
 ) -> Tensor:
-    resolve_backend(backend, A_hat.device, "lorsum_update_out")
+    if resolve_backend(backend, A_hat.device, "lorsum_update_out") == "native":
+        return torch.ops.lorsum.lorsum_update_out(*_half_step_args(A_hat, anchor, pairs, coeffs, lmbd, metrics))
     return reference.lorsum_update_out(A_hat, anchor, pairs, coeffs, lmbd, metrics)
 
 
 def spd_solve(gram: Tensor, rhs: Tensor, *, left: bool = True, backend: str | None = "auto") -> Tensor:
-    resolve_backend(backend, gram.device, "spd_solve")
+    if resolve_backend(backend, gram.device, "spd_solve") == "native":
+        return torch.ops.lorsum.spd_solve(gram, rhs, left)
     return reference.spd_solve(gram, rhs, left=left)
 
 
@@ -61,7 +64,8 @@ def col_sq_sums(x: Tensor, *, backend: str | None = "auto") -> Tensor:
 def row_col_energies(
     X: Tensor, S: Tensor, *, block_size: int = 256, backend: str | None = "auto"
 ) -> tuple[Tensor, Tensor]:
-    resolve_backend(backend, X.device, "row_col_energies")
+    if resolve_backend(backend, X.device, "row_col_energies") == "native":
+        return torch.ops.lorsum.row_col_energies(X, S)  # its own blocking; block_size is the reference's
     return reference.row_col_energies(X, S, block_size=block_size)
 
 
@@ -96,3 +100,82 @@ def tangent_energies(
 ) -> tuple[Tensor, Tensor]:
     resolve_backend(backend, B.device, "tangent_energies")
     return reference.tangent_energies(B, E, F, A)
+
+
+# --------------------------------------------------------------------------------------------------
+# Fused hot paths with a native kernel (reference.pair_products, reference.kfac_metric_update), and the
+# conversion of the Python-level arguments of the half-steps into the native schema (csrc/lorsum.cpp).
+
+__all__ += ["kfac_metric_update", "pair_products"]
+
+
+def pair_products(
+    f_in: Tensor,
+    f_out: Tensor,
+    W: Tensor | None = None,
+    V: Tensor | None = None,
+    *,
+    backend: str | None = "auto",
+) -> tuple[Tensor, Tensor]:
+    if resolve_backend(backend, f_in.device, "pair_products") == "native":
+        return torch.ops.lorsum.pair_products(f_in, f_out, W, V)
+    return reference.pair_products(f_in, f_out, W, V)
+
+
+def kfac_metric_update(
+    X: Tensor,
+    S: Tensor,
+    v_in: Tensor,
+    v_out: Tensor,
+    beta: float,
+    damping: float,
+    power: float,
+    scale_in: float,
+    scale_out: float,
+    *,
+    backend: str | None = "auto",
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    args = (X, S, v_in, v_out, float(beta), float(damping), float(power), float(scale_in), float(scale_out))
+    if resolve_backend(backend, X.device, "kfac_metric_update") == "native":
+        return torch.ops.lorsum.kfac_metric_update(*args)
+    return reference.kfac_metric_update(*args)
+
+
+def _per_layer(values: Sequence, batch: torch.Size) -> Tensor:
+    """Scalars (numbers, 0-d tensors, or tensors broadcastable to ``batch``) as one float64 tensor:
+    (len(values),) when every value is shared by the batch, else (len(values), prod(batch))."""
+    ts = [torch.as_tensor(v, dtype=torch.float64) for v in values]
+    if all(t.ndim == 0 for t in ts):
+        return torch.stack(ts) if ts else torch.empty(0, dtype=torch.float64)
+    return torch.stack([t.expand(batch).reshape(-1) for t in ts])
+
+
+def _half_step_args(hat, anchor, pairs, coeffs, lmbd, metrics) -> tuple:
+    """The arguments of torch.ops.lorsum.lorsum_update_in/out: the tensors broadcast to one batch shape
+    (views, no copies when they share it already), coefficients and λ as float64 tensors."""
+    A0, B0 = anchor
+    shapes = [hat.shape[:-2], A0.shape[:-2], B0.shape[:-2]] + [t.shape[:-2] for pair in pairs for t in pair]
+    if metrics is not None:
+        shapes += [metrics[0].shape[:-1], metrics[1].shape[:-1]]
+    batch = torch.broadcast_shapes(*shapes)
+
+    def expand(t: Tensor, trailing: int) -> Tensor:
+        return t.expand(batch + t.shape[t.ndim - trailing :])
+
+    lam = torch.as_tensor(lmbd, dtype=torch.float64)
+    if lam.ndim > 0:
+        lam = lam.expand(batch).reshape(-1)
+    m_in = m_out = None
+    if metrics is not None:
+        m_in, m_out = expand(metrics[0], 1), expand(metrics[1], 1)
+    return (
+        expand(hat, 2),
+        expand(A0, 2),
+        expand(B0, 2),
+        [expand(f_in, 2) for f_in, _ in pairs],
+        [expand(f_out, 2) for _, f_out in pairs],
+        _per_layer(coeffs, batch),
+        lam,
+        m_in,
+        m_out,
+    )

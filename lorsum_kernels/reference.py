@@ -246,3 +246,51 @@ def tangent_energies(B: Tensor, E: Tensor, F: Tensor, A: Tensor) -> tuple[Tensor
     rows = ((Z @ (W @ W.mT)) * Z).sum(-1)
     cols = (((Z.mT @ Z) @ W) * W).sum(-2)
     return rows.clamp_min(0), cols.clamp_min(0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Fused forms of the hot paths that the native kernels implement as one op (spec/lorsum.md §9 H2, §6.1).
+
+
+def pair_products(
+    f_in: Tensor, f_out: Tensor, W: Tensor | None = None, V: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """The token products of one factor pair with (possibly wide) factors: ``(Wᵀ·F_out·F_in, F_out·F_in·Vᵀ)``.
+
+    ``f_in`` is (..., q, n) and ``f_out`` (..., m, q); ``W`` is (..., m, w) and ``V`` (..., v, n). For the
+    gradient pair ``(X, S.mT)`` the products are ``(S·W)ᵀ·X`` (w×n) and ``Sᵀ·(X·Vᵀ)`` (m×v): the data terms
+    of LoRSum's A- and B-steps, several at once when the factors are placed side by side (``W = [B̂ | B̂_m]``
+    serves the weight and the momentum A-steps, spec §9 H2). An absent ``W`` or ``V`` gives an empty
+    (..., 0, n) or (..., m, 0) result. Computed in fp64 when any input is fp64, else fp32; parenthesised so
+    that only q-by-w and q-by-v intermediates are formed.
+    """
+    tensors = [t for t in (f_in, f_out, W, V) if t is not None]
+    acc = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    batch, n, m = f_in.shape[:-2], f_in.shape[-1], f_out.shape[-2]
+    fi, fo = f_in.to(acc), f_out.to(acc)
+    if W is None:
+        P = torch.empty(batch + (0, n), dtype=acc, device=f_in.device)
+    else:
+        P = (W.to(acc).mT @ fo) @ fi
+    if V is None:
+        Q = torch.empty(batch + (m, 0), dtype=acc, device=f_in.device)
+    else:
+        Q = fo @ (fi @ V.to(acc).mT)
+    return P, Q
+
+
+def kfac_metric_update(
+    X: Tensor, S: Tensor, v_in: Tensor, v_out: Tensor, beta: float, damping: float, power: float,
+    scale_in: float, scale_out: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The diagonal K-FAC metric step (spec/lorsum.md §6.1): statistics, EMA, damping and power in one op.
+
+    ``v ← β·v + (1−β)·scale·Σ_t x_t²`` for ``(v_in, X, scale_in)`` and ``(v_out, S, scale_out)``, then the
+    effective metrics ``M = (v + δ)^p``. ``X`` is (..., T, n), ``S`` (..., T, m), ``v_in`` (..., n) and
+    ``v_out`` (..., m) (fp32, or fp64). The sums accumulate as ``col_sq_sums`` does; the EMA and the power
+    run in v's dtype. ``scale_in = 1/T`` and ``scale_out = T`` (mean loss) give ``kfac_statistics``.
+    Returns ``(v_in, v_out, M_in, M_out)``.
+    """
+    new_in = v_in * beta + (col_sq_sums(X) * scale_in).to(v_in.dtype) * (1 - beta)
+    new_out = v_out * beta + (col_sq_sums(S) * scale_out).to(v_out.dtype) * (1 - beta)
+    return new_in, new_out, (new_in + damping).pow(power), (new_out + damping).pow(power)

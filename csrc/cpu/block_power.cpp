@@ -1,0 +1,384 @@
+// CPU implementation of LoRSum's ALS half-steps (spec/lorsum.md §3.3, §6.2), the block power iteration
+// over a group of L same-shape layers, and of the token products it is built from.
+//
+// References: lorsum_kernels.reference.lorsum_update_in / lorsum_update_out / pair_products.
+// Schemas: csrc/lorsum.cpp.
+//
+// The A-step, per layer, in the reference's form (the B-step is its mirror image, assembled and solved in
+// transposed form):
+//
+//   gram     = B̂ᵀ M_out B̂ + λI
+//   residual = B̂ᵀ M_out (c0·B0 − B̂)·A0 + (Σ_j c_j·(B̂ᵀ F_out_j)·F_in_j)·M_in⁻¹
+//   Â        = A0 + gram⁻¹ residual
+//
+// Only the data term Σ_j touches the token dimension (the gradient pair (X, Sᵀ): T×n and T×m numbers per
+// layer). It takes two passes, each reading one of the two big operands once, in its own dtype (bf16
+// and fp16 are converted as they are loaded, into fp32 registers), with only the r-wide T×r
+// intermediate written in between:
+//
+//   tmp = c_j · F_out_jᵀ · B̂      row_dots over the rows of S          parallel over (layer, token block)
+//   D  += tmpᵀ · F_in_j           outer_accumulate over the rows of X  parallel over (layer, column block)
+//
+// No scaled copy of X or S, no m×n matrix. Every sum runs in an order fixed by the shapes alone, so the
+// result does not depend on the number of threads. The r-wide terms (Grams, anchor products) are small
+// batched ATen products; the r×r systems go to the batched ridged Cholesky of spd_solve.cpp.
+//
+// The same two passes with several factors side by side (a wide B̂, e.g. [B̂ | B̂_m] for the weight and
+// momentum steps of PSI-LoRA, spec §9 H2) are exposed as the op pair_products.
+
+#include "common.h"
+#include "tiles.h"
+
+#include <torch/library.h>
+
+#include <optional>
+#include <vector>
+
+namespace lorsum {
+namespace {
+
+using cpu::avx512_enabled;
+
+// Token rows per row_dots task.
+constexpr int64_t kRowsPerTask = 64;
+// Most token rows outer_accumulate sums in registers before adding to the output (the inner level of its
+// two-level summation).
+constexpr int64_t kTokenBlock = 128;
+// Tokens per block of outer_accumulate: a 48-column slab of them and their row of tmp (w fp32 numbers)
+// fit in about 16 KiB of L1, between 16 and kTokenBlock.
+int64_t token_block(int64_t elem_size, int64_t w) {
+  const int64_t bytes_per_token = cpu::avx512::kOuterCols * elem_size + 4 * w;
+  int64_t tb = kTokenBlock;
+  while (tb > 16 && tb * bytes_per_token > (int64_t(16) << 10)) {
+    tb /= 2;
+  }
+  return tb;
+}
+
+// Narrowest column block of an outer_accumulate task: 1 KiB of each fp32 row read contiguously.
+constexpr int64_t kMinColBlock = 256;
+
+// D += coef[b] · Z[b] · Y1[b]ᵀ · Y2[b] · diag(colscale[b]) for every layer b, with AVX-512 kernels. Z (L, w, K)
+// and D (L, w, N) are contiguous fp32; Y1 (L, q, K) and Y2 (L, q, N) are fp32, bf16 or fp16 with unit
+// column stride; colscale is a contiguous fp32 (L, N), or undefined for none.
+void accumulate_pair_avx512(const at::Tensor& Z, const at::Tensor& Y1, const at::Tensor& Y2,
+                            const std::vector<double>& coef, const at::Tensor& D, const at::Tensor& colscale) {
+  const int64_t L = Z.size(0), w = Z.size(1), K = Z.size(2);
+  const int64_t q = Y1.size(1), N = Y2.size(2);
+  if (L == 0 || q == 0 || w == 0 || N == 0) {
+    return;
+  }
+  at::Tensor tmp = at::empty({L, q, w}, Z.options());
+  float* tmp_p = tmp.mutable_data_ptr<float>();
+  const float* z_p = Z.const_data_ptr<float>();
+  float* d_p = D.mutable_data_ptr<float>();
+  const float* s_p = colscale.defined() ? colscale.const_data_ptr<float>() : nullptr;
+
+  // Pass 1: tmp[b] = coef[b] · Y1[b] · Z[b]ᵀ (q×w), by blocks of token rows.
+  const int64_t row_blocks = (q + kRowsPerTask - 1) / kRowsPerTask;
+  cpu::dispatch_fp32_input(Y1.scalar_type(), "lorsum token products", [&](auto tag) {
+    using T = decltype(tag);
+    const T* y = Y1.const_data_ptr<T>();
+    const int64_t bs = Y1.stride(0), ld = Y1.stride(1);
+    cpu::parallel_tasks(L * row_blocks, kRowsPerTask * K * w, [&](int64_t task) {
+      const int64_t b = task / row_blocks;
+      const int64_t t0 = (task % row_blocks) * kRowsPerTask;
+      cpu::avx512::row_dots<T>(std::min(kRowsPerTask, q - t0), w, K, y + b * bs + t0 * ld, ld, z_p + b * w * K, K,
+                               tmp_p + (b * q + t0) * w, w, static_cast<float>(coef[b]));
+    });
+  });
+
+  // Pass 2: D[b] += tmp[b]ᵀ · Y2[b] (w×N), by blocks of columns: whole rows when there are enough layers
+  // to occupy the threads, else rows split into as many blocks as that takes (never narrower than
+  // kMinColBlock).
+  const int64_t threads = at::get_num_threads();
+  int64_t col_blocks = std::min((N + kMinColBlock - 1) / kMinColBlock, (2 * threads + L - 1) / L);
+  col_blocks = std::max<int64_t>(1, col_blocks);
+  const int64_t cb = ((N + col_blocks - 1) / col_blocks + 15) / 16 * 16;
+  col_blocks = (N + cb - 1) / cb;
+  cpu::dispatch_fp32_input(Y2.scalar_type(), "lorsum token products", [&](auto tag) {
+    using T = decltype(tag);
+    const T* y = Y2.const_data_ptr<T>();
+    const int64_t bs = Y2.stride(0), ld = Y2.stride(1);
+    const int64_t tb = token_block(sizeof(T), w);
+    cpu::parallel_tasks(L * col_blocks, q * cb * w, [&](int64_t task) {
+      const int64_t b = task / col_blocks;
+      const int64_t c0 = (task % col_blocks) * cb;
+      cpu::avx512::outer_accumulate<T>(q, w, std::min(cb, N - c0), tmp_p + b * q * w, w, y + b * bs + c0, ld,
+                                       d_p + b * w * N + c0, N, tb, s_p == nullptr ? nullptr : s_p + b * N + c0);
+    });
+  });
+}
+
+at::Tensor per_layer(const std::vector<double>& values, at::ScalarType dtype) {
+  const int64_t L = static_cast<int64_t>(values.size());
+  return at::tensor(at::ArrayRef<double>(values), at::TensorOptions().dtype(at::kDouble)).to(dtype).view({L, 1, 1});
+}
+
+// out += (Σ_j coef[j][b] · Z[b] · Y1_j[b]ᵀ · Y2_j[b]) · diag(metric[b])⁻¹ for every layer b. out (L, w, N) is
+// contiguous in Z's dtype (the accumulation dtype); Z (L, w, K); Y1_j (L, q_j, K) and Y2_j (L, q_j, N) with
+// unit column stride; metric (L, N) or undefined for none. The AVX-512 path adds each token block's
+// contribution, already scaled by 1/metric, straight into out.
+void add_data_term(const at::Tensor& out, const at::Tensor& Z, const std::vector<at::Tensor>& Y1,
+                   const std::vector<at::Tensor>& Y2, const std::vector<std::vector<double>>& coef,
+                   const at::Tensor& metric) {
+  const auto acc = Z.scalar_type();
+  if (Y1.empty()) {
+    return;
+  }
+  if (acc == at::kFloat && avx512_enabled()) {
+    const at::Tensor Zc = Z.contiguous();
+    const at::Tensor inv = metric.defined() ? at::reciprocal(metric).contiguous() : at::Tensor();
+    for (size_t j = 0; j < Y1.size(); ++j) {
+      accumulate_pair_avx512(Zc, Y1[j], Y2[j], coef[j], out, inv);
+    }
+    return;
+  }
+  // Portable path (fp64, or a CPU without AVX-512): the same products through ATen, in the accumulation
+  // dtype; bf16/fp16 operands are converted whole here.
+  at::Tensor D;
+  for (size_t j = 0; j < Y1.size(); ++j) {
+    at::Tensor term = at::matmul(at::matmul(Z, Y1[j].to(acc).mT()), Y2[j].to(acc)) * per_layer(coef[j], acc);
+    D = D.defined() ? D + term : term;
+  }
+  out.add_(metric.defined() ? D / metric.unsqueeze(-2) : D);
+}
+
+// ---- the half-steps ---------------------------------------------------------------------------------
+
+struct HalfStep {
+  int64_t L = 0, m = 0, n = 0, r = 0;
+  std::vector<int64_t> batch;
+  at::ScalarType acc = at::kFloat;
+  at::ScalarType out_dtype = at::kFloat;
+  at::Tensor hat, A0, B0, m_in, m_out;  // (L, ...) views, still in their own dtypes
+  std::vector<at::Tensor> f_in, f_out;  // (L, q_j, n) and (L, m, q_j)
+  std::vector<std::vector<double>> coef;  // J + 1 rows of L values
+  std::vector<double> lmbd;               // L values
+};
+
+// Checks every input of lorsum_update_in (in_side) or lorsum_update_out and gathers them, batch
+// dimensions flattened.
+HalfStep parse_half_step(const char* op, bool in_side, const at::Tensor& hat, const at::Tensor& A0,
+                         const at::Tensor& B0, at::TensorList f_in, at::TensorList f_out, const at::Tensor& coeffs,
+                         const at::Tensor& lmbd, const std::optional<at::Tensor>& m_in,
+                         const std::optional<at::Tensor>& m_out) {
+  const char* hat_name = in_side ? "B_hat" : "A_hat";
+  cpu::check_input(A0, op, "A0", 2);
+  cpu::check_input(B0, op, "B0", 2);
+  cpu::check_input(hat, op, hat_name, 2);
+  HalfStep h;
+  h.r = A0.size(-2);
+  h.n = A0.size(-1);
+  h.m = B0.size(-2);
+  TORCH_CHECK(B0.size(-1) == h.r, op, ": A0 ", A0.sizes(), " is (..., r, n) and B0 ", B0.sizes(),
+              " is (..., m, r): their ranks r differ");
+  const auto batch = cpu::batch_shape(A0, 2);
+  h.batch.assign(batch.begin(), batch.end());
+  h.L = cpu::numel_of(batch);
+  TORCH_CHECK(cpu::batch_shape(B0, 2) == batch, op, ": B0 has batch shape ", cpu::batch_shape(B0, 2),
+              " but A0 has ", batch, " (all inputs share the leading batch dimensions)");
+  TORCH_CHECK(cpu::batch_shape(hat, 2) == batch, op, ": ", hat_name, " has batch shape ",
+              cpu::batch_shape(hat, 2), " but A0 has ", batch, " (all inputs share the leading batch dimensions)");
+  if (in_side) {
+    TORCH_CHECK(hat.size(-2) == h.m && hat.size(-1) == h.r, op, ": B_hat must be (..., m, r) = (..., ", h.m, ", ",
+                h.r, ") like B0, got shape ", hat.sizes());
+  } else {
+    TORCH_CHECK(hat.size(-2) == h.r && hat.size(-1) == h.n, op, ": A_hat must be (..., r, n) = (..., ", h.r, ", ",
+                h.n, ") like A0, got shape ", hat.sizes());
+  }
+  TORCH_CHECK(f_in.size() == f_out.size(), op, ": got ", f_in.size(), " f_in factors but ", f_out.size(),
+              " f_out factors (one of each per pair)");
+  const int64_t J = static_cast<int64_t>(f_in.size());
+  bool any_fp64 = A0.scalar_type() == at::kDouble || B0.scalar_type() == at::kDouble ||
+                  hat.scalar_type() == at::kDouble;
+  for (int64_t j = 0; j < J; ++j) {
+    const at::Tensor& fi = f_in[j];
+    const at::Tensor& fo = f_out[j];
+    cpu::check_input(fi, op, "f_in[j]", 2);
+    cpu::check_input(fo, op, "f_out[j]", 2);
+    TORCH_CHECK(fi.size(-1) == h.n && fo.size(-2) == h.m && fi.size(-2) == fo.size(-1), op, ": pair ", j,
+                " (f_in ", fi.sizes(), ", f_out ", fo.sizes(), ") does not stand for an ", h.m, "x", h.n,
+                " matrix f_out @ f_in: f_in must be (..., q, ", h.n, ") and f_out (..., ", h.m, ", q)");
+    TORCH_CHECK(cpu::batch_shape(fi, 2) == batch && cpu::batch_shape(fo, 2) == batch, op, ": pair ", j,
+                " has batch shapes ", cpu::batch_shape(fi, 2), " and ", cpu::batch_shape(fo, 2), " but A0 has ",
+                batch, " (all inputs share the leading batch dimensions)");
+    h.f_in.push_back(cpu::rows_view(fi, h.L));
+    h.f_out.push_back(fo.reshape({h.L, h.m, fo.size(-1)}));
+    any_fp64 = any_fp64 || fi.scalar_type() == at::kDouble || fo.scalar_type() == at::kDouble;
+  }
+
+  TORCH_CHECK(coeffs.device().is_cpu() && cpu::is_float_dtype(coeffs.scalar_type()), op,
+              ": coeffs must be a floating CPU tensor, got ", coeffs.scalar_type(), " on ", coeffs.device());
+  TORCH_CHECK((coeffs.dim() == 1 || (coeffs.dim() == 2 && coeffs.size(1) == h.L)) && coeffs.size(0) == J + 1, op,
+              ": coeffs must be (J+1,) or (J+1, L) = (", J + 1, ",) or (", J + 1, ", ", h.L,
+              "): one coefficient for the anchor and one per pair, shared or per layer; got shape ", coeffs.sizes());
+  TORCH_CHECK(lmbd.device().is_cpu() && cpu::is_float_dtype(lmbd.scalar_type()), op,
+              ": lmbd must be a floating CPU tensor, got ", lmbd.scalar_type(), " on ", lmbd.device());
+  TORCH_CHECK(lmbd.dim() == 0 || (lmbd.dim() == 1 && lmbd.size(0) == h.L), op,
+              ": lmbd must be a 0-d tensor or one value per layer (L,) = (", h.L, ",), got shape ", lmbd.sizes());
+  const at::Tensor c = coeffs.to(at::kDouble).contiguous();
+  const double* cp = c.const_data_ptr<double>();
+  h.coef.assign(J + 1, std::vector<double>(h.L));
+  for (int64_t j = 0; j <= J; ++j) {
+    for (int64_t b = 0; b < h.L; ++b) {
+      h.coef[j][b] = coeffs.dim() == 1 ? cp[j] : cp[j * h.L + b];
+    }
+  }
+  const at::Tensor lm = lmbd.to(at::kDouble).contiguous();
+  h.lmbd.resize(h.L);
+  for (int64_t b = 0; b < h.L; ++b) {
+    h.lmbd[b] = lm.const_data_ptr<double>()[lmbd.dim() == 0 ? 0 : b];
+  }
+
+  TORCH_CHECK(m_in.has_value() == m_out.has_value(), op,
+              ": give both metrics (m_in and m_out) or neither; got only ", m_in.has_value() ? "m_in" : "m_out");
+  if (m_in.has_value()) {
+    cpu::check_input(*m_in, op, "m_in", 1);
+    cpu::check_input(*m_out, op, "m_out", 1);
+    TORCH_CHECK(m_in->size(-1) == h.n && cpu::batch_shape(*m_in, 1) == batch, op, ": m_in must be (..., n) = ",
+                batch, " + (", h.n, ",), got shape ", m_in->sizes());
+    TORCH_CHECK(m_out->size(-1) == h.m && cpu::batch_shape(*m_out, 1) == batch, op, ": m_out must be (..., m) = ",
+                batch, " + (", h.m, ",), got shape ", m_out->sizes());
+    h.m_in = m_in->reshape({h.L, h.n});
+    h.m_out = m_out->reshape({h.L, h.m});
+    any_fp64 = any_fp64 || m_in->scalar_type() == at::kDouble || m_out->scalar_type() == at::kDouble;
+  }
+  h.hat = hat.reshape({h.L, hat.size(-2), hat.size(-1)});
+  h.A0 = A0.reshape({h.L, h.r, h.n});
+  h.B0 = B0.reshape({h.L, h.m, h.r});
+  h.acc = any_fp64 ? at::kDouble : at::kFloat;
+  h.out_dtype = A0.scalar_type();
+  return h;
+}
+
+std::vector<int64_t> with_matrix(const std::vector<int64_t>& batch, int64_t rows, int64_t cols) {
+  std::vector<int64_t> shape(batch);
+  shape.push_back(rows);
+  shape.push_back(cols);
+  return shape;
+}
+
+at::Tensor run_half_step(const HalfStep& h, bool in_side) {
+  const auto opts = at::TensorOptions().dtype(h.acc);
+  const at::Tensor c0 = per_layer(h.coef[0], h.acc);
+  const at::Tensor lam = per_layer(h.lmbd, h.acc);
+  const at::Tensor eye = at::eye(h.r, opts);
+  const at::Tensor A0 = h.A0.to(h.acc);
+  const at::Tensor B0 = h.B0.to(h.acc);
+  const at::Tensor hat = h.hat.to(h.acc);
+  const at::Tensor m_in = h.m_in.defined() ? h.m_in.to(h.acc) : at::Tensor();
+  const at::Tensor m_out = h.m_out.defined() ? h.m_out.to(h.acc) : at::Tensor();
+  const std::vector<std::vector<double>> data_coef(h.coef.begin() + 1, h.coef.end());
+  std::vector<at::Tensor> rows_S, rows_X;  // F_out_jᵀ (L, q, m) and F_in_j (L, q, n)
+  for (size_t j = 0; j < h.f_in.size(); ++j) {
+    rows_S.push_back(cpu::rows_view(h.f_out[j].mT(), h.L));
+    rows_X.push_back(h.f_in[j]);
+  }
+
+  if (in_side) {
+    // Â = A0 + (B̂ᵀM_outB̂ + λI)⁻¹ [B̂ᵀM_out(c0·B0 − B̂)·A0 + D·M_in⁻¹],  D = Σ_j c_j (B̂ᵀF_out_j)F_in_j:
+    // the reference's solve for the change from the anchor.
+    const at::Tensor BwT = (m_out.defined() ? hat * m_out.unsqueeze(-1) : hat).mT();
+    const at::Tensor gram = (at::matmul(BwT, hat) + lam * eye).contiguous();
+    const at::Tensor residual = at::matmul(at::matmul(BwT, B0 * c0 - hat), A0).contiguous();
+    add_data_term(residual, hat.mT().contiguous(), rows_S, rows_X, data_coef, m_in);
+    cpu::solve_spd_batched_(gram, residual);
+    return residual.add_(A0).to(h.out_dtype).view(with_matrix(h.batch, h.r, h.n));
+  }
+  // B̂ = B0 + [B0·(c0·A0 − Â)·M_inÂᵀ + M_out⁻¹·D] (ÂM_inÂᵀ + λI)⁻¹,  D = Σ_j c_j F_out_j(F_in_jÂᵀ), solved in
+  // transposed form: (ÂM_inÂᵀ + λI)·Δᵀ = residualᵀ, with Dᵀ = Σ_j c_j (F_in_jÂᵀ)ᵀF_out_jᵀ.
+  const at::Tensor Aw = m_in.defined() ? hat * m_in.unsqueeze(-2) : hat;
+  const at::Tensor gram = (at::matmul(Aw, hat.mT()) + lam * eye).contiguous();
+  const at::Tensor residualT = at::matmul(at::matmul(A0 * c0 - hat, Aw.mT()).mT(), B0.mT()).contiguous();
+  add_data_term(residualT, hat.contiguous(), rows_X, rows_S, data_coef, m_out);
+  cpu::solve_spd_batched_(gram, residualT);
+  at::Tensor out = at::empty(with_matrix(h.batch, h.m, h.r), opts.dtype(h.out_dtype));
+  out.view({h.L, h.m, h.r}).copy_(B0 + residualT.mT());
+  return out;
+}
+
+at::Tensor lorsum_update_in_cpu(const at::Tensor& B_hat, const at::Tensor& A0, const at::Tensor& B0,
+                                at::TensorList f_in, at::TensorList f_out, const at::Tensor& coeffs,
+                                const at::Tensor& lmbd, const std::optional<at::Tensor>& m_in,
+                                const std::optional<at::Tensor>& m_out) {
+  const HalfStep h =
+      parse_half_step("lorsum_update_in", true, B_hat, A0, B0, f_in, f_out, coeffs, lmbd, m_in, m_out);
+  return run_half_step(h, true);
+}
+
+at::Tensor lorsum_update_out_cpu(const at::Tensor& A_hat, const at::Tensor& A0, const at::Tensor& B0,
+                                 at::TensorList f_in, at::TensorList f_out, const at::Tensor& coeffs,
+                                 const at::Tensor& lmbd, const std::optional<at::Tensor>& m_in,
+                                 const std::optional<at::Tensor>& m_out) {
+  const HalfStep h =
+      parse_half_step("lorsum_update_out", false, A_hat, A0, B0, f_in, f_out, coeffs, lmbd, m_in, m_out);
+  return run_half_step(h, false);
+}
+
+// ---- pair products ----------------------------------------------------------------------------------
+
+// (Wᵀ·F_out·F_in, F_out·F_in·Vᵀ) for the pair (F_in (..., q, n), F_out (..., m, q)): for the gradient pair
+// (X, Sᵀ) these are (S·W)ᵀ·X (w×n) and Sᵀ·(X·Vᵀ) (m×v). An absent W or V gives a (..., 0, n) or (..., m, 0)
+// result.
+std::tuple<at::Tensor, at::Tensor> pair_products_cpu(const at::Tensor& f_in, const at::Tensor& f_out,
+                                                     const std::optional<at::Tensor>& W,
+                                                     const std::optional<at::Tensor>& V) {
+  constexpr const char* op = "pair_products";
+  cpu::check_input(f_in, op, "f_in", 2);
+  cpu::check_input(f_out, op, "f_out", 2);
+  const int64_t q = f_in.size(-2), n = f_in.size(-1), m = f_out.size(-2);
+  TORCH_CHECK(f_out.size(-1) == q, op, ": f_in ", f_in.sizes(), " is (..., q, n) and f_out ", f_out.sizes(),
+              " must be (..., m, q) with the same q");
+  const auto batch_ref = cpu::batch_shape(f_in, 2);
+  const std::vector<int64_t> batch(batch_ref.begin(), batch_ref.end());
+  TORCH_CHECK(cpu::batch_shape(f_out, 2) == batch_ref, op, ": f_out has batch shape ", cpu::batch_shape(f_out, 2),
+              " but f_in has ", batch_ref, " (all inputs share the leading batch dimensions)");
+  if (W.has_value()) {
+    cpu::check_input(*W, op, "W", 2);
+    TORCH_CHECK(W->size(-2) == m && cpu::batch_shape(*W, 2) == batch_ref, op, ": W must be (..., m, w) with m = ",
+                m, " and batch shape ", batch_ref, ", got shape ", W->sizes());
+  }
+  if (V.has_value()) {
+    cpu::check_input(*V, op, "V", 2);
+    TORCH_CHECK(V->size(-1) == n && cpu::batch_shape(*V, 2) == batch_ref, op, ": V must be (..., v, n) with n = ",
+                n, " and batch shape ", batch_ref, ", got shape ", V->sizes());
+  }
+  const auto acc = cpu::acc_dtype({f_in, f_out, W.value_or(at::Tensor()), V.value_or(at::Tensor())});
+  const int64_t L = cpu::numel_of(batch);
+  const auto opts = f_in.options().dtype(acc);
+  const at::Tensor rows_X = cpu::rows_view(f_in, L);
+  const at::Tensor rows_S = cpu::rows_view(f_out.mT(), L);
+  const std::vector<std::vector<double>> unit(1, std::vector<double>(L, 1.0));
+
+  at::Tensor P, Q;
+  if (W.has_value()) {
+    const int64_t w = W->size(-1);
+    const at::Tensor Z = W->reshape({L, m, w}).mT().to(acc).contiguous();
+    P = at::zeros(with_matrix(batch, w, n), opts);
+    add_data_term(P.view({L, w, n}), Z, {rows_S}, {rows_X}, unit, at::Tensor());
+  } else {
+    P = at::empty(with_matrix(batch, 0, n), opts);
+  }
+  if (V.has_value()) {
+    const int64_t v = V->size(-2);
+    const at::Tensor Z = V->reshape({L, v, n}).to(acc).contiguous();
+    const at::Tensor QT = at::zeros({L, v, m}, opts);
+    add_data_term(QT, Z, {rows_X}, {rows_S}, unit, at::Tensor());
+    Q = at::empty(with_matrix(batch, m, v), opts);
+    Q.view({L, m, v}).copy_(QT.mT());
+  } else {
+    Q = at::empty(with_matrix(batch, m, 0), opts);
+  }
+  return {P, Q};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lorsum, CPU, m) {
+  m.impl("lorsum_update_in", &lorsum_update_in_cpu);
+  m.impl("lorsum_update_out", &lorsum_update_out_cpu);
+  m.impl("pair_products", &pair_products_cpu);
+}
+
+}  // namespace lorsum

@@ -1,0 +1,924 @@
+// CUDA kernels of lorsum_kernels (DESIGN.md "Hot paths"): plain CUDA, no torch headers. Contracts are in
+// kernels.h; the ops built on them are registered in binding.cpp.
+//
+// Determinism: every sum below has an order fixed by the problem's shapes. Work splits (T chunks, tiles)
+// are planned from the shapes and fixed constants only, never from the device (SM count, free memory),
+// each partial sum is produced by one thread in a fixed order, and partials are combined by a separate
+// kernel in index order. No floating-point atomics anywhere.
+//
+// bf16 / fp16 values are converted with the explicit intrinsics (__bfloat162float, __float2half, ...):
+// torch builds CUDA sources with -D__CUDA_NO_HALF_CONVERSIONS__ / -D__CUDA_NO_BFLOAT16_CONVERSIONS__,
+// which remove the implicit conversions.
+
+#include "kernels.h"
+
+#include <algorithm>
+#include <cstdint>
+
+namespace lorsum::cuda {
+namespace {
+
+// ---- conversions ------------------------------------------------------------------------------------
+
+__device__ __forceinline__ float to_acc(float v) { return v; }
+__device__ __forceinline__ double to_acc(double v) { return v; }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
+
+__device__ __forceinline__ void store(float* p, float v) { *p = v; }
+__device__ __forceinline__ void store(double* p, double v) { *p = v; }
+__device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16(v); }
+__device__ __forceinline__ void store(__half* p, float v) { *p = __float2half(v); }
+
+// sqrt of the smallest normal number, exactly (2^-63 and 2^-511): reference.ridged_cholesky's floor of the
+// mean diagonal, `finfo.tiny ** 0.5`.
+__device__ __forceinline__ float sqrt_tiny(float) { return 0x1p-63f; }
+__device__ __forceinline__ double sqrt_tiny(double) { return 0x1p-511; }
+
+__device__ __forceinline__ bool is_finite(float v) { return isfinite(v); }
+__device__ __forceinline__ bool is_finite(double v) { return isfinite(v); }
+
+// ---- launch helpers ---------------------------------------------------------------------------------
+
+// Blocks a kernel's split over the token dimension aims at, with the tiles it already has. A fixed
+// number, not the device's SM count, so that the split (hence the rounding) is a function of the shapes.
+constexpr int64_t kTargetBlocks = 1024;
+// Largest grid y / z dimension.
+constexpr int64_t kMaxGridYZ = 65535;
+
+constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+// std::min is a host constexpr function; device code uses this one.
+__host__ __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+constexpr int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+constexpr size_t kWorkspaceAlign = 256;
+constexpr size_t align_bytes(size_t b) { return (b + kWorkspaceAlign - 1) / kWorkspaceAlign * kWorkspaceAlign; }
+
+// Rows per chunk when the token dimension (length K) is split into chunks of [min_rows, max_rows] rows
+// (multiples of `multiple`), enough of them to bring `base_blocks` up to kTargetBlocks where K allows.
+int64_t plan_rows_per_chunk(int64_t K, int64_t base_blocks, int64_t min_rows, int64_t max_rows, int64_t multiple) {
+  if (K <= 0) {
+    return multiple;
+  }
+  const int64_t want = ceil_div(kTargetBlocks, std::max<int64_t>(1, base_blocks));
+  const int64_t most = std::max<int64_t>(1, ceil_div(K, min_rows));
+  const int64_t least = ceil_div(K, max_rows);
+  const int64_t chunks = std::max(least, std::min(want, most));
+  int64_t rows = round_up(ceil_div(K, chunks), multiple);
+  // Keep the chunk count within a grid dimension.
+  rows = std::max(rows, round_up(ceil_div(K, kMaxGridYZ), multiple));
+  return rows;
+}
+
+inline cudaError_t launch_status() { return cudaGetLastError(); }
+
+// ---- second stage: ordered sum of partials ----------------------------------------------------------
+
+// out[b, k, j] = Σ_{p < P} part[b, p, k, j] (p in increasing order); part is contiguous (B, P, rows, cols),
+// out is addressed by (o_bs, o_ks, o_js).
+template <typename A>
+__global__ void __launch_bounds__(256) sum_partials_kernel(const A* __restrict__ part, int64_t B, int64_t P,
+                                                           int64_t rows, int64_t cols, A* __restrict__ out,
+                                                           int64_t o_bs, int64_t o_ks, int64_t o_js) {
+  const int64_t width = rows * cols;
+  const int64_t total = B * width;
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t b = idx / width;
+    const int64_t x = idx - b * width;
+    const A* p = part + b * P * width + x;
+    A s = p[0];
+    for (int64_t q = 1; q < P; ++q) {
+      s += p[q * width];
+    }
+    const int64_t k = x / cols;
+    const int64_t j = x - k * cols;
+    out[b * o_bs + k * o_ks + j * o_js] = s;
+  }
+}
+
+template <typename A>
+cudaError_t sum_partials(const A* part, int64_t B, int64_t P, int64_t rows, int64_t cols, A* out, int64_t o_bs,
+                         int64_t o_ks, int64_t o_js, cudaStream_t stream) {
+  const int64_t total = B * rows * cols;
+  if (total == 0) {
+    return cudaSuccess;
+  }
+  const int64_t blocks = std::min<int64_t>(ceil_div(total, 256), int64_t(1) << 20);
+  sum_partials_kernel<A><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(part, B, P, rows, cols, out, o_bs,
+                                                                             o_ks, o_js);
+  return launch_status();
+}
+
+// ---- (1) column sums of squares ---------------------------------------------------------------------
+
+constexpr int kCssWarpCols = 32;                           // threads along the columns
+constexpr int kCssColsPerThread = 2;                       // columns per thread (kCssWarpCols apart)
+constexpr int kCssCols = kCssWarpCols * kCssColsPerThread;  // columns per block
+constexpr int kCssRowThreads = 8;                          // threads along the rows
+// Rows per chunk: at most 1024 (so a thread sums at most 128 squares before the block's tree and the
+// ordered sum over chunks: error ~ 128 + 8 + T/1024 roundings rather than T), at least 64.
+constexpr int64_t kCssMinRows = 64;
+constexpr int64_t kCssMaxRows = 1024;
+
+struct CssPlan {
+  int64_t col_blocks;
+  int64_t rows_per_chunk;
+  int64_t chunks;
+};
+
+CssPlan plan_col_sq_sums(int64_t B, int64_t T, int64_t n) {
+  CssPlan p{};
+  p.col_blocks = ceil_div(n, kCssCols);
+  p.rows_per_chunk = plan_rows_per_chunk(T, B * p.col_blocks, kCssMinRows, kCssMaxRows, kCssRowThreads);
+  p.chunks = std::max<int64_t>(1, ceil_div(T, p.rows_per_chunk));
+  return p;
+}
+
+// One block: kCssCols columns × one chunk of rows of one batch element. Thread (tx, ty) sums the squares
+// of rows ty, ty + 8, ... of its chunk in its two columns; the 8 row-thread sums are then added in order.
+// part is (B, chunks, n) contiguous (the output itself when chunks == 1).
+template <typename T>
+__global__ void __launch_bounds__(kCssWarpCols* kCssRowThreads)
+    col_sq_sums_kernel(const T* __restrict__ x, int64_t T_rows, int64_t n, int64_t batch_stride, int64_t row_stride,
+                       int64_t rows_per_chunk, int64_t chunks, int64_t b0, acc_t<T>* __restrict__ part) {
+  using A = acc_t<T>;
+  __shared__ A red[kCssRowThreads][kCssCols];
+  const int tx = threadIdx.x;
+  const int ty = threadIdx.y;
+  const int64_t c0 = static_cast<int64_t>(blockIdx.x) * kCssCols;
+  const int64_t chunk = blockIdx.y;
+  const int64_t b = b0 + blockIdx.z;
+  const int64_t t_begin = chunk * rows_per_chunk;
+  const int64_t t_end = min64(T_rows, t_begin + rows_per_chunk);
+  const T* base = x + b * batch_stride + c0;
+
+  A acc[kCssColsPerThread];
+#pragma unroll
+  for (int u = 0; u < kCssColsPerThread; ++u) {
+    acc[u] = A(0);
+  }
+  for (int64_t t = t_begin + ty; t < t_end; t += kCssRowThreads) {
+    const T* row = base + t * row_stride;
+#pragma unroll
+    for (int u = 0; u < kCssColsPerThread; ++u) {
+      const int64_t j = tx + u * kCssWarpCols;
+      if (c0 + j < n) {
+        const A v = to_acc(row[j]);
+        acc[u] += v * v;
+      }
+    }
+  }
+#pragma unroll
+  for (int u = 0; u < kCssColsPerThread; ++u) {
+    red[ty][tx + u * kCssWarpCols] = acc[u];
+  }
+  __syncthreads();
+  const int tid = ty * kCssWarpCols + tx;
+  if (tid < kCssCols && c0 + tid < n) {
+    A s = red[0][tid];
+#pragma unroll
+    for (int y = 1; y < kCssRowThreads; ++y) {
+      s += red[y][tid];
+    }
+    part[(b * chunks + chunk) * n + c0 + tid] = s;
+  }
+}
+
+// ---- the tile main loop shared by (2) and (4) ---------------------------------------------------------
+//
+// acc[u][v] += Σ_{k_begin ≤ t < k_end} A(t, i0 + ty + u·TY) · B(t, j0 + tx + v·TX): a BM×BN tile of AᵀB
+// where A is K×M with element (t, i) at a[t·lda + i], and B is K×N with element (t, j) at b[t·ldb + j]
+// (B_KFAST = false) or at b[j·ldb + t] (B_KFAST = true: B is the transpose of a row-major matrix).
+// 256 threads, thread (ty, tx) = (tid / TX, tid % TX) with TX = BN/TN, TY = BM/TM. Tiles of kBK tokens are
+// converted to acc_t while staged in shared memory; out-of-range rows, columns and tokens load as 0.
+// Each accumulator adds its tokens one at a time in increasing order.
+
+constexpr int kBK = 16;
+// Threads per tile block. The tile kernels are declared __launch_bounds__(kTileThreads, 2): at most 128
+// registers a thread, which ptxas uses without spilling (with no minimum it caps itself at 48 and spills
+// a few bytes); untuned, no GPU was at hand to time the alternatives.
+constexpr int kTileThreads = 256;
+
+template <int BM, int BN, int TM, int TN>
+struct TileShape {
+  static constexpr int TX = BN / TN;
+  static constexpr int TY = BM / TM;
+  static_assert(TX * TY == kTileThreads, "a tile is computed by 256 threads");
+};
+
+template <int BM, int BN, int TM, int TN, bool B_KFAST, typename A, typename TA, typename TB>
+__device__ __forceinline__ void atb_mainloop(const TA* __restrict__ a, int64_t lda, const TB* __restrict__ b,
+                                             int64_t ldb, int64_t M, int64_t N, int64_t i0, int64_t j0,
+                                             int64_t k_begin, int64_t k_end, A (*As)[BM], A (*Bs)[BN + 1],
+                                             A (&acc)[TM][TN]) {
+  using Shape = TileShape<BM, BN, TM, TN>;
+  const int tid = threadIdx.x;
+  const int tx = tid % Shape::TX;
+  const int ty = tid / Shape::TX;
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += kBK) {
+    // A tile: kBK tokens × BM columns, consecutive threads on consecutive columns (coalesced).
+    for (int e = tid; e < kBK * BM; e += kTileThreads) {
+      const int kk = e / BM;
+      const int i = e % BM;
+      const int64_t t = k0 + kk;
+      As[kk][i] = (t < k_end && i0 + i < M) ? to_acc(a[t * lda + i0 + i]) : A(0);
+    }
+    // B tile: kBK tokens × BN columns, consecutive threads along whichever index is contiguous.
+    for (int e = tid; e < kBK * BN; e += kTileThreads) {
+      int kk;
+      int j;
+      if constexpr (B_KFAST) {
+        kk = e % kBK;
+        j = e / kBK;
+      } else {
+        kk = e / BN;
+        j = e % BN;
+      }
+      const int64_t t = k0 + kk;
+      const int64_t col = j0 + j;
+      A v = A(0);
+      if (t < k_end && col < N) {
+        v = B_KFAST ? to_acc(b[col * ldb + t]) : to_acc(b[t * ldb + col]);
+      }
+      Bs[kk][j] = v;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < kBK; ++kk) {
+      A av[TM];
+      A bv[TN];
+#pragma unroll
+      for (int u = 0; u < TM; ++u) {
+        av[u] = As[kk][ty + u * Shape::TY];
+      }
+#pragma unroll
+      for (int v = 0; v < TN; ++v) {
+        bv[v] = Bs[kk][tx + v * Shape::TX];
+      }
+#pragma unroll
+      for (int u = 0; u < TM; ++u) {
+#pragma unroll
+        for (int v = 0; v < TN; ++v) {
+          acc[u][v] = fma(av[u], bv[v], acc[u][v]);
+        }
+      }
+    }
+    __syncthreads();
+  }
+}
+
+// ---- (2) row and column energies ------------------------------------------------------------------------
+
+constexpr int kEnBM = 64;
+constexpr int kEnBN = 64;
+constexpr int kEnTM = 4;
+constexpr int kEnTN = 4;
+
+// One block: the 64×64 tile (rt, ct) of G[b] = S[b]ᵀ·X[b], summed over all tokens, then squared.
+// rows_part (L, col_tiles, m) gets the tile's row sums, cols_part (L, row_tiles, n) its column sums (the
+// outputs themselves when there is a single tile along that direction).
+template <typename TS, typename TX>
+__global__ void __launch_bounds__(kTileThreads, 2)
+    energies_kernel(const TS* __restrict__ S, int64_t s_bs, int64_t s_rs, const TX* __restrict__ X, int64_t x_bs,
+                    int64_t x_rs, int64_t T_rows, int64_t m, int64_t n, int64_t b0, int64_t row_tiles,
+                    int64_t col_tiles, acc_t<TX>* __restrict__ rows_part, acc_t<TX>* __restrict__ cols_part) {
+  using A = acc_t<TX>;
+  using Shape = TileShape<kEnBM, kEnBN, kEnTM, kEnTN>;
+  __shared__ A As[kBK][kEnBM];
+  __shared__ A Bs[kBK][kEnBN + 1];
+  __shared__ A col_red[Shape::TY][kEnBN];
+  const int64_t b = b0 + blockIdx.z;
+  const int64_t ct = blockIdx.x;
+  const int64_t rt = blockIdx.y;
+  const int64_t i0 = rt * kEnBM;
+  const int64_t j0 = ct * kEnBN;
+
+  A acc[kEnTM][kEnTN];
+#pragma unroll
+  for (int u = 0; u < kEnTM; ++u) {
+#pragma unroll
+    for (int v = 0; v < kEnTN; ++v) {
+      acc[u][v] = A(0);
+    }
+  }
+  atb_mainloop<kEnBM, kEnBN, kEnTM, kEnTN, false>(S + b * s_bs, s_rs, X + b * x_bs, x_rs, m, n, i0, j0, 0, T_rows,
+                                                  As, Bs, acc);
+
+  // Epilogue: square, and reduce within the tile. Elements outside G are left out (not just zero: a
+  // padded row times an infinite X would be NaN).
+  const int tid = threadIdx.x;
+  const int tx = tid % Shape::TX;
+  const int ty = tid / Shape::TX;
+  A row_sum[kEnTM];
+  A col_sum[kEnTN];
+#pragma unroll
+  for (int v = 0; v < kEnTN; ++v) {
+    col_sum[v] = A(0);
+  }
+#pragma unroll
+  for (int u = 0; u < kEnTM; ++u) {
+    row_sum[u] = A(0);
+    const bool row_ok = i0 + ty + u * Shape::TY < m;
+#pragma unroll
+    for (int v = 0; v < kEnTN; ++v) {
+      if (row_ok && j0 + tx + v * Shape::TX < n) {
+        const A g2 = acc[u][v] * acc[u][v];
+        row_sum[u] += g2;
+        col_sum[v] += g2;
+      }
+    }
+  }
+  // Row sums: across the 16 threads of equal ty (16 consecutive lanes of one warp), a fixed butterfly.
+#pragma unroll
+  for (int u = 0; u < kEnTM; ++u) {
+#pragma unroll
+    for (int off = Shape::TX / 2; off > 0; off /= 2) {
+      row_sum[u] += __shfl_xor_sync(0xffffffffu, row_sum[u], off, Shape::TX);
+    }
+  }
+  if (tx == 0) {
+#pragma unroll
+    for (int u = 0; u < kEnTM; ++u) {
+      const int64_t i = i0 + ty + u * Shape::TY;
+      if (i < m) {
+        rows_part[(b * col_tiles + ct) * m + i] = row_sum[u];
+      }
+    }
+  }
+  // Column sums: across the 16 values of ty, through shared memory, added in order of ty.
+#pragma unroll
+  for (int v = 0; v < kEnTN; ++v) {
+    col_red[ty][tx + v * Shape::TX] = col_sum[v];
+  }
+  __syncthreads();
+  if (tid < kEnBN && j0 + tid < n) {
+    A s = col_red[0][tid];
+#pragma unroll
+    for (int y = 1; y < Shape::TY; ++y) {
+      s += col_red[y][tid];
+    }
+    cols_part[(b * row_tiles + rt) * n + j0 + tid] = s;
+  }
+}
+
+// ---- (4) skinny token products ------------------------------------------------------------------------
+
+// Y[b] = A[b]·W[b] (K×w, contiguous, acc_t), computed as the tile Yᵀ = Wᵀ·A[b]ᵀ: rows over w, columns
+// over tokens. W is M×w contiguous (the main loop's K-major operand); A[b] is read as the transpose of a
+// row-major K×M matrix.
+template <int BM, int BN, int TM, int TN, typename TA>
+__global__ void __launch_bounds__(kTileThreads, 2)
+    project_kernel(const TA* __restrict__ Aop, int64_t a_bs, int64_t a_rs, const acc_t<TA>* __restrict__ W,
+                   int64_t w_bs, int64_t K, int64_t M, int64_t w, int64_t b0, acc_t<TA>* __restrict__ Y) {
+  using A = acc_t<TA>;
+  using Shape = TileShape<BM, BN, TM, TN>;
+  __shared__ A As[kBK][BM];
+  __shared__ A Bs[kBK][BN + 1];
+  const int64_t b = b0 + blockIdx.z;
+  const int64_t j0 = static_cast<int64_t>(blockIdx.x) * BN;  // tokens
+  const int64_t i0 = static_cast<int64_t>(blockIdx.y) * BM;  // columns of W
+  A acc[TM][TN];
+#pragma unroll
+  for (int u = 0; u < TM; ++u) {
+#pragma unroll
+    for (int v = 0; v < TN; ++v) {
+      acc[u][v] = A(0);
+    }
+  }
+  atb_mainloop<BM, BN, TM, TN, true>(W + b * w_bs, w, Aop + b * a_bs, a_rs, w, K, i0, j0, 0, M, As, Bs, acc);
+  const int tid = threadIdx.x;
+  const int tx = tid % Shape::TX;
+  const int ty = tid / Shape::TX;
+  A* Yb = Y + b * K * w;
+#pragma unroll
+  for (int u = 0; u < TM; ++u) {
+    const int64_t k = i0 + ty + u * Shape::TY;
+#pragma unroll
+    for (int v = 0; v < TN; ++v) {
+      const int64_t t = j0 + tx + v * Shape::TX;
+      if (k < w && t < K) {
+        Yb[t * w + k] = acc[u][v];
+      }
+    }
+  }
+}
+
+// out[b] = Y[b]ᵀ·Bm[b] over one chunk of tokens per block (blockIdx.z = layer · splits + chunk). With one
+// chunk the tile is written to out (strides o_*); else to part (L, splits, w, N) contiguous.
+template <int BM, int BN, int TM, int TN, typename TB>
+__global__ void __launch_bounds__(kTileThreads, 2)
+    token_product_kernel(const acc_t<TB>* __restrict__ Y, const TB* __restrict__ Bm, int64_t b_bs, int64_t b_rs,
+                         int64_t K, int64_t w, int64_t N, int64_t rows_per_split, int64_t splits, int64_t b0,
+                         acc_t<TB>* __restrict__ out, int64_t o_bs, int64_t o_ks, int64_t o_js,
+                         acc_t<TB>* __restrict__ part) {
+  using A = acc_t<TB>;
+  using Shape = TileShape<BM, BN, TM, TN>;
+  __shared__ A As[kBK][BM];
+  __shared__ A Bs[kBK][BN + 1];
+  const int64_t b = b0 + blockIdx.z / splits;
+  const int64_t p = blockIdx.z % splits;
+  const int64_t j0 = static_cast<int64_t>(blockIdx.x) * BN;
+  const int64_t i0 = static_cast<int64_t>(blockIdx.y) * BM;
+  const int64_t k_begin = p * rows_per_split;
+  const int64_t k_end = min64(K, k_begin + rows_per_split);
+  A acc[TM][TN];
+#pragma unroll
+  for (int u = 0; u < TM; ++u) {
+#pragma unroll
+    for (int v = 0; v < TN; ++v) {
+      acc[u][v] = A(0);
+    }
+  }
+  atb_mainloop<BM, BN, TM, TN, false>(Y + b * K * w, w, Bm + b * b_bs, b_rs, w, N, i0, j0, k_begin, k_end, As, Bs,
+                                      acc);
+  const int tid = threadIdx.x;
+  const int tx = tid % Shape::TX;
+  const int ty = tid / Shape::TX;
+#pragma unroll
+  for (int u = 0; u < TM; ++u) {
+    const int64_t k = i0 + ty + u * Shape::TY;
+#pragma unroll
+    for (int v = 0; v < TN; ++v) {
+      const int64_t j = j0 + tx + v * Shape::TX;
+      if (k < w && j < N) {
+        if (splits == 1) {
+          out[b * o_bs + k * o_ks + j * o_js] = acc[u][v];
+        } else {
+          part[((b * splits + p) * w + k) * N + j] = acc[u][v];
+        }
+      }
+    }
+  }
+}
+
+// Tile shapes of (4): a 16-row tile for widths up to 16 (r ≤ 16: no wasted rows of w), else 64×64.
+constexpr int kNarrowWidth = 16;
+struct NarrowTile {
+  static constexpr int BM = 16, BN = 128, TM = 1, TN = 8;
+};
+struct WideTile {
+  static constexpr int BM = 64, BN = 64, TM = 4, TN = 4;
+};
+// Token rows per chunk of the product: at most 1024 (bounded sequential sums in each accumulator), at
+// least 128.
+constexpr int64_t kProdMinRows = 128;
+constexpr int64_t kProdMaxRows = 1024;
+
+struct ProdPlan {
+  bool narrow;
+  int64_t rows_per_split;
+  int64_t splits;
+  size_t y_bytes;     // Y: L·K·w acc
+  size_t part_bytes;  // partials: L·splits·w·N acc when splits > 1
+};
+
+ProdPlan plan_product(int64_t L, int64_t K, int64_t w, int64_t N, size_t acc_size) {
+  ProdPlan p{};
+  p.narrow = w <= kNarrowWidth;
+  const int64_t bm = p.narrow ? NarrowTile::BM : WideTile::BM;
+  const int64_t bn = p.narrow ? NarrowTile::BN : WideTile::BN;
+  const int64_t tiles = ceil_div(N, bn) * ceil_div(w, bm);
+  p.rows_per_split = plan_rows_per_chunk(K, L * tiles, kProdMinRows, kProdMaxRows, kBK);
+  p.splits = std::max<int64_t>(1, ceil_div(K, p.rows_per_split));
+  p.y_bytes = align_bytes(static_cast<size_t>(L * K * w) * acc_size);
+  p.part_bytes = p.splits > 1 ? align_bytes(static_cast<size_t>(L * p.splits * w * N) * acc_size) : 0;
+  return p;
+}
+
+template <typename Tile, typename TA, typename TB>
+cudaError_t launch_projected_product(const TA* A_, int64_t a_bs, int64_t a_rs, const acc_t<TB>* W, int64_t w_bs,
+                                     const TB* Bm, int64_t b_bs, int64_t b_rs, int64_t L, int64_t K, int64_t M,
+                                     int64_t w, int64_t N, acc_t<TB>* out, int64_t o_bs, int64_t o_ks, int64_t o_js,
+                                     const ProdPlan& plan, acc_t<TB>* Y, acc_t<TB>* part, cudaStream_t stream) {
+  // Stage 1: Y = A·W (skipped without tokens: the product is then an empty sum, written as zeros below).
+  if (K > 0) {
+    const dim3 grid(static_cast<unsigned>(ceil_div(K, Tile::BN)), static_cast<unsigned>(ceil_div(w, Tile::BM)), 1);
+    for (int64_t b0 = 0; b0 < L; b0 += kMaxGridYZ) {
+      dim3 g = grid;
+      g.z = static_cast<unsigned>(std::min(kMaxGridYZ, L - b0));
+      project_kernel<Tile::BM, Tile::BN, Tile::TM, Tile::TN, TA>
+          <<<g, kTileThreads, 0, stream>>>(A_, a_bs, a_rs, W, w_bs, K, M, w, b0, Y);
+      if (const cudaError_t e = launch_status(); e != cudaSuccess) {
+        return e;
+      }
+    }
+  }
+  // Stage 2: out = Yᵀ·Bm, token chunks side by side in the grid's z dimension.
+  const dim3 grid(static_cast<unsigned>(ceil_div(N, Tile::BN)), static_cast<unsigned>(ceil_div(w, Tile::BM)), 1);
+  const int64_t layers_per_launch = std::max<int64_t>(1, kMaxGridYZ / plan.splits);
+  for (int64_t b0 = 0; b0 < L; b0 += layers_per_launch) {
+    dim3 g = grid;
+    g.z = static_cast<unsigned>(std::min(layers_per_launch, L - b0) * plan.splits);
+    token_product_kernel<Tile::BM, Tile::BN, Tile::TM, Tile::TN, TB><<<g, kTileThreads, 0, stream>>>(
+        Y, Bm, b_bs, b_rs, K, w, N, plan.rows_per_split, plan.splits, b0, out, o_bs, o_ks, o_js, part);
+    if (const cudaError_t e = launch_status(); e != cudaSuccess) {
+      return e;
+    }
+  }
+  // Stage 3: the chunks' partial products, added in order.
+  if (plan.splits > 1) {
+    return sum_partials<acc_t<TB>>(part, L, plan.splits, w, N, out, o_bs, o_ks, o_js, stream);
+  }
+  return cudaSuccess;
+}
+
+// ---- (3) batched small SPD solves -----------------------------------------------------------------------
+
+constexpr int kSolveThreads = 128;
+constexpr size_t kSolveSmemLimit = 48 * 1024;  // static limit: no opt-in attribute needed
+
+__device__ __forceinline__ int tri(int i, int k) { return i * (i + 1) / 2 + k; }
+
+size_t solve_smem_bytes(int64_t r, int64_t cb, size_t acc_size) {
+  return static_cast<size_t>(r * (r + 1) / 2 + r * (cb + 1)) * acc_size;
+}
+
+// Right-hand-side columns per block: the widest of 128, 64, 32 whose packed factor and r×(cb+1) block fit
+// in the static shared-memory limit (fp32: 128 for every r ≤ 64; fp64: 32 at r = 64).
+int64_t solve_cols_per_block(int64_t r, size_t acc_size) {
+  for (int64_t cb = kSolveThreads; cb > 32; cb /= 2) {
+    if (solve_smem_bytes(r, cb, acc_size) <= kSolveSmemLimit) {
+      return cb;
+    }
+  }
+  return 32;
+}
+
+// Cholesky factor of gram + shift·I into the packed lower triangle Lp (row i at tri(i, 0)), by all threads
+// of the block, right-looking: pivot, scale the column, update the trailing lower triangle. Returns false
+// (the same value in every thread) when a pivot is not > 0 (NaN included), as LAPACK's potrf reports.
+template <typename A>
+__device__ bool factor_packed(const A* __restrict__ g, int64_t g_rs, int64_t g_cs, int r, A shift, A* Lp,
+                              int* s_fail) {
+  const int tid = threadIdx.x;
+  // Every thread is done with Lp and *s_fail from a previous attempt.
+  __syncthreads();
+  for (int i = 0; i < r; ++i) {
+    for (int k = tid; k <= i; k += kSolveThreads) {
+      const A v = g[i * g_rs + k * g_cs];
+      Lp[tri(i, k)] = i == k ? v + shift : v;
+    }
+  }
+  if (tid == 0) {
+    *s_fail = 0;
+  }
+  __syncthreads();
+  for (int j = 0; j < r; ++j) {
+    if (tid == 0) {
+      const A d = Lp[tri(j, j)];
+      if (!(d > A(0))) {
+        *s_fail = 1;
+      }
+      Lp[tri(j, j)] = sqrt(d);
+    }
+    __syncthreads();
+    // Uniform: read by every thread after the barrier, written again only after the next one.
+    if (*s_fail) {
+      return false;
+    }
+    const A djj = Lp[tri(j, j)];
+    for (int i = j + 1 + tid; i < r; i += kSolveThreads) {
+      Lp[tri(i, j)] /= djj;
+    }
+    __syncthreads();
+    const int rem = r - j - 1;
+    for (int e = tid; e < rem * rem; e += kSolveThreads) {
+      const int i = j + 1 + e / rem;
+      const int k = j + 1 + e % rem;
+      if (k <= i) {
+        Lp[tri(i, k)] -= Lp[tri(i, j)] * Lp[tri(k, j)];
+      }
+    }
+    __syncthreads();
+  }
+  return true;
+}
+
+// One block: matrix blockIdx.x, right-hand-side columns [c0, c0 + cb) with c0 = (c_block0 + blockIdx.y)·cb.
+template <typename T>
+__global__ void __launch_bounds__(kSolveThreads)
+    spd_solve_kernel(const acc_t<T>* __restrict__ gram, int64_t g_bs, int64_t g_rs, int64_t g_cs,
+                     const T* rhs, int64_t r_bs, int64_t r_ks, int64_t r_cs, T* out, int64_t o_bs, int64_t o_ks,
+                     int64_t o_cs, int r, int64_t N, int cb, int64_t c_block0, acc_t<T> ridge,
+                     acc_t<T> fallback_ridge) {
+  using A = acc_t<T>;
+  extern __shared__ __align__(16) unsigned char solve_smem[];
+  A* Lp = reinterpret_cast<A*>(solve_smem);  // packed lower triangle, r(r+1)/2
+  A* Bm = Lp + r * (r + 1) / 2;              // r × cb block of right-hand sides, row stride cb + 1
+  const int ldb = cb + 1;
+  __shared__ A s_scale;
+  __shared__ int s_fail;
+
+  const int tid = threadIdx.x;
+  const int64_t b = blockIdx.x;
+  const int64_t c0 = (c_block0 + blockIdx.y) * cb;
+  const int nc = static_cast<int>(min64(cb, N - c0));
+  const A* g = gram + b * g_bs;
+
+  // Stage the right-hand sides, consecutive threads along whichever index has the smaller stride.
+  {
+    const T* src = rhs + b * r_bs + c0 * r_cs;
+    const bool c_fast = r_cs <= r_ks;
+    for (int e = tid; e < r * nc; e += kSolveThreads) {
+      const int k = c_fast ? e / nc : e % r;
+      const int c = c_fast ? e % nc : e / r;
+      Bm[k * ldb + c] = to_acc(src[k * r_ks + c * r_cs]);
+    }
+  }
+  // The mean diagonal, floored at sqrt(tiny) (a NaN stays NaN, as with clamp_min).
+  if (tid == 0) {
+    A d = A(0);
+    for (int i = 0; i < r; ++i) {
+      d += g[i * (g_rs + g_cs)];
+    }
+    d /= static_cast<A>(r);
+    const A floor = sqrt_tiny(A(0));
+    s_scale = d < floor ? floor : d;
+  }
+  __syncthreads();
+  const A scale = s_scale;
+  bool ok = false;
+  if (is_finite(scale)) {
+    ok = factor_packed(g, g_rs, g_cs, r, ridge * scale, Lp, &s_fail);
+    if (!ok) {
+      ok = factor_packed(g, g_rs, g_cs, r, fallback_ridge * scale, Lp, &s_fail);
+    }
+  }
+  __syncthreads();
+  if (!ok) {
+    // Both factorisations failed (a NaN Gram) or the scale is not finite: a NaN factor, so NaN results.
+    const A nan = A(0) / A(0);
+    for (int e = tid; e < r * (r + 1) / 2; e += kSolveThreads) {
+      Lp[e] = nan;
+    }
+    __syncthreads();
+  }
+
+  // Forward then back substitution, one thread per column.
+  if (tid < nc) {
+    A* col = Bm + tid;
+    for (int i = 0; i < r; ++i) {
+      A v = col[i * ldb];
+      const A* li = Lp + tri(i, 0);
+      for (int k = 0; k < i; ++k) {
+        v -= li[k] * col[k * ldb];
+      }
+      col[i * ldb] = v / li[i];
+    }
+    for (int i = r - 1; i >= 0; --i) {
+      A v = col[i * ldb];
+      for (int k = i + 1; k < r; ++k) {
+        v -= Lp[tri(k, i)] * col[k * ldb];
+      }
+      col[i * ldb] = v / Lp[tri(i, i)];
+    }
+  }
+  __syncthreads();
+  {
+    T* dst = out + b * o_bs + c0 * o_cs;
+    const bool c_fast = o_cs <= o_ks;
+    for (int e = tid; e < r * nc; e += kSolveThreads) {
+      const int k = c_fast ? e / nc : e % r;
+      const int c = c_fast ? e % nc : e / r;
+      store(dst + k * o_ks + c * o_cs, Bm[k * ldb + c]);
+    }
+  }
+}
+
+}  // namespace
+
+// ---- launchers --------------------------------------------------------------------------------------------
+
+size_t col_sq_sums_workspace_bytes(int64_t B, int64_t T, int64_t n, size_t acc_size) {
+  if (B <= 0 || T <= 0 || n <= 0) {
+    return 0;
+  }
+  const CssPlan p = plan_col_sq_sums(B, T, n);
+  return p.chunks > 1 ? align_bytes(static_cast<size_t>(B * p.chunks * n) * acc_size) : 0;
+}
+
+template <typename T>
+cudaError_t col_sq_sums(const T* x, int64_t B, int64_t T_rows, int64_t n, int64_t batch_stride, int64_t row_stride,
+                        acc_t<T>* out, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+  using A = acc_t<T>;
+  if (B < 0 || T_rows < 0 || n < 0 || batch_stride < 0 || row_stride < 0) {
+    return cudaErrorInvalidValue;
+  }
+  if (B == 0 || n == 0) {
+    return cudaSuccess;
+  }
+  if (out == nullptr) {
+    return cudaErrorInvalidValue;
+  }
+  if (T_rows == 0) {
+    return cudaMemsetAsync(out, 0, static_cast<size_t>(B * n) * sizeof(A), stream);  // an empty sum
+  }
+  if (x == nullptr) {
+    return cudaErrorInvalidValue;
+  }
+  const CssPlan plan = plan_col_sq_sums(B, T_rows, n);
+  const size_t need = col_sq_sums_workspace_bytes(B, T_rows, n, sizeof(A));
+  if (need > 0 && (workspace == nullptr || workspace_bytes < need)) {
+    return cudaErrorInvalidValue;
+  }
+  A* part = plan.chunks > 1 ? static_cast<A*>(workspace) : out;
+  const dim3 block(kCssWarpCols, kCssRowThreads);
+  for (int64_t b0 = 0; b0 < B; b0 += kMaxGridYZ) {
+    const dim3 grid(static_cast<unsigned>(plan.col_blocks), static_cast<unsigned>(plan.chunks),
+                    static_cast<unsigned>(std::min(kMaxGridYZ, B - b0)));
+    col_sq_sums_kernel<T><<<grid, block, 0, stream>>>(x, T_rows, n, batch_stride, row_stride, plan.rows_per_chunk,
+                                                      plan.chunks, b0, part);
+    if (const cudaError_t e = launch_status(); e != cudaSuccess) {
+      return e;
+    }
+  }
+  if (plan.chunks > 1) {
+    return sum_partials<A>(part, B, plan.chunks, 1, n, out, n, 0, 1, stream);
+  }
+  return cudaSuccess;
+}
+
+size_t row_col_energies_workspace_bytes(int64_t L, int64_t m, int64_t n, size_t acc_size) {
+  if (L <= 0 || m <= 0 || n <= 0) {
+    return 0;
+  }
+  const int64_t row_tiles = ceil_div(m, kEnBM);
+  const int64_t col_tiles = ceil_div(n, kEnBN);
+  size_t bytes = 0;
+  if (col_tiles > 1) {
+    bytes += align_bytes(static_cast<size_t>(L * col_tiles * m) * acc_size);
+  }
+  if (row_tiles > 1) {
+    bytes += align_bytes(static_cast<size_t>(L * row_tiles * n) * acc_size);
+  }
+  return bytes;
+}
+
+template <typename TS, typename TX>
+cudaError_t row_col_energies(const TS* S, int64_t s_bs, int64_t s_rs, const TX* X, int64_t x_bs, int64_t x_rs,
+                             int64_t L, int64_t T_rows, int64_t m, int64_t n, acc_t<TX>* rows, acc_t<TX>* cols,
+                             void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+  using A = acc_t<TX>;
+  static_assert(sizeof(acc_t<TS>) == sizeof(A), "S and X must share the accumulation type");
+  if (L < 0 || T_rows < 0 || m < 0 || n < 0 || s_bs < 0 || s_rs < 0 || x_bs < 0 || x_rs < 0) {
+    return cudaErrorInvalidValue;
+  }
+  if (L == 0 || (m == 0 && n == 0)) {
+    return cudaSuccess;
+  }
+  if ((m > 0 && rows == nullptr) || (n > 0 && cols == nullptr)) {
+    return cudaErrorInvalidValue;
+  }
+  if (m == 0 || n == 0) {
+    // G has no entries: every energy is an empty sum.
+    if (m > 0) {
+      return cudaMemsetAsync(rows, 0, static_cast<size_t>(L * m) * sizeof(A), stream);
+    }
+    return cudaMemsetAsync(cols, 0, static_cast<size_t>(L * n) * sizeof(A), stream);
+  }
+  if (T_rows > 0 && (S == nullptr || X == nullptr)) {
+    return cudaErrorInvalidValue;
+  }
+  const size_t need = row_col_energies_workspace_bytes(L, m, n, sizeof(A));
+  if (need > 0 && (workspace == nullptr || workspace_bytes < need)) {
+    return cudaErrorInvalidValue;
+  }
+  const int64_t row_tiles = ceil_div(m, kEnBM);
+  const int64_t col_tiles = ceil_div(n, kEnBN);
+  if (row_tiles > kMaxGridYZ) {
+    return cudaErrorInvalidValue;
+  }
+  char* ws = static_cast<char*>(workspace);
+  A* rows_part = rows;
+  A* cols_part = cols;
+  if (col_tiles > 1) {
+    rows_part = reinterpret_cast<A*>(ws);
+    ws += align_bytes(static_cast<size_t>(L * col_tiles * m) * sizeof(A));
+  }
+  if (row_tiles > 1) {
+    cols_part = reinterpret_cast<A*>(ws);
+  }
+  for (int64_t b0 = 0; b0 < L; b0 += kMaxGridYZ) {
+    const dim3 grid(static_cast<unsigned>(col_tiles), static_cast<unsigned>(row_tiles),
+                    static_cast<unsigned>(std::min(kMaxGridYZ, L - b0)));
+    energies_kernel<TS, TX><<<grid, kTileThreads, 0, stream>>>(S, s_bs, s_rs, X, x_bs, x_rs, T_rows, m, n, b0,
+                                                               row_tiles, col_tiles, rows_part, cols_part);
+    if (const cudaError_t e = launch_status(); e != cudaSuccess) {
+      return e;
+    }
+  }
+  if (col_tiles > 1) {
+    if (const cudaError_t e = sum_partials<A>(rows_part, L, col_tiles, 1, m, rows, m, 0, 1, stream);
+        e != cudaSuccess) {
+      return e;
+    }
+  }
+  if (row_tiles > 1) {
+    return sum_partials<A>(cols_part, L, row_tiles, 1, n, cols, n, 0, 1, stream);
+  }
+  return cudaSuccess;
+}
+
+template <typename T>
+cudaError_t spd_solve(const acc_t<T>* gram, int64_t g_bs, int64_t g_rs, int64_t g_cs, const T* rhs, int64_t rhs_bs,
+                      int64_t rhs_ks, int64_t rhs_cs, T* out, int64_t out_bs, int64_t out_ks, int64_t out_cs,
+                      int64_t L, int64_t r, int64_t N, acc_t<T> ridge, acc_t<T> fallback_ridge,
+                      cudaStream_t stream) {
+  using A = acc_t<T>;
+  if (L < 0 || r < 0 || N < 0 || r > kMaxSolveRank || g_bs < 0 || g_rs < 0 || g_cs < 0 || rhs_bs < 0 ||
+      rhs_ks < 0 || rhs_cs < 0 || out_bs < 0 || out_ks < 0 || out_cs < 0) {
+    return cudaErrorInvalidValue;
+  }
+  if (L == 0 || r == 0 || N == 0) {
+    return cudaSuccess;
+  }
+  if (gram == nullptr || rhs == nullptr || out == nullptr) {
+    return cudaErrorInvalidValue;
+  }
+  const int64_t cb = solve_cols_per_block(r, sizeof(A));
+  const size_t smem = solve_smem_bytes(r, cb, sizeof(A));
+  const int64_t col_blocks = ceil_div(N, cb);
+  for (int64_t c_block0 = 0; c_block0 < col_blocks; c_block0 += kMaxGridYZ) {
+    for (int64_t b0 = 0; b0 < L; b0 += INT32_MAX) {
+      const int64_t nb = std::min<int64_t>(INT32_MAX, L - b0);
+      const dim3 grid(static_cast<unsigned>(nb), static_cast<unsigned>(std::min(kMaxGridYZ, col_blocks - c_block0)));
+      spd_solve_kernel<T><<<grid, kSolveThreads, smem, stream>>>(
+          gram + b0 * g_bs, g_bs, g_rs, g_cs, rhs + b0 * rhs_bs, rhs_bs, rhs_ks, rhs_cs, out + b0 * out_bs, out_bs,
+          out_ks, out_cs, static_cast<int>(r), N, static_cast<int>(cb), c_block0, static_cast<A>(ridge),
+          static_cast<A>(fallback_ridge));
+      if (const cudaError_t e = launch_status(); e != cudaSuccess) {
+        return e;
+      }
+    }
+  }
+  return cudaSuccess;
+}
+
+size_t projected_product_workspace_bytes(int64_t L, int64_t K, int64_t w, int64_t N, size_t acc_size) {
+  if (L <= 0 || w <= 0 || N <= 0) {
+    return 0;
+  }
+  const ProdPlan p = plan_product(L, K, w, N, acc_size);
+  return (K > 0 ? p.y_bytes : 0) + p.part_bytes;
+}
+
+template <typename TA, typename TB>
+cudaError_t projected_product(const TA* A_, int64_t a_bs, int64_t a_rs, const acc_t<TB>* W, int64_t w_bs,
+                              const TB* Bm, int64_t b_bs, int64_t b_rs, int64_t L, int64_t K, int64_t M, int64_t w,
+                              int64_t N, acc_t<TB>* out, int64_t o_bs, int64_t o_ks, int64_t o_js, void* workspace,
+                              size_t workspace_bytes, cudaStream_t stream) {
+  using A = acc_t<TB>;
+  static_assert(sizeof(acc_t<TA>) == sizeof(A), "A and Bm must share the accumulation type");
+  if (L < 0 || K < 0 || M < 0 || w < 0 || N < 0 || a_bs < 0 || a_rs < 0 || w_bs < 0 || b_bs < 0 || b_rs < 0 ||
+      o_bs < 0 || o_ks < 0 || o_js < 0) {
+    return cudaErrorInvalidValue;
+  }
+  if (L == 0 || w == 0 || N == 0) {
+    return cudaSuccess;
+  }
+  if (out == nullptr || (K > 0 && (A_ == nullptr || Bm == nullptr || (M > 0 && W == nullptr)))) {
+    return cudaErrorInvalidValue;
+  }
+  const ProdPlan plan = plan_product(L, K, w, N, sizeof(A));
+  const size_t need = projected_product_workspace_bytes(L, K, w, N, sizeof(A));
+  if (need > 0 && (workspace == nullptr || workspace_bytes < need)) {
+    return cudaErrorInvalidValue;
+  }
+  if (ceil_div(w, plan.narrow ? NarrowTile::BM : WideTile::BM) > kMaxGridYZ) {
+    return cudaErrorInvalidValue;
+  }
+  A* Y = static_cast<A*>(workspace);
+  A* part = plan.splits > 1 ? reinterpret_cast<A*>(static_cast<char*>(workspace) + (K > 0 ? plan.y_bytes : 0))
+                            : nullptr;
+  if (plan.narrow) {
+    return launch_projected_product<NarrowTile, TA, TB>(A_, a_bs, a_rs, W, w_bs, Bm, b_bs, b_rs, L, K, M, w, N, out,
+                                                        o_bs, o_ks, o_js, plan, Y, part, stream);
+  }
+  return launch_projected_product<WideTile, TA, TB>(A_, a_bs, a_rs, W, w_bs, Bm, b_bs, b_rs, L, K, M, w, N, out,
+                                                    o_bs, o_ks, o_js, plan, Y, part, stream);
+}
+
+// ---- explicit instantiations ------------------------------------------------------------------------------
+
+#define LORSUM_CUDA_INSTANTIATE_SINGLE(T)                                                                      \
+  template cudaError_t col_sq_sums<T>(const T*, int64_t, int64_t, int64_t, int64_t, int64_t, acc_t<T>*, void*, \
+                                      size_t, cudaStream_t);                                                   \
+  template cudaError_t spd_solve<T>(const acc_t<T>*, int64_t, int64_t, int64_t, const T*, int64_t, int64_t,    \
+                                    int64_t, T*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,         \
+                                    acc_t<T>, acc_t<T>, cudaStream_t);
+#define LORSUM_CUDA_INSTANTIATE_PAIR(TA, TB)                                                                    \
+  template cudaError_t row_col_energies<TA, TB>(const TA*, int64_t, int64_t, const TB*, int64_t, int64_t,       \
+                                                int64_t, int64_t, int64_t, int64_t, acc_t<TB>*, acc_t<TB>*,     \
+                                                void*, size_t, cudaStream_t);                                   \
+  template cudaError_t projected_product<TA, TB>(const TA*, int64_t, int64_t, const acc_t<TB>*, int64_t,        \
+                                                 const TB*, int64_t, int64_t, int64_t, int64_t, int64_t,        \
+                                                 int64_t, int64_t, acc_t<TB>*, int64_t, int64_t, int64_t,       \
+                                                 void*, size_t, cudaStream_t);
+
+LORSUM_CUDA_FOR_EACH_INPUT(LORSUM_CUDA_INSTANTIATE_SINGLE)
+LORSUM_CUDA_FOR_EACH_PAIR(LORSUM_CUDA_INSTANTIATE_PAIR)
+
+#undef LORSUM_CUDA_INSTANTIATE_SINGLE
+#undef LORSUM_CUDA_INSTANTIATE_PAIR
+
+}  // namespace lorsum::cuda
