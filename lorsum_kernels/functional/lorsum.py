@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
+from ..backends import resolve_backend
 from ..reference import batch_scalar
 
 Pair = tuple[Tensor, Tensor]
@@ -33,6 +34,16 @@ __all__ = [
 def compute_dtype(*tensors: Tensor) -> torch.dtype:
     """fp64 if any tensor is fp64, else fp32: the dtype of all optimizer math (DESIGN.md)."""
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def data_operand(t: Tensor, dt: torch.dtype, backend: str | None) -> Tensor:
+    """``t`` (a token-sized X or S) as the half-steps should receive it: the native kernels read bf16/fp16
+    and convert in registers, so they get it as it is; the torch reference needs it in the math dtype
+    (one copy, as large as the data itself)."""
+    if dt == torch.float32 and t.dtype in (torch.bfloat16, torch.float16):
+        if resolve_backend(backend, t.device, "lorsum_update_in") == "native":
+            return t
+    return t.to(dt)
 
 
 def _check_pairs(pairs: Sequence[Pair], coeffs: Sequence, iters: int) -> None:
@@ -71,7 +82,8 @@ def _lorsum(pairs, coeffs, metrics, lmbd, iters, backend) -> Pair:
     _check_pairs(pairs, coeffs, iters)
     out_dtype = pairs[0][0].dtype
     dt = compute_dtype(*(t for pair in pairs for t in pair))
-    cast = [(f_in.to(dt), f_out.to(dt)) for f_in, f_out in pairs]
+    cast = [(pairs[0][0].to(dt), pairs[0][1].to(dt))]
+    cast += [(data_operand(f_in, dt, backend), data_operand(f_out, dt, backend)) for f_in, f_out in pairs[1:]]
     if metrics is not None:
         metrics = (metrics[0].to(dt), metrics[1].to(dt))
     anchor, rest = cast[0], cast[1:]

@@ -10,7 +10,15 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .lorsum import effective_metric, ema, kfac_statistics, low_rank_sum, scaled_low_rank_sum, shampoo_statistics
+from .lorsum import (
+    data_operand,
+    effective_metric,
+    ema,
+    kfac_statistics,
+    low_rank_sum,
+    scaled_low_rank_sum,
+    shampoo_statistics,
+)
 
 __all__ = ["psi_lora_step", "scaled_psi_lora_step"]
 
@@ -39,7 +47,8 @@ def psi_lora_step(
 
     Returns ``(A, B, momentum_factors)``.
     """
-    grad_pair = (X.to(A.dtype), S.to(A.dtype).mT)  # cast once, not in each LoRSum call
+    # cast (when the backend needs it) once, not in each LoRSum call
+    grad_pair = (data_operand(X, A.dtype, backend), data_operand(S, A.dtype, backend).mT)
     lam = lr * lmbd
     if momentum_factors is None:
         A_new, B_new = low_rank_sum([(A, B), grad_pair], [1.0, -lr * (1 - dampening)], lmbd=lam, iters=iters,
@@ -90,7 +99,7 @@ def scaled_psi_lora_step(
     Returns ``(A, B, (v_in, v_out), momentum_factors)``.
     """
     beta1, beta2 = betas
-    X, S = X.to(A.dtype), S.to(A.dtype)  # cast once, not in each LoRSum call
+    X, S = data_operand(X, A.dtype, backend), data_operand(S, A.dtype, backend)  # once, not per LoRSum
     stats = kfac_statistics if metric == "kfac" else shampoo_statistics
     stat_in, stat_out = stats(X, S, loss_reduction=loss_reduction, backend=backend)
     v_in, v_out = ema(metric_state[0], stat_in, beta2), ema(metric_state[1], stat_out, beta2)
