@@ -137,10 +137,11 @@ class LoRAOptimizer(torch.optim.Optimizer):
     _data_op = "lorsum_update_in"
 
     def _unbatched_data(self, group: dict, device: torch.device) -> bool:
-        """Whether layers with captured data step one at a time. Stacking a bucket copies its X and S
-        (as large as the cache itself); only a backend with a grouped kernel gains from it, while the
-        torch reference runs the same products per layer anyway."""
-        return resolve_backend(group.get("backend"), device, self._data_op) == "torch"
+        """Whether layers with captured data step one at a time. Stacking a bucket copies its X and S (as
+        large as the cache itself: measured 3.7× LoRA+AdamW's step peak against 1.4× unstacked, 8 layers
+        1024², T=2048). Only a GPU gains from it (one launch sequence per group); on the CPU the native
+        kernels parallelise within a layer and the torch reference runs the same products per layer."""
+        return device.type == "cpu" or resolve_backend(group.get("backend"), device, self._data_op) == "torch"
 
     def _state_dtype(self, layer: LoRALayer) -> torch.dtype:
         return torch.float64 if layer.A.dtype == torch.float64 else torch.float32
