@@ -32,8 +32,9 @@ cuda-check:
 test: venv cuda-check
 	$(VENV_PY) -m pytest -q tests
 
-demo: venv
-	$(VENV_PY) -m lorsum_kernels.demo.synthetic
+demo:
+	LORSUM_DEMO_DATA=1 PYTHON="$(PYTHON)" VENV="$(VENV)" bash tools/setup_env.sh
+	$(VENV_PY) -m lorsum_kernels.demo
 
 demo-synthetic: venv
 	$(VENV_PY) -m lorsum_kernels.demo.synthetic

