@@ -1,4 +1,4 @@
-"""Our LoRSum against the official implementation's outputs (/work/shared/golden, see its README.md).
+"""Our LoRSum against the official implementation's outputs (../shared/golden beside the repository, see its README.md).
 
 The official code (zeligism/PSI-LoRA 9cb3fa6, CPU, float32) adds an absolute 1e-6 to every r×r Gram
 before its Cholesky factorisation; ours uses a relative ridge. So agreement is expected to about 1e-3
