@@ -29,6 +29,9 @@ class TinyLoRAMLP(nn.Module):
         for layer in (self.l1, self.l2, self.l3):  # non-zero B so every factor moves from step one
             nn.init.normal_(layer.lora_B.weight, std=0.1)
 
+    def lora_layers(self):
+        return [self.l1, self.l2, self.l3]
+
     def forward(self, x):
         h = torch.tanh(self.l1(x))
         h = torch.tanh(self.l2(h))

@@ -29,6 +29,8 @@ from lorsum_kernels.functional import (
     surrogate_statistics,
 )
 
+from .conftest import TinyLoRAMLP
+
 D = torch.float64
 SHAPES = [(12, 9, 3), (5, 123, 3), (40, 30, 4), (17, 17, 1)]  # (m, n, r)
 
@@ -435,24 +437,10 @@ def test_t13_cost_scales_like_m_plus_n_times_r_squared(flops):
 # the optimizer
 
 
-class Net(nn.Module):
-    """Two LoRA layers of one shape (a bucket of 2), one of an odd shape, and a trainable head."""
-
-    def __init__(self, r=3, alpha=6.0, dtype=torch.float32, seed=0):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.l1 = lk.LoRALinear(nn.Linear(13, 20, dtype=dtype), r, alpha)
-        self.l2 = lk.LoRALinear(nn.Linear(20, 20, dtype=dtype), r, alpha)
-        self.l3 = lk.LoRALinear(nn.Linear(20, 20, dtype=dtype), r, alpha)
-        self.head = nn.Linear(20, 5, dtype=dtype)
-        for layer in (self.l1, self.l2, self.l3):
-            nn.init.normal_(layer.lora_B.weight, std=0.1)
-
-    def lora_layers(self):
-        return [self.l1, self.l2, self.l3]
-
-    def forward(self, x):
-        return self.head(torch.tanh(self.l3(torch.tanh(self.l2(torch.tanh(self.l1(x)))))))
+def Net(r=3, alpha=6.0, dtype=torch.float32, seed=0):  # noqa: N802 - used like the class it was
+    """conftest's three-layer LoRA MLP with 13 input features, seeded."""
+    torch.manual_seed(seed)
+    return TinyLoRAMLP(d_in=13, r=r, alpha=alpha, dtype=dtype)
 
 
 def batches(k=4, seed=1, dtype=torch.float32):

@@ -12,6 +12,8 @@ from torch import nn
 import lorsum_kernels as lk
 from lorsum_kernels.functional import adamw_update, scaled_adamw_step, scaled_gd_direction, scaled_gd_step
 
+from .conftest import TinyLoRAMLP
+
 D = torch.float64
 SHAPES = [(12, 9, 3), (5, 123, 3), (40, 30, 4)]
 
@@ -170,22 +172,10 @@ def test_bad_functional_input():
 # optimizers
 
 
-class Net(nn.Module):
-    def __init__(self, r=3, alpha=3.0, dtype=torch.float32, seed=0):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.l1 = lk.LoRALinear(nn.Linear(13, 20, dtype=dtype), r, alpha)
-        self.l2 = lk.LoRALinear(nn.Linear(20, 20, dtype=dtype), r, alpha)
-        self.l3 = lk.LoRALinear(nn.Linear(20, 20, dtype=dtype), r, alpha)
-        self.head = nn.Linear(20, 5, dtype=dtype)
-        for layer in self.lora_layers():
-            nn.init.normal_(layer.lora_B.weight, std=0.1)
-
-    def lora_layers(self):
-        return [self.l1, self.l2, self.l3]
-
-    def forward(self, x):
-        return self.head(torch.tanh(self.l3(torch.tanh(self.l2(torch.tanh(self.l1(x)))))))
+def Net(r=3, alpha=6.0, dtype=torch.float32, seed=0):  # noqa: N802 - used like the class it was
+    """conftest's three-layer LoRA MLP with 13 input features, seeded."""
+    torch.manual_seed(seed)
+    return TinyLoRAMLP(d_in=13, r=r, alpha=alpha, dtype=dtype)
 
 
 def batches(k=4, seed=1, dtype=torch.float32):
