@@ -17,9 +17,11 @@ and data packages (``make venv`` alone suffices for ``--tiny``); run from the re
 
 Two things to know when pairing the Trainer with these optimizers:
 
-* ``max_grad_norm=0``: the Trainer clips ``.grad``, but LoRSum, Scaled LoRSum, AdaPreLoRA (exact
+* Clipping goes to the optimizer (``create_optimizer(..., max_grad_norm=1.0)``) and the Trainer's
+  ``max_grad_norm=0``: the Trainer clips ``.grad``, but LoRSum, Scaled LoRSum, AdaPreLoRA (exact
   statistics) and SVDLoRA build the LoRA step from each layer's captured inputs and output gradients, not
-  from ``.grad``, so the Trainer's clipping would not reach their LoRA factors.
+  from ``.grad``, so the Trainer's clipping would not reach their LoRA factors. The optimizer clips the
+  global norm of what its step consumes (each layer's ``G = Sᵀ·X`` and the other parameters' ``.grad``).
 * Gradient accumulation is exact (the optimizer sums the micro-batches' ``Sₖᵀ·Xₖ``) provided the loss is
   normalised as the big batch's: true for causal LMs in transformers 5, whose loss takes
   ``num_items_in_batch``. A model whose ``forward`` accepts ``**kwargs`` but ignores
@@ -92,7 +94,8 @@ def main(argv=None):
     model.print_trainable_parameters()
 
     # The two lines: the optimizer is built from the (PEFT) model, which it hooks; the Trainer gets both.
-    optimizer = create_optimizer(model, args.optimizer, lr=args.lr or LR[args.optimizer])
+    clip = {} if args.optimizer == "adamw" else {"max_grad_norm": 1.0}  # torch AdamW has no such option
+    optimizer = create_optimizer(model, args.optimizer, lr=args.lr or LR[args.optimizer], **clip)
     scheduler = get_linear_schedule_with_warmup(optimizer, num_warmup_steps=args.max_steps // 10,
                                                 num_training_steps=args.max_steps)
 
@@ -101,7 +104,7 @@ def main(argv=None):
         per_device_train_batch_size=2,
         gradient_accumulation_steps=2,
         max_steps=args.max_steps,
-        max_grad_norm=0.0,  # see the module docstring
+        max_grad_norm=0.0,  # clipping is the optimizer's (module docstring)
         logging_steps=max(1, args.max_steps // 10),
         save_strategy="steps",
         save_steps=max(1, args.max_steps // 2),  # resume with trainer.train(resume_from_checkpoint=...)

@@ -13,6 +13,13 @@ methods act on (A, B) pairs and on each layer's X and S:
   results back in the parameter dtype. A layer whose inputs or new values are not all finite is left untouched,
   state included, and counted in its ``state[A]["skipped_steps"]`` and in ``self.state["skipped_steps"]``;
   the choice is made with ``torch.where`` on the device, never by reading a flag on the host.
+* ``max_grad_norm`` clips inside the step, since ``.grad`` clipping (``clip_grad_norm_``, the Trainer's
+  ``max_grad_norm``) cannot reach the methods that step from the captured X and S: the global 2-norm is
+  taken over what the step consumes (each captured layer's weight gradient ``G = Sᵀ·X``, computed by
+  ``functional.gradient_norm`` without forming G; the factor gradients of the layers stepped from
+  ``.grad``; the other groups' ``.grad``), and every one of them is scaled by
+  ``min(1, max_grad_norm / (norm + 1e-6))`` as torch's ``clip_grad_norm_`` does. The pre-clip norm is
+  ``optimizer.grad_norm`` (a device tensor, for logging). No host synchronisation: the factor is a tensor.
 * Method state (momentum factors, metrics) lives in fp32 (fp64 for fp64 parameters), keyed by the
   layer's A parameter, and keeps its dtype through ``state_dict``/``load_state_dict``.
 
@@ -30,6 +37,7 @@ from torch import Tensor, nn
 from torch.optim.adam import adam as _torch_adam
 
 from ..backends import resolve_backend
+from ..functional.lorsum import gradient_norm
 from ..capture import ActivationCapture
 from ..lora import LoRALayer, find_lora_layers
 
@@ -54,6 +62,7 @@ class LoRAOptimizer(torch.optim.Optimizer):
         other_betas: tuple[float, float] = (0.9, 0.999),
         other_eps: float = 1e-8,
         other_weight_decay: float = 0.0,
+        max_grad_norm: float | None = None,
         seed: int = 0,
     ):
         if not isinstance(model, nn.Module):
@@ -63,6 +72,8 @@ class LoRAOptimizer(torch.optim.Optimizer):
             )
         _check_positive("lr", defaults["lr"], allow_zero=True)
         _check_positive("other_lr", other_lr, allow_zero=True)
+        if max_grad_norm is not None:
+            _check_positive("max_grad_norm", max_grad_norm)
         layers = find_lora_layers(model)
         if not layers:
             raise ValueError(
@@ -89,6 +100,8 @@ class LoRAOptimizer(torch.optim.Optimizer):
         else:
             groups = [self._classify_group(dict(g), by_B, other_defaults) for g in param_groups]
         self._seed = seed
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        self.grad_norm: Tensor | None = None  # the last step's pre-clip norm when max_grad_norm is set
         super().__init__(groups, defaults)
         self._layers = [self._layers_by_A[id(p)] for g in self._lora_groups() for p in g["params"]
                         if id(p) in self._layers_by_A]
@@ -176,12 +189,13 @@ class LoRAOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         plan = self._plan()  # validates everything before any state changes
+        clip = self._clip_coefficient(plan) if self.max_grad_norm is not None else None
         for group, buckets in plan:
             for layers, data in buckets:
-                self._step_bucket(group, layers, data)
+                self._step_bucket(group, layers, data, clip)
         for group in self.param_groups:
             if group["kind"] == "other":
-                self._step_other(group)
+                self._step_other(group, clip)
         if self._capture is not None:
             self._capture.clear()
         return loss
@@ -214,23 +228,54 @@ class LoRAOptimizer(torch.optim.Optimizer):
             plan.append((group, list(buckets.values())))
         return plan
 
-    def _step_bucket(self, group: dict, layers: list[LoRALayer], data: list) -> None:
+    def _uses_grads(self) -> bool:
+        return bool(self.needs_grads or (self.needs_grads is None and not self.needs_capture))
+
+    def _clip_coefficient(self, plan) -> Tensor:
+        """``min(1, max_grad_norm / (‖everything the step consumes‖ + 1e-6))`` as a device tensor; the norm
+        goes to ``self.grad_norm``. A non-finite norm gives a non-finite factor, so the step is skipped."""
+        squares = []
+        for group, buckets in plan:
+            for layers, data in buckets:
+                for layer, d in zip(layers, data):
+                    if d is not None:
+                        # The captured data define the method's gradient (weight gradient, or the
+                        # statistics and factor gradients derived from it): G's norm is the one to clip.
+                        squares.append(gradient_norm(d[0], d[1], backend=group.get("backend")).float().square())
+                    else:
+                        squares += [p.grad.float().square().sum() for p in (layer.A, layer.B) if p.grad is not None]
+        for group in self.param_groups:
+            if group["kind"] == "other":
+                squares += [p.grad.float().square().sum() for p in group["params"] if p.grad is not None]
+        device = self._layers[0].A.device
+        total = torch.stack(squares).sum().sqrt() if squares else torch.zeros((), device=device)
+        self.grad_norm = total
+        return (self.max_grad_norm / (total + 1e-6)).clamp(max=1.0)
+
+    def _step_bucket(self, group: dict, layers: list[LoRALayer], data: list, clip: Tensor | None = None) -> None:
         dev, pdt = layers[0].A.device, layers[0].A.dtype
         dt = self._state_dtype(layers[0])
         root = torch.tensor([layer.scale for layer in layers], dtype=dt, device=dev).sqrt().view(-1, 1, 1)
         A = torch.stack([layer.A for layer in layers]).to(dt) * root
         B = torch.stack([layer.B for layer in layers]).to(dt) * root
         grads = None
-        if self.needs_grads or (self.needs_grads is None and not self.needs_capture):
+        if self._uses_grads():
             # ∂L/∂(√s·A) = √s·BᵀG = A.grad/√s: the gradients of the balanced factors.
             grads = tuple(
                 torch.stack([_grad_or_zeros(getattr(layer, side)) for layer in layers]).to(dt) / root
                 for side in ("A", "B")
             )
+            if clip is not None:
+                grads = tuple(g * clip.to(dt) for g in grads)
         X = S = None
         if self.needs_capture:
             X = torch.stack([d[0] for d in data]) if len(data) > 1 else data[0][0].unsqueeze(0)
             S = torch.stack([d[1] for d in data]) if len(data) > 1 else data[0][1].unsqueeze(0)
+            if clip is not None:
+                # G = Sᵀ·X is linear in S. Out of place: the captured tensors may be shared (one X feeds
+                # q, k and v; autograd can hand two layers the same output-gradient tensor). In S's own
+                # dtype so a bf16 cache stays bf16 (the product's rounding is that of the storage).
+                S = S * clip.to(S.dtype)
         keys = [k for k in self.state[layers[0].A] if k not in _COUNTERS]
         state = {k: torch.stack([self.state[layer.A][k] for layer in layers]) for k in keys}
         A_new, B_new, new_state = self._method_step(group, A, B, X, S, state, grads)
@@ -250,10 +295,12 @@ class LoRAOptimizer(torch.optim.Optimizer):
             st["step"] += ok
             st["skipped_steps"] += ~ok
 
-    def _step_other(self, group: dict) -> None:
+    def _step_other(self, group: dict, clip: Tensor | None = None) -> None:
         params = [p for p in group["params"] if p.grad is not None]
         if not params:
             return
+        if clip is not None:
+            torch._foreach_mul_([p.grad for p in params], clip)  # in place, as clip_grad_norm_ does
         for p in params:
             st = self.state[p]
             if not st:

@@ -73,6 +73,9 @@ class LoRSum(_MomentumFactors, LoRAOptimizer):
             together) or of other parameters, with per-group overrides.
         other_lr, other_betas, other_eps, other_weight_decay: torch AdamW for trainable non-LoRA
             parameters (heads, biases). (Default: 1e-4, (0.9, 0.999), 1e-8, 0)
+        max_grad_norm (float, optional): clip the global gradient norm inside the step (``.grad`` clipping
+            does not reach the captured data this method steps from); the pre-clip norm is
+            ``optimizer.grad_norm``. None: no clipping. (Default: None)
     """
 
     def __init__(

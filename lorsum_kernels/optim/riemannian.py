@@ -49,7 +49,8 @@ class ScaledGD(LoRAOptimizer):
         update_order (str): "jacobi" (both preconditioners from the pre-step factors, the official
             ``SGDr``) or "gauss_seidel" (B's from the new A). (Default: "jacobi")
         backend (str): "auto", "native", "triton" or "torch" for the r×r solves. (Default: "auto")
-        param_groups, other_lr, other_betas, other_eps, other_weight_decay, seed: as in ``LoRSum``.
+        param_groups, other_lr, other_betas, other_eps, other_weight_decay, max_grad_norm, seed: as in
+            ``LoRSum``.
     """
 
     needs_capture = False
@@ -99,7 +100,8 @@ class ScaledAdamW(LoRAOptimizer):
             False. (Default: True)
         update_order (str): "gauss_seidel" or "jacobi". (Default: "gauss_seidel")
         backend (str): for the r×r solves. (Default: "auto")
-        param_groups, other_lr, other_betas, other_eps, other_weight_decay, seed: as in ``LoRSum``.
+        param_groups, other_lr, other_betas, other_eps, other_weight_decay, max_grad_norm, seed: as in
+            ``LoRSum``.
     """
 
     needs_capture = False
