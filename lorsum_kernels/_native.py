@@ -48,6 +48,9 @@ else:
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 
 
+# A constant of the process (the library registers its kernels once, at load): torch.compile evaluates it
+# at trace time instead of breaking the graph on the dispatcher query.
+@torch.compiler.assume_constant_result
 def has_native_op(name: str, device_type: str | torch.device) -> bool:
     """Whether ``torch.ops.lorsum.<name>`` has a native kernel for that device type ("cpu", "cuda").
 
