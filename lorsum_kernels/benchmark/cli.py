@@ -143,10 +143,10 @@ def run_speed(args, device: torch.device) -> list[dict]:
                     row["speedup_vs_torch"] = round(medians["torch"] / row["median_ms"], 2)
     print(f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}  commit {env['commit']}"
           + (f"  copy bandwidth {copy_bw:.0f} GB/s" if copy_bw else ""))
-    header = f"{'op':<18}{'config':<34}{'backend':<8}{'median ms':>10}{'p20':>9}{'p80':>9}{'vs torch':>9}{'GB/s':>8}"
+    header = f"{'op':<20}{'config':<34}{'backend':<8}{'median ms':>10}{'p20':>9}{'p80':>9}{'vs torch':>9}{'GB/s':>8}"
     print(header + ("  frac copy" if copy_bw else ""))
     for r in rows:
-        print(f"{r['op']:<18}{r['config']:<34}{r['backend']:<8}{r['median_ms']:>10.3f}{r['p20_ms']:>9.3f}"
+        print(f"{r['op']:<20}{r['config']:<34}{r['backend']:<8}{r['median_ms']:>10.3f}{r['p20_ms']:>9.3f}"
               f"{r['p80_ms']:>9.3f}{r.get('speedup_vs_torch', float('nan')):>9.2f}{r['gbps']:>8.1f}"
               + (f"  {r['frac_copy_bw']:.2f}" if copy_bw else ""))
     _append(RESULTS / "lorsum_bench.csv", SPEED_FIELDS, rows)

@@ -58,6 +58,7 @@ def cases(device: torch.device, dtype: torch.dtype, grid: str = "full") -> list[
         Am = _randn(L, r, d, dtype=torch.float32, device=device, seed=5)
         Bm = _randn(L, d, r, dtype=torch.float32, device=device, seed=6)
         gram = B.mT @ B
+        v = torch.rand(L, d, generator=torch.Generator().manual_seed(7)).to(device) + 0.5  # metrics, p, q > 0
         data_pairs = [(X, S.mT)]
         out += [
             OpCase("col_sq_sums", cfg, lambda b, X=X: ops.col_sq_sums(X, backend=b), _bytes(X) + 4 * L * d),
@@ -73,6 +74,19 @@ def cases(device: torch.device, dtype: torch.dtype, grid: str = "full") -> list[
                    _bytes(X, S, A, B) + _bytes(B)),
             OpCase("spd_solve", cfg, lambda b, gram=gram, A=A: ops.spd_solve(gram, A, backend=b),
                    _bytes(gram, A, A)),
+            OpCase("kfac_metric_update", cfg,
+                   lambda b, X=X, S=S, v=v: ops.kfac_metric_update(X, S, v, v, 0.999, 0.1, 0.5, 1.0 / T, float(T),
+                                                                   backend=b),
+                   _bytes(X, S) + 6 * _bytes(v)),
+            # Both products of one pass, for the weight and the momentum factors side by side (spec §9 H2).
+            OpCase("pair_products", cfg,
+                   lambda b, X=X, S=S, W=torch.cat([B, Bm], -1), V=torch.cat([A, Am], -2): ops.pair_products(
+                       X, S.mT, W, V, backend=b),
+                   _bytes(X, S, A, B, Am, Bm) + _bytes(A, B, Am, Bm)),
+            OpCase("adaprelora_solve", cfg,
+                   lambda b, A=A, B=B, gA=Am, gB=Bm, p=v, q=v: ops.adaprelora_solve(A, B, gA, gB, p, q, ridge=1e-6,
+                                                                                    backend=b),
+                   _bytes(A, B, Am, Bm, v, v) + _bytes(A, B)),
             # The whole PSI-LoRA step with momentum (k=1): the weight and the buffer LoRSum. Its floor
             # is two passes over X and S (A-steps, then B-steps, of both calls sharing each pass).
             OpCase("lorsum_step", cfg,
