@@ -104,20 +104,15 @@ def _native_build() -> tuple[list, dict]:
 
 ext_modules, cmdclass = _native_build()
 
-# Our Triton kernels live in the top-level folder triton_kernels/ but are installed only as the
-# subpackage lorsum_kernels.triton_kernels: a top-level module named `triton_kernels` belongs to the
-# Triton project (vLLM installs it), and ours would shadow it or be shadowed.
+# Our Triton kernels live in lorsum_kernels/triton_kernels/ and are installed only as that subpackage: a
+# top-level module named `triton_kernels` belongs to the Triton project (vLLM installs it), and ours
+# would shadow it or be shadowed.
 packages = find_packages(include=["lorsum_kernels", "lorsum_kernels.*"])
-package_dir: dict[str, str] = {}
-if os.path.isfile(os.path.join(ROOT, "triton_kernels", "__init__.py")):
-    package_dir["lorsum_kernels.triton_kernels"] = "triton_kernels"
-    packages.append("lorsum_kernels.triton_kernels")
-    packages += ["lorsum_kernels.triton_kernels." + p for p in find_packages(where="triton_kernels")]
+assert "lorsum_kernels.triton_kernels" in packages
 assert not any(p == "triton_kernels" or p.startswith("triton_kernels.") for p in packages)
 
 setup(
     packages=packages,
-    package_dir=package_dir,
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     # The .so is built for torch's C++ ABI and must sit next to the package's Python files.

@@ -26,9 +26,10 @@ from lorsum_kernels import _native
 
 BACKENDS = ("native", "triton", "torch")
 
-# Ops with a Triton implementation, by op name (the same names as torch.ops.lorsum.*). The Triton
-# launchers add themselves here when they are written.
-TRITON_OPS: set[str] = set()
+# Ops with a Triton implementation, by op name (the same names as torch.ops.lorsum.*): a static set, so
+# that choosing a backend never imports triton. It must equal the keys of
+# lorsum_kernels.triton_kernels.LAUNCHERS (the tests/test_triton_*.py files check it).
+TRITON_OPS: set[str] = {"col_sq_sums", "kfac_metric_update", "row_col_energies", "spd_solve"}
 
 _warned_native_fallback = False
 

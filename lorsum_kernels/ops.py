@@ -50,22 +50,37 @@ def lorsum_update_out(
 
 
 def spd_solve(gram: Tensor, rhs: Tensor, *, left: bool = True, backend: str | None = "auto") -> Tensor:
-    if resolve_backend(backend, gram.device, "spd_solve") == "native":
+    name = resolve_backend(backend, gram.device, "spd_solve")
+    if name == "native":
         return torch.ops.lorsum.spd_solve(gram, rhs, left)
+    if name == "triton":
+        from . import triton_kernels
+
+        return triton_kernels.spd_solve(gram, rhs, left=left)
     return reference.spd_solve(gram, rhs, left=left)
 
 
 def col_sq_sums(x: Tensor, *, backend: str | None = "auto") -> Tensor:
-    if resolve_backend(backend, x.device, "col_sq_sums") == "native":
+    name = resolve_backend(backend, x.device, "col_sq_sums")
+    if name == "native":
         return torch.ops.lorsum.col_sq_sums(x)
+    if name == "triton":
+        from . import triton_kernels
+
+        return triton_kernels.col_sq_sums(x)
     return reference.col_sq_sums(x)
 
 
 def row_col_energies(
     X: Tensor, S: Tensor, *, block_size: int = 256, backend: str | None = "auto"
 ) -> tuple[Tensor, Tensor]:
-    if resolve_backend(backend, X.device, "row_col_energies") == "native":
+    name = resolve_backend(backend, X.device, "row_col_energies")
+    if name == "native":
         return torch.ops.lorsum.row_col_energies(X, S)  # its own blocking; block_size is the reference's
+    if name == "triton":
+        from . import triton_kernels
+
+        return triton_kernels.row_col_energies(X, S)  # its own tiles, as native
     return reference.row_col_energies(X, S, block_size=block_size)
 
 
@@ -136,8 +151,13 @@ def kfac_metric_update(
     backend: str | None = "auto",
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     args = (X, S, v_in, v_out, float(beta), float(damping), float(power), float(scale_in), float(scale_out))
-    if resolve_backend(backend, X.device, "kfac_metric_update") == "native":
+    name = resolve_backend(backend, X.device, "kfac_metric_update")
+    if name == "native":
         return torch.ops.lorsum.kfac_metric_update(*args)
+    if name == "triton":
+        from . import triton_kernels
+
+        return triton_kernels.kfac_metric_update(*args)
     return reference.kfac_metric_update(*args)
 
 

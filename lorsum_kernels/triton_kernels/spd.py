@@ -1,0 +1,162 @@
+"""Triton ``spd_solve``: batched r×r SPD solves with the relative ridge of reference.ridged_cholesky.
+
+Contract (reference.spd_solve): ``spd_solve(gram, rhs, *, left=True)`` solves ``gram @ Z = rhs`` (left,
+rhs (..., r, N)) or ``Z @ gram = rhs`` (right, rhs (..., N, r)) for symmetric PSD ``gram`` (..., r, r),
+reading only its lower triangle. Batch dimensions broadcast as in ``torch.cholesky_solve``. The result
+is a new contiguous tensor of the promoted dtype of gram and rhs (fp32, fp64; bf16/fp16 inputs are
+solved in fp32 and returned in the promoted dtype, as the native op does; the reference rejects them).
+
+Ridge rules, as the reference and the native kernels: ``s`` = mean diagonal, floored at
+``sqrt(finfo.tiny)`` (a NaN ``s`` stays NaN); factor ``gram + RELATIVE_RIDGE·s·I``; where a pivot is not
+> 0 (NaN included), factor ``gram + (RELATIVE_RIDGE + FALLBACK_RIDGE)·s·I`` instead; where that fails too
+(a non-finite or indefinite gram) the factor, hence the solution, is NaN. The native kernels return NaN
+there as well; the reference then returns LAPACK's partial factor, whose value depends on the LAPACK
+build. The choice is made per matrix on the device: no status is read on the host.
+
+Each program owns one matrix and one block of BLOCK_C right-hand-side columns: it factors the matrix in
+registers (a right-looking Cholesky over an R×R tile, R = r rounded up to a power of two), then runs the
+forward and backward substitutions on its column block, also in registers. Matrices wider than ``MAX_R``
+do not fit that tile and are solved by the reference (torch) in the working dtype. Every program of a
+matrix repeats its factorisation (r³/3 flops, below the 2·r²·BLOCK_C of its substitutions) rather than
+passing the factor through global memory and a second launch. A right solve is the left solve of the
+transposes, done through strides: nothing is copied. Broadcast batch dimensions are expanded as views;
+only where they cannot be merged into one batch dimension does ``reshape`` copy.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton.language as tl
+from torch import Tensor
+
+from .. import reference
+from . import _jit
+from ._lang import add as _add
+
+OP = "spd_solve"
+MAX_R = 64
+
+
+@_jit.kernel
+def _spd_solve_kernel(
+    g_ptr, rhs_ptr, out_ptr, r, N,
+    stride_gb, stride_gi, stride_gj, stride_rb, stride_ri, stride_rc, stride_ob, stride_oi, stride_oc,
+    ACC: tl.constexpr, RIDGE: tl.constexpr, FALLBACK_RIDGE: tl.constexpr, FLOOR: tl.constexpr,
+    R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    c_block = tl.program_id(1)
+    rows = tl.arange(0, R)
+    cols = tl.arange(0, R)
+    inside = (rows[:, None] < r) & (cols[None, :] < r)
+    lower = inside & (rows[:, None] >= cols[None, :])
+    diag = inside & (rows[:, None] == cols[None, :])
+    G = tl.load(g_ptr + b * stride_gb + rows[:, None] * stride_gi + cols[None, :] * stride_gj,
+                mask=lower, other=0.0).to(ACC)
+    scale = tl.reduce(tl.reduce(tl.where(diag, G, 0.0), 1, _add), 0, _add) / r
+    # Constants built in ACC from their Python values: a plain float literal would be rounded to fp32
+    # (and the fp64 floor, 2**-511, would underflow to 0).
+    floor = tl.full((), FLOOR, ACC)
+    scale = tl.where(scale < floor, floor, scale)
+    shift = scale * tl.full((), RIDGE, ACC)
+    fallback_shift = scale * tl.full((), RIDGE + FALLBACK_RIDGE, ACC)
+
+    A = G
+    pivots = tl.full((R,), 0.0, ACC)
+    ok = scale > 0  # set by each attempt below
+    for attempt in tl.static_range(2):
+        # The second attempt repeats the first (same shift, same factor) unless that one failed.
+        A = tl.where(diag, G + shift, G)
+        for k in range(r):
+            col_k = tl.reduce(tl.where(cols[None, :] == k, A, 0.0), 1, _add)
+            d = tl.reduce(tl.where(rows == k, col_k, 0.0), 0, _add)
+            pivots = tl.where(rows == k, d, pivots)
+            l_k = tl.where(rows >= k, col_k / tl.sqrt(d), 0.0)
+            trailing = (rows[:, None] > k) & (cols[None, :] > k) & (rows[:, None] >= cols[None, :])
+            A = tl.where(trailing, A - l_k[:, None] * l_k[None, :], A)
+            A = tl.where(cols[None, :] == k, l_k[:, None], A)
+        # `not (p > 0)` is true for NaN pivots, as LAPACK's potrf test.
+        failed = tl.reduce(tl.where(rows < r, tl.where(pivots > 0, 0, 1), 0), 0, _add)
+        ok = failed == 0
+        shift = tl.where(ok, shift, fallback_shift)
+    A = tl.where(ok, A, float("nan"))
+
+    c = c_block * BLOCK_C + tl.arange(0, BLOCK_C)
+    b_mask = (rows[:, None] < r) & (c[None, :] < N)
+    Z = tl.load(rhs_ptr + b * stride_rb + rows[:, None] * stride_ri + c.to(tl.int64)[None, :] * stride_rc,
+                mask=b_mask, other=0.0).to(ACC)
+    # Forward substitution L·Y = B, one row of Y at a time.
+    for k in range(r):
+        l_k = tl.reduce(tl.where(cols[None, :] == k, A, 0.0), 1, _add)
+        d = tl.reduce(tl.where(rows == k, l_k, 0.0), 0, _add)
+        y_k = tl.reduce(tl.where(rows[:, None] == k, Z, 0.0), 0, _add) / d
+        Z = tl.where(rows[:, None] > k, Z - l_k[:, None] * y_k[None, :], Z)
+        Z = tl.where(rows[:, None] == k, y_k[None, :], Z)
+    # Backward substitution Lᵀ·X = Y, from the last row up; row k of L gives column k of Lᵀ.
+    for kk in range(r):
+        k = r - 1 - kk
+        lt_k = tl.reduce(tl.where(rows[:, None] == k, A, 0.0), 0, _add)
+        d = tl.reduce(tl.where(cols == k, lt_k, 0.0), 0, _add)
+        x_k = tl.reduce(tl.where(rows[:, None] == k, Z, 0.0), 0, _add) / d
+        Z = tl.where(rows[:, None] < k, Z - lt_k[:, None] * x_k[None, :], Z)
+        Z = tl.where(rows[:, None] == k, x_k[None, :], Z)
+    tl.store(out_ptr + b * stride_ob + rows[:, None] * stride_oi + c.to(tl.int64)[None, :] * stride_oc,
+             Z.to(out_ptr.dtype.element_ty), mask=b_mask)
+
+
+def _blocks(r: int, N: int, acc: torch.dtype, interpret: bool) -> tuple[int, int, int]:
+    R = max(16, _jit.next_pow2(r))
+    # Registers: the R×R factor and the R×BLOCK_C right-hand sides stay in the register file.
+    budget = 8192 if interpret else (4096 if acc == torch.float32 else 2048)
+    block_c = max(16, min(128, budget // R, _jit.next_pow2(N)))
+    warps = 8 if R >= 64 else 4
+    return R, block_c, warps
+
+
+def spd_solve(gram: Tensor, rhs: Tensor, *, left: bool = True) -> Tensor:
+    """Solve ``gram @ Z = rhs`` (``left``) or ``Z @ gram = rhs`` (``reference.spd_solve``); see the module
+    docstring."""
+    for name, t in (("gram", gram), ("rhs", rhs)):
+        if t.ndim < 2:
+            raise ValueError(f"{OP}: {name} must have at least 2 dimensions, got shape {tuple(t.shape)}")
+        _jit.check_float(OP, name, t)
+    r = gram.shape[-1]
+    if gram.shape[-2] != r:
+        raise ValueError(f"{OP}: gram must be square (..., r, r), got shape {tuple(gram.shape)}")
+    if (rhs.shape[-2] if left else rhs.shape[-1]) != r:
+        form = "(..., r, N) for left=True" if left else "(..., N, r) for left=False"
+        raise ValueError(f"{OP}: rhs must be {form} with r = {r} (the size of gram), "
+                         f"got shape {tuple(rhs.shape)}")
+    try:
+        batch = torch.broadcast_shapes(gram.shape[:-2], rhs.shape[:-2])
+    except RuntimeError as e:
+        raise ValueError(f"{OP}: the batch dimensions of gram {tuple(gram.shape)} and rhs {tuple(rhs.shape)} "
+                         "do not broadcast") from e
+    device = _jit.check_device(OP, gram, rhs)
+    out_dtype = torch.promote_types(gram.dtype, rhs.dtype)
+    acc = torch.float64 if out_dtype == torch.float64 else torch.float32
+    out = torch.empty(batch + rhs.shape[-2:], dtype=out_dtype, device=device)
+    if out.numel() == 0:
+        return out
+    if r > MAX_R:
+        g = gram.to(acc).expand(batch + (r, r))
+        return reference.spd_solve(g, rhs.to(acc).expand(out.shape), left=left).to(out_dtype)
+
+    N = rhs.shape[-1] if left else rhs.shape[-2]
+    g3 = gram.expand(batch + (r, r)).reshape(-1, r, r)
+    rhs3 = rhs.expand(out.shape).reshape((-1,) + rhs.shape[-2:])
+    out3 = out.view((-1,) + rhs.shape[-2:])
+    B = out3.shape[0]
+    # (row, column) strides of the r×N systems: a right solve reads and writes the transposes.
+    rs = (rhs3.stride(1), rhs3.stride(2)) if left else (rhs3.stride(2), rhs3.stride(1))
+    os_ = (out3.stride(1), out3.stride(2)) if left else (out3.stride(2), out3.stride(1))
+    R, block_c, warps = _blocks(r, N, acc, _jit.interpret_mode())
+    with _jit.device_guard(device):
+        _spd_solve_kernel[(B, _jit.cdiv(N, block_c))](
+            g3, rhs3, out3, r, N,
+            g3.stride(0), g3.stride(1), g3.stride(2), rhs3.stride(0), *rs, out3.stride(0), *os_,
+            ACC=tl.float64 if acc == torch.float64 else tl.float32,
+            RIDGE=reference.relative_ridge(acc), FALLBACK_RIDGE=reference.FALLBACK_RIDGE[acc],
+            FLOOR=torch.finfo(acc).tiny ** 0.5, R=R, BLOCK_C=block_c, num_warps=warps,
+        )
+    return out
