@@ -1,7 +1,8 @@
 """The Triton ops against the torch reference and the native CUDA kernels, on a CUDA GPU.
 
-Ops: the column sums of squares, the fused K-FAC metric step, the row/column energies of G = SᵀX and the
-batched r×r solve, at the sizes of bench_native_ops.py. Rows go to bench/results/triton_ops.csv (one per
+Ops: the column sums of squares, the fused K-FAC metric step, the row/column energies of G = SᵀX, the
+batched r×r solve and LoRSum's half-steps (torch products around the Triton solve), at the sizes of
+bench_native_ops.py. Rows go to bench/results/triton_ops.csv (one per
 op, backend and size). Without CUDA everything is skipped: Triton on the CPU is its interpreter, whose
 speed means nothing. A backend that is missing for an op (no native CUDA kernel built, no triton) is
 skipped for that op.
@@ -106,3 +107,21 @@ def test_spd_solve(benchmark, record, size, left, backend):
     rhs = _randn(L, r, N, seed=6) if left else _randn(L, N, r, seed=6)
     _run(benchmark, record, "spd_solve", backend, f"r={r} N={N} L={L} {'left' if left else 'right'} float32",
          lambda: ops.spd_solve(gram, rhs, left=left, backend=backend))
+
+
+# ---- LoRSum half-steps, as PSI-LoRA calls them: (m = n, r, T, L) ------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("size", [(1024, 16, 4096, 1), (1024, 8, 512, 24), (4096, 16, 512, 1)],
+                         ids=lambda s: "m{}_r{}_T{}_L{}".format(*s))
+@pytest.mark.parametrize("side", ["in", "out"])
+def test_half_step(benchmark, record, side, size, backend):
+    d, r, T, L = size
+    A, B = _randn(L, r, d, seed=7), _randn(L, d, r, seed=8)
+    Am, Bm = _randn(L, r, d, seed=9), _randn(L, d, r, seed=10)
+    X, S = _randn(L, T, d, seed=11), _randn(L, T, d, seed=12)
+    fn = ops.lorsum_update_in if side == "in" else ops.lorsum_update_out
+    hat = B if side == "in" else A
+    _run(benchmark, record, f"lorsum_update_{side}", backend, f"m=n={d} r={r} T={T} L={L} float32",
+         lambda: fn(hat, (A, B), [(X, S.mT), (Am, Bm)], [1.0, -0.1, -0.09], 1e-3, backend=backend))

@@ -29,8 +29,13 @@ def lorsum_update_in(
     *,
     backend: str | None = "auto",
 ) -> Tensor:
-    if resolve_backend(backend, B_hat.device, "lorsum_update_in") == "native":
+    name = resolve_backend(backend, B_hat.device, "lorsum_update_in")
+    if name == "native":
         return torch.ops.lorsum.lorsum_update_in(*_half_step_args(B_hat, anchor, pairs, coeffs, lmbd, metrics))
+    if name == "triton":
+        from . import triton_kernels
+
+        return triton_kernels.lorsum_update_in(B_hat, anchor, pairs, coeffs, lmbd, metrics)
     return reference.lorsum_update_in(B_hat, anchor, pairs, coeffs, lmbd, metrics)
 
 
@@ -44,8 +49,13 @@ def lorsum_update_out(
     *,
     backend: str | None = "auto",
 ) -> Tensor:
-    if resolve_backend(backend, A_hat.device, "lorsum_update_out") == "native":
+    name = resolve_backend(backend, A_hat.device, "lorsum_update_out")
+    if name == "native":
         return torch.ops.lorsum.lorsum_update_out(*_half_step_args(A_hat, anchor, pairs, coeffs, lmbd, metrics))
+    if name == "triton":
+        from . import triton_kernels
+
+        return triton_kernels.lorsum_update_out(A_hat, anchor, pairs, coeffs, lmbd, metrics)
     return reference.lorsum_update_out(A_hat, anchor, pairs, coeffs, lmbd, metrics)
 
 

@@ -21,9 +21,14 @@ LAUNCHERS = {
     "kfac_metric_update": "kfac",
     "row_col_energies": "energies",
     "spd_solve": "spd",
+    "lorsum_update_in": "half_steps",
+    "lorsum_update_out": "half_steps",
 }
 
-__all__ = ["LAUNCHERS", "col_sq_sums", "kfac_metric_update", "row_col_energies", "spd_solve"]
+__all__ = [
+    "LAUNCHERS", "col_sq_sums", "kfac_metric_update", "lorsum_update_in", "lorsum_update_out",
+    "row_col_energies", "spd_solve",
+]
 
 
 def __getattr__(name: str):
