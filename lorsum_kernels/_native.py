@@ -48,9 +48,26 @@ else:
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 
 
-# A constant of the process (the library registers its kernels once, at load): torch.compile evaluates it
-# at trace time instead of breaking the graph on the dispatcher query.
-@torch.compiler.assume_constant_result
+def _registered_kernels() -> frozenset[tuple[str, str]]:
+    """(op name, device type) for every lorsum op with a kernel, read once from the dispatcher at load."""
+    if not NATIVE_AVAILABLE:
+        return frozenset()
+    found = set()
+    for device_type, key in _DISPATCH_KEYS.items():
+        try:
+            names = torch._C._dispatch_get_registrations_for_dispatch_key(key)
+        except Exception:  # a private API that changed: report no kernels rather than fail the import
+            continue
+        found |= {(n.split("::", 1)[1].split(".", 1)[0], device_type) for n in names if n.startswith("lorsum::")}
+    return frozenset(found)
+
+
+# A constant of the process (the library registers its kernels once, when it loads). Looking a name up in
+# a frozen set, rather than querying the dispatcher per call, lets torch.compile fold the backend choice
+# instead of breaking the graph in front of every op.
+_NATIVE_KERNELS = _registered_kernels()
+
+
 def has_native_op(name: str, device_type: str | torch.device) -> bool:
     """Whether ``torch.ops.lorsum.<name>`` has a native kernel for that device type ("cpu", "cuda").
 
@@ -60,13 +77,7 @@ def has_native_op(name: str, device_type: str | torch.device) -> bool:
     if not NATIVE_AVAILABLE:
         return False
     device_type = device_type.type if isinstance(device_type, torch.device) else str(device_type)
-    key = _DISPATCH_KEYS.get(device_type)
-    if key is None:
-        return False
-    try:
-        return bool(torch._C._dispatch_has_kernel_for_dispatch_key(f"lorsum::{name}", key))
-    except Exception:  # an op name that was never registered, or a private API that changed
-        return False
+    return (name, device_type) in _NATIVE_KERNELS
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
