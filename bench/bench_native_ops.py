@@ -1,8 +1,9 @@
 """Every native CPU op against its torch reference, same process, realistic sizes.
 
 Ops: LoRSum's half-steps (lorsum_update_in/out with the gradient and a momentum pair, as PSI-LoRA calls
-them), the batched r×r solve, the row/column energies of G = SᵀX, the fused K-FAC metric step and the
-column sums of squares. Rows go to bench/results/native_ops.csv (one per op, backend and size).
+them), the batched r×r solve, the row/column energies of G = SᵀX, the fused K-FAC metric step, the
+column sums of squares and AdaPreLoRA's H-weighted factor solve. Rows go to bench/results/native_ops.csv
+(one per op, backend and size).
 
     .venv/bin/python -m pytest bench/bench_native_ops.py --benchmark-only -q
 """
@@ -107,3 +108,20 @@ def test_col_sq_sums(benchmark, record, size, dtype, backend):
     _run(benchmark, record, "col_sq_sums", backend, f"n={d} T={T} L={L} {_name(dtype)}",
          lambda: ops.col_sq_sums(X, backend=backend), rounds=10)
 
+
+# ---- AdaPreLoRA's H-weighted factor solve: (m = n, r, L) -----------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("size", [(d, r, L) for d in (1024, 4096) for r in (8, 16, 64) for L in (1, 24)],
+                         ids=lambda s: "m{}_r{}_L{}".format(*s))
+def test_adaprelora_solve(benchmark, record, size, backend):
+    if backend == "native" and not _native.has_native_op("adaprelora_solve", "cpu"):
+        pytest.skip("native adaprelora_solve not built")
+    d, r, L = size
+    g = torch.Generator().manual_seed(5)
+    A, B = torch.randn(L, r, d, generator=g) * d**-0.5, torch.randn(L, d, r, generator=g) * d**-0.5
+    g_A, g_B = torch.randn(L, r, d, generator=g), torch.randn(L, d, r, generator=g)
+    p, q = torch.rand(L, d, generator=g) + 0.5, torch.rand(L, d, generator=g) + 0.5
+    _run(benchmark, record, "adaprelora_solve", backend, f"m=n={d} r={r} L={L} float32",
+         lambda: ops.adaprelora_solve(A, B, g_A, g_B, p, q, ridge=1e-6, backend=backend))

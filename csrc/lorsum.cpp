@@ -70,4 +70,14 @@ TORCH_LIBRARY(lorsum, m) {
   // pair these are (S·W)ᵀ·X and Sᵀ·(X·Vᵀ); W = [B̂ | B̂_m] serves several half-steps in one pass (spec §9
   // H2). An absent W or V gives an empty (..., 0, n) or (..., m, 0) result.
   m.def("pair_products(Tensor f_in, Tensor f_out, Tensor? W=None, Tensor? V=None) -> (Tensor, Tensor)");
+
+  // AdaPreLoRA's H-weighted factor solve (spec/adaprelora.md §3.3–3.7) for a batch of L same-shape layers:
+  // A (..., r, n), B (..., m, r), their gradients g_A, g_B of the same shapes, the metric's positive scales
+  // p (..., m) and q (..., n) (positivity is the caller's: not checked); all leading batch dimensions are
+  // equal. ridge is the relative ridge of the two r×r Grams, a 0-d tensor or one value per layer (L,), with
+  // reference.ridged_cholesky's floor and on-device fallback. Returns (dA (..., r, n), dB (..., m, r)) in
+  // the promoted dtype of the six inputs; arithmetic in fp32 (fp64 if any input is fp64).
+  m.def(
+      "adaprelora_solve(Tensor A, Tensor B, Tensor g_A, Tensor g_B, Tensor p, Tensor q, Tensor ridge) "
+      "-> (Tensor, Tensor)");
 }

@@ -190,3 +190,47 @@ if NATIVE_AVAILABLE and _op_defined("lorsum_update_in"):
     def _kfac_metric_update_fake(X, S, v_in, v_out, beta, damping, power, scale_in, scale_out):
         return v_in.new_empty(v_in.shape), v_out.new_empty(v_out.shape), v_in.new_empty(v_in.shape), \
             v_out.new_empty(v_out.shape)
+
+
+if NATIVE_AVAILABLE and _op_defined("adaprelora_solve"):
+
+    @torch.library.register_fake("lorsum::adaprelora_solve")
+    def _adaprelora_solve_fake(A, B, g_A, g_B, p, q, ridge):
+        op = "adaprelora_solve"
+        torch._check(
+            A.dim() >= 2 and B.dim() >= 2 and p.dim() >= 1 and q.dim() >= 1,
+            lambda: f"{op}: A and B must be matrices (..., r, n) and (..., m, r), p and q vectors",
+        )
+        r, n, m = A.shape[-2], A.shape[-1], B.shape[-2]
+        batch = A.shape[:-2]
+        torch._check(
+            B.shape[-1] == r and B.shape[:-2] == batch,
+            lambda: f"{op}: A {tuple(A.shape)} is (..., r, n) and B {tuple(B.shape)} must be (..., m, r) with the "
+            "same r and batch shape",
+        )
+        torch._check(
+            g_A.shape == A.shape and g_B.shape == B.shape,
+            lambda: f"{op}: g_A {tuple(g_A.shape)} and g_B {tuple(g_B.shape)} must have the shapes of A and B",
+        )
+        torch._check(
+            p.shape == batch + (m,) and q.shape == batch + (n,),
+            lambda: f"{op}: p must be {tuple(batch) + (m,)} and q {tuple(batch) + (n,)}, got {tuple(p.shape)} and "
+            f"{tuple(q.shape)}",
+        )
+        dtype = A.dtype
+        for t in (B, g_A, g_B, p, q):
+            dtype = torch.promote_types(dtype, t.dtype)
+        return A.new_empty(A.shape, dtype=dtype), A.new_empty(B.shape, dtype=dtype)
+
+    from torch.utils.flop_counter import register_flop_formula
+
+    # FlopCounterMode sees a custom op as one call: count its r-wide products (per side of each layer the
+    # Gram, the substitutions, the cross product and the output, each r²·N multiply-adds), so that cost
+    # accounting gives the same O((m+n)r²) law on every backend.
+    @register_flop_formula(torch.ops.lorsum.adaprelora_solve)
+    def _adaprelora_solve_flops(A_shape, B_shape, *args, out_shape=None, **kwargs) -> int:
+        r, n, m = A_shape[-2], A_shape[-1], B_shape[-2]
+        layers = 1
+        for size in A_shape[:-2]:
+            layers *= size
+        return layers * 4 * 2 * r * r * (m + n)

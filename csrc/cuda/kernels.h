@@ -132,6 +132,52 @@ cudaError_t projected_product(const TA* A, int64_t a_bs, int64_t a_rs, const acc
                               int64_t w, int64_t N, acc_t<TB>* out, int64_t o_bs, int64_t o_ks, int64_t o_js,
                               void* workspace, size_t workspace_bytes, cudaStream_t stream);
 
+// ---- (5) AdaPreLoRA's H-weighted factor solve ---------------------------------------------------------
+//
+// For each of L layers (reference.adaprelora_solve), with P = diag(p), Q = diag(q), M_B = BᵀPB, M_A = AQAᵀ:
+//
+//   dA = M_B⁻¹ g_A Q⁻¹ − ½ (M_B⁻¹ g_A Aᵀ) M_A⁻¹ A,   dB = P⁻¹ g_B M_A⁻¹ − ½ B M_B⁻¹ (Bᵀ g_B M_A⁻¹)
+//
+// Each Gram is factored with the rules of (3) and the caller's relative ridge ρ (ridge_per_layer[b·ridge_bs]
+// when that device pointer is not null, else `ridge`): s = max(mean(diag), sqrt(smallest normal)),
+// chol(M + ρ·s·I), where that fails chol(M + (ρ + fallback_ridge)·s·I), where both fail (or s is not
+// finite) NaN; chosen per layer inside the kernel.
+// Inputs, all of type T and addressed by the strides of AdaPreLoRAInputs (any strides, 0 included):
+// A (L, r, n), B (L, m, r), g_A (L, r, n), g_B (L, m, r), p (L, m), q (L, n), p and q positive (not
+// checked). Outputs: dA (L, r, n) and dB (L, m, r), contiguous, in acc_t<T>.
+// Both factors are one computation on r×N matrices ("sides": A has F = A, G = g_A, w = q; B has F = Bᵀ,
+// G = g_Bᵀ, w = p), in five kernels: (i) per chunk of kAdaChunk columns, its share of M_s = F·diag(w)·Fᵀ;
+// (ii) per layer, the shares summed in order, both ridged factors and the inverses W_s = M_s⁻¹ (through
+// the triangular inverse of the factor); (iii) per chunk, V_s = W_other·G written to the output and its
+// share of K_s = V_s·Fᵀ; (iv) per layer, C_s = K_s·W_s; (v) per chunk, out = V_s·diag(w)⁻¹ − ½·C_s·F in
+// place, which is dA for side A and dBᵀ for side B. Chunk blocks stage 32-column panels in shared memory.
+// 1 ≤ r ≤ kMaxSolveRank; the binding composes ATen calls for larger r.
+constexpr int64_t kAdaChunk = 512;
+
+template <typename T>
+struct AdaPreLoRAInputs {
+  const T* A;
+  int64_t a_bs, a_rs, a_cs;
+  const T* B;
+  int64_t b_bs, b_rs, b_cs;
+  const T* g_A;
+  int64_t ga_bs, ga_rs, ga_cs;
+  const T* g_B;
+  int64_t gb_bs, gb_rs, gb_cs;
+  const T* p;
+  int64_t p_bs, p_s;
+  const T* q;
+  int64_t q_bs, q_s;
+};
+
+size_t adaprelora_solve_workspace_bytes(int64_t L, int64_t r, int64_t m, int64_t n, size_t acc_size);
+
+template <typename T>
+cudaError_t adaprelora_solve(const AdaPreLoRAInputs<T>& in, int64_t L, int64_t r, int64_t m, int64_t n,
+                             acc_t<T> ridge, const acc_t<T>* ridge_per_layer, int64_t ridge_bs,
+                             acc_t<T> fallback_ridge, acc_t<T>* dA, acc_t<T>* dB, void* workspace,
+                             size_t workspace_bytes, cudaStream_t stream);
+
 // ---- explicit instantiations (defined in kernels.cu) -----------------------------------------------
 
 #define LORSUM_CUDA_FOR_EACH_INPUT(X) X(float) X(double) X(__nv_bfloat16) X(__half)
@@ -156,10 +202,17 @@ cudaError_t projected_product(const TA* A, int64_t a_bs, int64_t a_rs, const acc
       int64_t, int64_t, int64_t, int64_t, acc_t<TB>*, int64_t, int64_t, int64_t, void*, size_t,           \
       cudaStream_t);
 
+#define LORSUM_CUDA_DECLARE_ADAPRELORA(T)                                                                 \
+  extern template cudaError_t adaprelora_solve<T>(const AdaPreLoRAInputs<T>&, int64_t, int64_t, int64_t,  \
+                                                  int64_t, acc_t<T>, const acc_t<T>*, int64_t, acc_t<T>, \
+                                                  acc_t<T>*, acc_t<T>*, void*, size_t, cudaStream_t);
+
 LORSUM_CUDA_FOR_EACH_INPUT(LORSUM_CUDA_DECLARE_SINGLE)
 LORSUM_CUDA_FOR_EACH_PAIR(LORSUM_CUDA_DECLARE_PAIR)
+LORSUM_CUDA_FOR_EACH_INPUT(LORSUM_CUDA_DECLARE_ADAPRELORA)
 
 #undef LORSUM_CUDA_DECLARE_SINGLE
 #undef LORSUM_CUDA_DECLARE_PAIR
+#undef LORSUM_CUDA_DECLARE_ADAPRELORA
 
 }  // namespace lorsum::cuda
