@@ -21,7 +21,8 @@
 //   V_s = M_other⁻¹ G,   K_s = V_s Fᵀ,   C_sᵀ = M_s⁻¹ K_sᵀ,   out_s = V_s diag(w)⁻¹ − ½ C_s F
 //
 // gives out_A = dA and out_B = dBᵀ (for B, K_Bᵀ = Bᵀ g_B M_A⁻¹ is the reference's Bᵀ·P·Z, and C_Bᵀ its
-// cross_B). Five phases, each parallel over independent tasks:
+// cross_B). Five phases, each parallel over independent tasks, run on one group of layers (one per thread)
+// after another, so that a group's inputs stay in cache across its three passes:
 //
 //   1. (layer, side, chunk of kChunk columns)  the chunk's share of M_s
 //   2. (layer)                                 M_s summed over the chunks in order, both factored
@@ -46,6 +47,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <tuple>
 #include <vector>
 
@@ -307,7 +309,6 @@ struct Problem {
   acc_t* part_at(int64_t l, int s, int64_t c) const { return part + ((l * 2 + s) * max_chunks + c) * r * rp; }
   acc_t* chol_at(int64_t l, int s) const { return chol + (l * 2 + s) * r * r; }
   acc_t* ct_at(int64_t l, int s) const { return ct + (l * 2 + s) * r * r; }
-  int64_t chunk_tasks() const { return L * (side[0].chunks + side[1].chunks); }
 
   // The (layer, side, chunk) of a chunk task: all chunks of side A of a layer, then those of side B.
   void decode(int64_t task, int64_t& l, int& s, int64_t& c) const {
@@ -319,31 +320,58 @@ struct Problem {
   }
 };
 
-template <typename acc_t, typename T>
-LORSUM_ALWAYS_INLINE acc_t to_acc(T v) {
-  return static_cast<acc_t>(v);
+// dst(k, t) = src(k, t) for k < r, t < nc, converted to D, each addressed by (row, column) strides. The inner
+// loop runs along the index in which src is contiguous (else along dst's), and where both are contiguous the
+// loop is a plain converting copy that vectorises.
+template <typename D, typename S>
+LORSUM_ALWAYS_INLINE void copy_panel(const S* src, int64_t s_ks, int64_t s_ts, D* dst, int64_t d_ks, int64_t d_ts,
+                                     int64_t r, int64_t nc) {
+  if (s_ts == 1 || (s_ks != 1 && d_ts == 1)) {
+    for (int64_t k = 0; k < r; ++k) {
+      const S* s = src + k * s_ks;
+      D* d = dst + k * d_ks;
+      if (s_ts == 1 && d_ts == 1) {
+        for (int64_t t = 0; t < nc; ++t) d[t] = static_cast<D>(s[t]);
+      } else {
+        for (int64_t t = 0; t < nc; ++t) d[t * d_ts] = static_cast<D>(s[t * s_ts]);
+      }
+    }
+  } else {
+    for (int64_t t = 0; t < nc; ++t) {
+      const S* s = src + t * s_ts;
+      D* d = dst + t * d_ts;
+      if (s_ks == 1 && d_ks == 1) {
+        for (int64_t k = 0; k < r; ++k) d[k] = static_cast<D>(s[k]);
+      } else {
+        for (int64_t k = 0; k < r; ++k) d[k * d_ks] = static_cast<D>(s[k * s_ks]);
+      }
+    }
+  }
 }
 
-// dst[k·ld + t] = F(k, c0 + t) for k < r, t < nc: the chunk in row layout.
+// dst[k·ld + t] = F(k, c0 + t): the chunk in row layout.
 template <typename acc_t, typename T>
 LORSUM_ALWAYS_INLINE void stage_rows(const T* src, int64_t ks, int64_t cs, int64_t r, int64_t nc, acc_t* dst,
                                      int64_t ld) {
-  for (int64_t k = 0; k < r; ++k) {
-    const T* s = src + k * ks;
-    acc_t* d = dst + k * ld;
-    for (int64_t t = 0; t < nc; ++t) d[t] = to_acc<acc_t>(s[t * cs]);
-  }
+  copy_panel(src, ks, cs, dst, ld, 1, r, nc);
 }
 
-// dst[t·ld + k] = F(k, c0 + t) for k < r, t < nc: the chunk transposed.
+// dst[t·ld + k] = F(k, c0 + t): the chunk transposed.
 template <typename acc_t, typename T>
 LORSUM_ALWAYS_INLINE void stage_transposed(const T* src, int64_t ks, int64_t cs, int64_t r, int64_t nc, acc_t* dst,
                                            int64_t ld) {
-  for (int64_t t = 0; t < nc; ++t) {
-    const T* s = src + t * cs;
-    acc_t* d = dst + t * ld;
-    for (int64_t k = 0; k < r; ++k) d[k] = to_acc<acc_t>(s[k * ks]);
+  copy_panel(src, ks, cs, dst, 1, ld, r, nc);
+}
+
+// Scratch of n numbers whose first `valid` of every `ld` are written before they are read: only the rest
+// (the zero padding the micro-kernel relies on) is cleared.
+template <typename acc_t>
+std::unique_ptr<acc_t[]> padded_scratch(int64_t rows, int64_t ld, int64_t valid) {
+  std::unique_ptr<acc_t[]> buf(new acc_t[rows * ld]);
+  if (valid < ld) {
+    for (int64_t i = 0; i < rows; ++i) std::fill(buf.get() + i * ld + valid, buf.get() + (i + 1) * ld, acc_t(0));
   }
+  return buf;
 }
 
 int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
@@ -358,11 +386,11 @@ LORSUM_ALWAYS_INLINE void gram_chunk(const Problem<T, acc_t>& pb, int64_t task) 
   pb.decode(task, l, s, chunk);
   const Side<T, acc_t>& sd = pb.side[s];
   const int64_t r = pb.r, rp = pb.rp, c0 = chunk * kChunk, nc = std::min(kChunk, sd.N - c0);
-  std::vector<acc_t> ft(nc * rp, acc_t(0)), w(nc);
-  stage_transposed(sd.F + l * sd.f_bs + c0 * sd.f_cs, sd.f_ks, sd.f_cs, r, nc, ft.data(), rp);
-  const T* wp = sd.w + l * sd.w_bs + c0 * sd.w_cs;
-  for (int64_t t = 0; t < nc; ++t) w[t] = to_acc<acc_t>(wp[t * sd.w_cs]);
-  outer_product<Ops, kScale | kLower>(r, rp, nc, ft.data(), rp, 1, w.data(), ft.data(), rp, pb.part_at(l, s, chunk),
+  const auto ft = padded_scratch<acc_t>(nc, rp, r);
+  std::vector<acc_t> w(nc);
+  stage_transposed(sd.F + l * sd.f_bs + c0 * sd.f_cs, sd.f_ks, sd.f_cs, r, nc, ft.get(), rp);
+  copy_panel(sd.w + l * sd.w_bs + c0 * sd.w_cs, 0, sd.w_cs, w.data(), 0, 1, 1, nc);
+  outer_product<Ops, kScale | kLower>(r, rp, nc, ft.get(), rp, 1, w.data(), ft.get(), rp, pb.part_at(l, s, chunk),
                                       rp);
 }
 
@@ -375,16 +403,14 @@ LORSUM_ALWAYS_INLINE void solve_chunk(const Problem<T, acc_t>& pb, int64_t task)
   const Side<T, acc_t>& sd = pb.side[s];
   const int64_t r = pb.r, rp = pb.rp, c0 = chunk * kChunk, nc = std::min(kChunk, sd.N - c0);
   const int64_t ncp = round_up(nc, Ops::kLanes);
-  std::vector<acc_t> v(r * ncp, acc_t(0)), ft(nc * rp, acc_t(0));
-  stage_rows(sd.G + l * sd.g_bs + c0 * sd.g_cs, sd.g_ks, sd.g_cs, r, nc, v.data(), ncp);
-  blocked_cholesky_solve<Ops>(pb.chol_at(l, 1 - s), r, v.data(), ncp, ncp);
-  stage_transposed(sd.F + l * sd.f_bs + c0 * sd.f_cs, sd.f_ks, sd.f_cs, r, nc, ft.data(), rp);
-  outer_product<Ops, 0>(r, rp, nc, v.data(), 1, ncp, static_cast<const acc_t*>(nullptr), ft.data(), rp,
+  const auto v = padded_scratch<acc_t>(r, ncp, nc);
+  const auto ft = padded_scratch<acc_t>(nc, rp, r);
+  stage_rows(sd.G + l * sd.g_bs + c0 * sd.g_cs, sd.g_ks, sd.g_cs, r, nc, v.get(), ncp);
+  blocked_cholesky_solve<Ops>(pb.chol_at(l, 1 - s), r, v.get(), ncp, ncp);
+  stage_transposed(sd.F + l * sd.f_bs + c0 * sd.f_cs, sd.f_ks, sd.f_cs, r, nc, ft.get(), rp);
+  outer_product<Ops, 0>(r, rp, nc, v.get(), 1, ncp, static_cast<const acc_t*>(nullptr), ft.get(), rp,
                         pb.part_at(l, s, chunk), rp);
-  acc_t* out = sd.out + l * sd.o_bs + c0 * sd.o_cs;
-  for (int64_t k = 0; k < r; ++k) {
-    for (int64_t t = 0; t < nc; ++t) out[k * sd.o_ks + t * sd.o_cs] = v[k * ncp + t];
-  }
+  copy_panel(v.get(), ncp, 1, sd.out + l * sd.o_bs + c0 * sd.o_cs, sd.o_ks, sd.o_cs, r, nc);
 }
 
 // Phase 5: out_chunk = V_chunk / w_chunk − ½ C_s F_chunk, in place over V.
@@ -396,18 +422,26 @@ LORSUM_ALWAYS_INLINE void output_chunk(const Problem<T, acc_t>& pb, int64_t task
   const Side<T, acc_t>& sd = pb.side[s];
   const int64_t r = pb.r, c0 = chunk * kChunk, nc = std::min(kChunk, sd.N - c0);
   const int64_t ncp = round_up(nc, Ops::kLanes);
-  std::vector<acc_t> fr(r * ncp, acc_t(0)), prod(r * ncp), w(nc);
-  stage_rows(sd.F + l * sd.f_bs + c0 * sd.f_cs, sd.f_ks, sd.f_cs, r, nc, fr.data(), ncp);
-  const T* wp = sd.w + l * sd.w_bs + c0 * sd.w_cs;
-  for (int64_t t = 0; t < nc; ++t) w[t] = to_acc<acc_t>(wp[t * sd.w_cs]);
+  const auto fr = padded_scratch<acc_t>(r, ncp, nc);
+  const auto prod = padded_scratch<acc_t>(r, ncp, ncp);
+  std::vector<acc_t> w(nc);
+  stage_rows(sd.F + l * sd.f_bs + c0 * sd.f_cs, sd.f_ks, sd.f_cs, r, nc, fr.get(), ncp);
+  copy_panel(sd.w + l * sd.w_bs + c0 * sd.w_cs, 0, sd.w_cs, w.data(), 0, 1, 1, nc);
   // C_s[k][t] = ct[t·r + k].
-  outer_product<Ops, 0>(r, ncp, r, pb.ct_at(l, s), r, 1, static_cast<const acc_t*>(nullptr), fr.data(), ncp,
-                        prod.data(), ncp);
+  outer_product<Ops, 0>(r, ncp, r, pb.ct_at(l, s), r, 1, static_cast<const acc_t*>(nullptr), fr.get(), ncp,
+                        prod.get(), ncp);
   acc_t* out = sd.out + l * sd.o_bs + c0 * sd.o_cs;
-  for (int64_t k = 0; k < r; ++k) {
+  const acc_t* pr = prod.get();
+  if (sd.o_cs == 1) {  // side A: rows of dA
+    for (int64_t k = 0; k < r; ++k) {
+      acc_t* o = out + k * sd.o_ks;
+      const acc_t* pk = pr + k * ncp;
+      for (int64_t t = 0; t < nc; ++t) o[t] = o[t] / w[t] - acc_t(0.5) * pk[t];
+    }
+  } else {  // side B: rows of dB, one per column of the chunk
     for (int64_t t = 0; t < nc; ++t) {
-      acc_t& o = out[k * sd.o_ks + t * sd.o_cs];
-      o = o / w[t] - acc_t(0.5) * prod[k * ncp + t];
+      acc_t* o = out + t * sd.o_cs;
+      for (int64_t k = 0; k < r; ++k) o[k * sd.o_ks] = o[k * sd.o_ks] / w[t] - acc_t(0.5) * pr[k * ncp + t];
     }
   }
 }
@@ -486,15 +520,23 @@ template <typename T, typename acc_t>
 void run(const Problem<T, acc_t>& pb) {
   const bool vectorised = cpu::avx512_enabled();
   const int64_t r = pb.r;
+  const int64_t per_layer = pb.side[0].chunks + pb.side[1].chunks;
   const int64_t chunk_work = r * r * kChunk;
-  auto chunk_phase = [&](void (*fn)(const Problem<T, acc_t>&, int64_t)) {
-    cpu::parallel_tasks(pb.chunk_tasks(), chunk_work, [&](int64_t task) { fn(pb, task); });
-  };
-  chunk_phase(vectorised ? &gram_chunk_avx512<T, acc_t> : &gram_chunk_generic<T, acc_t>);
-  cpu::parallel_tasks(pb.L, r * r * r, [&](int64_t l) { factor_layer(pb, l); });
-  chunk_phase(vectorised ? &solve_chunk_avx512<T, acc_t> : &solve_chunk_generic<T, acc_t>);
-  cpu::parallel_tasks(pb.L, r * r * r, [&](int64_t l) { cross_layer(pb, l); });
-  chunk_phase(vectorised ? &output_chunk_avx512<T, acc_t> : &output_chunk_generic<T, acc_t>);
+  // All five phases run on a group of layers before the next group starts, so a group's inputs are still
+  // in cache for the second and third pass: one layer per thread (phases never mix layers, so the grouping
+  // changes no result).
+  const int64_t group = std::max<int64_t>(1, at::get_num_threads());
+  for (int64_t l0 = 0; l0 < pb.L; l0 += group) {
+    const int64_t nl = std::min(group, pb.L - l0);
+    auto chunk_phase = [&](void (*fn)(const Problem<T, acc_t>&, int64_t)) {
+      cpu::parallel_tasks(nl * per_layer, chunk_work, [&](int64_t task) { fn(pb, l0 * per_layer + task); });
+    };
+    chunk_phase(vectorised ? &gram_chunk_avx512<T, acc_t> : &gram_chunk_generic<T, acc_t>);
+    cpu::parallel_tasks(nl, r * r * r, [&](int64_t l) { factor_layer(pb, l0 + l); });
+    chunk_phase(vectorised ? &solve_chunk_avx512<T, acc_t> : &solve_chunk_generic<T, acc_t>);
+    cpu::parallel_tasks(nl, r * r * r, [&](int64_t l) { cross_layer(pb, l0 + l); });
+    chunk_phase(vectorised ? &output_chunk_avx512<T, acc_t> : &output_chunk_generic<T, acc_t>);
+  }
 }
 
 // ---- the op -----------------------------------------------------------------------------------------------
