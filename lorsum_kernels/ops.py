@@ -119,12 +119,15 @@ def adaprelora_solve(
     if resolve_backend(backend, A.device, "adaprelora_solve") == "native":
         # The native schema wants one batch shape (expanded views, no copies) and the ridge as a float64
         # tensor, 0-d or one value per layer: a Python number never becomes a device tensor (no copy, no sync).
-        batch = torch.broadcast_shapes(
-            A.shape[:-2], B.shape[:-2], g_A.shape[:-2], g_B.shape[:-2], p.shape[:-1], q.shape[:-1]
-        )
-        A, g_A = A.expand(batch + A.shape[-2:]), g_A.expand(batch + g_A.shape[-2:])
-        B, g_B = B.expand(batch + B.shape[-2:]), g_B.expand(batch + g_B.shape[-2:])
-        p, q = p.expand(batch + p.shape[-1:]), q.expand(batch + q.shape[-1:])
+        batch = A.shape[:-2]
+        if not (g_A.shape == A.shape and B.shape[:-2] == batch and g_B.shape == B.shape
+                and p.shape[:-1] == batch and q.shape[:-1] == batch):  # broadcast_shapes costs ~0.1 ms
+            batch = torch.broadcast_shapes(
+                A.shape[:-2], B.shape[:-2], g_A.shape[:-2], g_B.shape[:-2], p.shape[:-1], q.shape[:-1]
+            )
+            A, g_A = A.expand(batch + A.shape[-2:]), g_A.expand(batch + g_A.shape[-2:])
+            B, g_B = B.expand(batch + B.shape[-2:]), g_B.expand(batch + g_B.shape[-2:])
+            p, q = p.expand(batch + p.shape[-1:]), q.expand(batch + q.shape[-1:])
         rho = ridge if isinstance(ridge, Tensor) else torch.tensor(float(ridge), dtype=torch.float64)
         if rho.ndim > 0:
             rho = rho.expand(batch).reshape(-1)
