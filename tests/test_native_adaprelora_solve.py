@@ -412,3 +412,15 @@ def test_optimizer_native_equals_torch(kw, monkeypatch):
             assert rel_err(s_nat[key], s_ref[key]) < 1e-5, key
         else:
             assert torch.equal(s_nat[key], s_ref[key]), key
+
+
+def test_forced_native_without_a_native_statistics_op_raises_before_hooking():
+    # The surrogate statistics (tangent_energies) have no native kernel: forcing "native" must fail at
+    # construction, naming the op, and leave the model unhooked.
+    from lorsum_kernels import AdaPreLoRA
+
+    model = TinyLoRAMLP()
+    with pytest.raises(RuntimeError, match="tangent_energies"):
+        AdaPreLoRA(model, backend="native", statistics="surrogate")
+    assert all(not layer._forward_hooks and not layer._backward_hooks for layer in model.lora_layers())
+    AdaPreLoRA(model, backend="native", statistics="exact")  # both of its ops are native

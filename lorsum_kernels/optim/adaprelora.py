@@ -19,6 +19,7 @@ the result to the factors by the closed-form H-weighted solve (``functional.adap
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from ..backends import resolve_backend
 from ..functional.adaprelora import MOMENTUM_MODES, adaprelora_step
@@ -97,7 +98,13 @@ class AdaPreLoRA(LoRAOptimizer):
         _check_positive("weight_decay", weight_decay, allow_zero=True)
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
-        resolve_backend(backend, torch.device("cpu"), "adaprelora_solve")  # unknown names raise now
+        # Unknown names, and a forced backend lacking an op this configuration runs, raise now: before
+        # the base class hooks the model, not at the first step.
+        statistics_op = "row_col_energies" if statistics == "exact" else "tangent_energies"
+        devices = {p.device for p in model.parameters()} if isinstance(model, nn.Module) else set()
+        for device in devices or {torch.device("cpu")}:
+            for op in ("adaprelora_solve", statistics_op):
+                resolve_backend(backend, device, op)
         self.statistics = statistics
         # Instance attributes read by the base class: only the exact statistics hook the layers, and the
         # factor gradients are needed either way.
