@@ -16,7 +16,7 @@ Conventions shared by all ops:
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -82,6 +82,8 @@ def lorsum_update_in(
     coeffs: Sequence,
     lmbd,
     metrics: tuple[Tensor, Tensor] | None = None,
+    *,
+    solve: Callable[..., Tensor] | None = None,
 ) -> Tensor:
     """LoRSum's A half-step: the exact minimiser over A of the proximal sub-problem with B̂ fixed.
 
@@ -91,7 +93,8 @@ def lorsum_update_in(
 
         (B̂ᵀ M_out B̂ + λI) Â = λ A0 + c0 (B̂ᵀ M_out B0) A0 + Σ_j c_j (B̂ᵀ F_out_j)(F_in_j M_in⁻¹)
 
-    Only r-wide intermediates are formed.
+    Only r-wide intermediates are formed. ``solve`` replaces ``spd_solve`` (same signature and ridge
+    rules): another backend's batched solve around these products (the Triton half-steps).
     """
     A0, B0 = anchor
     weighted_B = B_hat if metrics is None else B_hat * metrics[1].unsqueeze(-1)
@@ -108,7 +111,7 @@ def lorsum_update_in(
         data = term if data is None else data + term
     if data is not None:
         residual = residual + (data if metrics is None else data / metrics[0].unsqueeze(-2))
-    return A0 + spd_solve(gram, residual, left=True)
+    return A0 + (solve or spd_solve)(gram, residual, left=True)
 
 
 def lorsum_update_out(
@@ -118,6 +121,8 @@ def lorsum_update_out(
     coeffs: Sequence,
     lmbd,
     metrics: tuple[Tensor, Tensor] | None = None,
+    *,
+    solve: Callable[..., Tensor] | None = None,
 ) -> Tensor:
     """LoRSum's B half-step: the exact minimiser over B with Â fixed (see ``lorsum_update_in``).
 
@@ -136,7 +141,7 @@ def lorsum_update_out(
         data = term if data is None else data + term
     if data is not None:
         residual = residual + (data if metrics is None else data / metrics[1].unsqueeze(-1))
-    return B0 + spd_solve(gram, residual, left=False)
+    return B0 + (solve or spd_solve)(gram, residual, left=False)
 
 
 def col_sq_sums(x: Tensor) -> Tensor:

@@ -16,15 +16,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import Tensor
 
-from ..reference import batch_scalar
+from .. import reference
 from .spd import spd_solve
-
-
-def _eye_like(gram: Tensor) -> Tensor:
-    return torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
 
 
 def lorsum_update_in(
@@ -36,19 +31,7 @@ def lorsum_update_in(
     metrics: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """LoRSum's A half-step (``reference.lorsum_update_in``), its r×r solve in Triton."""
-    A0, B0 = anchor
-    weighted_B = B_hat if metrics is None else B_hat * metrics[1].unsqueeze(-1)
-    gram = weighted_B.mT @ B_hat
-    gram = gram + batch_scalar(lmbd, A0) * _eye_like(gram)
-    # Solved for the change from the prox anchor, as in the reference.
-    residual = (weighted_B.mT @ (B0 * batch_scalar(coeffs[0], B0) - B_hat)) @ A0
-    data = None
-    for (f_in, f_out), c in zip(pairs, coeffs[1:]):
-        term = (B_hat.mT @ f_out) @ f_in * batch_scalar(c, A0)
-        data = term if data is None else data + term
-    if data is not None:
-        residual = residual + (data if metrics is None else data / metrics[0].unsqueeze(-2))
-    return A0 + spd_solve(gram, residual, left=True)
+    return reference.lorsum_update_in(B_hat, anchor, pairs, coeffs, lmbd, metrics, solve=spd_solve)
 
 
 def lorsum_update_out(
@@ -60,15 +43,4 @@ def lorsum_update_out(
     metrics: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """LoRSum's B half-step (``reference.lorsum_update_out``), its r×r solve in Triton."""
-    A0, B0 = anchor
-    weighted_A = A_hat if metrics is None else A_hat * metrics[0].unsqueeze(-2)
-    gram = weighted_A @ A_hat.mT
-    gram = gram + batch_scalar(lmbd, B0) * _eye_like(gram)
-    residual = B0 @ ((A0 * batch_scalar(coeffs[0], A0) - A_hat) @ weighted_A.mT)
-    data = None
-    for (f_in, f_out), c in zip(pairs, coeffs[1:]):
-        term = f_out @ (f_in @ A_hat.mT) * batch_scalar(c, B0)
-        data = term if data is None else data + term
-    if data is not None:
-        residual = residual + (data if metrics is None else data / metrics[1].unsqueeze(-1))
-    return B0 + spd_solve(gram, residual, left=False)
+    return reference.lorsum_update_out(A_hat, anchor, pairs, coeffs, lmbd, metrics, solve=spd_solve)
