@@ -1,8 +1,9 @@
 """The Triton ops against the torch reference and the native CUDA kernels, on a CUDA GPU.
 
 Ops: the column sums of squares, the fused K-FAC metric step, the row/column energies of G = SᵀX, the
-batched r×r solve and LoRSum's half-steps (torch products around the Triton solve), at the sizes of
-bench_native_ops.py. Rows go to bench/results/triton_ops.csv (one per
+batched r×r solve, LoRSum's half-steps (torch products around the Triton solve), both token products of
+one pass (pair_products, the fused chained-product kernel) and AdaPreLoRA's factor solve (torch products
+around the Triton ridged solves), at the sizes of bench_native_ops.py. Rows go to bench/results/triton_ops.csv (one per
 op, backend and size). Without CUDA everything is skipped: Triton on the CPU is its interpreter, whose
 speed means nothing. A backend that is missing for an op (no native CUDA kernel built, no triton) is
 skipped for that op.
@@ -125,3 +126,35 @@ def test_half_step(benchmark, record, side, size, backend):
     hat = B if side == "in" else A
     _run(benchmark, record, f"lorsum_update_{side}", backend, f"m=n={d} r={r} T={T} L={L} float32",
          lambda: fn(hat, (A, B), [(X, S.mT), (Am, Bm)], [1.0, -0.1, -0.09], 1e-3, backend=backend))
+
+
+# ---- both token products of one pass, weight and momentum factors side by side: (m = n, r, T, L) ------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_name)
+@pytest.mark.parametrize("size", [(1024, 16, 4096, 1), (1024, 8, 512, 24), (4096, 16, 512, 1), (4096, 64, 2048, 4)],
+                         ids=lambda s: "m{}_r{}_T{}_L{}".format(*s))
+def test_pair_products(benchmark, record, size, dtype, backend):
+    d, r, T, L = size
+    X, S = _randn(L, T, d, dtype=dtype, seed=13), _randn(L, T, d, dtype=dtype, seed=14)
+    W = torch.cat([_randn(L, d, r, seed=15), _randn(L, d, r, seed=16)], -1)
+    V = torch.cat([_randn(L, r, d, seed=17), _randn(L, r, d, seed=18)], -2)
+    _run(benchmark, record, "pair_products", backend, f"m=n={d} w=v={2 * r} T={T} L={L} {_name(dtype)}",
+         lambda: ops.pair_products(X, S.mT, W, V, backend=backend), rounds=10)
+
+
+# ---- AdaPreLoRA's H-weighted factor solve: (m = n, r, L) ---------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("size", [(1024, 8, 24), (4096, 16, 1), (4096, 64, 24)],
+                         ids=lambda s: "m{}_r{}_L{}".format(*s))
+def test_adaprelora_solve(benchmark, record, size, backend):
+    d, r, L = size
+    A, B = _randn(L, r, d, seed=19) * d**-0.5, _randn(L, d, r, seed=20) * d**-0.5
+    g_A, g_B = _randn(L, r, d, seed=21), _randn(L, d, r, seed=22)
+    p = torch.rand(L, d, device=DEVICE) + 0.5
+    q = torch.rand(L, d, device=DEVICE) + 0.5
+    _run(benchmark, record, "adaprelora_solve", backend, f"m=n={d} r={r} L={L} float32",
+         lambda: ops.adaprelora_solve(A, B, g_A, g_B, p, q, ridge=1e-6, backend=backend))

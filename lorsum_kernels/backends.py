@@ -30,8 +30,8 @@ BACKENDS = ("native", "triton", "torch")
 # that choosing a backend never imports triton. It must equal the keys of
 # lorsum_kernels.triton_kernels.LAUNCHERS (the tests/test_triton_*.py files check it).
 TRITON_OPS: set[str] = {
-    "col_sq_sums", "kfac_metric_update", "lorsum_update_in", "lorsum_update_out", "row_col_energies",
-    "spd_solve",
+    "adaprelora_solve", "col_sq_sums", "kfac_metric_update", "lorsum_update_in", "lorsum_update_out",
+    "pair_products", "row_col_energies", "spd_solve",
 }
 
 _warned_native_fallback = False

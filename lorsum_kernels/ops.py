@@ -116,7 +116,8 @@ def adaprelora_solve(
     A: Tensor, B: Tensor, g_A: Tensor, g_B: Tensor, p: Tensor, q: Tensor, *, ridge,
     backend: str | None = "auto",
 ) -> tuple[Tensor, Tensor]:
-    if resolve_backend(backend, A.device, "adaprelora_solve") == "native":
+    name = resolve_backend(backend, A.device, "adaprelora_solve")
+    if name == "native":
         # The native schema wants one batch shape (expanded views, no copies) and the ridge as a float64
         # tensor, 0-d or one value per layer: a Python number never becomes a device tensor (no copy, no sync).
         batch = A.shape[:-2]
@@ -132,6 +133,10 @@ def adaprelora_solve(
         if rho.ndim > 0:
             rho = rho.expand(batch).reshape(-1)
         return torch.ops.lorsum.adaprelora_solve(A, B, g_A, g_B, p, q, rho)
+    if name == "triton":
+        from . import triton_kernels
+
+        return triton_kernels.adaprelora_solve(A, B, g_A, g_B, p, q, ridge=ridge)
     return reference.adaprelora_solve(A, B, g_A, g_B, p, q, ridge=ridge)
 
 
@@ -157,8 +162,13 @@ def pair_products(
     *,
     backend: str | None = "auto",
 ) -> tuple[Tensor, Tensor]:
-    if resolve_backend(backend, f_in.device, "pair_products") == "native":
+    name = resolve_backend(backend, f_in.device, "pair_products")
+    if name == "native":
         return torch.ops.lorsum.pair_products(f_in, f_out, W, V)
+    if name == "triton":
+        from . import triton_kernels
+
+        return triton_kernels.pair_products(f_in, f_out, W, V)
     return reference.pair_products(f_in, f_out, W, V)
 
 

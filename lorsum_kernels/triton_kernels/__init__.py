@@ -17,17 +17,19 @@ import importlib
 
 # Op name -> the module (in this package) that defines its launcher.
 LAUNCHERS = {
+    "adaprelora_solve": "adaprelora",
     "col_sq_sums": "sq_sums",
     "kfac_metric_update": "kfac",
     "row_col_energies": "energies",
     "spd_solve": "spd",
     "lorsum_update_in": "half_steps",
     "lorsum_update_out": "half_steps",
+    "pair_products": "products",
 }
 
 __all__ = [
-    "LAUNCHERS", "col_sq_sums", "kfac_metric_update", "lorsum_update_in", "lorsum_update_out",
-    "row_col_energies", "spd_solve",
+    "LAUNCHERS", "adaprelora_solve", "col_sq_sums", "kfac_metric_update", "lorsum_update_in",
+    "lorsum_update_out", "pair_products", "row_col_energies", "spd_solve",
 ]
 
 

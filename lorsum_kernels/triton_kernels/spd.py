@@ -6,9 +6,15 @@ reading only its lower triangle. Batch dimensions broadcast as in ``torch.choles
 is a new contiguous tensor of the promoted dtype of gram and rhs (fp32, fp64; bf16/fp16 inputs are
 solved in fp32 and returned in the promoted dtype, as the native op does; the reference rejects them).
 
+``ridged_spd_solve(gram, rhs, ridge, *, left=True)`` is the same solve with the caller's relative ridge
+``ρ`` in place of ``RELATIVE_RIDGE`` (``reference.ridged_cholesky(gram, ρ)``, as AdaPreLoRA's solve uses
+it): a number, or a tensor of one value per matrix broadcasting against the batch dimensions (moved to the
+device as fp64); ``None`` means the working dtype's ``RELATIVE_RIDGE``, which is ``spd_solve``.
+
 Ridge rules, as the reference and the native kernels: ``s`` = mean diagonal, floored at
-``sqrt(finfo.tiny)`` (a NaN ``s`` stays NaN); factor ``gram + RELATIVE_RIDGE·s·I``; where a pivot is not
-> 0 (NaN included), factor ``gram + (RELATIVE_RIDGE + FALLBACK_RIDGE)·s·I`` instead; where that fails too
+``sqrt(finfo.tiny)`` (a NaN ``s`` stays NaN); factor ``gram + ρ·s·I`` (ρ = RELATIVE_RIDGE for
+``spd_solve``); where a pivot is not > 0 (NaN included), factor ``gram + (ρ + FALLBACK_RIDGE)·s·I``
+instead (ρ + FALLBACK_RIDGE summed in fp64, then rounded to the working dtype); where that fails too
 (a non-finite or indefinite gram) the factor, hence the solution, is NaN. The native kernels return NaN
 there as well; the reference then returns LAPACK's partial factor, whose value depends on the LAPACK
 build. The choice is made per matrix on the device: no status is read on the host.
@@ -37,11 +43,12 @@ OP = "spd_solve"
 MAX_R = 64
 
 
-@_jit.kernel
+@_jit.kernel(do_not_specialize=("ridge_bits",))
 def _spd_solve_kernel(
-    g_ptr, rhs_ptr, out_ptr, r, N,
+    g_ptr, rhs_ptr, out_ptr, ridge_ptr, ridge_bits, r, N,
     stride_gb, stride_gi, stride_gj, stride_rb, stride_ri, stride_rc, stride_ob, stride_oi, stride_oc,
-    ACC: tl.constexpr, RIDGE: tl.constexpr, FALLBACK_RIDGE: tl.constexpr, FLOOR: tl.constexpr,
+    stride_ridge,
+    ACC: tl.constexpr, RIDGE_PER_MATRIX: tl.constexpr, FALLBACK_RIDGE: tl.constexpr, FLOOR: tl.constexpr,
     R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
@@ -58,8 +65,14 @@ def _spd_solve_kernel(
     # (and the fp64 floor, 2**-511, would underflow to 0).
     floor = tl.full((), FLOOR, ACC)
     scale = tl.where(scale < floor, floor, scale)
-    shift = scale * tl.full((), RIDGE, ACC)
-    fallback_shift = scale * tl.full((), RIDGE + FALLBACK_RIDGE, ACC)
+    if RIDGE_PER_MATRIX:
+        ridge = tl.load(ridge_ptr + b * stride_ridge).to(tl.float64)
+    else:
+        ridge = ridge_bits.to(tl.int64).to(tl.float64, bitcast=True)
+    # ridge + fallback in fp64, as the reference adds two Python floats, then rounded once to ACC.
+    fallback = ridge + tl.full((), FALLBACK_RIDGE, tl.float64)
+    shift = scale * ridge.to(ACC)
+    fallback_shift = scale * fallback.to(ACC)
 
     A = G
     pivots = tl.full((R,), 0.0, ACC)
@@ -116,6 +129,14 @@ def _blocks(r: int, N: int, acc: torch.dtype, interpret: bool) -> tuple[int, int
 def spd_solve(gram: Tensor, rhs: Tensor, *, left: bool = True) -> Tensor:
     """Solve ``gram @ Z = rhs`` (``left``) or ``Z @ gram = rhs`` (``reference.spd_solve``); see the module
     docstring."""
+    return ridged_spd_solve(gram, rhs, None, left=left)
+
+
+def ridged_spd_solve(gram: Tensor, rhs: Tensor, ridge, *, left: bool = True) -> Tensor:
+    """``spd_solve`` with the caller's relative ridge (``reference.ridged_cholesky``): ``None`` for the
+    working dtype's ``relative_ridge``, a number, or a tensor of one value per matrix that broadcasts
+    against the batch dimensions (it joins their broadcast). The fallback, floor and NaN rules are those of
+    the module docstring."""
     for name, t in (("gram", gram), ("rhs", rhs)):
         if t.ndim < 2:
             raise ValueError(f"{OP}: {name} must have at least 2 dimensions, got shape {tuple(t.shape)}")
@@ -127,36 +148,50 @@ def spd_solve(gram: Tensor, rhs: Tensor, *, left: bool = True) -> Tensor:
         form = "(..., r, N) for left=True" if left else "(..., N, r) for left=False"
         raise ValueError(f"{OP}: rhs must be {form} with r = {r} (the size of gram), "
                          f"got shape {tuple(rhs.shape)}")
+    per_matrix = isinstance(ridge, Tensor)
+    shapes = [gram.shape[:-2], rhs.shape[:-2]] + ([ridge.shape] if per_matrix else [])
     try:
-        batch = torch.broadcast_shapes(gram.shape[:-2], rhs.shape[:-2])
+        batch = torch.broadcast_shapes(*shapes)
     except RuntimeError as e:
-        raise ValueError(f"{OP}: the batch dimensions of gram {tuple(gram.shape)} and rhs {tuple(rhs.shape)} "
-                         "do not broadcast") from e
+        what = f"gram {tuple(gram.shape)} and rhs {tuple(rhs.shape)}"
+        if per_matrix:
+            what += f" and the ridge {tuple(ridge.shape)}"
+        raise ValueError(f"{OP}: the batch dimensions of {what} do not broadcast") from e
     device = _jit.check_device(OP, gram, rhs)
     out_dtype = torch.promote_types(gram.dtype, rhs.dtype)
     acc = torch.float64 if out_dtype == torch.float64 else torch.float32
     out = torch.empty(batch + rhs.shape[-2:], dtype=out_dtype, device=device)
     if out.numel() == 0:
         return out
+    if ridge is None:
+        ridge = reference.relative_ridge(acc)
+    if per_matrix:
+        # fp64 on the device, as the native schema takes it; a CPU tensor is copied there (no sync).
+        ridge = ridge.to(device=device, dtype=torch.float64).expand(batch)
     if r > MAX_R:
         g = gram.to(acc).expand(batch + (r, r))
-        return reference.spd_solve(g, rhs.to(acc).expand(out.shape), left=left).to(out_dtype)
+        chol = reference.ridged_cholesky(g, ridge.to(acc) if per_matrix else ridge)
+        b = rhs.to(acc).expand(out.shape)
+        z = torch.cholesky_solve(b, chol) if left else torch.cholesky_solve(b.mT, chol).mT
+        return z.to(out_dtype)
 
     N = rhs.shape[-1] if left else rhs.shape[-2]
     g3 = gram.expand(batch + (r, r)).reshape(-1, r, r)
     rhs3 = rhs.expand(out.shape).reshape((-1,) + rhs.shape[-2:])
     out3 = out.view((-1,) + rhs.shape[-2:])
     B = out3.shape[0]
+    rho = ridge.reshape(-1) if per_matrix else g3  # g3: a placeholder pointer the kernel does not read
     # (row, column) strides of the r×N systems: a right solve reads and writes the transposes.
     rs = (rhs3.stride(1), rhs3.stride(2)) if left else (rhs3.stride(2), rhs3.stride(1))
     os_ = (out3.stride(1), out3.stride(2)) if left else (out3.stride(2), out3.stride(1))
     R, block_c, warps = _blocks(r, N, acc, _jit.interpret_mode())
     with _jit.device_guard(device):
         _spd_solve_kernel[(B, _jit.cdiv(N, block_c))](
-            g3, rhs3, out3, r, N,
+            g3, rhs3, out3, rho, 0 if per_matrix else _jit.f64_bits(ridge), r, N,
             g3.stride(0), g3.stride(1), g3.stride(2), rhs3.stride(0), *rs, out3.stride(0), *os_,
-            ACC=tl.float64 if acc == torch.float64 else tl.float32,
-            RIDGE=reference.relative_ridge(acc), FALLBACK_RIDGE=reference.FALLBACK_RIDGE[acc],
+            rho.stride(0) if per_matrix else 0,
+            ACC=tl.float64 if acc == torch.float64 else tl.float32, RIDGE_PER_MATRIX=per_matrix,
+            FALLBACK_RIDGE=reference.FALLBACK_RIDGE[acc],
             FLOOR=torch.finfo(acc).tiny ** 0.5, R=R, BLOCK_C=block_c, num_warps=warps,
         )
     return out
