@@ -2,8 +2,8 @@
 
 Ops: LoRSum's half-steps (lorsum_update_in/out with the gradient and a momentum pair, as PSI-LoRA calls
 them), the batched r×r solve, the row/column energies of G = SᵀX, the fused K-FAC metric step, the
-column sums of squares and AdaPreLoRA's H-weighted factor solve. Rows go to bench/results/native_ops.csv
-(one per op, backend and size).
+column sums of squares, AdaPreLoRA's H-weighted factor solve and its surrogate statistics (the row and
+column energies of B·E + F·A). Rows go to bench/results/native_ops.csv (one per op, backend and size).
 
     .venv/bin/python -m pytest bench/bench_native_ops.py --benchmark-only -q
 """
@@ -125,3 +125,20 @@ def test_adaprelora_solve(benchmark, record, size, backend):
     p, q = torch.rand(L, d, generator=g) + 0.5, torch.rand(L, d, generator=g) + 0.5
     _run(benchmark, record, "adaprelora_solve", backend, f"m=n={d} r={r} L={L} float32",
          lambda: ops.adaprelora_solve(A, B, g_A, g_B, p, q, ridge=1e-6, backend=backend))
+
+
+# ---- AdaPreLoRA's surrogate statistics, the energies of B·g_A + g_B·A: (m = n, r, L) -----------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("size", [(d, r, L) for d in (1024, 4096) for r in (8, 16, 64) for L in (1, 24)],
+                         ids=lambda s: "m{}_r{}_L{}".format(*s))
+def test_tangent_energies(benchmark, record, size, backend):
+    if backend == "native" and not _native.has_native_op("tangent_energies", "cpu"):
+        pytest.skip("native tangent_energies not built")
+    d, r, L = size
+    g = torch.Generator().manual_seed(6)
+    A, B = torch.randn(L, r, d, generator=g) * d**-0.5, torch.randn(L, d, r, generator=g) * d**-0.5
+    g_A, g_B = torch.randn(L, r, d, generator=g), torch.randn(L, d, r, generator=g)
+    _run(benchmark, record, "tangent_energies", backend, f"m=n={d} r={r} L={L} float32",
+         lambda: ops.tangent_energies(B, g_A, g_B, A, backend=backend))

@@ -80,4 +80,11 @@ TORCH_LIBRARY(lorsum, m) {
   m.def(
       "adaprelora_solve(Tensor A, Tensor B, Tensor g_A, Tensor g_B, Tensor p, Tensor q, Tensor ridge) "
       "-> (Tensor, Tensor)");
+
+  // AdaPreLoRA's surrogate statistics (spec/adaprelora.md §3.5 (b)): the row and column energies of the
+  // rank-(r_B + r_F) matrix B·E + F·A without forming it, for a batch of L layers: B (..., m, r_B),
+  // E (..., r_B, n), F (..., m, r_F), A (..., r_F, n), all leading batch dimensions equal. With Z = [B F]
+  // and W = [E; A]: (rows (..., m) = z_iᵀ(W·Wᵀ)z_i, cols (..., n) = w_jᵀ(Zᵀ·Z)w_j), clamped at 0 (NaN
+  // stays NaN). Arithmetic in fp32 (fp64 if any input is fp64); results in the inputs' promoted dtype.
+  m.def("tangent_energies(Tensor B, Tensor E, Tensor F, Tensor A) -> (Tensor, Tensor)");
 }

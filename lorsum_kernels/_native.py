@@ -234,3 +234,42 @@ if NATIVE_AVAILABLE and _op_defined("adaprelora_solve"):
         for size in A_shape[:-2]:
             layers *= size
         return layers * 4 * 2 * r * r * (m + n)
+
+
+if NATIVE_AVAILABLE and _op_defined("tangent_energies"):
+
+    @torch.library.register_fake("lorsum::tangent_energies")
+    def _tangent_energies_fake(B, E, F, A):
+        op = "tangent_energies"
+        torch._check(
+            B.dim() >= 2 and E.dim() >= 2 and F.dim() >= 2 and A.dim() >= 2,
+            lambda: f"{op}: B, E, F and A must be matrices (..., m, r_B), (..., r_B, n), (..., m, r_F), (..., r_F, n)",
+        )
+        m, n, batch = B.shape[-2], E.shape[-1], B.shape[:-2]
+        torch._check(
+            E.shape[-2] == B.shape[-1] and F.shape[-2] == m and A.shape[-2:] == (F.shape[-1], n),
+            lambda: f"{op}: B {tuple(B.shape)}, E {tuple(E.shape)}, F {tuple(F.shape)} and A {tuple(A.shape)} do not "
+            "stand for an m x n matrix B @ E + F @ A",
+        )
+        torch._check(
+            E.shape[:-2] == batch and F.shape[:-2] == batch and A.shape[:-2] == batch,
+            lambda: f"{op}: all inputs share the leading batch dimensions; got B {tuple(B.shape)}, E {tuple(E.shape)}, "
+            f"F {tuple(F.shape)}, A {tuple(A.shape)}",
+        )
+        dtype = B.dtype
+        for t in (E, F, A):
+            dtype = torch.promote_types(dtype, t.dtype)
+        return B.new_empty(batch + (m,), dtype=dtype), B.new_empty(batch + (n,), dtype=dtype)
+
+    from torch.utils.flop_counter import register_flop_formula
+
+    # FlopCounterMode sees the op as one call: count the kernel's multiply-adds (per column of either side,
+    # R(R+1)/2 for its share of the Gram's triangle and R(R+1)/2 for its quadratic form in the other side's
+    # triangular form, R = r_B + r_F), so that cost accounting gives the O((m+n)r²) law on every backend.
+    @register_flop_formula(torch.ops.lorsum.tangent_energies)
+    def _tangent_energies_flops(B_shape, E_shape, F_shape, A_shape, *args, out_shape=None, **kwargs) -> int:
+        m, n, R = B_shape[-2], E_shape[-1], B_shape[-1] + F_shape[-1]
+        layers = 1
+        for size in B_shape[:-2]:
+            layers *= size
+        return layers * 2 * R * (R + 1) * (m + n)

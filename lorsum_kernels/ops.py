@@ -143,7 +143,15 @@ def adaprelora_solve(
 def tangent_energies(
     B: Tensor, E: Tensor, F: Tensor, A: Tensor, *, backend: str | None = "auto"
 ) -> tuple[Tensor, Tensor]:
-    resolve_backend(backend, B.device, "tangent_energies")
+    name = resolve_backend(backend, B.device, "tangent_energies")
+    if name == "native":
+        # The native schema wants one batch shape (expanded views, no copies); the reference broadcasts
+        # Z = [B F] against W = [E; A].
+        batch = B.shape[:-2]
+        if not (E.shape[:-2] == batch and F.shape[:-2] == batch and A.shape[:-2] == batch):
+            batch = torch.broadcast_shapes(B.shape[:-2], E.shape[:-2], F.shape[:-2], A.shape[:-2])
+            B, E, F, A = (t.expand(batch + t.shape[-2:]) for t in (B, E, F, A))
+        return torch.ops.lorsum.tangent_energies(B, E, F, A)
     return reference.tangent_energies(B, E, F, A)
 
 

@@ -370,8 +370,8 @@ def test_functional_step_native_equals_torch():
 
 
 def _train(backend, steps=6, **kw):
-    # backend="native" forces every hot path; the surrogate statistics (ops.tangent_energies) have no native
-    # kernel, so the surrogate variant runs under "auto", which takes the native solve where it is built.
+    # backend="native" forces every hot path: the solve, and the exact (row_col_energies) or surrogate
+    # (tangent_energies) statistics.
     import lorsum_kernels as lk
 
     torch.manual_seed(0)
@@ -402,7 +402,7 @@ def test_optimizer_native_equals_torch(kw, monkeypatch):
 
     monkeypatch.delenv("LORSUM_BACKEND", raising=False)
     assert resolve_backend("auto", "cpu", "adaprelora_solve") == "native"
-    p_nat, s_nat = _train("native" if kw["statistics"] == "exact" else "auto", **kw)
+    p_nat, s_nat = _train("native", **kw)
     p_ref, s_ref = _train("torch", **kw)
     assert p_nat.keys() == p_ref.keys() and s_nat.keys() == s_ref.keys()
     for key in p_ref:
@@ -414,13 +414,20 @@ def test_optimizer_native_equals_torch(kw, monkeypatch):
             assert torch.equal(s_nat[key], s_ref[key]), key
 
 
-def test_forced_native_without_a_native_statistics_op_raises_before_hooking():
-    # The surrogate statistics (tangent_energies) have no native kernel: forcing "native" must fail at
-    # construction, naming the op, and leave the model unhooked.
+def test_forced_backend_lacking_an_op_raises_before_hooking(monkeypatch):
+    # Every op of both configurations has a native CPU kernel, so forcing "native" constructs either. A
+    # forced backend that lacks one of the configuration's ops must fail at construction, naming the op,
+    # and leave the model unhooked: Triton on a CPU device runs only in its interpreter, and it has no
+    # tangent_energies at all.
     from lorsum_kernels import AdaPreLoRA
 
     model = TinyLoRAMLP()
-    with pytest.raises(RuntimeError, match="tangent_energies"):
-        AdaPreLoRA(model, backend="native", statistics="surrogate")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="backend 'triton' is not available for op 'adaprelora_solve'"):
+        AdaPreLoRA(model, backend="triton", statistics="exact")  # the configuration that hooks the layers
     assert all(not layer._forward_hooks and not layer._backward_hooks for layer in model.lora_layers())
-    AdaPreLoRA(model, backend="native", statistics="exact")  # both of its ops are native
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # (the solve still raises where triton is not importable)
+    with pytest.raises(RuntimeError, match="not available for op '(tangent_energies|adaprelora_solve)'"):
+        AdaPreLoRA(model, backend="triton", statistics="surrogate")
+    AdaPreLoRA(model, backend="native", statistics="exact")
+    AdaPreLoRA(TinyLoRAMLP(), backend="native", statistics="surrogate")

@@ -18,6 +18,7 @@
 //                           Grams and anchor terms, kernel (3) for the solve; reference.lorsum_update_in/out's
 //                           formulation: the anchor plus the solved change from it
 //   adaprelora_solve        kernel (5) for r ≤ 64; for r > 64 the reference's ATen calls
+//   tangent_energies        kernel (6) for r_B + r_F ≤ 128; above, the reference's ATen calls
 
 #include "kernels.h"
 
@@ -724,6 +725,79 @@ std::tuple<at::Tensor, at::Tensor> adaprelora_solve_cuda(const at::Tensor& A, co
   return {dA.to(out_dtype), dB.to(out_dtype)};
 }
 
+// ---- tangent_energies -------------------------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor> tangent_energies_cuda(const at::Tensor& B, const at::Tensor& E, const at::Tensor& F,
+                                                         const at::Tensor& A) {
+  constexpr const char* op = "tangent_energies";
+  TORCH_CHECK(B.defined(), op, ": B is undefined");
+  const auto device = B.device();
+  check_input(B, op, "B", 2, device);
+  check_input(E, op, "E", 2, device);
+  check_input(F, op, "F", 2, device);
+  check_input(A, op, "A", 2, device);
+  const int64_t m = B.size(-2), r_B = B.size(-1), n = E.size(-1), r_F = F.size(-1);
+  TORCH_CHECK(E.size(-2) == r_B, op, ": B ", B.sizes(), " is (..., m, r) and E ", E.sizes(),
+              " must be (..., r, n) with the same r");
+  TORCH_CHECK(F.size(-2) == m, op, ": F ", F.sizes(), " must be (..., m, r_F) with the m of B ", B.sizes());
+  TORCH_CHECK(A.size(-2) == r_F && A.size(-1) == n, op, ": A must be (..., r_F, n) = (..., ", r_F, ", ", n,
+              ") for F ", F.sizes(), " and E ", E.sizes(), ", got shape ", A.sizes());
+  const auto batch = batch_shape(B, 2);
+  for (const auto& [t, name] : {std::pair{&E, "E"}, std::pair{&F, "F"}, std::pair{&A, "A"}}) {
+    TORCH_CHECK(batch_shape(*t, 2) == batch, op, ": ", name, " has batch shape ", batch_shape(*t, 2), " but B has ",
+                batch, " (all inputs share the leading batch dimensions)");
+  }
+  const int64_t L = numel_of(batch);
+  const int64_t R = r_B + r_F;
+
+  const auto acc = acc_dtype({B, E, F, A});
+  at::ScalarType out_dtype = B.scalar_type();
+  bool one_dtype = true;
+  for (const at::Tensor* t : {&E, &F, &A}) {
+    out_dtype = at::promote_types(out_dtype, t->scalar_type());
+    one_dtype = one_dtype && t->scalar_type() == B.scalar_type();
+  }
+  const auto opts = B.options().dtype(acc);
+  at::Tensor rows = at::empty(with_trailing(batch, {m}), opts);
+  at::Tensor cols = at::empty(with_trailing(batch, {n}), opts);
+  if (rows.numel() == 0 && cols.numel() == 0) {
+    return {rows.to(out_dtype), cols.to(out_dtype)};
+  }
+  const c10::cuda::CUDAGuard guard(device);
+  // Mixed input dtypes are unified in the accumulation dtype; otherwise the kernels read the inputs as they
+  // are, through their strides.
+  auto input = [&](const at::Tensor& t) {
+    const at::Tensor flat = t.reshape({L, t.size(-2), t.size(-1)});
+    return one_dtype ? flat : flat.to(acc);
+  };
+  const at::Tensor B3 = input(B), E3 = input(E), F3 = input(F), A3 = input(A);
+
+  if (R > kc::kMaxTangentRank) {
+    // reference.tangent_energies, operation for operation, in acc.
+    const at::Tensor Z = at::cat({B3.to(acc), F3.to(acc)}, -1);
+    const at::Tensor W = at::cat({E3.to(acc), A3.to(acc)}, -2);
+    rows.view({L, m}).copy_(at::matmul(Z, at::matmul(W, W.mT())).mul(Z).sum(-1).clamp_min(0));
+    cols.view({L, n}).copy_(at::matmul(at::matmul(Z.mT(), Z), W).mul(W).sum(-2).clamp_min(0));
+    return {rows.to(out_dtype), cols.to(out_dtype)};
+  }
+
+  const size_t elem = acc == at::kDouble ? sizeof(double) : sizeof(float);
+  const size_t bytes = kc::tangent_energies_workspace_bytes(L, R, m, n, elem);
+  const at::Tensor ws = workspace(bytes, B);
+  dispatch_input(one_dtype ? B.scalar_type() : acc, op, [&](auto tag) {
+    using T_ = decltype(tag);
+    using Acc = kc::acc_t<T_>;
+    kc::TangentInputs<T_> in{cptr<T_>(B3), B3.stride(0), B3.stride(1), B3.stride(2),
+                             cptr<T_>(E3), E3.stride(0), E3.stride(1), E3.stride(2),
+                             cptr<T_>(F3), F3.stride(0), F3.stride(1), F3.stride(2),
+                             cptr<T_>(A3), A3.stride(0), A3.stride(1), A3.stride(2)};
+    check_launch(kc::tangent_energies<T_>(in, L, r_B, r_F, m, n, mptr<Acc>(rows), mptr<Acc>(cols),
+                                          bytes ? ws.data_ptr() : nullptr, bytes, current_stream()),
+                 op);
+  });
+  return {rows.to(out_dtype), cols.to(out_dtype)};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lorsum, CUDA, m) {
@@ -735,6 +809,7 @@ TORCH_LIBRARY_IMPL(lorsum, CUDA, m) {
   m.impl("lorsum_update_in", &lorsum_update_in_cuda);
   m.impl("lorsum_update_out", &lorsum_update_out_cuda);
   m.impl("adaprelora_solve", &adaprelora_solve_cuda);
+  m.impl("tangent_energies", &tangent_energies_cuda);
 }
 
 }  // namespace lorsum

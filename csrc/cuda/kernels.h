@@ -20,9 +20,9 @@
 //   same size arguments, and takes (workspace, workspace_bytes); the pointer may be null when that size is
 //   0. Keeping allocation outside lets the binding use torch's stream-ordered caching allocator.
 // * Return value: cudaSuccess, cudaErrorInvalidValue for bad arguments (negative sizes, a null pointer
-//   where data is needed, a workspace too small, r > kMaxSolveRank), or the error cudaGetLastError()
-//   reports after a launch. Zero-size problems return cudaSuccess and launch nothing (outputs of an empty
-//   sum are zero-filled).
+//   where data is needed, a workspace too small, r > kMaxSolveRank, R > kMaxTangentRank), or the error
+//   cudaGetLastError() reports after a launch. Zero-size problems return cudaSuccess and launch nothing
+//   (outputs of an empty sum are zero-filled).
 
 #pragma once
 
@@ -178,6 +178,43 @@ cudaError_t adaprelora_solve(const AdaPreLoRAInputs<T>& in, int64_t L, int64_t r
                              acc_t<T> fallback_ridge, acc_t<T>* dA, acc_t<T>* dB, void* workspace,
                              size_t workspace_bytes, cudaStream_t stream);
 
+// ---- (6) AdaPreLoRA's surrogate statistics: the row and column energies of B·E + F·A ----------------------
+//
+// For each of L layers (reference.tangent_energies), with Z = [B F] (m×R) and W = [E; A] (R×n),
+// R = r_B + r_F:
+//
+//   rows[b, i] = max(0, z_iᵀ (W·Wᵀ) z_i),   cols[b, j] = max(0, w_jᵀ (Zᵀ·Z) w_j)   (a NaN stays NaN)
+//
+// Inputs, all of type T and addressed by the strides of TangentInputs (any strides, 0 included): B (L, m, r_B),
+// E (L, r_B, n), F (L, m, r_F), A (L, r_F, n). Outputs: rows (L, m) and cols (L, n), contiguous, in acc_t<T>.
+// Both are one computation on R×N matrices ("sides": side 0 is V = Zᵀ with N = m, side 1 is V = W with
+// N = n), in three kernels: (i) per chunk of kTangentChunk columns, its share of the Gram M_s = V·Vᵀ (packed
+// lower triangle, one thread per entry, summed in column order); (ii) per layer and side, the shares summed
+// in chunk order into the full symmetric M_s; (iii) per chunk, each column's quadratic form in the other
+// side's Gram, one warp per column, clamped. Chunk blocks stage 32-column panels in shared memory.
+// 0 ≤ R ≤ kMaxTangentRank (R = 0 gives zeros); the binding composes ATen calls for larger R.
+constexpr int kMaxTangentRank = 128;
+constexpr int64_t kTangentChunk = 512;
+
+template <typename T>
+struct TangentInputs {
+  const T* B;
+  int64_t b_bs, b_rs, b_cs;
+  const T* E;
+  int64_t e_bs, e_rs, e_cs;
+  const T* F;
+  int64_t f_bs, f_rs, f_cs;
+  const T* A;
+  int64_t a_bs, a_rs, a_cs;
+};
+
+size_t tangent_energies_workspace_bytes(int64_t L, int64_t R, int64_t m, int64_t n, size_t acc_size);
+
+template <typename T>
+cudaError_t tangent_energies(const TangentInputs<T>& in, int64_t L, int64_t r_B, int64_t r_F, int64_t m, int64_t n,
+                             acc_t<T>* rows, acc_t<T>* cols, void* workspace, size_t workspace_bytes,
+                             cudaStream_t stream);
+
 // ---- explicit instantiations (defined in kernels.cu) -----------------------------------------------
 
 #define LORSUM_CUDA_FOR_EACH_INPUT(X) X(float) X(double) X(__nv_bfloat16) X(__half)
@@ -211,8 +248,16 @@ LORSUM_CUDA_FOR_EACH_INPUT(LORSUM_CUDA_DECLARE_SINGLE)
 LORSUM_CUDA_FOR_EACH_PAIR(LORSUM_CUDA_DECLARE_PAIR)
 LORSUM_CUDA_FOR_EACH_INPUT(LORSUM_CUDA_DECLARE_ADAPRELORA)
 
+#define LORSUM_CUDA_DECLARE_TANGENT(T)                                                                    \
+  extern template cudaError_t tangent_energies<T>(const TangentInputs<T>&, int64_t, int64_t, int64_t,     \
+                                                  int64_t, int64_t, acc_t<T>*, acc_t<T>*, void*, size_t,   \
+                                                  cudaStream_t);
+
+LORSUM_CUDA_FOR_EACH_INPUT(LORSUM_CUDA_DECLARE_TANGENT)
+
 #undef LORSUM_CUDA_DECLARE_SINGLE
 #undef LORSUM_CUDA_DECLARE_PAIR
 #undef LORSUM_CUDA_DECLARE_ADAPRELORA
+#undef LORSUM_CUDA_DECLARE_TANGENT
 
 }  // namespace lorsum::cuda
