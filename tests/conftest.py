@@ -39,6 +39,43 @@ class TinyLoRAMLP(nn.Module):
         return self.head(h)
 
 
+# (batch, m, n, r) of one same-shape layer group: every value of r ∈ {1, 3, 16}, m, n ∈ {5, 123, 256} and
+# batch ∈ {(), (3,), (2, 2)} appears with r ≤ min(m, n); the last two span several 512-column chunks per side
+# and ranks past one 16-row block of the native kernels' blocked loops.
+LAYER_SHAPES = [
+    ((), 5, 123, 3),
+    ((3,), 123, 5, 1),
+    ((2, 2), 256, 256, 16),
+    ((), 123, 256, 16),
+    ((3,), 256, 123, 3),
+    ((2, 2), 5, 5, 3),
+    ((3,), 123, 123, 1),
+    ((2,), 1100, 600, 40),
+    ((), 700, 1537, 64),
+]
+LAYER_SHAPE_IDS = [f"b{'x'.join(map(str, b)) or '0'}_m{m}_n{n}_r{r}" for b, m, n, r in LAYER_SHAPES]
+
+
+def train_tiny(make_optimizer, steps: int) -> tuple[dict, dict]:
+    """``steps`` seeded steps of a TinyLoRAMLP(40→72→72→72→5, r=5) under ``make_optimizer(model)``; returns
+    the parameters and every tensor of the optimizer state, keyed by parameter name (backend comparisons)."""
+    torch.manual_seed(0)
+    model = TinyLoRAMLP(d_in=40, d_hidden=72, d_out=5, r=5, alpha=10.0)
+    opt = make_optimizer(model)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x = torch.randn(4, 33, 40, generator=g)
+        y = torch.randint(0, 5, (4, 33), generator=g)
+        loss = nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    state = {(n, k): v.clone() for n, p in model.named_parameters() for k, v in opt.state.get(p, {}).items()
+             if isinstance(v, torch.Tensor)}
+    return params, state
+
+
 @pytest.fixture
 def tiny_model():
     torch.manual_seed(0)

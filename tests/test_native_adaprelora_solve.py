@@ -17,28 +17,14 @@ import torch
 
 from lorsum_kernels import _native, ops, reference
 
-from .conftest import TinyLoRAMLP, rel_err
+from .conftest import LAYER_SHAPE_IDS, LAYER_SHAPES, TinyLoRAMLP, rel_err, train_tiny
 
 pytestmark = pytest.mark.skipif(
     not _native.has_native_op("adaprelora_solve", "cpu"),
     reason=f"native adaprelora_solve not built: {_native.native_error}",
 )
 
-# (batch, m, n, r): every value of r ∈ {1, 3, 16}, m, n ∈ {5, 123, 256} and batch ∈ {(), (3,), (2, 2)}
-# appears, with r ≤ min(m, n) as for any LoRA layer; the last two have several column chunks per side
-# (512 columns each) and ranks past one block (16 rows) of the blocked substitution.
-SHAPES = [
-    ((), 5, 123, 3),
-    ((3,), 123, 5, 1),
-    ((2, 2), 256, 256, 16),
-    ((), 123, 256, 16),
-    ((3,), 256, 123, 3),
-    ((2, 2), 5, 5, 3),
-    ((3,), 123, 123, 1),
-    ((2,), 1100, 600, 40),
-    ((), 700, 1537, 64),
-]
-IDS = [f"b{'x'.join(map(str, b)) or '0'}_m{m}_n{n}_r{r}" for b, m, n, r in SHAPES]
+SHAPES, IDS = LAYER_SHAPES, LAYER_SHAPE_IDS
 
 RIDGE = 1e-6
 
@@ -374,21 +360,7 @@ def _train(backend, steps=6, **kw):
     # (tangent_energies) statistics.
     import lorsum_kernels as lk
 
-    torch.manual_seed(0)
-    model = TinyLoRAMLP(d_in=40, d_hidden=72, d_out=5, r=5, alpha=10.0)
-    opt = lk.AdaPreLoRA(model, lr=1e-2, backend=backend, **kw)
-    g = torch.Generator().manual_seed(1)
-    for _ in range(steps):
-        x = torch.randn(4, 33, 40, generator=g)
-        y = torch.randint(0, 5, (4, 33), generator=g)
-        loss = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    params = {n: p.detach().clone() for n, p in model.named_parameters()}
-    state = {(n, k): v.clone() for n, p in model.named_parameters() for k, v in opt.state.get(p, {}).items()
-             if isinstance(v, torch.Tensor)}
-    return params, state
+    return train_tiny(lambda model: lk.AdaPreLoRA(model, lr=1e-2, backend=backend, **kw), steps)
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ import torch
 
 from lorsum_kernels import _native, ops, reference
 
-from .conftest import TinyLoRAMLP, rel_err
+from .conftest import rel_err, train_tiny
 
 pytestmark = pytest.mark.skipif(
     not _native.has_native_op("lorsum_update_in", "cpu"),
@@ -439,21 +439,7 @@ def test_fake_tensor_and_compile():
 
 
 def _train(opt_cls, backend, steps=7, **kw):
-    torch.manual_seed(0)
-    model = TinyLoRAMLP(d_in=40, d_hidden=72, d_out=5, r=5, alpha=10.0)
-    opt = opt_cls(model, backend=backend, **kw)
-    g = torch.Generator().manual_seed(1)
-    for _ in range(steps):
-        x = torch.randn(4, 33, 40, generator=g)
-        y = torch.randint(0, 5, (4, 33), generator=g)
-        loss = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    params = {n: p.detach().clone() for n, p in model.named_parameters()}
-    state = {(n, k): v.clone() for n, p in model.named_parameters() for k, v in opt.state.get(p, {}).items()
-             if isinstance(v, torch.Tensor)}
-    return params, state
+    return train_tiny(lambda model: opt_cls(model, backend=backend, **kw), steps)
 
 
 @pytest.mark.parametrize(
