@@ -8,6 +8,8 @@ Public API:
   (``kfac_statistics``, ``shampoo_statistics``, ``ema``, ``effective_metric``), ``gradient_norm``,
   ``svdlora_step``, ``adaprelora_direction``, ``exact_statistics``, ``surrogate_statistics``,
   ``scaled_gd_direction``;
+* data-parallel training: the optimizers' ``process_group=`` argument (``distributed`` documents what each
+  method averages over ranks) and ``RankAverage``, the ``reduce`` of the functional methods;
 * LoRA discovery: ``LoRALinear``, ``find_lora_layers``; initialisation: ``lora_one_init``,
   ``lora_ga_init``.
 """
@@ -26,6 +28,7 @@ from .functional import (
     surrogate_statistics,
     svdlora_step,
 )
+from .distributed import RankAverage
 from .init import lora_ga_init, lora_one_init
 from .lora import LoRALayer, LoRALinear, find_lora_layers
 from .optim import (
@@ -47,6 +50,7 @@ __all__ = [
     "LoRALinear",
     "LoRAOptimizer",
     "LoRSum",
+    "RankAverage",
     "SVDLoRA",
     "ScaledAdamW",
     "ScaledGD",

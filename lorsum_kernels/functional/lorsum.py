@@ -7,20 +7,25 @@ on the host, so a step built from these functions can be captured in a CUDA grap
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
 
-from .. import ops
+from .. import ops, reference
 from ..backends import resolve_backend
 from ..reference import batch_scalar
 
 Pair = tuple[Tensor, Tensor]
+# Data-parallel mode: averages a list of tensors over ranks and returns the averages
+# (lorsum_kernels.distributed.RankAverage); None is single-process training.
+Reduce = Callable[[list[Tensor]], list[Tensor]]
 
 __all__ = [
     "compute_dtype",
     "low_rank_sum",
+    "low_rank_sums_over_ranks",
+    "LoRSumProblem",
     "scaled_low_rank_sum",
     "kfac_statistics",
     "shampoo_statistics",
@@ -78,8 +83,10 @@ def _check_batch_shapes(shapes, what: str) -> None:
         ) from None
 
 
-def _lorsum(pairs, coeffs, metrics, lmbd, iters, backend) -> Pair:
+def _lorsum(pairs, coeffs, metrics, lmbd, iters, backend, reduce=None) -> Pair:
     _check_pairs(pairs, coeffs, iters)
+    if reduce is not None and len(pairs) < 2:
+        raise ValueError("with reduce, pairs[1] must be this rank's token pair (X, S.mT)")
     out_dtype = pairs[0][0].dtype
     dt = compute_dtype(*(t for pair in pairs for t in pair))
     cast = [(pairs[0][0].to(dt), pairs[0][1].to(dt))]
@@ -87,6 +94,11 @@ def _lorsum(pairs, coeffs, metrics, lmbd, iters, backend) -> Pair:
     if metrics is not None:
         metrics = (metrics[0].to(dt), metrics[1].to(dt))
     anchor, rest = cast[0], cast[1:]
+    if reduce is not None:
+        problem = LoRSumProblem(anchor, rest[1:], list(coeffs), metrics, lmbd)
+        ((A_new, B_new),) = low_rank_sums_over_ranks([problem], rest[0], iters=iters, reduce=reduce,
+                                                     backend=backend)
+        return A_new.to(out_dtype), B_new.to(out_dtype)
     A0, B0 = anchor
     kw = dict(backend=backend)
     if iters == 0:
@@ -102,8 +114,88 @@ def _lorsum(pairs, coeffs, metrics, lmbd, iters, backend) -> Pair:
     return A_new.to(out_dtype), B_new.to(out_dtype)
 
 
+class LoRSumProblem(NamedTuple):
+    """One LoRSum of ``low_rank_sums_over_ranks``: the single-process ``pairs`` minus the token pair.
+
+    ``coeffs = [c_anchor, c_token, *c_replicated]``, as for ``pairs = [anchor, token pair, *replicated]``;
+    ``metrics`` as in ``scaled_low_rank_sum`` (or None); ``lmbd`` the proximal weight. Every tensor is in
+    the math dtype and identical on all ranks.
+    """
+
+    anchor: Pair
+    replicated: list
+    coeffs: list
+    metrics: tuple[Tensor, Tensor] | None
+    lmbd: object
+
+
+def low_rank_sums_over_ranks(
+    problems: Sequence[LoRSumProblem], token_pair: Pair, *, iters: int, reduce: Reduce,
+    backend: str | None = "auto",
+) -> list[Pair]:
+    """LoRSums that share this rank's token pair ``(X, S.mT)``, in data-parallel mode (spec/lorsum.md §12).
+
+    The token pair enters each half-step only through an r-wide sum over tokens: ``(S·B̂)ᵀ·X`` (r×n) in the
+    A-step, ``Sᵀ·(X·Âᵀ)`` (m×r) in the B-step. Those are computed locally (``ops.pair_products``), averaged
+    over ranks by ``reduce``, and the half-step solves with the average in their place; anchors,
+    replicated pairs and metrics are used as they are. The problems run in lock step, so one collective
+    carries a half-step's products of all of them (the weight and the momentum buffer), and for ``iters=0``
+    (both half-steps from the anchors) one collective carries the whole step. Returns the new ``(A, B)``
+    of each problem, in the math dtype. With ``R = 1`` this is ``low_rank_sum`` up to rounding.
+    """
+    X, S_t = token_pair
+
+    def averaged_products(B_hats: list | None, A_hats: list | None) -> tuple[list, list]:
+        """Each problem's A-step product (with its B̂) and B-step product (with its Â), averaged over ranks;
+        an absent side gives an empty list. The wide factors sit side by side: one read of X and S for all
+        problems, and one collective."""
+        W = None if B_hats is None else torch.cat(B_hats, -1)
+        V = None if A_hats is None else torch.cat(A_hats, -2)
+        P, Q = ops.pair_products(X, S_t, W, V, backend=backend)
+        present = [t for t, side in ((P, W), (Q, V)) if side is not None]
+        averaged = iter(reduce(present))
+        ranks = [p.anchor[0].shape[-2] for p in problems]
+        P = [] if W is None else list(next(averaged).split(ranks, dim=-2))
+        Q = [] if V is None else list(next(averaged).split(ranks, dim=-1))
+        return P, Q
+
+    def a_step(p: LoRSumProblem, B_hat: Tensor, product: Tensor) -> Tensor:
+        token_term = product * batch_scalar(p.coeffs[1], product)
+        if p.metrics is not None:
+            token_term = token_term / p.metrics[0].unsqueeze(-2)
+        return reference.lorsum_update_in(
+            B_hat, p.anchor, p.replicated, [p.coeffs[0], *p.coeffs[2:]], p.lmbd, p.metrics,
+            solve=_solve_adding(token_term, backend))
+
+    def b_step(p: LoRSumProblem, A_hat: Tensor, product: Tensor) -> Tensor:
+        token_term = product * batch_scalar(p.coeffs[1], product)
+        if p.metrics is not None:
+            token_term = token_term / p.metrics[1].unsqueeze(-1)
+        return reference.lorsum_update_out(
+            A_hat, p.anchor, p.replicated, [p.coeffs[0], *p.coeffs[2:]], p.lmbd, p.metrics,
+            solve=_solve_adding(token_term, backend))
+
+    if iters == 0:  # Jacobi: both half-steps from the anchors, so all products in one collective
+        P, Q = averaged_products([p.anchor[1] for p in problems], [p.anchor[0] for p in problems])
+        return [(a_step(p, p.anchor[1], Pp), b_step(p, p.anchor[0], Qp)) for p, Pp, Qp in zip(problems, P, Q)]
+    B_hats = [p.anchor[1] for p in problems]
+    for _ in range(iters):
+        P, _ = averaged_products(B_hats, None)
+        A_hats = [a_step(p, B_hat, Pp) for p, B_hat, Pp in zip(problems, B_hats, P)]
+        _, Q = averaged_products(None, A_hats)
+        B_hats = [b_step(p, A_hat, Qp) for p, A_hat, Qp in zip(problems, A_hats, Q)]
+    return list(zip(A_hats, B_hats))
+
+
+def _solve_adding(token_term: Tensor, backend):
+    """The half-step's r×r solve with the averaged token term added to its right-hand side (the reference
+    half-steps sum the anchor and replicated terms and hand the result to ``solve``)."""
+    return lambda gram, rhs, left: ops.spd_solve(gram, rhs + token_term, left=left, backend=backend)
+
+
 def low_rank_sum(
-    pairs: Sequence[Pair], coeffs: Sequence, *, lmbd=0.0, iters: int = 1, backend: str | None = "auto"
+    pairs: Sequence[Pair], coeffs: Sequence, *, lmbd=0.0, iters: int = 1, backend: str | None = "auto",
+    reduce: Reduce | None = None,
 ) -> Pair:
     """Rank-r compression of the implicit sum ``Σ_j c_j F_out_j @ F_in_j`` by proximal ALS (LoRSum).
 
@@ -115,11 +207,14 @@ def low_rank_sum(
         iters: k ALS rounds, A-step first (Gauss–Seidel); ``0`` is one Jacobi round, i.e. the
             Riemannian-preconditioned (RPLoRA) step.
         backend: "auto", "native", "triton" or "torch".
+        reduce: data-parallel mode (``distributed.RankAverage``): ``pairs[1]`` is then this rank's token
+            pair ``(X, S.mT)``, whose products are averaged over ranks each half-step
+            (``low_rank_sums_over_ranks``); the other pairs must be identical on every rank.
 
     Returns:
         ``(A, B)``: the new factors, in the dtype of ``A0``.
     """
-    return _lorsum(pairs, coeffs, None, lmbd, iters, backend)
+    return _lorsum(pairs, coeffs, None, lmbd, iters, backend, reduce)
 
 
 def scaled_low_rank_sum(
@@ -130,12 +225,13 @@ def scaled_low_rank_sum(
     lmbd=0.0,
     iters: int = 1,
     backend: str | None = "auto",
+    reduce: Reduce | None = None,
 ) -> Pair:
     """LoRSum in the diagonal metric ``metrics = (m_in (n,), m_out (m,))`` (spec/lorsum.md §6.2).
 
     The metrics are the effective ones (``effective_metric``), strictly positive. Pair 0 is the anchor and
     is not preconditioned; every other pair is mapped to ``M_out⁻¹ F_out F_in M_in⁻¹``. With unit metrics
-    this equals ``low_rank_sum``.
+    this equals ``low_rank_sum``. ``reduce`` as in ``low_rank_sum`` (the metrics must be replicated).
     """
     m_in, m_out = metrics
     A0, B0 = pairs[0]
@@ -145,7 +241,7 @@ def scaled_low_rank_sum(
             f"{tuple(m_in.shape)} and {tuple(m_out.shape)}"
         )
     _check_batch_shapes([A0.shape[:-2], m_in.shape[:-1], m_out.shape[:-1]], "factors and metrics")
-    return _lorsum(pairs, coeffs, (m_in, m_out), lmbd, iters, backend)
+    return _lorsum(pairs, coeffs, (m_in, m_out), lmbd, iters, backend, reduce)
 
 
 def kfac_statistics(

@@ -4,6 +4,11 @@ Inputs are a bucket of L same-shape layers: balanced factors ``A`` (L,r,n) and `
 dtype (``√s·A``, ``√s·B``, so that ``B·A`` is the merged LoRA weight ``s·B·A``), the captured ``X`` (L,T,n)
 and ``S`` (L,T,m), and the method state. Outputs are the new factors and the new state; the caller writes
 them back (or not, when they are not finite).
+
+``reduce`` (default None: single process) turns on data-parallel mode (``lorsum_kernels.distributed``):
+X and S are then this rank's tokens, and every token sum (the LoRSum products, the K-FAC statistics) is
+averaged over ranks by ``reduce`` before it is used; the weight and momentum LoRSums run in lock step so
+that each half-step needs one collective (``low_rank_sums_over_ranks``).
 """
 
 from __future__ import annotations
@@ -11,11 +16,14 @@ from __future__ import annotations
 from torch import Tensor
 
 from .lorsum import (
+    LoRSumProblem,
+    Reduce,
     data_operand,
     effective_metric,
     ema,
     kfac_statistics,
     low_rank_sum,
+    low_rank_sums_over_ranks,
     scaled_low_rank_sum,
     shampoo_statistics,
 )
@@ -37,6 +45,7 @@ def psi_lora_step(
     momentum: float,
     dampening: float,
     backend: str | None = "auto",
+    reduce: Reduce | None = None,
 ):
     """PSI-LoRA with low-rank heavy-ball momentum kept as factors ``(A_m, B_m)`` (spec §5.1).
 
@@ -50,6 +59,10 @@ def psi_lora_step(
     # cast (when the backend needs it) once, not in each LoRSum call
     grad_pair = (data_operand(X, A.dtype, backend), data_operand(S, A.dtype, backend).mT)
     lam = lr * lmbd
+    if reduce is not None:
+        return _weight_and_buffer_over_ranks(
+            (A, B), grad_pair, momentum_factors, [1.0, -lr * (1 - dampening), -lr * momentum],
+            [momentum, 1 - dampening], None, lam, lr * lmbd_momentum, iters, reduce, backend)
     if momentum_factors is None:
         A_new, B_new = low_rank_sum([(A, B), grad_pair], [1.0, -lr * (1 - dampening)], lmbd=lam, iters=iters,
                                     backend=backend)
@@ -86,6 +99,7 @@ def scaled_psi_lora_step(
     metric_power: float,
     loss_reduction: str,
     backend: str | None = "auto",
+    reduce: Reduce | None = None,
 ):
     """Scaled PSI-LoRA, "normal" mode (spec §6.4), for metrics ``"kfac"`` or ``"shampoo"``.
 
@@ -98,15 +112,27 @@ def scaled_psi_lora_step(
 
     Returns ``(A, B, (v_in, v_out), momentum_factors)``.
     """
+    if reduce is not None and metric != "kfac":
+        raise ValueError(
+            f"metric={metric!r} has no data-parallel mode: diag(GᵀG) of the global G is not a sum over "
+            "tokens (it has cross-rank terms); use metric='kfac'"
+        )
     beta1, beta2 = betas
     X, S = data_operand(X, A.dtype, backend), data_operand(S, A.dtype, backend)  # once, not per LoRSum
     stats = kfac_statistics if metric == "kfac" else shampoo_statistics
     stat_in, stat_out = stats(X, S, loss_reduction=loss_reduction, backend=backend)
+    if reduce is not None:  # per-rank means, averaged: the global statistics for equal-size shards
+        stat_in, stat_out = reduce([stat_in, stat_out])
     v_in, v_out = ema(metric_state[0], stat_in, beta2), ema(metric_state[1], stat_out, beta2)
     metrics = (effective_metric(v_in, damping, metric_power), effective_metric(v_out, damping, metric_power))
     lam = lr * lmbd
     lam = lam.clamp_min(min_lmbd) if isinstance(lam, Tensor) else max(lam, min_lmbd)
     grad_pair = (X, S.mT)
+    if reduce is not None:
+        A_new, B_new, buffer = _weight_and_buffer_over_ranks(
+            (A, B), grad_pair, momentum_factors, [1.0, -lr * (1 - beta1), -lr * beta1], [beta1, 1 - beta1],
+            metrics, lam, lr * lmbd, iters, reduce, backend)
+        return A_new, B_new, (v_in, v_out), buffer
     pairs, coeffs = [(A, B), grad_pair], [1.0, -lr * (1 - beta1)]
     if momentum_factors is not None:
         pairs.append(momentum_factors)
@@ -118,3 +144,21 @@ def scaled_psi_lora_step(
             [momentum_factors, grad_pair], [beta1, 1 - beta1], lmbd=lr * lmbd, iters=iters, backend=backend
         )
     return A_new, B_new, (v_in, v_out), buffer
+
+
+def _weight_and_buffer_over_ranks(
+    factors, grad_pair, momentum_factors, weight_coeffs, buffer_coeffs, metrics, lmbd, lmbd_buffer, iters,
+    reduce, backend,
+):
+    """The weight LoRSum ``[(A,B), (X,Sᵀ), (A_m,B_m)]`` (metric-scaled when ``metrics`` is given) and, with
+    momentum, the buffer's ``[(A_m,B_m), (X,Sᵀ)]`` in lock step over ranks. ``weight_coeffs`` has the
+    momentum pair's coefficient last, unused without momentum. Returns ``(A, B, momentum_factors)``."""
+    weight = LoRSumProblem(factors, [], weight_coeffs[:2], metrics, lmbd)
+    problems = [weight]
+    if momentum_factors is not None:
+        weight.replicated.append(momentum_factors)
+        weight.coeffs.append(weight_coeffs[2])
+        problems.append(LoRSumProblem(momentum_factors, [], list(buffer_coeffs), None, lmbd_buffer))
+    (A_new, B_new), *buffer = low_rank_sums_over_ranks(problems, grad_pair, iters=iters, reduce=reduce,
+                                                      backend=backend)
+    return A_new, B_new, (buffer[0] if buffer else None)

@@ -129,6 +129,13 @@ class AdaPreLoRA(LoRAOptimizer):
             state.update(exp_avg_sq_A=torch.zeros(r, n, **kw), exp_avg_sq_B=torch.zeros(m, r, **kw))
         return state
 
+    def _no_data_parallel_mode(self, group):
+        if self.statistics == "exact":
+            return ("statistics='exact' needs the row/column energies of the global G, which have "
+                    "cross-rank terms (all-reducing the m×n G or gathering every rank's X and S); "
+                    "statistics='surrogate' uses the factor gradients DDP already averages")
+        return None
+
     def _method_step(self, group, A, B, X, S, state, grads):
         g_A, g_B = grads
         A_new, B_new, new_state = adaprelora_step(

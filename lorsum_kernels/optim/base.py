@@ -20,6 +20,10 @@ methods act on (A, B) pairs and on each layer's X and S:
   ``.grad``; the other groups' ``.grad``), and every one of them is scaled by
   ``min(1, max_grad_norm / (norm + 1e-6))`` as torch's ``clip_grad_norm_`` does. The pre-clip norm is
   ``optimizer.grad_norm`` (a device tensor, for logging). No host synchronisation: the factor is a tensor.
+* ``process_group`` (None, ``"default"`` or a ``ProcessGroup``) turns on data-parallel training: the
+  methods average their token sums over ranks, and ranks agree on the captured layers, the non-finite
+  skip and the clip norm (``lorsum_kernels.distributed`` states what each method does). None: single
+  process, nothing added.
 * Method state (momentum factors, metrics) lives in fp32 (fp64 for fp64 parameters), keyed by the
   layer's A parameter, and keeps its dtype through ``state_dict``/``load_state_dict``.
 
@@ -37,8 +41,9 @@ from torch import Tensor, nn
 from torch.optim.adam import adam as _torch_adam
 
 from ..backends import resolve_backend
-from ..functional.lorsum import gradient_norm
 from ..capture import ActivationCapture
+from ..distributed import resolve_process_group
+from ..functional.lorsum import gradient_norm
 from ..lora import LoRALayer, find_lora_layers
 
 __all__ = ["LoRAOptimizer"]
@@ -64,6 +69,7 @@ class LoRAOptimizer(torch.optim.Optimizer):
         other_weight_decay: float = 0.0,
         max_grad_norm: float | None = None,
         seed: int = 0,
+        process_group=None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(
@@ -74,6 +80,8 @@ class LoRAOptimizer(torch.optim.Optimizer):
         _check_positive("other_lr", other_lr, allow_zero=True)
         if max_grad_norm is not None:
             _check_positive("max_grad_norm", max_grad_norm)
+        # Averages token sums over ranks (None: single process); raises now if distributed is not set up.
+        self._reduce = resolve_process_group(process_group)
         layers = find_lora_layers(model)
         if not layers:
             raise ValueError(
@@ -103,6 +111,11 @@ class LoRAOptimizer(torch.optim.Optimizer):
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self.grad_norm: Tensor | None = None  # the last step's pre-clip norm when max_grad_norm is set
         super().__init__(groups, defaults)
+        if self._reduce is not None:  # before any state is made and before the model is hooked
+            for group in self._lora_groups():
+                reason = self._no_data_parallel_mode(group)
+                if reason is not None:
+                    raise ValueError(f"{type(self).__name__} has no data-parallel mode here: {reason}")
         self._layers = [self._layers_by_A[id(p)] for g in self._lora_groups() for p in g["params"]
                         if id(p) in self._layers_by_A]
         self.state["skipped_steps"] = torch.zeros((), dtype=torch.int64, device=self._layers[0].A.device)
@@ -166,6 +179,11 @@ class LoRAOptimizer(torch.optim.Optimizer):
         """Initial method state of one layer (fp32 tensors on the layer's device)."""
         return {}
 
+    def _no_data_parallel_mode(self, group: dict) -> str | None:
+        """Why this group's configuration cannot run with a ``process_group`` (None when it can). Methods
+        that step from the captured X and S must average their token sums over ``self._reduce``."""
+        return None
+
     def _method_step(self, group: dict, A: Tensor, B: Tensor, X, S, state: dict, grads) -> tuple:
         """One step for a bucket of L layers. A (L,r,n) and B (L,m,r) are balanced factors in fp32
         (``√s·A``, ``√s·B``), X (L,T,n) and S (L,T,m) the captured data in their own dtype (None when
@@ -201,32 +219,57 @@ class LoRAOptimizer(torch.optim.Optimizer):
         return loss
 
     def _plan(self):
+        data_of = {}  # id(layer) -> its captured (X, S) or None
+        if self._capture is not None:
+            for layer in self._layers:
+                data = self._capture.get(layer.module)
+                if data is None and self._capture.received_grad(layer.module):
+                    raise RuntimeError(
+                        f"{layer.name} has gradients but no captured inputs/output-gradients: was its "
+                        "forward run in eval mode, under no_grad, or before the optimizer was created?"
+                    )
+                data_of[id(layer)] = data
+        uneven = self._agree_on_data(data_of) if self._reduce is not None and data_of else set()
         plan = []
         for group in self._lora_groups():
             buckets: dict[tuple, tuple[list, list]] = defaultdict(lambda: ([], []))
             for layer in self._group_layers(group):
-                data = None
+                data = data_of.get(id(layer))
                 if self._capture is not None:
-                    data = self._capture.get(layer.module)
                     if data is None:
-                        if self._capture.received_grad(layer.module):
-                            raise RuntimeError(
-                                f"{layer.name} has gradients but no captured inputs/output-gradients: was "
-                                "its forward run in eval mode, under no_grad, or before the optimizer "
-                                "was created?"
-                            )
                         continue
                 elif layer.A.grad is None and layer.B.grad is None:
                     continue
                 T = -1 if data is None else data[0].shape[0]
                 xdt = None if data is None else (data[0].dtype, data[1].dtype)
                 key = (tuple(layer.A.shape), tuple(layer.B.shape), layer.A.dtype, layer.A.device, T, xdt)
-                if data is not None and self._unbatched_data(group, layer.A.device):
+                if data is not None and (id(layer) in uneven or self._unbatched_data(group, layer.A.device)):
                     key = key + (id(layer),)  # a bucket of one: no stacked copy of X and S
                 buckets[key][0].append(layer)
                 buckets[key][1].append(data)
             plan.append((group, list(buckets.values())))
         return plan
+
+    def _agree_on_data(self, data_of: dict) -> set:
+        """Make every rank step the same layers in the same buckets, so that their collectives pair up.
+
+        One all-reduce of the per-layer row counts (read on the host). A layer with rows on some rank but
+        none here takes part with zero rows (a zero contribution to the averaged sums); a layer whose row
+        count differs between ranks is returned, to be stepped alone (stacking needs one T). A rank
+        without this layer's data on every rank would otherwise skip collectives the others wait in.
+        """
+        rows = torch.tensor([-1 if data_of[id(layer)] is None else data_of[id(layer)][0].shape[0]
+                             for layer in self._layers], device=self._layers[0].A.device)
+        low, high = (t.tolist() for t in self._reduce.min_max(rows))
+        uneven = set()
+        for layer, lo, hi in zip(self._layers, low, high):
+            if hi >= 0 and data_of[id(layer)] is None:
+                kw = dict(dtype=layer.A.dtype, device=layer.A.device)
+                data_of[id(layer)] = (torch.zeros(0, layer.in_features, **kw),
+                                      torch.zeros(0, layer.out_features, **kw))
+            if lo != hi:
+                uneven.add(id(layer))
+        return uneven
 
     def _uses_grads(self) -> bool:
         return bool(self.needs_grads or (self.needs_grads is None and not self.needs_capture))
@@ -238,7 +281,10 @@ class LoRAOptimizer(torch.optim.Optimizer):
         for group, buckets in plan:
             for layers, data in buckets:
                 for layer, d in zip(layers, data):
-                    if d is not None:
+                    if d is not None and self._reduce is not None:
+                        # The global G = mean over ranks of S_rᵀX_r: its norm has cross-rank terms.
+                        squares.append(self._reduce.gradient_norm(d[0], d[1]).float().square())
+                    elif d is not None:
                         # The captured data define the method's gradient (weight gradient, or the
                         # statistics and factor gradients derived from it): G's norm is the one to clip.
                         squares.append(gradient_norm(d[0], d[1], backend=group.get("backend")).float().square())
@@ -284,6 +330,8 @@ class LoRAOptimizer(torch.optim.Optimizer):
         # almost always reaches the outputs, but not provably (a clamp, a zero weight), so both count.
         checked = [A_new, B_new, *new_state.values(), *(t for t in (X, S) if t is not None), *(grads or ())]
         finite = torch.stack([t.isfinite().reshape(len(layers), -1).all(1) for t in checked]).all(0)  # (L,)
+        if self._reduce is not None and X is not None:
+            finite = self._reduce.all_ranks(finite)  # the local X and S were checked: skip on all ranks or none
         self.state["skipped_steps"] += (~finite).sum()
         for i, layer in enumerate(layers):
             ok = finite[i]

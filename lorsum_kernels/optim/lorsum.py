@@ -76,6 +76,9 @@ class LoRSum(_MomentumFactors, LoRAOptimizer):
         max_grad_norm (float, optional): clip the global gradient norm inside the step (``.grad`` clipping
             does not reach the captured data this method steps from); the pre-clip norm is
             ``optimizer.grad_norm``. None: no clipping. (Default: None)
+        process_group (optional): data-parallel training (DDP): None (single process), ``"default"``
+            (torch.distributed's default group) or a ``ProcessGroup``; the token products are averaged
+            over its ranks each half-step (``lorsum_kernels.distributed``). (Default: None)
     """
 
     def __init__(
@@ -113,7 +116,7 @@ class LoRSum(_MomentumFactors, LoRAOptimizer):
         A, B, buffer = psi_lora_step(
             A, B, X, S, _momentum_of(state), lr=group["lr"], lmbd=group["lmbd"],
             lmbd_momentum=group["lmbd_momentum"], iters=group["iters"], momentum=group["momentum"],
-            dampening=group["dampening"], backend=group["backend"],
+            dampening=group["dampening"], backend=group["backend"], reduce=self._reduce,
         )
         return A, B, _momentum_dict(buffer)
 
@@ -123,7 +126,8 @@ class ScaledLoRSum(_MomentumFactors, LoRAOptimizer):
 
     Args:
         model, lr, lmbd, iters, momentum_rank, backend, seed, param_groups, other_*: as in ``LoRSum``;
-            the proximal weight is λ = max(η·λ0, min_lmbd).
+            the proximal weight is λ = max(η·λ0, min_lmbd). ``process_group`` as in ``LoRSum``
+            (``metric="kfac"`` only; the K-FAC statistics are averaged over ranks too).
         betas (tuple[float, float]): β1 of the momentum buffer (0 keeps none) and β2 of the metric EMA.
             (Default: (0.9, 0.999))
         damping (float): δ added to the metric statistics before the power. (Default: 0.1)
@@ -187,11 +191,18 @@ class ScaledLoRSum(_MomentumFactors, LoRAOptimizer):
         state.update(self._momentum_state(layer, group, generator, group["betas"][0]))
         return state
 
+    def _no_data_parallel_mode(self, group):
+        if group["metric"] != "kfac":
+            return (f"metric={group['metric']!r}: diag(GᵀG) of the global G has cross-rank terms (it is no "
+                    "sum over tokens); use metric='kfac'")
+        return None
+
     def _method_step(self, group, A, B, X, S, state, grads):
         A, B, (v_in, v_out), buffer = scaled_psi_lora_step(
             A, B, X, S, (state["metric_in"], state["metric_out"]), _momentum_of(state),
             lr=group["lr"], lmbd=group["lmbd"], min_lmbd=group["min_lmbd"], iters=group["iters"],
             betas=group["betas"], damping=group["damping"], metric=group["metric"],
             metric_power=group["metric_power"], loss_reduction=group["loss_reduction"], backend=group["backend"],
+            reduce=self._reduce,
         )
         return A, B, {"metric_in": v_in, "metric_out": v_out, **_momentum_dict(buffer)}

@@ -22,5 +22,7 @@ class SVDLoRA(LoRAOptimizer):
 
     def _method_step(self, group, A, B, X, S, state, grads):
         G = S.to(A.dtype).mT @ X.to(A.dtype)
+        if self._reduce is not None:  # data-parallel: the mean of the ranks' G (m×n numbers per layer)
+            (G,) = self._reduce([G])
         A, B = svdlora_step(A, B, G, group["lr"])
         return A, B, {}
