@@ -80,10 +80,12 @@ def _lrs(*values, **kwargs) -> tuple:
 # documented default; docs/demo_tuning.md has the grid (``--tune`` reruns it) and the results.
 METHODS: dict[str, Method] = {
     "adamw": Method("LoRA + AdamW", 3e-3, {"weight_decay": 0.0}, _lrs(1e-3, 3e-3, 1e-2)),
+    # Ranked by the mean over training seeds 0, 1, 2 (``--tune --seeds 0,1,2``): its seed-0 pick of the first
+    # round (lr 1e-2, δ = 1e-6) was a lucky seed. δ spans the values of the official experiments (1e-6 to 100).
     "scaled_adamw": Method(
-        "Scaled AdamW", 1e-2, {},
-        _lrs(3e-4, 1e-3, 3e-3, 1e-2, 3e-2) + ({"lr": 3e-3, "reg": 1e-2}, {"lr": 3e-3, "betas": (0.9, 0.99)},
-                                               {"lr": 1e-2, "betas": (0.9, 0.99)}),
+        "Scaled AdamW", 3e-3, {"reg": 100.0},
+        _lrs(3e-3, 1e-2) + _lrs(3e-3, reg=1e-2) + _lrs(1e-3, 3e-3, 1e-2, reg=1.0)
+        + _lrs(1e-3, 3e-3, 1e-2, reg=100.0),
     ),
     "lorsum": Method("LoRSum", 0.1, {}, _lrs(0.03, 0.1, 0.3)),
     "scaled_lorsum": Method("ScaledLoRSum", 1.0, {}, _lrs(0.3, 1.0, 3.0)),
