@@ -6,9 +6,12 @@ Turn it on with ``process_group=`` on any optimizer of the package::
     opt = LoRSum(model, lr=1e-3, process_group="default")   # or a ProcessGroup from dist.new_group()
 
 ``process_group=None`` (the default) is single-process training: no collective, no extra work, and no
-auto-detection; an initialised default group is used only when asked for by name (``"default"``).
+auto-detection; an initialised default group is used only when asked for by name (``"default"``). A method
+that steps from captured data, built with None while torch.distributed runs several ranks, warns: its
+ranks would each step on their local data and drift apart.
 ``torch.distributed`` must be initialised when the optimizer is built, else it raises before touching
 the model. Every rank builds the optimizer with the same arguments (``seed`` included) on the same model.
+With the Hugging Face Trainer: ``create_optimizer(model, "lorsum", process_group="default")``.
 
 The contract (spec/lorsum.md §12, T18): with each rank's loss the mean over its own shard, DDP's gradient
 is ``G = (1/R)·Σ_r S_rᵀX_r``, and the optimizers step from that same G. With equal-size shards this is the
@@ -23,12 +26,14 @@ What each optimizer does under DDP:
   solve: the A-step's ``(S·B̂)ᵀ·X`` (r×n) and the B-step's ``Sᵀ·(X·Âᵀ)`` (m×r), and the K-FAC statistics
   (n + m numbers, averaged per-rank statistics: the global ones for equal shards). The weight LoRSum and
   the momentum buffer's LoRSum run in lock step, so one collective carries both problems' products of a
-  half-step, for all layers of a bucket: 2k collectives per bucket per step (one for k = 0), plus one for
-  the statistics, ≈ 2k·(r + r_m)·(m + n) numbers per layer: the size of LoRA's own gradient all-reduce.
-  The fused native half-steps cannot take a collective in the middle, so this mode runs the products op
-  (``ops.pair_products``), the all-reduce, then the r×r solves. ``ScaledLoRSum(metric="shampoo")`` raises
-  at construction: diag(GᵀG) of the global G has cross-rank terms (it is no token sum), and computing it
-  would mean all-reducing the m×n G or gathering every rank's X and S.
+  half-step, for all layers of a bucket (on the CPU layers step one at a time, so per layer): 2k
+  collectives per bucket per step (one for k = 0), plus one for the K-FAC statistics. Traffic per layer
+  and step: k'·(r + r_m)·(m + n) numbers (k' = max(k, 1), r_m the momentum rank, 0 without momentum),
+  i.e. k'·(1 + r_m/r) times LoRA's own gradient all-reduce of r·(m + n). The fused native half-steps
+  cannot take a collective in the middle, so this mode runs the products op (``ops.pair_products``), the
+  all-reduce, then the r×r solves. ``ScaledLoRSum(metric="shampoo")`` raises at construction: diag(GᵀG)
+  of the global G has cross-rank terms (it is no token sum), and computing it would mean all-reducing the
+  m×n G or gathering every rank's X and S.
 * ``ScaledGD``, ``ScaledAdamW`` and ``AdaPreLoRA(statistics="surrogate")`` step from the factors' ``.grad``
   alone, which DDP has already averaged and which is therefore identical on every rank: nothing to add.
   ``process_group`` is accepted and adds no collective.
@@ -62,6 +67,8 @@ from __future__ import annotations
 
 from collections import defaultdict
 from typing import Sequence
+
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -120,13 +127,22 @@ class RankAverage:
         return torch.linalg.matrix_norm(G)
 
 
-def resolve_process_group(process_group) -> RankAverage | None:
+def resolve_process_group(process_group, *, steps_from_captured_data: bool = True) -> RankAverage | None:
     """The optimizers' ``process_group`` argument as a ``RankAverage`` (None for single-process training).
 
     Accepts None, ``"default"`` (the default group of ``torch.distributed.init_process_group``) or a
-    ``ProcessGroup``. Raises if torch.distributed is missing or not initialised.
+    ``ProcessGroup``. Raises if torch.distributed is missing or not initialised. Warns for None when the
+    method steps from captured data and torch.distributed runs more than one rank.
     """
     if process_group is None:
+        if steps_from_captured_data and dist.is_available() and dist.is_initialized() \
+                and dist.get_world_size() > 1:
+            warnings.warn(
+                "torch.distributed runs several ranks but the optimizer was built with process_group=None: "
+                "each rank steps on its own captured data and the LoRA weights drift apart under DDP; pass "
+                "process_group='default' (or a ProcessGroup) for data-parallel training",
+                stacklevel=3,
+            )
         return None
 
     if not dist.is_available():
@@ -139,7 +155,9 @@ def resolve_process_group(process_group) -> RankAverage | None:
         )
     if isinstance(process_group, str):
         if process_group != "default":
-            raise ValueError(f"process_group must be None, 'default' or a ProcessGroup, got {process_group!r}")
+            raise ValueError(
+                f"process_group must be None, 'default' or a ProcessGroup, got {process_group!r}"
+            )
         return RankAverage(dist.group.WORLD)
     if not isinstance(process_group, dist.ProcessGroup):
         raise TypeError(

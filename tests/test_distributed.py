@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import warnings
 from contextlib import nullcontext
 from datetime import timedelta
 
@@ -67,8 +68,9 @@ CASES = {
                                                      process_group=pg), {}),
     "scaled_k1_momentum": (lambda m, pg: lk.ScaledLoRSum(m, lr=0.5, iters=1, betas=(0.9, 0.9),
                                                          process_group=pg), {}),
-    "scaled_k0_clipped": (lambda m, pg: lk.ScaledLoRSum(m, lr=0.5, iters=0, betas=(0.0, 0.9), metric_power=1.0,
-                                                        max_grad_norm=0.05, process_group=pg), {}),
+    "scaled_k0_clipped": (lambda m, pg: lk.ScaledLoRSum(m, lr=0.5, iters=0, betas=(0.0, 0.9),
+                                                        metric_power=1.0, max_grad_norm=0.05,
+                                                        process_group=pg), {}),
     "lorsum_accumulation": (lambda m, pg: lk.LoRSum(m, lr=0.5, iters=1, momentum=0.9, process_group=pg),
                             {"micro": 2}),
     "lorsum_uneven_shards": (lambda m, pg: lk.LoRSum(m, lr=0.5, iters=1, momentum=0.9, process_group=pg),
@@ -76,9 +78,10 @@ CASES = {
     "svdlora": (lambda m, pg: lk.SVDLoRA(m, lr=0.5, process_group=pg), {}),
     # Factor-gradient methods: DDP's averaged .grad is all they read (with or without process_group).
     "scaled_gd": (lambda m, pg: lk.ScaledGD(m, lr=0.1), {}),
-    "scaled_adamw_clipped": (lambda m, pg: lk.ScaledAdamW(m, lr=0.01, max_grad_norm=0.05, process_group=pg), {}),
-    "adaprelora_surrogate": (lambda m, pg: lk.AdaPreLoRA(m, lr=0.01, statistics="surrogate", process_group=pg),
-                             {}),
+    "scaled_adamw_clipped": (lambda m, pg: lk.ScaledAdamW(m, lr=0.01, max_grad_norm=0.05,
+                                                          process_group=pg), {}),
+    "adaprelora_surrogate": (lambda m, pg: lk.AdaPreLoRA(m, lr=0.01, statistics="surrogate",
+                                                         process_group=pg), {}),
 }
 CAPTURE_CASES = [c for c in CASES if c not in ("scaled_gd", "scaled_adamw_clipped", "adaprelora_surrogate")]
 
@@ -126,8 +129,11 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
                             timeout=timedelta(seconds=60))  # a mismatched collective fails, never hangs
     try:
         results = {case: _train(case, world, rank) for case in CASES}
-        # The negative control: the same DDP run with the products left local.
-        results["no_reduce"] = _train("lorsum_k1", world, rank, with_group=False)
+        # The negative control: the same DDP run with the products left local (which warns).
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            results["no_reduce"] = _train("lorsum_k1", world, rank, with_group=False)
+        results["no_reduce_warned"] = any("drift apart" in str(w.message) for w in caught)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -154,7 +160,8 @@ def _assert_ranks_identical(results: list[dict], case: str) -> None:
     for r, other in enumerate(results[1:], start=1):
         for part in ("params", "state"):
             for key, value in first[part].items():
-                assert torch.equal(value, other[case][part][key]), f"rank {r} differs from rank 0 in {part} {key}"
+                same = torch.equal(value, other[case][part][key])
+                assert same, f"rank {r} differs from rank 0 in {part} {key}"
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -182,6 +189,7 @@ def test_without_the_reduce_ranks_diverge(runs):
     local = [res["no_reduce"]["params"]["first.lora_A.weight"] for res in results]
     assert not torch.equal(local[0], local[1])
     assert rel_err(local[0], expected) > 1e-3
+    assert all(res["no_reduce_warned"] for res in results)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -230,3 +238,20 @@ def test_one_rank_group_equals_no_group(single_rank_group):
     without = _train("lorsum_k2_momentum_clipped", 1, None)["params"]
     for name, value in without.items():
         assert rel_err(with_group[name], value) < 1e-5, name
+
+
+@pytest.mark.parametrize("iters", [0, 2])
+def test_functional_reduce_on_one_rank_equals_no_reduce(single_rank_group, iters):
+    g = torch.Generator().manual_seed(3)
+    A, B = torch.randn(2, RANK, N_IN, generator=g), torch.randn(2, M_OUT, RANK, generator=g)
+    X, S = torch.randn(2, TOKENS, N_IN, generator=g), torch.randn(2, TOKENS, M_OUT, generator=g)
+    A_m, B_m = torch.randn(2, 4, N_IN, generator=g), torch.randn(2, M_OUT, 4, generator=g)
+    metrics = (torch.rand(2, N_IN, generator=g) + 0.5, torch.rand(2, M_OUT, generator=g) + 0.5)
+    pairs, coeffs = [(A, B), (X, S.mT), (A_m, B_m)], [1.0, -0.3, -0.2]
+    reduce = lk.RankAverage(dist.group.WORLD)
+    for run in (lambda **kw: lk.low_rank_sum(pairs, coeffs, lmbd=1e-3, iters=iters, **kw),
+                lambda **kw: lk.scaled_low_rank_sum(pairs, coeffs, metrics, lmbd=1e-3, iters=iters, **kw)):
+        for got, expected in zip(run(reduce=reduce), run()):
+            assert rel_err(got, expected) < 1e-5
+    with pytest.raises(ValueError, match="token pair"):
+        lk.low_rank_sum(pairs[:1], coeffs[:1], reduce=reduce)

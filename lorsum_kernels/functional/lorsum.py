@@ -159,31 +159,27 @@ def low_rank_sums_over_ranks(
         Q = [] if V is None else list(next(averaged).split(ranks, dim=-1))
         return P, Q
 
-    def a_step(p: LoRSumProblem, B_hat: Tensor, product: Tensor) -> Tensor:
+    def half_step(p: LoRSumProblem, side: str, hat: Tensor, product: Tensor) -> Tensor:
+        """The A-step (``side="in"``, ``hat`` = B̂) or the B-step (``"out"``, ``hat`` = Â) of problem p, with
+        the averaged token product in place of the local one (preconditioned as the reference does)."""
         token_term = product * batch_scalar(p.coeffs[1], product)
         if p.metrics is not None:
-            token_term = token_term / p.metrics[0].unsqueeze(-2)
-        return reference.lorsum_update_in(
-            B_hat, p.anchor, p.replicated, [p.coeffs[0], *p.coeffs[2:]], p.lmbd, p.metrics,
-            solve=_solve_adding(token_term, backend))
-
-    def b_step(p: LoRSumProblem, A_hat: Tensor, product: Tensor) -> Tensor:
-        token_term = product * batch_scalar(p.coeffs[1], product)
-        if p.metrics is not None:
-            token_term = token_term / p.metrics[1].unsqueeze(-1)
-        return reference.lorsum_update_out(
-            A_hat, p.anchor, p.replicated, [p.coeffs[0], *p.coeffs[2:]], p.lmbd, p.metrics,
-            solve=_solve_adding(token_term, backend))
+            m_in, m_out = p.metrics
+            token_term = token_term / (m_in.unsqueeze(-2) if side == "in" else m_out.unsqueeze(-1))
+        update = reference.lorsum_update_in if side == "in" else reference.lorsum_update_out
+        return update(hat, p.anchor, p.replicated, [p.coeffs[0], *p.coeffs[2:]], p.lmbd, p.metrics,
+                      solve=_solve_adding(token_term, backend))
 
     if iters == 0:  # Jacobi: both half-steps from the anchors, so all products in one collective
         P, Q = averaged_products([p.anchor[1] for p in problems], [p.anchor[0] for p in problems])
-        return [(a_step(p, p.anchor[1], Pp), b_step(p, p.anchor[0], Qp)) for p, Pp, Qp in zip(problems, P, Q)]
+        return [(half_step(p, "in", p.anchor[1], Pp), half_step(p, "out", p.anchor[0], Qp))
+                for p, Pp, Qp in zip(problems, P, Q)]
     B_hats = [p.anchor[1] for p in problems]
     for _ in range(iters):
         P, _ = averaged_products(B_hats, None)
-        A_hats = [a_step(p, B_hat, Pp) for p, B_hat, Pp in zip(problems, B_hats, P)]
+        A_hats = [half_step(p, "in", B_hat, Pp) for p, B_hat, Pp in zip(problems, B_hats, P)]
         _, Q = averaged_products(None, A_hats)
-        B_hats = [b_step(p, A_hat, Qp) for p, A_hat, Qp in zip(problems, A_hats, Q)]
+        B_hats = [half_step(p, "out", A_hat, Qp) for p, A_hat, Qp in zip(problems, A_hats, Q)]
     return list(zip(A_hats, B_hats))
 
 

@@ -81,7 +81,7 @@ class LoRAOptimizer(torch.optim.Optimizer):
         if max_grad_norm is not None:
             _check_positive("max_grad_norm", max_grad_norm)
         # Averages token sums over ranks (None: single process); raises now if distributed is not set up.
-        self._reduce = resolve_process_group(process_group)
+        self._reduce = resolve_process_group(process_group, steps_from_captured_data=self.needs_capture)
         layers = find_lora_layers(model)
         if not layers:
             raise ValueError(
@@ -331,7 +331,8 @@ class LoRAOptimizer(torch.optim.Optimizer):
         checked = [A_new, B_new, *new_state.values(), *(t for t in (X, S) if t is not None), *(grads or ())]
         finite = torch.stack([t.isfinite().reshape(len(layers), -1).all(1) for t in checked]).all(0)  # (L,)
         if self._reduce is not None and X is not None:
-            finite = self._reduce.all_ranks(finite)  # the local X and S were checked: skip on all ranks or none
+            # The local X and S were checked: step on all ranks or on none.
+            finite = self._reduce.all_ranks(finite)
         self.state["skipped_steps"] += (~finite).sum()
         for i, layer in enumerate(layers):
             ok = finite[i]
