@@ -38,6 +38,7 @@
 #include "common.h"
 #include "small_spd.h"
 #include "tiles.h"
+#include "vec_ops.h"
 
 #include <torch/library.h>
 
@@ -54,7 +55,6 @@
 namespace lorsum {
 namespace {
 
-#define LORSUM_ALWAYS_INLINE inline __attribute__((always_inline))
 
 // Columns per task: the per-chunk partial Grams (L·2·⌈N/kChunk⌉ of r×r) stay small next to the factors,
 // and a chunk's r-wide panels (r·kChunk numbers) fit in L2.
@@ -65,73 +65,12 @@ constexpr int64_t kTBlock = 128;
 constexpr int kMR = 4;
 constexpr int kNV = 2;
 
-// ---- vector operations: AVX-512 intrinsics, or plain arrays the compiler vectorises for any x86-64 ------
+// ---- vector operations (vec_ops.h) ----------------------------------------------------------------------
 
 template <typename acc_t>
-struct Avx512Ops;
-
-template <>
-struct Avx512Ops<float> {
-  using V = __m512;
-  static constexpr int kLanes = 16;
-  LORSUM_AVX512 static inline V zero() { return _mm512_setzero_ps(); }
-  LORSUM_AVX512 static inline V set1(float a) { return _mm512_set1_ps(a); }
-  LORSUM_AVX512 static inline V load(const float* p) { return _mm512_loadu_ps(p); }
-  LORSUM_AVX512 static inline void store(float* p, V v) { _mm512_storeu_ps(p, v); }
-  LORSUM_AVX512 static inline V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
-  LORSUM_AVX512 static inline V add(V a, V b) { return _mm512_add_ps(a, b); }
-  LORSUM_AVX512 static inline V sub(V a, V b) { return _mm512_sub_ps(a, b); }
-};
-
-template <>
-struct Avx512Ops<double> {
-  using V = __m512d;
-  static constexpr int kLanes = 8;
-  LORSUM_AVX512 static inline V zero() { return _mm512_setzero_pd(); }
-  LORSUM_AVX512 static inline V set1(double a) { return _mm512_set1_pd(a); }
-  LORSUM_AVX512 static inline V load(const double* p) { return _mm512_loadu_pd(p); }
-  LORSUM_AVX512 static inline void store(double* p, V v) { _mm512_storeu_pd(p, v); }
-  LORSUM_AVX512 static inline V fma(V a, V b, V c) { return _mm512_fmadd_pd(a, b, c); }
-  LORSUM_AVX512 static inline V add(V a, V b) { return _mm512_add_pd(a, b); }
-  LORSUM_AVX512 static inline V sub(V a, V b) { return _mm512_sub_pd(a, b); }
-};
-
-// The same lane count as the AVX-512 path, so both paths share one padded layout.
+using Avx512Ops = cpu::vec::Avx512Base<acc_t>;
 template <typename acc_t>
-struct GenericOps {
-  static constexpr int kLanes = 64 / sizeof(acc_t);
-  struct V {
-    acc_t x[kLanes];
-  };
-  static LORSUM_ALWAYS_INLINE V zero() {
-    V v;
-    for (int l = 0; l < kLanes; ++l) v.x[l] = acc_t(0);
-    return v;
-  }
-  static LORSUM_ALWAYS_INLINE V set1(acc_t a) {
-    V v;
-    for (int l = 0; l < kLanes; ++l) v.x[l] = a;
-    return v;
-  }
-  static LORSUM_ALWAYS_INLINE V load(const acc_t* p) {
-    V v;
-    std::memcpy(v.x, p, sizeof(v.x));
-    return v;
-  }
-  static LORSUM_ALWAYS_INLINE void store(acc_t* p, const V& v) { std::memcpy(p, v.x, sizeof(v.x)); }
-  static LORSUM_ALWAYS_INLINE V fma(const V& a, const V& b, V c) {
-    for (int l = 0; l < kLanes; ++l) c.x[l] += a.x[l] * b.x[l];
-    return c;
-  }
-  static LORSUM_ALWAYS_INLINE V add(V a, const V& b) {
-    for (int l = 0; l < kLanes; ++l) a.x[l] += b.x[l];
-    return a;
-  }
-  static LORSUM_ALWAYS_INLINE V sub(V a, const V& b) {
-    for (int l = 0; l < kLanes; ++l) a.x[l] -= b.x[l];
-    return a;
-  }
-};
+using GenericOps = cpu::vec::GenericBase<acc_t>;
 
 // ---- the micro-kernel -------------------------------------------------------------------------------
 

@@ -36,6 +36,7 @@
 
 #include "common.h"
 #include "tiles.h"
+#include "vec_ops.h"
 
 #include <torch/library.h>
 
@@ -50,7 +51,6 @@
 namespace lorsum {
 namespace {
 
-#define LORSUM_ALWAYS_INLINE inline __attribute__((always_inline))
 
 // Columns per task, a multiple of both lane counts: a chunk's 4×4 Gram tile reads 8 panel rows of kChunk
 // numbers (16 KiB in fp32, L1), and the horizontal sums of a tile's 16 accumulators are amortised over
@@ -64,23 +64,16 @@ constexpr int kQuadVecs = 4;
 
 int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
-// ---- vector operations: AVX-512 intrinsics, or plain arrays the compiler vectorises for any x86-64 ------
+// ---- vector operations: vec_ops.h, plus the masked loads, shuffles and transposes of this kernel -----------
 
 template <typename acc_t>
 struct Avx512Ops;
 
 template <>
-struct Avx512Ops<float> {
-  using V = __m512;
-  static constexpr int kLanes = 16;
+struct Avx512Ops<float> : cpu::vec::Avx512Base<float> {
   // Every lane: the zero-masking forms of the shuffles and max cost nothing extra and keep GCC 12 from
   // warning about the undefined pass-through operand of the plain forms.
   static constexpr __mmask16 kAll = 0xFFFF;
-  LORSUM_AVX512 static inline V zero() { return _mm512_setzero_ps(); }
-  LORSUM_AVX512 static inline V set1(float a) { return _mm512_set1_ps(a); }
-  LORSUM_AVX512 static inline V load(const float* p) { return _mm512_loadu_ps(p); }
-  LORSUM_AVX512 static inline void store(float* p, V v) { _mm512_storeu_ps(p, v); }
-  LORSUM_AVX512 static inline V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   // p[0..n) of an fp32, bf16 or fp16 input as fp32, the lanes from n on 0 (n ≤ 16; nothing past p + n is read).
   template <typename T>
   LORSUM_AVX512 static inline V load_n(const T* p, int64_t n) {
@@ -141,15 +134,8 @@ struct Avx512Ops<float> {
 };
 
 template <>
-struct Avx512Ops<double> {
-  using V = __m512d;
-  static constexpr int kLanes = 8;
+struct Avx512Ops<double> : cpu::vec::Avx512Base<double> {
   static constexpr __mmask8 kAll = 0xFF;
-  LORSUM_AVX512 static inline V zero() { return _mm512_setzero_pd(); }
-  LORSUM_AVX512 static inline V set1(double a) { return _mm512_set1_pd(a); }
-  LORSUM_AVX512 static inline V load(const double* p) { return _mm512_loadu_pd(p); }
-  LORSUM_AVX512 static inline void store(double* p, V v) { _mm512_storeu_pd(p, v); }
-  LORSUM_AVX512 static inline V fma(V a, V b, V c) { return _mm512_fmadd_pd(a, b, c); }
   LORSUM_AVX512 static inline V load_n(const double* p, int64_t n) {
     return _mm512_maskz_loadu_pd(n >= kLanes ? kAll : static_cast<__mmask8>((1u << n) - 1u), p);
   }
@@ -191,33 +177,11 @@ struct Avx512Ops<double> {
   }
 };
 
-// The same lane count as the AVX-512 path, so both paths share one padded layout.
 template <typename acc_t>
-struct GenericOps {
-  static constexpr int kLanes = 64 / sizeof(acc_t);
-  struct V {
-    acc_t x[kLanes];
-  };
-  static LORSUM_ALWAYS_INLINE V zero() {
-    V v;
-    for (int l = 0; l < kLanes; ++l) v.x[l] = acc_t(0);
-    return v;
-  }
-  static LORSUM_ALWAYS_INLINE V set1(acc_t a) {
-    V v;
-    for (int l = 0; l < kLanes; ++l) v.x[l] = a;
-    return v;
-  }
-  static LORSUM_ALWAYS_INLINE V load(const acc_t* p) {
-    V v;
-    std::memcpy(v.x, p, sizeof(v.x));
-    return v;
-  }
-  static LORSUM_ALWAYS_INLINE void store(acc_t* p, const V& v) { std::memcpy(p, v.x, sizeof(v.x)); }
-  static LORSUM_ALWAYS_INLINE V fma(const V& a, const V& b, V c) {
-    for (int l = 0; l < kLanes; ++l) c.x[l] += a.x[l] * b.x[l];
-    return c;
-  }
+struct GenericOps : cpu::vec::GenericBase<acc_t> {
+  using Base = cpu::vec::GenericBase<acc_t>;
+  using typename Base::V;
+  using Base::kLanes;
   template <typename T>
   static LORSUM_ALWAYS_INLINE V load_n(const T* p, int64_t n) {
     V v;
