@@ -11,6 +11,7 @@ from torch import nn
 
 import lorsum_kernels as lk
 from lorsum_kernels.functional import low_rank_sum, svdlora_step
+from lorsum_kernels.optim.base import finite_rows
 
 from .conftest import TinyLoRAMLP, rel_err
 
@@ -340,6 +341,77 @@ def test_non_finite_layer_is_skipped_and_counted(name):
     opt.step()
     assert not torch.equal(model.l1.lora_A.weight, A1)
     assert opt.state["skipped_steps"].item() == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(3, 7, 5), (1, 1), (4, 0), (2, 1, 1031)])
+def test_finite_rows_matches_isfinite(dtype, shape):
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(shape, generator=g).to(dtype)
+    flat = t.view(shape[0], -1)
+    bad = [float("nan"), float("inf"), -float("inf")]
+    for row in range(0, shape[0], 2):  # every other row gets one non-finite value, at a random place
+        if flat.shape[1]:
+            flat[row, torch.randint(flat.shape[1], (1,), generator=g)] = bad[row % 3]
+    expected = t.reshape(shape[0], -1).isfinite().all(1)
+    assert torch.equal(finite_rows(t, shape[0]), expected)
+    assert torch.equal(finite_rows(t.transpose(0, -1), 1), expected.all().view(1))  # a non-contiguous view
+
+
+class SharedInputLoRA(nn.Module):
+    """Two LoRA layers reading the same input tensor (as q, k and v do), a third after them."""
+
+    def __init__(self):
+        super().__init__()
+        self.q = lk.LoRALinear(nn.Linear(12, 10), 3)
+        self.k = lk.LoRALinear(nn.Linear(12, 10), 3)
+        self.out = lk.LoRALinear(nn.Linear(10, 5), 3)
+        for layer in (self.q, self.k, self.out):
+            nn.init.normal_(layer.lora_B.weight, std=0.1)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.q(x)) * torch.tanh(self.k(x)))
+
+
+def _finite_method_step(self, group, A, B, X, S, state, grads):
+    return A + 0.01, B + 0.01, state  # finite whatever it reads: only the input check can skip
+
+
+def _replace_captured_x(opt, module, x):
+    records = opt._capture._records[id(module)]
+    records[0] = (x, records[0][1], x._version)
+
+
+@pytest.mark.parametrize("poison", ["X_q", "X_shared", "S_q", "S_k", "none"])
+def test_captured_inputs_are_checked_once_per_tensor_and_per_layer(poison, monkeypatch):
+    """A non-finite value in captured data skips exactly the layers that read it, even when the method's
+    outputs stay finite; an X shared by q and k (one check for both) skips both."""
+    torch.manual_seed(0)
+    model = SharedInputLoRA()
+    opt = lk.LoRSum(model, lr=0.1)
+    monkeypatch.setattr(lk.LoRSum, "_method_step", _finite_method_step)
+    model(torch.randn(2, 4, 12)).pow(2).sum().backward()
+    (xq, sq), (xk, sk) = opt._capture.get(model.q), opt._capture.get(model.k)
+    assert xq.data_ptr() == xk.data_ptr()
+    bad_x = xq.clone()
+    bad_x[1, 3] = float("inf")
+    if poison == "X_q":
+        _replace_captured_x(opt, model.q, bad_x)
+    elif poison == "X_shared":
+        _replace_captured_x(opt, model.q, bad_x)
+        _replace_captured_x(opt, model.k, bad_x)
+    elif poison == "S_q":
+        sq[0, 0] = float("nan")
+    elif poison == "S_k":
+        sk[2, 1] = -float("inf")
+    before = {name: getattr(model, name).lora_A.weight.detach().clone() for name in ("q", "k", "out")}
+    opt.step()
+    skipped = {"X_q": {"q"}, "X_shared": {"q", "k"}, "S_q": {"q"}, "S_k": {"k"}, "none": set()}[poison]
+    for name, A0 in before.items():
+        A = getattr(model, name).lora_A.weight
+        assert torch.equal(A, A0) == (name in skipped), name
+        assert opt.state[A]["skipped_steps"].item() == int(name in skipped)
+    assert opt.state["skipped_steps"].item() == len(skipped)
 
 
 def test_non_finite_other_params_are_skipped():

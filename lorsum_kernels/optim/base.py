@@ -208,9 +208,10 @@ class LoRAOptimizer(torch.optim.Optimizer):
                 loss = closure()
         plan = self._plan()  # validates everything before any state changes
         clip = self._clip_coefficient(plan) if self.max_grad_norm is not None else None
+        checked_inputs: dict = {}  # one finiteness check per captured tensor (q, k and v share their X)
         for group, buckets in plan:
             for layers, data in buckets:
-                self._step_bucket(group, layers, data, clip)
+                self._step_bucket(group, layers, data, clip, checked_inputs)
         for group in self.param_groups:
             if group["kind"] == "other":
                 self._step_other(group, clip)
@@ -298,7 +299,8 @@ class LoRAOptimizer(torch.optim.Optimizer):
         self.grad_norm = total
         return (self.max_grad_norm / (total + 1e-6)).clamp(max=1.0)
 
-    def _step_bucket(self, group: dict, layers: list[LoRALayer], data: list, clip: Tensor | None = None) -> None:
+    def _step_bucket(self, group: dict, layers: list[LoRALayer], data: list, clip: Tensor | None = None,
+                     checked_inputs: dict | None = None) -> None:
         dev, pdt = layers[0].A.device, layers[0].A.dtype
         dt = self._state_dtype(layers[0])
         root = torch.tensor([layer.scale for layer in layers], dtype=dt, device=dev).sqrt().view(-1, 1, 1)
@@ -328,8 +330,16 @@ class LoRAOptimizer(torch.optim.Optimizer):
         A_new, B_new = A_new / root, B_new / root
         # A layer steps only if everything it read and everything it would write is finite: a NaN input
         # almost always reaches the outputs, but not provably (a clamp, a zero weight), so both count.
-        checked = [A_new, B_new, *new_state.values(), *(t for t in (X, S) if t is not None), *(grads or ())]
-        finite = torch.stack([t.isfinite().reshape(len(layers), -1).all(1) for t in checked]).all(0)  # (L,)
+        # The captured X and S are checked as captured (before the clip factor, checked on its own).
+        checked = [A_new, B_new, *new_state.values(), *(grads or ())]
+        if clip is not None:
+            checked.append(clip.expand(len(layers)))
+        finite = torch.stack([finite_rows(t, len(layers)) for t in checked])
+        if data and data[0] is not None:
+            cache = {} if checked_inputs is None else checked_inputs
+            inputs = [torch.stack([_finite_once(d[side], cache) for d in data]) for side in (0, 1)]
+            finite = torch.cat([finite, torch.stack(inputs)])
+        finite = finite.all(0)  # (L,)
         if self._reduce is not None and X is not None:
             # The local X and S were checked: step on all ranks or on none.
             finite = self._reduce.all_ranks(finite)
@@ -358,7 +368,7 @@ class LoRAOptimizer(torch.optim.Optimizer):
                 st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         grads = [p.grad for p in params]
         # One device flag: a non-finite gradient skips this group's update (and its step count).
-        found_inf = torch.stack([~g.isfinite().all() for g in grads]).any().float()
+        found_inf = (~torch.cat([finite_rows(g, 1) for g in grads]).all()).float()
         self.state["skipped_steps"] += found_inf.to(torch.int64)
         beta1, beta2 = group["betas"]
         _torch_adam(
@@ -430,6 +440,28 @@ class LoRAOptimizer(torch.optim.Optimizer):
         """Detach the capture hooks from the model (the optimizer cannot step afterwards)."""
         if self._capture is not None:
             self._capture.remove()
+
+
+def finite_rows(t: Tensor, rows: int) -> Tensor:
+    """(rows,) bool: whether each of the ``rows`` leading slices of ``t`` is entirely finite.
+
+    ``amax`` and ``amin`` propagate NaN and keep ±inf, so both are finite exactly when every element is:
+    two fast contiguous reductions instead of the three passes and the mask of ``isfinite().all()``
+    (about 10x faster on a 1024x384 fp32 tensor on the CPU; ``aminmax(dim=...)`` is the slowest of all).
+    Empty slices are finite.
+    """
+    flat = t.reshape(rows, -1)
+    if flat.shape[1] == 0:
+        return torch.ones(rows, dtype=torch.bool, device=t.device)
+    return flat.amax(1).isfinite() & flat.amin(1).isfinite()
+
+
+def _finite_once(t: Tensor, cache: dict) -> Tensor:
+    """``finite_rows(t, 1)[0]``, computed once per step for tensors that several layers captured."""
+    key = (t.data_ptr(), t.shape, t.stride(), t.dtype, t.device)
+    if key not in cache:
+        cache[key] = finite_rows(t, 1)[0]
+    return cache[key]
 
 
 def _grad_or_zeros(p: Tensor) -> Tensor:
