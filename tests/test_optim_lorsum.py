@@ -21,6 +21,7 @@ OPTIMIZERS = {
     "lorsum_k0": dict(lr=0.3, iters=0, momentum=0.5),
     "scaled_kfac": dict(lr=0.3, metric="kfac"),
     "scaled_shampoo": dict(lr=0.3, metric="shampoo", betas=(0.0, 0.9)),
+    "scaled_warmup": dict(lr=0.3, metric="kfac", beta2_warmup=True),
     "svdlora": dict(lr=0.3),
 }
 
@@ -301,6 +302,32 @@ def test_fp32_matches_fp64_over_steps(name):
     train(model64, opt64, [(x.double(), y) for x, y in data])
     for p32, p64 in zip(model32.parameters(), model64.parameters()):
         assert rel_err(p32, p64) < 1e-4
+
+
+def test_scaled_lorsum_beta2_warmup_metric_follows_the_data():
+    """Spec §6.1: with the warm-up, β2_t = min(β2, 1 − 1/(t+1)); the first batch replaces the initial 1."""
+    torch.manual_seed(0)
+    model = TinyLoRAMLP()
+    inputs = {}
+    hook = model.l2.register_forward_hook(
+        lambda module, args, out: inputs.__setitem__("x", args[0].detach().reshape(-1, args[0].shape[-1])))
+    opt = lk.ScaledLoRSum(model, lr=0.3, betas=(0.9, 0.9), beta2_warmup=True)
+    state = opt.state[model.l2.lora_A.weight]
+    expected = None
+    for t, batch in enumerate(batches(4)):
+        opt.zero_grad()
+        loss_of(model, batch).backward()
+        opt.step()
+        stat = inputs["x"].double().pow(2).mean(0)  # diagonal K-FAC input statistic
+        beta2 = min(0.9, 1 - 1 / (t + 1))
+        expected = stat if t == 0 else beta2 * expected + (1 - beta2) * stat
+        assert rel_err(state["metric_in"], expected) < 1e-5, t
+        assert state["metric_updates"].item() == t + 1
+    hook.remove()
+    plain = lk.ScaledLoRSum(model)
+    assert "metric_updates" not in plain.state[model.l2.lora_A.weight]
+    with pytest.raises(TypeError, match="beta2_warmup"):
+        lk.ScaledLoRSum(model, beta2_warmup=1)
 
 
 # ---------------------------------------------------------------------------------------------------

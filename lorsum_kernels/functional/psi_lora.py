@@ -104,7 +104,8 @@ def scaled_psi_lora_step(
     """Scaled PSI-LoRA, "normal" mode (spec §6.4), for metrics ``"kfac"`` or ``"shampoo"``.
 
     1. The metric EMAs ``v_in`` (n) and ``v_out`` (m) take the current batch's statistics (β2, no bias
-       correction); the effective metrics are ``(v + δ)^p``.
+       correction); the effective metrics are ``(v + δ)^p``. β2 is a float or a tensor that broadcasts
+       against the metrics (one per layer of a batch: shape (L, 1), as the β2 warm-up passes it).
     2. ``(A, B) ← ScaledLoRSum([(A,B), (X,Sᵀ), (A_m,B_m)], [1, −η(1−β1), −ηβ1], M, k,
        λ = max(η·λ0, min_lmbd))``.
     3. If β1 > 0: ``(A_m, B_m) ← LoRSum([(A_m,B_m), (X,Sᵀ)], [β1, 1−β1], k, λ = η·λ0)``, an

@@ -137,6 +137,11 @@ class ScaledLoRSum(_MomentumFactors, LoRAOptimizer):
             output-gradient statistic. (Default: "mean")
         min_lmbd (float): floor of λ, as in the official code. (Default: 1e-5)
         init_metric_scale (float): initial value of the metric EMAs. (Default: 1.0)
+        beta2_warmup (bool): the metric EMAs use ``β2_t = min(β2, 1 − 1/(t+1))`` at their t-th update
+            (t = 0, 1, …), so the first batch's statistics replace ``init_metric_scale`` and the metric
+            tracks the data from the start instead of over ~1/(1−β2) steps (spec §6.1; off in the
+            official code). Adds a per-layer update count ``metric_updates`` to the state.
+            (Default: False)
     """
 
     def __init__(
@@ -153,6 +158,7 @@ class ScaledLoRSum(_MomentumFactors, LoRAOptimizer):
         loss_reduction: str = "mean",
         min_lmbd: float = 1e-5,
         init_metric_scale: float = 1.0,
+        beta2_warmup: bool = False,
         momentum_rank: int | None = None,
         backend: str = "auto",
         seed: int = 0,
@@ -160,6 +166,8 @@ class ScaledLoRSum(_MomentumFactors, LoRAOptimizer):
     ):
         _check_positive("lmbd", lmbd, allow_zero=True)
         _check_iters(iters)
+        if not isinstance(beta2_warmup, bool):
+            raise TypeError(f"beta2_warmup must be a bool, got {type(beta2_warmup).__name__}")
         _check_unit("betas[0]", betas[0])
         _check_unit("betas[1]", betas[1])
         _check_positive("damping", damping, allow_zero=True)
@@ -177,7 +185,8 @@ class ScaledLoRSum(_MomentumFactors, LoRAOptimizer):
         defaults = dict(
             lr=lr, lmbd=lmbd, iters=iters, betas=tuple(betas), damping=damping, metric=metric,
             metric_power=metric_power, loss_reduction=loss_reduction, min_lmbd=min_lmbd,
-            init_metric_scale=init_metric_scale, momentum_rank=momentum_rank, backend=backend,
+            init_metric_scale=init_metric_scale, beta2_warmup=beta2_warmup, momentum_rank=momentum_rank,
+            backend=backend,
         )
         super().__init__(model, defaults, seed=seed, **kwargs)
 
@@ -188,6 +197,8 @@ class ScaledLoRSum(_MomentumFactors, LoRAOptimizer):
             "metric_in": torch.full((layer.in_features,), scale, dtype=dt, device=dev),
             "metric_out": torch.full((layer.out_features,), scale, dtype=dt, device=dev),
         }
+        if group["beta2_warmup"]:
+            state["metric_updates"] = torch.zeros((), dtype=dt, device=dev)
         state.update(self._momentum_state(layer, group, generator, group["betas"][0]))
         return state
 
@@ -198,11 +209,17 @@ class ScaledLoRSum(_MomentumFactors, LoRAOptimizer):
         return None
 
     def _method_step(self, group, A, B, X, S, state, grads):
+        beta1, beta2 = group["betas"]
+        extra = {}
+        if "metric_updates" in state:  # β2 warm-up: one β2 per layer of the bucket, (L, 1) against (L, n)
+            t = state["metric_updates"]
+            beta2 = (1 - 1 / (t + 1)).clamp(max=beta2).view(-1, 1)
+            extra["metric_updates"] = t + 1
         A, B, (v_in, v_out), buffer = scaled_psi_lora_step(
             A, B, X, S, (state["metric_in"], state["metric_out"]), _momentum_of(state),
             lr=group["lr"], lmbd=group["lmbd"], min_lmbd=group["min_lmbd"], iters=group["iters"],
-            betas=group["betas"], damping=group["damping"], metric=group["metric"],
+            betas=(beta1, beta2), damping=group["damping"], metric=group["metric"],
             metric_power=group["metric_power"], loss_reduction=group["loss_reduction"], backend=group["backend"],
             reduce=self._reduce,
         )
-        return A, B, {"metric_in": v_in, "metric_out": v_out, **_momentum_dict(buffer)}
+        return A, B, {"metric_in": v_in, "metric_out": v_out, **_momentum_dict(buffer), **extra}
