@@ -20,6 +20,10 @@ methods act on (A, B) pairs and on each layer's X and S:
   ``.grad``; the other groups' ``.grad``), and every one of them is scaled by
   ``min(1, max_grad_norm / (norm + 1e-6))`` as torch's ``clip_grad_norm_`` does. The pre-clip norm is
   ``optimizer.grad_norm`` (a device tensor, for logging). No host synchronisation: the factor is a tensor.
+* ``torch.amp.GradScaler``: ``scaler.step(opt)`` passes the loss scale and its inf flag to ``step()``
+  (``_step_supports_amp_scaling``), which unscales the captured S, the factor and other gradients and the
+  clip norm, and skips every update on the flag; ``scaler.unscale_(opt)`` first cannot reach S and is
+  refused (before any change) by the methods that step from it.
 * ``process_group`` (None, ``"default"`` or a ``ProcessGroup``) turns on data-parallel training: the
   methods average their token sums over ranks, and ranks agree on the captured layers, the non-finite
   skip and the clip norm (``lorsum_kernels.distributed`` states what each method does). None: single
@@ -53,6 +57,9 @@ _COUNTERS = ("step", "skipped_steps")
 
 
 class LoRAOptimizer(torch.optim.Optimizer):
+    # torch.amp.GradScaler hands the scale and its inf flag to step() instead of unscaling .grad itself
+    # (``_loss_scale``): the captured S must be unscaled too, which unscale_ cannot do.
+    _step_supports_amp_scaling = True
     needs_capture: bool = True
     # Whether _method_step receives the factors' autograd gradients; None means "when not capturing".
     needs_grads: bool | None = None
@@ -206,18 +213,47 @@ class LoRAOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        inv_scale, scaler_found_inf = self._loss_scale()  # GradScaler's; raises before any state changes
         plan = self._plan()  # validates everything before any state changes
-        clip = self._clip_coefficient(plan) if self.max_grad_norm is not None else None
+        # One factor for everything the step consumes: the loss scale's inverse times the clip coefficient.
+        factor = inv_scale
+        if self.max_grad_norm is not None:
+            clip = self._clip_coefficient(plan, inv_scale)
+            factor = clip if factor is None else factor * clip
         checked_inputs: dict = {}  # one finiteness check per captured tensor (q, k and v share their X)
         for group, buckets in plan:
             for layers, data in buckets:
-                self._step_bucket(group, layers, data, clip, checked_inputs)
+                self._step_bucket(group, layers, data, factor, checked_inputs, inv_scale is not None,
+                                  scaler_found_inf)
         for group in self.param_groups:
             if group["kind"] == "other":
-                self._step_other(group, clip)
+                self._step_other(group, factor, scaler_found_inf)
         if self._capture is not None:
             self._capture.clear()
         return loss
+
+    def _loss_scale(self) -> tuple[Tensor | None, Tensor | None]:
+        """``(1/scale, found_inf)`` of a ``torch.amp.GradScaler`` stepping this optimizer, else (None, None).
+
+        With ``_step_supports_amp_scaling`` the scaler does not unscale ``.grad`` itself: it sets
+        ``self.grad_scale`` (its scale, or None after a user's ``scaler.unscale_(optimizer)``) and
+        ``self.found_inf`` (non-zero when a ``.grad`` has an inf or NaN) for the duration of ``step()``, as
+        for torch's fused Adam. The step then unscales the factor gradients, the other groups' gradients and
+        the captured S (which ``unscale_`` cannot reach) itself, and skips everything on ``found_inf``.
+        """
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is None:
+            return None, None
+        scale = getattr(self, "grad_scale", None)
+        if scale is None:
+            if self.needs_capture:
+                raise RuntimeError(
+                    f"scaler.unscale_(optimizer) was called before scaler.step(optimizer): it unscales .grad "
+                    f"but not the captured output-gradients S that {type(self).__name__} steps from. Drop "
+                    "the unscale_ call (clip with the optimizer's max_grad_norm= instead of clip_grad_norm_)"
+                )
+            return None, found_inf > 0
+        return scale.float().reciprocal(), found_inf > 0
 
     def _plan(self):
         data_of = {}  # id(layer) -> its captured (X, S) or None
@@ -275,9 +311,10 @@ class LoRAOptimizer(torch.optim.Optimizer):
     def _uses_grads(self) -> bool:
         return bool(self.needs_grads or (self.needs_grads is None and not self.needs_capture))
 
-    def _clip_coefficient(self, plan) -> Tensor:
+    def _clip_coefficient(self, plan, inv_scale: Tensor | None = None) -> Tensor:
         """``min(1, max_grad_norm / (‖everything the step consumes‖ + 1e-6))`` as a device tensor; the norm
-        goes to ``self.grad_norm``. A non-finite norm gives a non-finite factor, so the step is skipped."""
+        (unscaled by ``inv_scale`` under a GradScaler) goes to ``self.grad_norm``. A non-finite norm gives a
+        non-finite factor, so the step is skipped."""
         squares = []
         for group, buckets in plan:
             for layers, data in buckets:
@@ -296,11 +333,17 @@ class LoRAOptimizer(torch.optim.Optimizer):
                 squares += [p.grad.float().square().sum() for p in group["params"] if p.grad is not None]
         device = self._layers[0].A.device
         total = torch.stack(squares).sum().sqrt() if squares else torch.zeros((), device=device)
+        if inv_scale is not None:
+            total = total * inv_scale.to(total.device)
         self.grad_norm = total
         return (self.max_grad_norm / (total + 1e-6)).clamp(max=1.0)
 
     def _step_bucket(self, group: dict, layers: list[LoRALayer], data: list, clip: Tensor | None = None,
-                     checked_inputs: dict | None = None) -> None:
+                     checked_inputs: dict | None = None, loss_scaled: bool = False,
+                     skip_all: Tensor | None = None) -> None:
+        """``clip``: the factor every gradient is multiplied by (clip coefficient and/or inverse loss scale);
+        ``loss_scaled``: S is unscaled in the state dtype (an fp16 S would underflow in its own);
+        ``skip_all``: a device flag that skips every layer (GradScaler's found_inf)."""
         dev, pdt = layers[0].A.device, layers[0].A.dtype
         dt = self._state_dtype(layers[0])
         root = torch.tensor([layer.scale for layer in layers], dtype=dt, device=dev).sqrt().view(-1, 1, 1)
@@ -322,8 +365,9 @@ class LoRAOptimizer(torch.optim.Optimizer):
             if clip is not None:
                 # G = Sᵀ·X is linear in S. Out of place: the captured tensors may be shared (one X feeds
                 # q, k and v; autograd can hand two layers the same output-gradient tensor). In S's own
-                # dtype so a bf16 cache stays bf16 (the product's rounding is that of the storage).
-                S = S * clip.to(S.dtype)
+                # dtype so a bf16 cache stays bf16 (the product's rounding is that of the storage), except
+                # under loss scaling, whose purpose is that the unscaled fp16 values would underflow.
+                S = S.to(dt) * clip.to(dt) if loss_scaled else S * clip.to(S.dtype)
         keys = [k for k in self.state[layers[0].A] if k not in _COUNTERS]
         state = {k: torch.stack([self.state[layer.A][k] for layer in layers]) for k in keys}
         A_new, B_new, new_state = self._method_step(group, A, B, X, S, state, grads)
@@ -340,6 +384,8 @@ class LoRAOptimizer(torch.optim.Optimizer):
             inputs = [torch.stack([_finite_once(d[side], cache) for d in data]) for side in (0, 1)]
             finite = torch.cat([finite, torch.stack(inputs)])
         finite = finite.all(0)  # (L,)
+        if skip_all is not None:
+            finite = finite & ~skip_all.to(finite.device)
         if self._reduce is not None and X is not None:
             # The local X and S were checked: step on all ranks or on none.
             finite = self._reduce.all_ranks(finite)
@@ -354,7 +400,7 @@ class LoRAOptimizer(torch.optim.Optimizer):
             st["step"] += ok
             st["skipped_steps"] += ~ok
 
-    def _step_other(self, group: dict, clip: Tensor | None = None) -> None:
+    def _step_other(self, group: dict, clip: Tensor | None = None, skip_all: Tensor | None = None) -> None:
         params = [p for p in group["params"] if p.grad is not None]
         if not params:
             return
@@ -368,7 +414,10 @@ class LoRAOptimizer(torch.optim.Optimizer):
                 st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         grads = [p.grad for p in params]
         # One device flag: a non-finite gradient skips this group's update (and its step count).
-        found_inf = (~torch.cat([finite_rows(g, 1) for g in grads]).all()).float()
+        found_inf = ~torch.cat([finite_rows(g, 1) for g in grads]).all()
+        if skip_all is not None:
+            found_inf = found_inf | skip_all.to(found_inf.device)
+        found_inf = found_inf.float()
         self.state["skipped_steps"] += found_inf.to(torch.int64)
         beta1, beta2 = group["betas"]
         _torch_adam(
