@@ -7,8 +7,12 @@ matrices Scaled AdamW damps with δ.
 
 ``step-split``: the median time of forward + backward and of ``optimizer.step()`` over a few steps.
 
+``metric``: ScaledLoRSum's diagonal metric after a few steps: medians of the EMAs ``v_in``, ``v_out`` and of
+the inverse effective metrics ``(v + δ)^(−p)`` over all layers' entries.
+
     python tools/demo_diagnostics.py factors --optimizer scaled_adamw --lr 3e-3 --kwargs '{"reg": 100}'
     python tools/demo_diagnostics.py step-split --optimizer lorsum
+    python tools/demo_diagnostics.py metric --optimizer scaled_lorsum --steps 10
 
 One intra-op thread by default (``--threads``), the setting of the tuning runs.
 """
@@ -83,9 +87,24 @@ def step_split(args) -> None:
           f"{args.threads} thread(s)")
 
 
+def metric(args) -> None:
+    data, model, opt = _setup(args)
+    for batch in minilm._batches(data["train"], 16, args.steps, args.seed):
+        opt.zero_grad()
+        model(**batch).loss.backward()
+        opt.step()
+    group = opt.param_groups[0]
+    damping, power = group["damping"], group["metric_power"]
+    for side in ("in", "out"):
+        v = torch.cat([opt.state[layer.A][f"metric_{side}"] for layer in opt._layers])
+        inverse = (v + damping).pow(-power)
+        print(f"v_{side}: median {v.median():.3g} (min {v.min():.3g}, max {v.max():.3g}); "
+              f"M_{side}^-1 = (v + {damping:g})^-{power:g}: median {inverse.median():.3g}")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["factors", "step-split"])
+    parser.add_argument("what", choices=["factors", "step-split", "metric"])
     parser.add_argument("--optimizer", default="scaled_adamw", choices=sorted(minilm.METHODS))
     parser.add_argument("--lr", type=float, default=None, help="default: the demo's")
     parser.add_argument("--kwargs", default=None, help="JSON overrides of the demo's hyperparameters")
@@ -97,6 +116,9 @@ def main(argv=None) -> None:
     if args.what == "factors":
         args.steps = args.steps or 120
         factors(args)
+    elif args.what == "metric":
+        args.steps = args.steps or 10
+        metric(args)
     else:
         args.steps = args.steps or 6
         step_split(args)
