@@ -2,8 +2,9 @@
 
 Ops: the column sums of squares, the fused K-FAC metric step, the row/column energies of G = SᵀX, the
 batched r×r solve, LoRSum's half-steps (torch products around the Triton solve), both token products of
-one pass (pair_products, the fused chained-product kernel) and AdaPreLoRA's factor solve (torch products
-around the Triton ridged solves), at the sizes of bench_native_ops.py. Rows go to bench/results/triton_ops.csv (one per
+one pass (pair_products, the fused chained-product kernel), AdaPreLoRA's factor solve (torch products
+around the Triton ridged solves) and its surrogate energies (tangent_energies: torch Grams, Triton quadratic
+forms), at the sizes of bench_native_ops.py. Rows go to bench/results/triton_ops.csv (one per
 op, backend and size). Without CUDA everything is skipped: Triton on the CPU is its interpreter, whose
 speed means nothing. A backend that is missing for an op (no native CUDA kernel built, no triton) is
 skipped for that op.
@@ -158,3 +159,17 @@ def test_adaprelora_solve(benchmark, record, size, backend):
     q = torch.rand(L, d, device=DEVICE) + 0.5
     _run(benchmark, record, "adaprelora_solve", backend, f"m=n={d} r={r} L={L} float32",
          lambda: ops.adaprelora_solve(A, B, g_A, g_B, p, q, ridge=1e-6, backend=backend))
+
+
+# ---- AdaPreLoRA's surrogate statistics, the energies of B·g_A + g_B·A: (m = n, r, L) -----------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("size", [(1024, 8, 24), (4096, 16, 1), (4096, 64, 24)],
+                         ids=lambda s: "m{}_r{}_L{}".format(*s))
+def test_tangent_energies(benchmark, record, size, backend):
+    d, r, L = size
+    A, B = _randn(L, r, d, seed=23) * d**-0.5, _randn(L, d, r, seed=24) * d**-0.5
+    g_A, g_B = _randn(L, r, d, seed=25), _randn(L, d, r, seed=26)
+    _run(benchmark, record, "tangent_energies", backend, f"m=n={d} r={r} L={L} float32",
+         lambda: ops.tangent_energies(B, g_A, g_B, A, backend=backend))

@@ -31,7 +31,7 @@ BACKENDS = ("native", "triton", "torch")
 # lorsum_kernels.triton_kernels.LAUNCHERS (the tests/test_triton_*.py files check it).
 TRITON_OPS: set[str] = {
     "adaprelora_solve", "col_sq_sums", "kfac_metric_update", "lorsum_update_in", "lorsum_update_out",
-    "pair_products", "row_col_energies", "spd_solve",
+    "pair_products", "row_col_energies", "spd_solve", "tangent_energies",
 }
 
 _warned_native_fallback = False

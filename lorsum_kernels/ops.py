@@ -152,6 +152,10 @@ def tangent_energies(
             batch = torch.broadcast_shapes(B.shape[:-2], E.shape[:-2], F.shape[:-2], A.shape[:-2])
             B, E, F, A = (t.expand(batch + t.shape[-2:]) for t in (B, E, F, A))
         return torch.ops.lorsum.tangent_energies(B, E, F, A)
+    if name == "triton":
+        from . import triton_kernels
+
+        return triton_kernels.tangent_energies(B, E, F, A)
     return reference.tangent_energies(B, E, F, A)
 
 

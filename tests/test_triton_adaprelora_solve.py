@@ -297,15 +297,16 @@ def test_registered_and_dispatched(monkeypatch):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def test_optimizer_triton_equals_torch():
-    # AdaPreLoRA with exact statistics, both of its ops forced to Triton (row_col_energies too), three
-    # steps with input momentum, against the torch backend.
+@pytest.mark.parametrize("statistics", ["exact", "surrogate"])
+def test_optimizer_triton_equals_torch(statistics):
+    # AdaPreLoRA with both of its ops forced to Triton (the solve and row_col_energies or
+    # tangent_energies), three steps with input momentum, against the torch backend.
     import lorsum_kernels as lk
 
     def train(backend):
         torch.manual_seed(0)
         model = TinyLoRAMLP(d_in=12, d_hidden=20, d_out=5, r=3, alpha=6.0).to(DEVICE)
-        opt = lk.AdaPreLoRA(model, lr=1e-2, backend=backend, statistics="exact", momentum="input")
+        opt = lk.AdaPreLoRA(model, lr=1e-2, backend=backend, statistics=statistics, momentum="input")
         g = torch.Generator().manual_seed(1)
         for _ in range(3):
             x = torch.randn(2, 7, 12, generator=g).to(DEVICE)

@@ -25,11 +25,13 @@ LAUNCHERS = {
     "lorsum_update_in": "half_steps",
     "lorsum_update_out": "half_steps",
     "pair_products": "products",
+    "tangent_energies": "tangent",
 }
 
 __all__ = [
     "LAUNCHERS", "adaprelora_solve", "col_sq_sums", "kfac_metric_update", "lorsum_update_in",
     "lorsum_update_out", "pair_products", "row_col_energies", "spd_solve",
+    "tangent_energies",
 ]
 
 
