@@ -110,7 +110,26 @@ def test_table_has_one_row_per_run():
     table = minilm.format_table([row, {**row, "label": "AdaPreLoRA", "accuracy": 0.964}])
     lines = table.splitlines()
     assert len(lines) == 4 and "95.95%" in lines[2] and "96.40%" in lines[3]
-    assert minilm.best_of([row, {**row, "accuracy": 0.97}])["accuracy"] == 0.97
+
+
+@pytest.mark.parametrize("flag", [[], ["--lora-one-with", "lorsum"]])
+def test_lora_one_runs_with_the_validation_choice_not_the_best_test_run(flag, monkeypatch, tmp_path):
+    calls = []
+
+    def fake_run(cfg, data, progress=True):
+        calls.append(cfg)
+        # The plain LoRSum run "wins" on test: that must not decide LoRA-One's optimizer.
+        return dict(label=cfg.label or cfg.optimizer, optimizer=cfg.optimizer, lr=0.1, lora_one=cfg.lora_one,
+                    accuracy=0.99 if cfg.optimizer == "lorsum" else 0.9, final_loss=0.1, losses=[0.1],
+                    step_ms=1.0, peak_rss_mb=1.0, train_delta_mb=1.0)
+
+    monkeypatch.setattr(minilm, "prepare_data", lambda max_len, seed: {"classes": [], "test": {"labels": []}})
+    monkeypatch.setattr(minilm, "train_run", fake_run)
+    monkeypatch.setattr(minilm, "write_outputs", lambda rows, out, title: None)
+    demo_cli.cli(["--optimizers", "adamw,lorsum,lora_one", "--in-process", "--out", str(tmp_path), *flag])
+    expected = flag[1] if flag else minilm.LORA_ONE_WITH
+    assert [(c.optimizer, c.lora_one) for c in calls] == [("adamw", False), ("lorsum", False), (expected, True)]
+    assert minilm.LORA_ONE_WITH == "adaprelora"  # docs/demo_tuning.md's validation choice
 
 
 def test_every_documented_default_is_a_grid_point():

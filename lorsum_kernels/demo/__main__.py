@@ -6,7 +6,7 @@ loss_curves.png, results.json). Under 10 minutes on 2 CPU cores.
 
 Flags: ``--steps N`` / ``--batch-size`` / ``--max-len`` change the run; ``--long`` is a longer run (more
 steps, longer inputs: about 4× the time); ``--optimizers adamw,lorsum,...`` picks the runs (``lora_one``
-is LoRA-One followed by the best of the others); ``--lm`` switches to language modelling with
+is LoRA-One followed by ``--lora-one-with``, by default the method chosen on validation); ``--lm`` switches to language modelling with
 SmolLM2-135M-Instruct on the BBC text, reporting validation perplexity (``smollm.py``; slower, not part
 of the 10-minute budget); ``--tune`` reruns the learning-rate grid of docs/demo_tuning.md on the
 validation split (about an hour per training seed; ``--seeds 0,1,2`` ranks each point by its mean
@@ -34,6 +34,8 @@ def cli(argv=None):
     parser.add_argument("--lm", action="store_true", help="SmolLM2-135M language modelling instead")
     parser.add_argument("--optimizers", type=_names, default=None,
                         help=f"comma-separated, from {','.join(minilm.DEFAULT_ORDER)}")
+    parser.add_argument("--lora-one-with", default=None, choices=sorted(minilm.METHODS),
+                        help=f"the optimizer after LoRA-One's initialisation (default {minilm.LORA_ONE_WITH})")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="demo_out")
     parser.add_argument("--in-process", action="store_true",
