@@ -8,8 +8,11 @@ Conventions shared by all ops:
 * Any tensor may carry leading batch dimensions (a group of ``L`` same-shape layers); matrices are the
   last two dimensions. Scalars (coefficients, ``lmbd``) are Python numbers, 0-d tensors, or tensors of
   the batch shape (one value per layer).
-* The ops compute in the dtype they are given. Callers (``functional``) cast to fp32, or keep fp64 for
-  fp64 parameters, once on entry; see DESIGN.md "Numerical policy".
+* Every op accepts the dtype mixes its native kernel accepts: each tensor float32, float64, bfloat16 or
+  float16, independently. The arithmetic runs in fp32, or fp64 when any tensor input is fp64 (DESIGN.md
+  "Numerical policy"); bf16/fp16 inputs are read as they are and upcast. Results come back in the dtype
+  the native op returns (each op's docstring says which). Callers (``functional``) still cast to fp32, or
+  keep fp64 for fp64 parameters, once on entry, so there the upcasts are no-ops.
 * A factor pair ``(F_in, F_out)`` with ``F_in`` q×n and ``F_out`` m×q stands for ``F_out @ F_in``. The
   gradient pair is ``(X, S.mT)``: ``G = S.mT @ X``.
 """
@@ -30,6 +33,19 @@ RELATIVE_RIDGE = {torch.float32: 1e-7, torch.float64: 1e-14}
 FALLBACK_RIDGE = {torch.float32: 1e-4, torch.float64: 1e-8}
 
 Pair = tuple[Tensor, Tensor]
+
+
+def math_dtype(*tensors: Tensor | None) -> torch.dtype:
+    """The arithmetic dtype of an op: fp64 when any of the (non-None) tensors is fp64, else fp32."""
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def promoted_dtype(*tensors: Tensor) -> torch.dtype:
+    """The promoted dtype of the tensors (torch.promote_types): the result dtype of the ops that return one."""
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
 
 
 def batch_scalar(value, like: Tensor) -> Tensor | float:
@@ -69,10 +85,15 @@ def ridged_cholesky(gram: Tensor, ridge) -> Tensor:
 def spd_solve(gram: Tensor, rhs: Tensor, *, left: bool = True) -> Tensor:
     """Solve ``gram @ Z = rhs`` (``left``) or ``Z @ gram = rhs`` for a batch of symmetric PSD r×r matrices.
 
-    Cholesky with the dtype's relative ridge (``ridged_cholesky``); no status is read on the host.
+    Cholesky with the dtype's relative ridge (``ridged_cholesky``); no status is read on the host. Any
+    float dtypes: solved in fp32 (fp64 if either is fp64), returned in their promoted dtype.
     """
-    chol = ridged_cholesky(gram, relative_ridge(gram.dtype))
-    return torch.cholesky_solve(rhs, chol) if left else torch.cholesky_solve(rhs.mT, chol).mT
+    out_dtype = torch.promote_types(gram.dtype, rhs.dtype)
+    acc = math_dtype(gram, rhs)
+    gram, rhs = gram.to(acc), rhs.to(acc)
+    chol = ridged_cholesky(gram, relative_ridge(acc))
+    z = torch.cholesky_solve(rhs, chol) if left else torch.cholesky_solve(rhs.mT, chol).mT
+    return z.to(out_dtype)
 
 
 def lorsum_update_in(
@@ -94,8 +115,12 @@ def lorsum_update_in(
         (B̂ᵀ M_out B̂ + λI) Â = λ A0 + c0 (B̂ᵀ M_out B0) A0 + Σ_j c_j (B̂ᵀ F_out_j)(F_in_j M_in⁻¹)
 
     Only r-wide intermediates are formed. ``solve`` replaces ``spd_solve`` (same signature and ridge
-    rules): another backend's batched solve around these products (the Triton half-steps).
+    rules): another backend's batched solve around these products (the Triton half-steps). Any mix of
+    float dtypes: arithmetic in fp32 (fp64 if any tensor is fp64), the result in A0's dtype (the native op's
+    contract).
     """
+    out_dtype = anchor[0].dtype
+    B_hat, anchor, pairs, metrics = _half_step_in_math_dtype(B_hat, anchor, pairs, metrics)
     A0, B0 = anchor
     weighted_B = B_hat if metrics is None else B_hat * metrics[1].unsqueeze(-1)
     lam = batch_scalar(lmbd, A0)
@@ -111,7 +136,7 @@ def lorsum_update_in(
         data = term if data is None else data + term
     if data is not None:
         residual = residual + (data if metrics is None else data / metrics[0].unsqueeze(-2))
-    return A0 + (solve or spd_solve)(gram, residual, left=True)
+    return (A0 + (solve or spd_solve)(gram, residual, left=True)).to(out_dtype)
 
 
 def lorsum_update_out(
@@ -127,7 +152,11 @@ def lorsum_update_out(
     """LoRSum's B half-step: the exact minimiser over B with Â fixed (see ``lorsum_update_in``).
 
         B̂ (Â M_in Âᵀ + λI) = λ B0 + c0 B0 (A0 M_in Âᵀ) + Σ_j c_j (M_out⁻¹ F_out_j)(F_in_j Âᵀ)
+
+    Dtypes as ``lorsum_update_in``: the result is in A0's dtype, as the native op returns it.
     """
+    out_dtype = anchor[0].dtype
+    A_hat, anchor, pairs, metrics = _half_step_in_math_dtype(A_hat, anchor, pairs, metrics)
     A0, B0 = anchor
     weighted_A = A_hat if metrics is None else A_hat * metrics[0].unsqueeze(-2)
     lam = batch_scalar(lmbd, B0)
@@ -141,7 +170,20 @@ def lorsum_update_out(
         data = term if data is None else data + term
     if data is not None:
         residual = residual + (data if metrics is None else data / metrics[1].unsqueeze(-1))
-    return B0 + (solve or spd_solve)(gram, residual, left=False)
+    return (B0 + (solve or spd_solve)(gram, residual, left=False)).to(out_dtype)
+
+
+def _half_step_in_math_dtype(hat, anchor, pairs, metrics):
+    """The half-steps' tensors in their arithmetic dtype (``math_dtype`` of all of them); no copy of a
+    tensor that already has it."""
+    tensors = [hat, *anchor, *(t for pair in pairs for t in pair), *(metrics or ())]
+    acc = math_dtype(*tensors)
+    hat = hat.to(acc)
+    anchor = (anchor[0].to(acc), anchor[1].to(acc))
+    pairs = [(f_in.to(acc), f_out.to(acc)) for f_in, f_out in pairs]
+    if metrics is not None:
+        metrics = (metrics[0].to(acc), metrics[1].to(acc))
+    return hat, anchor, pairs, metrics
 
 
 def col_sq_sums(x: Tensor) -> Tensor:
@@ -220,7 +262,13 @@ def adaprelora_solve(
 
     When ``g_A``/``g_B`` come from one G (no momentum) the two cross terms are the same r×r matrix
     ``M_B⁻¹ K M_A⁻¹`` with ``K = g_A Aᵀ = Bᵀ g_B``; each factor uses its own input as in spec §3.7.
+
+    Any mix of float dtypes: arithmetic in fp32 (fp64 if any input is fp64), ``(dA, dB)`` in the promoted
+    dtype of the six inputs, as the native op returns them.
     """
+    out_dtype = promoted_dtype(A, B, g_A, g_B, p, q)
+    acc = math_dtype(A, B, g_A, g_B, p, q)
+    A, B, g_A, g_B, p, q = (t.to(acc) for t in (A, B, g_A, g_B, p, q))
     pB = B * p.unsqueeze(-1)  # P·B
     M_B = B.mT @ pB
     M_A = (A * q.unsqueeze(-2)) @ A.mT
@@ -233,7 +281,7 @@ def adaprelora_solve(
     cross_B = torch.cholesky_solve(pB.mT @ Z, L_B)  # M_B⁻¹ K M_A⁻¹ from g_B
     dA = Y / q.unsqueeze(-2) - 0.5 * (cross_A @ A)
     dB = Z - 0.5 * (B @ cross_B)
-    return dA, dB
+    return dA.to(out_dtype), dB.to(out_dtype)
 
 
 def tangent_energies(B: Tensor, E: Tensor, F: Tensor, A: Tensor) -> tuple[Tensor, Tensor]:
@@ -244,13 +292,16 @@ def tangent_energies(B: Tensor, E: Tensor, F: Tensor, A: Tensor) -> tuple[Tensor
     ``cols_j = w_jᵀ (Zᵀ Z) w_j``: two 2r×2r Grams and two r-wide products, O((m+n)r²) flops and
     O((m+n)r) memory. AdaPreLoRA's surrogate is ``tangent_energies(B, g_A, g_B, A)``, the energies of
     ``G̃ = B g_A + g_B A``. Rounding can make an exact zero come out slightly negative; results are
-    clamped at 0.
+    clamped at 0. Any mix of float dtypes: arithmetic in fp32 (fp64 if any input is fp64), results in the
+    promoted dtype of the four inputs, as the native op returns them.
     """
-    Z = torch.cat([B, F], dim=-1)
-    W = torch.cat([E, A], dim=-2)
+    out_dtype = promoted_dtype(B, E, F, A)
+    acc = math_dtype(B, E, F, A)
+    Z = torch.cat([B.to(acc), F.to(acc)], dim=-1)
+    W = torch.cat([E.to(acc), A.to(acc)], dim=-2)
     rows = ((Z @ (W @ W.mT)) * Z).sum(-1)
     cols = (((Z.mT @ Z) @ W) * W).sum(-2)
-    return rows.clamp_min(0), cols.clamp_min(0)
+    return rows.clamp_min(0).to(out_dtype), cols.clamp_min(0).to(out_dtype)
 
 
 # --------------------------------------------------------------------------------------------------
