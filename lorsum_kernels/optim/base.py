@@ -7,12 +7,16 @@ methods act on (A, B) pairs and on each layer's X and S:
   (``capture.ActivationCapture``).
 * Param groups come in two kinds: ``"lora"`` groups hold factor pairs (a layer's A and B always in the
   same group) and are stepped by the method; ``"other"`` groups hold the remaining trainable parameters
-  (heads, biases) and are stepped by torch's fused AdamW with their own ``lr``. LR schedulers scale both.
+  (heads, biases) and are stepped by torch's fused AdamW with their own ``lr``, its moments in fp32 like the
+  method state (a bf16/fp16 parameter steps through an fp32 copy). LR schedulers scale both; every
+  group's ``lr`` is validated again at each ``step()`` (a finite number ≥ 0, or such a tensor).
+  ``add_param_group`` works as torch's for either kind (LoRA layers get the constructor's initial state).
 * ``step()`` validates everything before it changes anything, buckets the layers of a group by shape,
   stacks each bucket into one batched call of the method's pure function (``_method_step``), and writes
   results back in the parameter dtype. A layer whose inputs or new values are not all finite is left untouched,
-  state included, and counted in its ``state[A]["skipped_steps"]`` and in ``self.state["skipped_steps"]``;
-  the choice is made with ``torch.where`` on the device, never by reading a flag on the host.
+  state included, and counted in its ``state[A]["skipped_steps"]``; ``self.state["skipped_steps"]`` counts
+  the ``step()`` calls that skipped anything (as GradScaler counts skipped steps). The choice is made with
+  ``torch.where`` on the device, never by reading a flag on the host.
 * ``max_grad_norm`` clips inside the step, since ``.grad`` clipping (``clip_grad_norm_``, the Trainer's
   ``max_grad_norm``) cannot reach the methods that step from the captured X and S: the global 2-norm is
   taken over what the step consumes (each captured layer's weight gradient ``G = Sᵀ·X``, computed by
@@ -29,7 +33,9 @@ methods act on (A, B) pairs and on each layer's X and S:
   skip and the clip norm (``lorsum_kernels.distributed`` states what each method does). None: single
   process, nothing added.
 * Method state (momentum factors, metrics) lives in fp32 (fp64 for fp64 parameters), keyed by the
-  layer's A parameter, and keeps its dtype through ``state_dict``/``load_state_dict``.
+  layer's A parameter, and keeps its dtype through ``state_dict``/``load_state_dict``. The state dict
+  carries the class name and the parameter shapes; a checkpoint of another method or another model
+  (LoRA rank) is refused before anything changes.
 
 Subclasses set ``needs_capture`` (and ``needs_grads`` when they read the factors' gradients while
 capturing) and implement ``_init_layer_state`` and ``_method_step``.
@@ -37,6 +43,9 @@ capturing) and implement ``_init_layer_state`` and ``_method_step``.
 
 from __future__ import annotations
 
+import math
+import numbers
+import weakref
 from collections import defaultdict
 from typing import Any, Iterable
 
@@ -114,6 +123,12 @@ class LoRAOptimizer(torch.optim.Optimizer):
                 groups.append({"params": others, "kind": "other", **other_defaults})
         else:
             groups = [self._classify_group(dict(g), by_B, other_defaults) for g in param_groups]
+        for group in groups:
+            if "lr" in group:
+                _check_lr("lr" if group["kind"] == "lora" else "other_lr", group["lr"])
+        self._model_ref = weakref.ref(model)  # add_param_group finds LoRA layers added to it since
+        self._other_defaults = other_defaults
+        self._options = frozenset(defaults)  # the method's (torch's __setstate__ adds keys to self.defaults)
         self._seed = seed
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self.grad_norm: Tensor | None = None  # the last step's pre-clip norm when max_grad_norm is set
@@ -126,27 +141,41 @@ class LoRAOptimizer(torch.optim.Optimizer):
         self._layers = [self._layers_by_A[id(p)] for g in self._lora_groups() for p in g["params"]
                         if id(p) in self._layers_by_A]
         self.state["skipped_steps"] = torch.zeros((), dtype=torch.int64, device=self._layers[0].A.device)
-        generator = torch.Generator().manual_seed(seed)
+        # Kept: add_param_group draws a later group's initial state as if the constructor had had it.
+        self._generator = generator = torch.Generator().manual_seed(seed)
         for group in self._lora_groups():
             for layer in self._group_layers(group):
-                st = self.state[layer.A]
-                st["step"] = torch.zeros((), dtype=torch.int64, device=layer.A.device)
-                st["skipped_steps"] = torch.zeros((), dtype=torch.int64, device=layer.A.device)
-                for key, value in self._init_layer_state(layer, group, generator).items():
-                    st[key] = value
+                self._set_layer_state(layer, self._init_layer_state(layer, group, generator))
         self._capture = ActivationCapture(self._layers) if self.needs_capture else None
+        self._built = True  # from now on add_param_group is the user's (torch's __init__ calls it too)
 
     # ----------------------------------------------------------------------------------------------
     # construction helpers
 
+    def _set_layer_state(self, layer: LoRALayer, method_state: dict) -> None:
+        st = self.state[layer.A]
+        st["step"] = torch.zeros((), dtype=torch.int64, device=layer.A.device)
+        st["skipped_steps"] = torch.zeros((), dtype=torch.int64, device=layer.A.device)
+        for key, value in method_state.items():
+            st[key] = value
+
     def _classify_group(self, group: dict, by_B: dict, other_defaults: dict) -> dict:
-        params = list(group["params"])
+        params = group["params"]
+        if isinstance(params, Tensor):
+            params = [params]
+        elif isinstance(params, set):
+            raise TypeError("optimizer parameters need to be organized in ordered collections, but the "
+                            "ordering of tensors in sets will change between runs. Please use a list "
+                            "instead.")
+        params = list(params)
         if not params:
             raise ValueError("empty parameter group")
-        ids = {id(p) for p in params}
-        is_lora = [id(p) in self._layers_by_A or id(p) in by_B for p in params]
+        # torch allows (name, tensor) pairs; they are classified by their tensor
+        tensors = [p[1] if isinstance(p, tuple) else p for p in params]
+        ids = {id(p) for p in tensors}
+        is_lora = [id(p) in self._layers_by_A or id(p) in by_B for p in tensors]
         if all(is_lora):
-            for p in params:
+            for p in tensors:
                 layer = self._layers_by_A.get(id(p)) or by_B[id(p)]
                 if id(layer.A) not in ids or id(layer.B) not in ids:
                     raise ValueError(f"{layer.name}: lora_A and lora_B must be in the same parameter group")
@@ -159,6 +188,80 @@ class LoRAOptimizer(torch.optim.Optimizer):
             raise ValueError("a parameter group mixes LoRA factors with other parameters; split it in two")
         group["params"] = params
         return group
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Like torch's: a group of other parameters takes the ``other_*`` defaults and is stepped by AdamW;
+        a group of LoRA factors (each layer's A and B together, layers of the model not yet in a group) is
+        stepped by the method, its layers' state initialised as the constructor would have (the momentum
+        factors continue the seeded draws). Raises before any change for a parameter already in a group,
+        a group mixing LoRA factors and other parameters, an invalid lr or per-layer option, and, for the
+        methods that step from captured data, a call between a backward and its ``step()`` (that step's
+        captured data would be lost)."""
+        if not getattr(self, "_built", False):  # torch's __init__ adding the constructor's groups
+            super().add_param_group(param_group)
+            return
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, but got {type(param_group)}")
+        self._find_new_layers()
+        by_B = {id(layer.B): layer for layer in self._layers_by_A.values()}
+        group = self._classify_group(dict(param_group), by_B, self._other_defaults)
+        filled = {**self.defaults, **group}  # what torch's add_param_group will make of it
+        _check_lr("lr" if group["kind"] == "lora" else "other_lr", filled["lr"])
+        tensors = [p[1] if isinstance(p, tuple) else p for p in group["params"]]
+        taken = {id(p) for g in self.param_groups for p in g["params"]}
+        if any(id(p) in taken for p in tensors):
+            raise ValueError("some parameters appear in more than one parameter group")
+        layers, states = [], []
+        if group["kind"] == "lora":
+            layers = [self._layers_by_A[id(p)] for p in tensors if id(p) in self._layers_by_A]
+            if self._reduce is not None:
+                reason = self._no_data_parallel_mode(filled)
+                if reason is not None:
+                    raise ValueError(f"{type(self).__name__} has no data-parallel mode here: {reason}")
+            if self._capture is not None and any(
+                self._capture.has_data(layer.module) or self._capture.received_grad(layer.module)
+                for layer in self._layers
+            ):
+                raise RuntimeError(
+                    "add_param_group of LoRA layers between a backward and its step(): the layers are "
+                    "hooked anew, which would drop the captured data of that step; add the group after "
+                    "step() or zero_grad()"
+                )
+        generator_state = self._generator.get_state()
+        capture = None  # the new layers hooked with the old ones (after remove_hooks: nothing is hooked)
+        try:
+            states = [self._init_layer_state(layer, filled, self._generator) for layer in layers]
+            if layers and self._capture is not None and not getattr(self._capture, "removed", False):
+                capture = ActivationCapture(self._layers + layers)
+            super().add_param_group(group)
+        except BaseException:
+            self._generator.set_state(generator_state)
+            if capture is not None:
+                capture.remove()
+            raise
+        for layer, method_state in zip(layers, states):
+            self._set_layer_state(layer, method_state)
+        self._layers = self._layers + layers
+        if capture is not None:
+            sink = getattr(self._capture, "sink", None)
+            self._capture.remove()
+            if sink is not None:
+                capture.sink = sink
+            self._capture = capture
+
+    def _find_new_layers(self) -> None:
+        """Registers the model's LoRA layers that were not there when the optimizer was made."""
+        model = self._model_ref()
+        if model is None:
+            return
+        new = [layer for layer in find_lora_layers(model) if id(layer.A) not in self._layers_by_A]
+        for layer in new:
+            if layer.rank > min(layer.in_features, layer.out_features):
+                raise ValueError(
+                    f"{layer.name}: rank {layer.rank} is larger than min(m, n) = "
+                    f"{min(layer.in_features, layer.out_features)}"
+                )
+        self._layers_by_A.update((id(layer.A), layer) for layer in new)
 
     def _lora_groups(self):
         return [g for g in self.param_groups if g["kind"] == "lora"]
@@ -214,6 +317,9 @@ class LoRAOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         inv_scale, scaler_found_inf = self._loss_scale()  # GradScaler's; raises before any state changes
+        # Schedulers and users set group["lr"]: checked at every step, before any state changes.
+        lr_skip = {id(g): _check_lr("lr" if g["kind"] == "lora" else "other_lr", g["lr"])
+                   for g in self.param_groups}
         plan = self._plan()  # validates everything before any state changes
         # One factor for everything the step consumes: the loss scale's inverse times the clip coefficient.
         factor = inv_scale
@@ -221,13 +327,22 @@ class LoRAOptimizer(torch.optim.Optimizer):
             clip = self._clip_coefficient(plan, inv_scale)
             factor = clip if factor is None else factor * clip
         checked_inputs: dict = {}  # one finiteness check per captured tensor (q, k and v share their X)
+        skipped = []  # device flags: whether a bucket or an other group skipped anything
         for group, buckets in plan:
+            skip = _either(scaler_found_inf, lr_skip[id(group)])
             for layers, data in buckets:
-                self._step_bucket(group, layers, data, factor, checked_inputs, inv_scale is not None,
-                                  scaler_found_inf)
+                skipped.append(self._step_bucket(group, layers, data, factor, checked_inputs,
+                                                 inv_scale is not None, skip))
         for group in self.param_groups:
             if group["kind"] == "other":
-                self._step_other(group, factor, scaler_found_inf)
+                flag = self._step_other(group, factor, _either(scaler_found_inf, lr_skip[id(group)]))
+                if flag is not None:
+                    skipped.append(flag)
+        if skipped:
+            # As GradScaler counts: one per step() that skipped anything (the per-layer counts are in
+            # state[A]["skipped_steps"]).
+            counter = self.state["skipped_steps"]
+            counter += torch.stack([f.to(counter.device) for f in skipped]).any()
         if self._capture is not None:
             self._capture.clear()
         return loss
@@ -340,8 +455,10 @@ class LoRAOptimizer(torch.optim.Optimizer):
 
     def _step_bucket(self, group: dict, layers: list[LoRALayer], data: list, clip: Tensor | None = None,
                      checked_inputs: dict | None = None, loss_scaled: bool = False,
-                     skip_all: Tensor | None = None) -> None:
-        """``clip``: the factor every gradient is multiplied by (clip coefficient and/or inverse loss scale);
+                     skip_all: Tensor | None = None) -> Tensor:
+        """Steps one bucket; returns a device flag, true when any of its layers was skipped.
+
+        ``clip``: the factor every gradient is multiplied by (clip coefficient and/or inverse loss scale);
         ``loss_scaled``: S is unscaled in the state dtype (an fp16 S would underflow in its own);
         ``skip_all``: a device flag that skips every layer (GradScaler's found_inf)."""
         dev, pdt = layers[0].A.device, layers[0].A.dtype
@@ -389,7 +506,6 @@ class LoRAOptimizer(torch.optim.Optimizer):
         if self._reduce is not None and X is not None:
             # The local X and S were checked: step on all ranks or on none.
             finite = self._reduce.all_ranks(finite)
-        self.state["skipped_steps"] += (~finite).sum()
         for i, layer in enumerate(layers):
             ok = finite[i]
             layer.A.copy_(torch.where(ok, A_new[i].to(pdt), layer.A))
@@ -399,29 +515,44 @@ class LoRAOptimizer(torch.optim.Optimizer):
                 st[k].copy_(torch.where(ok, v[i], st[k]))
             st["step"] += ok
             st["skipped_steps"] += ~ok
+        return ~finite.all()
 
-    def _step_other(self, group: dict, clip: Tensor | None = None, skip_all: Tensor | None = None) -> None:
+    def _step_other(self, group: dict, clip: Tensor | None = None,
+                    skip_all: Tensor | None = None) -> Tensor | None:
+        """torch's fused AdamW on the group's parameters that have gradients; returns a device flag, true
+        when the group was skipped (None when nothing had a gradient). The moments are kept in fp32 (fp64
+        for fp64 parameters), as the method state is: a bf16/fp16 parameter steps through an fp32 copy of
+        itself and its gradient (fused Adam wants one dtype) and is rounded back once, so its update is
+        that of fp32 AdamW from the rounded parameter, not one computed against bf16 moments."""
         params = [p for p in group["params"] if p.grad is not None]
         if not params:
-            return
+            return None
         if clip is not None:
             torch._foreach_mul_([p.grad for p in params], clip)  # in place, as clip_grad_norm_ does
         for p in params:
             st = self.state[p]
+            dt = torch.float64 if p.dtype == torch.float64 else torch.float32
             if not st:
                 st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["exp_avg"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
+                st["exp_avg_sq"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
+            elif st["exp_avg"].dtype != dt:  # a checkpoint that kept the moments in the parameter's dtype
+                st["exp_avg"], st["exp_avg_sq"] = st["exp_avg"].to(dt), st["exp_avg_sq"].to(dt)
         grads = [p.grad for p in params]
         # One device flag: a non-finite gradient skips this group's update (and its step count).
         found_inf = ~torch.cat([finite_rows(g, 1) for g in grads]).all()
         if skip_all is not None:
             found_inf = found_inf | skip_all.to(found_inf.device)
+        skipped = found_inf
         found_inf = found_inf.float()
-        self.state["skipped_steps"] += found_inf.to(torch.int64)
+        low = [i for i, p in enumerate(params) if p.dtype != self.state[p]["exp_avg"].dtype]
+        targets = list(params)
+        for i in low:  # stepped in the state dtype, written back below
+            targets[i] = params[i].to(self.state[params[i]]["exp_avg"].dtype)
+            grads[i] = grads[i].to(targets[i].dtype)
         beta1, beta2 = group["betas"]
         _torch_adam(
-            params,
+            targets,
             grads,
             [self.state[p]["exp_avg"] for p in params],
             [self.state[p]["exp_avg_sq"] for p in params],
@@ -438,16 +569,39 @@ class LoRAOptimizer(torch.optim.Optimizer):
             eps=group["eps"],
             maximize=False,
         )
+        for i in low:  # unchanged when skipped: the copy rounds back to the parameter exactly
+            params[i].copy_(targets[i])
+        return skipped
 
     # ----------------------------------------------------------------------------------------------
     # checkpoints
 
+    def state_dict(self) -> dict:
+        """torch's, plus ``"optimizer"`` (the class name) and ``"param_shapes"`` (each parameter's shape by
+        its state-dict index), which ``load_state_dict`` checks: a checkpoint of another method, or of a
+        model with another rank, is refused even where no method state would tell."""
+        state_dict = super().state_dict()
+        shapes = {}
+        for saved, group in zip(state_dict["param_groups"], self.param_groups):
+            for index, p in zip(saved["params"], group["params"]):
+                shapes[index] = list(p.shape)
+        state_dict["optimizer"] = type(self).__name__
+        state_dict["param_shapes"] = shapes
+        return state_dict
+
     def load_state_dict(self, state_dict: dict) -> None:
-        """Like torch's, after checking every state shape, and keeping the saved state dtypes.
+        """Like torch's, after checking, before anything changes, that the state dict is this optimizer
+        class's (its name; else the parameter groups' options and the LoRA layers' state keys), that every
+        parameter and state shape matches, and keeping the saved state dtypes. Checkpoints without the
+        ``"optimizer"`` and ``"param_shapes"`` entries (written before they existed) still load.
 
         torch casts floating state to the parameter's dtype on load, which would turn fp32 method state
         of bf16 LoRA factors into bf16; the saved tensors are restored with their own dtype instead.
         """
+        name = type(self).__name__
+        saved_class = state_dict.get("optimizer")
+        if saved_class is not None and saved_class != name:
+            raise ValueError(f"the state dict was saved by another optimizer ({saved_class}); this is {name}")
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(
@@ -455,11 +609,25 @@ class LoRAOptimizer(torch.optim.Optimizer):
                 f"{len(self.param_groups)}"
             )
         id_to_param = {}
-        for saved, group in zip(saved_groups, self.param_groups):
+        for i, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
             if len(saved["params"]) != len(group["params"]):
                 raise ValueError("a parameter group of the state dict has a different number of parameters")
+            self._check_saved_group(i, saved, group, strict=saved_class is None)
             id_to_param.update(zip(saved["params"], group["params"]))
+        shapes = state_dict.get("param_shapes")
+        if shapes is not None:
+            for pid, p in id_to_param.items():
+                if pid in shapes and list(shapes[pid]) != list(p.shape):
+                    raise ValueError(
+                        f"parameter {pid} has shape {tuple(shapes[pid])} in the state dict but "
+                        f"{tuple(p.shape)} here: a checkpoint of another model (or LoRA rank)?"
+                    )
         saved_state = state_dict["state"]
+        for saved, group in zip(saved_groups, self.param_groups):
+            if group["kind"] == "lora":
+                index_of = {id(p): pid for pid, p in zip(saved["params"], group["params"])}
+                for layer in self._group_layers(group):
+                    self._check_saved_layer_state(layer, saved, saved_state.get(index_of[id(layer.A)]))
         for pid, entries in saved_state.items():
             if pid not in id_to_param:
                 continue
@@ -484,6 +652,53 @@ class LoRAOptimizer(torch.optim.Optimizer):
                     self.state[param][key] = value.to(device=param.device, dtype=value.dtype, copy=True)
         if "skipped_steps" in saved_state:
             self.state["skipped_steps"] = saved_state["skipped_steps"].clone()
+
+    # Keys torch's LR schedulers and SWA add to a param group.
+    _SCHEDULER_KEYS = frozenset(("initial_lr", "max_lr", "min_lr", "base_momentum", "max_momentum", "swa_lr"))
+
+    def _check_saved_group(self, i: int, saved: dict, group: dict, strict: bool) -> None:
+        """A saved param group must be of the same kind with this optimizer's options (torch's load puts
+        the saved group in place of this one: a missing option would fail at the next step). ``strict``
+        (no class name in the state dict): options this optimizer does not have are refused too."""
+        name = type(self).__name__
+        if saved.get("kind") != group["kind"]:
+            raise ValueError(
+                f"parameter group {i} of the state dict is of kind {saved.get('kind')!r}, here "
+                f"{group['kind']!r}: a state dict of another optimizer than {name}?"
+            )
+        required = set(self._options) | (set(self._other_defaults) if group["kind"] == "other" else set())
+        missing = sorted(required - set(saved))
+        unexpected = sorted(set(saved) - set(group) - {"params", "param_names"} - self._SCHEDULER_KEYS)
+        if missing or (strict and unexpected):
+            raise ValueError(
+                f"parameter group {i} of the state dict does not match {name}'s options (missing keys: "
+                f"{missing}, unexpected keys: {unexpected if strict else []}): a state dict of another "
+                "optimizer?"
+            )
+
+    def _check_saved_layer_state(self, layer: LoRALayer, saved_group: dict, entries: dict | None) -> None:
+        """The saved state of one LoRA layer has the keys and shapes its saved group's options give it."""
+        name = type(self).__name__
+        if entries is None:
+            raise ValueError(
+                f"the state dict has no state for {layer.name}: a state dict of another optimizer?"
+            )
+        try:
+            expected = self._init_layer_state(layer, saved_group, torch.Generator().manual_seed(0))
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"the state dict's options do not fit {layer.name}: {e}") from e
+        keys = set(expected) | set(_COUNTERS)
+        if set(entries) != keys:
+            raise ValueError(
+                f"the state of {layer.name} in the state dict has keys {sorted(entries)}, {name} with these "
+                f"options keeps {sorted(keys)}: a state dict of another optimizer?"
+            )
+        for key, value in expected.items():
+            if not isinstance(entries[key], Tensor) or entries[key].shape != value.shape:
+                raise ValueError(
+                    f"state '{key}' of {layer.name} has shape {tuple(getattr(entries[key], 'shape', ()))} in "
+                    f"the state dict but {tuple(value.shape)} here: a checkpoint of another LoRA rank?"
+                )
 
     def remove_hooks(self) -> None:
         """Detach the capture hooks from the model (the optimizer cannot step afterwards)."""
@@ -513,11 +728,37 @@ def _finite_once(t: Tensor, cache: dict) -> Tensor:
     return cache[key]
 
 
+def _either(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    if a is None or b is None:
+        return b if a is None else a
+    return a | b.to(a.device)
+
+
 def _grad_or_zeros(p: Tensor) -> Tensor:
     return p.grad if p.grad is not None else torch.zeros_like(p)
 
 
 def _check_positive(name: str, value, *, allow_zero: bool = False) -> None:
+    """A finite real number > 0 (>= 0 with ``allow_zero``): a Python or NumPy number, or a one-element
+    tensor (read on the host: call it where a sync is acceptable, or see ``_check_lr``)."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
+            raise TypeError(f"invalid {name}: a tensor must hold one real number, got {value!r}")
+        value = value.item()
+    elif isinstance(value, (bool, str, bytes)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"invalid {name}: {value!r} is not a real number")
     value = float(value)
-    if not (value > 0 or (allow_zero and value == 0)):
-        raise ValueError(f"invalid {name}: {value} (must be {'>= 0' if allow_zero else '> 0'})")
+    if not (math.isfinite(value) and (value > 0 or (allow_zero and value == 0))):
+        raise ValueError(f"invalid {name}: {value} (must be finite and {'>= 0' if allow_zero else '> 0'})")
+
+
+def _check_lr(name: str, value) -> Tensor | None:
+    """Validates a group's lr before a step. Numbers and CPU tensors are checked on the host (no device
+    synchronisation); for a tensor on an accelerator, returns a device flag, true when it is not finite or
+    negative, that skips the step (counted) instead of raising, so the step never waits on the device."""
+    if isinstance(value, Tensor) and value.device.type not in ("cpu", "meta"):
+        if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
+            raise TypeError(f"invalid {name}: a tensor must hold one real number, got {value!r}")
+        return ~(value.isfinite() & (value >= 0)).reshape(())
+    _check_positive(name, value, allow_zero=True)
+    return None
