@@ -26,8 +26,9 @@ VPY="$(cd "$VENV/bin" && pwd -P)/python"
 # torch is pinned to 2.13.0: pip takes that CPU build from local disk, whereas an unpinned `torch`
 # (or one pulled in by peft) may fetch a multi-GB CUDA build. It is imported for real (a broken torch
 # must be reinstalled); the others are only looked up (find_spec), since importing peft and
-# transformers costs ~8 s on every `make test`. setuptools>=64 and wheel are the build requirements
-# (pyproject.toml) that --no-build-isolation does not install: a new venv has setuptools 65 and no wheel.
+# transformers costs ~8 s on every `make test`. setuptools>=77 (pyproject.toml's SPDX `license`) and ninja
+# are the build requirements (pyproject.toml) that --no-build-isolation does not install: a new venv has
+# setuptools 65. numpy is for the tests only (tests/test_reference.py), not a dependency of the package.
 missing=$("$VPY" - <<'PY'
 import importlib.util
 
@@ -54,10 +55,10 @@ missing += [spec for module, spec in wanted.items() if importlib.util.find_spec(
 try:
     import setuptools
 
-    if int(setuptools.__version__.split(".")[0]) < 64:
-        missing.append("setuptools>=64")
+    if int(setuptools.__version__.split(".")[0]) < 77:
+        missing.append("setuptools>=77")
 except Exception:
-    missing.append("setuptools>=64")
+    missing.append("setuptools>=77")
 # torch==2.13.0 goes into every install so that no dependency (peft, triton) can move torch off it.
 if missing and missing[0] != "torch==2.13.0":
     missing.insert(0, "torch==2.13.0")
