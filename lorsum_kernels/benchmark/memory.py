@@ -17,6 +17,7 @@ state (allocated by the first step) is reported separately.
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import resource
 import subprocess
@@ -56,10 +57,11 @@ def tensor_peak_bytes(fn) -> int:
     return peak
 
 
-def measure_one(name: str, dim: int, rank: int, layers: int, tokens: int, device: torch.device) -> dict:
+def measure_one(name: str, dim: int, rank: int, layers: int, tokens: int, device: torch.device,
+                opt_kw: dict | None = None) -> dict:
     model = build(dim, rank, layers, device)
     x = torch.randn(tokens, dim, device=device)
-    opt = lk.create_optimizer(model, name, lr=1e-3)
+    opt = lk.create_optimizer(model, name, lr=1e-3, **(opt_kw or {}))
 
     def step():
         loss = model(x).square().mean()
@@ -85,14 +87,16 @@ def measure_one(name: str, dim: int, rank: int, layers: int, tokens: int, device
                 measure="cpu allocator (profiler)")
 
 
-def run(optimizers, dim, rank, layers, tokens, device: torch.device) -> list[dict]:
+def run(optimizers, dim, rank, layers, tokens, device: torch.device, opt_kw: dict | None = None) -> list[dict]:
+    """One row per optimizer; ``opt_kw`` maps an optimizer name to its extra ``create_optimizer`` arguments."""
     rows = []
     for name in optimizers:
+        kw = (opt_kw or {}).get(name, {})
         if device.type == "cuda":
-            rows.append(measure_one(name, dim, rank, layers, tokens, device))
+            rows.append(measure_one(name, dim, rank, layers, tokens, device, kw))
             continue
         cmd = [sys.executable, "-m", "lorsum_kernels.benchmark.memory", "--one", name, "--dim", str(dim),
-               "--rank", str(rank), "--layers", str(layers), "--tokens", str(tokens)]
+               "--rank", str(rank), "--layers", str(layers), "--tokens", str(tokens), "--opt-kw", repr(kw)]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     base = next((r["step_peak_bytes"] for r in rows if r["optimizer"] == "adamw"), None)
@@ -108,10 +112,11 @@ def main(argv=None) -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--opt-kw", default="{}", help="optimizer keyword arguments, a Python dict literal")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     print(json.dumps(measure_one(args.one, args.dim, args.rank, args.layers, args.tokens,
-                                 torch.device("cpu"))))
+                                 torch.device("cpu"), ast.literal_eval(args.opt_kw))))
 
 
 if __name__ == "__main__":

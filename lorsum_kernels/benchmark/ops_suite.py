@@ -45,11 +45,25 @@ GRIDS = {  # (m = n, r, T, L)
 }
 
 
+OPS = ["col_sq_sums", "row_col_energies", "lorsum_update_in", "lorsum_update_out", "spd_solve",
+       "kfac_metric_update", "pair_products", "adaprelora_solve", "lorsum_step"]
+
+
 def cases(device: torch.device, dtype: torch.dtype, grid: str = "full") -> list[OpCase]:
     """The benchmark grid: realistic sizes (DESIGN.md targets), or a reduced one."""
-    shapes = GRIDS[grid]
+    return [case for shape in GRIDS[grid] for case in shape_cases(device, dtype, shape)]
+
+
+def iter_cases(device: torch.device, dtype: torch.dtype, grid: str = "full"):
+    """``cases``, one shape's inputs at a time (the full grid's inputs need not all be alive at once)."""
+    for shape in GRIDS[grid]:
+        yield from shape_cases(device, dtype, shape)
+
+
+def shape_cases(device: torch.device, dtype: torch.dtype, shape: tuple) -> list[OpCase]:
+    """Every op's case (``OPS``, in that order) on one (m = n, r, T, L) shape."""
     out: list[OpCase] = []
-    for d, r, T, L in shapes:
+    for d, r, T, L in [shape]:
         cfg = f"m=n={d} r={r} T={T} L={L} {str(dtype).removeprefix('torch.')}"
         X = _randn(L, T, d, dtype=dtype, device=device, seed=1)
         S = _randn(L, T, d, dtype=dtype, device=device, seed=2)
