@@ -50,8 +50,8 @@ SPEED_FIELDS = ["timestamp", "op", "config", "backend", "median_ms", "p20_ms", "
 MEMORY_FIELDS = ["timestamp", "optimizer", "config", "step_peak_mib", "vs_adamw", "state_mib",
                  "process_peak_rss_mib", "measure", "device", "torch", "commit"]
 # --memory --model smollm2: the same file, more columns (_append widens an older header).
-REAL_MEMORY_FIELDS = ["timestamp", "model", "optimizer", "opt_kw", "config", "checkpointing", "step_peak_mib",
-                      "vs_adamw", "after_backward_mib", "after_step_mib", "live_before_mib",
+REAL_MEMORY_FIELDS = ["timestamp", "model", "optimizer", "opt_kw", "config", "adapters", "checkpointing",
+                      "step_peak_mib", "vs_adamw", "after_backward_mib", "after_step_mib", "live_before_mib",
                       "cuda_max_allocated_mib", "state_mib", "process_peak_rss_mib", "fwd_bwd_ms", "fwd_bwd_p20_ms",
                       "fwd_bwd_p80_ms", "step_ms", "step_p20_ms", "step_p80_ms", "total_ms", "total_p20_ms",
                       "total_p80_ms", "steps", "final_loss", "skipped_steps", "measure", "device", "threads", "torch",
@@ -361,7 +361,7 @@ def run_real_memory(args, device: torch.device) -> list[dict]:
             now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
             base = next((x for x in rows if x["optimizer"] == "adamw" and x["checkpointing"] == ckpt), None)
             row = dict(timestamp=now, model="smollm2-135m", optimizer=name, opt_kw=repr(kw) if kw else "", config=cfg,
-                       checkpointing=ckpt, step_peak_mib=_mib(r["step_peak_bytes"]),
+                       adapters=r["adapters"], checkpointing=ckpt, step_peak_mib=_mib(r["step_peak_bytes"]),
                        after_backward_mib=_mib(r["after_backward_bytes"]), after_step_mib=_mib(r["after_step_bytes"]),
                        live_before_mib=_mib(r["live_before_bytes"]),
                        cuda_max_allocated_mib=_mib(r["cuda_max_allocated_bytes"]),
