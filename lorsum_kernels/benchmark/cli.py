@@ -472,7 +472,7 @@ def parser() -> argparse.ArgumentParser:
                           "bare string. Unscoped, it goes to every optimizer but adamw (torch's AdamW); "
                           "OPT:KEY=VALUE to that optimizer only (e.g. --opt-kw capture=stream --opt-kw "
                           "lorsum:iters=2 --opt-kw adamw:weight_decay=0.0)")
-    mem.add_argument("--rank", type=int, default=16, help="LoRA rank")
+    mem.add_argument("--rank", type=int, default=16, help="LoRA rank of every adapter")
     mem.add_argument("--layers", type=int, default=None,
                      help="synthetic: LoRA layers (default 8); smollm2: transformer blocks kept (default 30, all)")
     mem.add_argument("--tokens", type=int, default=None,
