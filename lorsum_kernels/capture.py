@@ -2,31 +2,44 @@
 
 Contract:
 
-* A forward hook on the layer's module sees its input X and output Y, and registers a gradient hook on
-  Y. Only when that gradient arrives is the pair (X, S = ∂L/∂Y) recorded, so X and S always have the same
-  rows. Forwards in eval mode, under ``no_grad``, or whose output needs no gradient record nothing; a
-  train-mode forward without backward records nothing either.
-* ``torch.utils.checkpoint``: the reentrant variant runs the first forward under ``no_grad`` (nothing
-  recorded) and the recomputation builds the graph the gradient flows through (recorded once); the
-  non-reentrant variant's recomputed output receives no gradient, so only the original pair is recorded.
-  Either way each token row appears once.
-* Gradient accumulation and modules called several times per step append pairs; the optimizer
-  concatenates them, which gives exactly ``Σ_k S_kᵀ X_k`` with the loss's own scaling and nothing else.
-* ``get()`` hands the pairs over; ``clear()`` (called by the optimizer's ``step`` and ``zero_grad``)
-  holds nothing afterwards. X is kept without copying (a detached view of the input autograd already
-  keeps alive); an in-place change of it between its forward and the moment it is read (at backward, and
-  again in ``get()``) is detected through its version counter and raises, never giving a wrong G.
-* Records left over from a step that never ran (an AMP step skipped for inf, then ``model.zero_grad()``)
-  are dropped when a new output gradient arrives after a finished backward while the layer's factors
-  have no gradient (``None``), i.e. at the first backward after the gradients were reset.
-* ``received_grad(module)`` tells whether backward reached the module's LoRA factors since the last
-  ``clear()`` (a post-accumulate-grad hook), so "gradients but no captured data" is detected exactly,
-  also after ``zero_grad(set_to_none=False)``.
+* X is the input of the layer's ``lora_A`` (after LoRA dropout: what the LoRA path saw), S the gradient of
+  the module's output, so ``G = SᵀX`` is exactly the gradient the factors' gradients are made of
+  (``∂L/∂A = s·BᵀG``, ``∂L/∂B = s·GAᵀ``). A pair is recorded only when S arrives, so X and S always have
+  the same rows. Forwards in eval mode, under ``no_grad``, or whose output needs no gradient record
+  nothing; a train-mode forward without backward records nothing either.
+* X travels to backward the way autograd's own saved tensors do: a small identity function on the r-wide
+  input of ``lora_B`` saves it with ``save_for_backward``. So activation checkpointing frees and recomputes
+  it like any activation (nothing of ours keeps it alive in between), reentrant or not, each token row is
+  recorded once, and it is released as soon as the layer's backward has run, even while ``loss`` (and so
+  the graph) stays alive. S is held only between the module's output-gradient hook and that function's
+  backward, a few nodes later in the same layer's backward. Under ``torch.compile`` (whose graphs cannot
+  hold a side-effecting backward) X is held by the output-gradient hook instead, from forward to backward;
+  the hooks add no graph break.
+* What happens to a pair: the ``sink`` (set by the optimizer when it streams) takes it during backward and
+  nothing is kept; otherwise it is appended to the layer's records, and gradient accumulation and modules
+  called several times per step concatenate, which gives exactly ``Σ_k S_kᵀ X_k``. ``pairs(layer)``
+  counts the pairs that arrived since ``clear()`` either way.
+* ``get()`` hands the records over; ``clear()`` (called by the optimizer's ``step`` and ``zero_grad``)
+  holds nothing afterwards. X is kept without copying (a detached view); an in-place change of it before
+  backward is caught by autograd's saved-tensor check, and one between backward and ``get()`` (a reused
+  input buffer) through its version counter: either raises, never giving a wrong G.
+* Records of a backward whose step never ran are dropped when the next backward reaches the layer after
+  its factor gradients were reset in any way (``zero_grad`` with or without ``set_to_none``, ``.grad``
+  assigned or zeroed by hand): each factor gradient's identity and version are noted after it accumulates
+  and compared when the next output gradient arrives. Discarded backwards never reach a step.
+* ``received_grad(layer)`` tells whether backward reached the layer's factors since the last ``clear()``
+  (a post-accumulate-grad hook), so "gradients but no captured data" is detected exactly.
+* Copies of the model (``copy.deepcopy``, ``torch.save``/``pickle``) carry inert hooks: they run and
+  train normally and record nothing. ``remove()`` detaches the hooks for good (``removed`` tells).
+
+Layers and modules: every method takes a ``LoRALayer`` or, for the common one-adapter case, its module.
 """
 
 from __future__ import annotations
 
-from typing import Iterable
+import itertools
+import weakref
+from typing import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -35,93 +48,296 @@ from .lora import LoRALayer
 
 __all__ = ["ActivationCapture"]
 
+# sink(layer, X (T×n), S (T×m)) -> True when it consumed the pair (nothing is recorded).
+Sink = Callable[[LoRALayer, Tensor, Tensor], bool]
+
+
+class _InertHook:
+    """What a copied or unpickled model gets instead of a capture hook: does nothing."""
+
+    def __call__(self, *args, **kwargs):
+        return None
+
+
+class _Hook:
+    """A capture hook that refers to the capture by reference, and turns inert in copies of the model."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+    def __deepcopy__(self, memo):
+        return _InertHook()
+
+    def __reduce__(self):
+        return (_InertHook, ())
+
+
+class _Call:
+    """One forward call of one LoRA layer: S is parked here from the output hook to ``_SaveX.backward``."""
+
+    __slots__ = ("S",)
+
+    def __init__(self):
+        self.S = None
+
+
+class _SaveX(torch.autograd.Function):
+    """Identity on lora_A's output that saves lora_A's input X as autograd saves activations."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, x: Tensor, call: _Call, tap: "_LayerTap") -> Tensor:
+        ctx.save_for_backward(x)
+        ctx.call, ctx.tap = call, tap
+        return a.clone()  # r wide: a view would forbid in-place use of lora_B's input
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (x,) = ctx.saved_tensors  # autograd raises here if x was modified in place since forward
+        S, ctx.call.S = ctx.call.S, None
+        if S is not None:
+            ctx.tap.record(x, S)
+        return grad, None, None, None
+
+
+class _LayerTap:
+    """Capture state of one LoRA layer (one adapter of one module)."""
+
+    def __init__(self, capture: "ActivationCapture", layer: LoRALayer):
+        self.capture, self.layer = capture, layer
+        self.key = next(_next_key)
+        _TAPS[self.key] = self
+        self.records: list[tuple[Tensor, Tensor, int]] = []  # (X, S, X's version when recorded)
+        self.pairs = 0  # pairs arrived since clear(), recorded or streamed
+        self.received = False  # a factor gradient accumulated since clear()
+        self.marks: list = [None, None]  # (weakref to .grad, its version) after the last accumulation
+        self.x: Tensor | None = None  # lora_A's input in the forward in progress
+        self.call: _Call | None = None  # the _SaveX call of the forward in progress
+        self.compiled_x: Tensor | None = None  # under torch.compile: X, held until S arrives
+
+    def active(self) -> bool:
+        return self.layer.module.training and torch.is_grad_enabled() and not self.capture.removed
+
+    # forward ---------------------------------------------------------------------------------------
+
+    def on_lora_A(self, module, args):
+        self.x = args[0] if args and isinstance(args[0], Tensor) and self.active() else None
+
+    def on_lora_B(self, module, args):
+        x, self.x = self.x, None
+        if x is None or not args or not isinstance(args[0], Tensor) or not args[0].requires_grad:
+            return None
+        if torch.compiler.is_compiling():
+            self.compiled_x = x
+            return None
+        self.call = _Call()
+        return (_SaveX.apply(args[0], x, self.call, self), *args[1:])
+
+    def take_call(self):
+        call, x = self.call, self.compiled_x
+        self.call = self.compiled_x = None
+        return call, x
+
+    # backward --------------------------------------------------------------------------------------
+
+    def on_output_grad(self, call: _Call | None, x: Tensor | None, grad: Tensor) -> None:
+        self.drop_if_stale()
+        if call is not None:
+            call.S = grad
+        elif x is not None:  # torch.compile: X came with the hook
+            self.record(x, grad)
+
+    def record(self, x: Tensor, S: Tensor) -> None:
+        if self.capture.removed:
+            return
+        X = x.detach().reshape(-1, x.shape[-1])
+        S = S.detach().reshape(-1, S.shape[-1])
+        self.pairs += 1
+        sink = self.capture.sink
+        if sink is not None and sink(self.layer, X, S):
+            return
+        self.records.append((X, S, X._version))
+
+    def on_accumulated(self, side: int, p: Tensor) -> None:
+        self.received = True
+        self.marks[side] = None if p.grad is None else (weakref.ref(p.grad), p.grad._version)
+
+    def drop_if_stale(self) -> None:
+        """A new backward arrives: if the factor gradients were reset since the last one accumulated,
+        that backward was discarded, and its records go."""
+        if not self.received:
+            return
+        for side, p in enumerate((self.layer.A, self.layer.B)):
+            mark = self.marks[side]
+            if mark is None:
+                continue
+            ref, version = mark
+            if p.grad is None or ref() is not p.grad or p.grad._version != version:
+                self.reset()
+                if self.capture.on_discard is not None:
+                    self.capture.on_discard(self.layer)
+                return
+
+    def reset(self) -> None:
+        self.records.clear()
+        self.pairs = 0
+        self.received = False
+        self.marks = [None, None]
+
+
+def _deliver_output_grad(pending: list, grad: Tensor) -> None:
+    for tap, call, x in pending:
+        tap.on_output_grad(call, x, grad)
+    pending.clear()  # nothing of this forward outlives its backward, even if the graph does
+
+
+# Taps by key, for hooks traced by torch.compile (which can only pass constants and tensors along).
+_TAPS: "weakref.WeakValueDictionary[int, _LayerTap]" = weakref.WeakValueDictionary()
+_next_key = itertools.count()
+
+
+@torch.library.custom_op("lorsum_capture::tap", mutates_args=())
+def _tap_op(out: Tensor, x: Tensor, key: int) -> Tensor:
+    """Identity on a module output under torch.compile; its backward records (X, S) for tap ``key``."""
+    return out.clone()
+
+
+@_tap_op.register_fake
+def _(out, x, key):
+    return torch.empty_like(out)
+
+
+@torch.library.custom_op("lorsum_capture::tap_grad", mutates_args=())
+def _tap_grad_op(grad: Tensor, x: Tensor, key: int) -> Tensor:
+    tap = _TAPS.get(key)
+    if tap is not None:
+        tap.on_output_grad(None, x, grad)
+    return grad.clone()
+
+
+@_tap_grad_op.register_fake
+def _(grad, x, key):
+    return torch.empty_like(grad)
+
+
+def _tap_setup(ctx, inputs, output):
+    _, x, key = inputs
+    ctx.save_for_backward(x)
+    ctx.key = key
+
+
+def _tap_backward(ctx, grad):
+    (x,) = ctx.saved_tensors
+    return torch.ops.lorsum_capture.tap_grad(grad, x, ctx.key), None, None
+
+
+_tap_op.register_autograd(_tap_backward, setup_context=_tap_setup)
+
 
 class ActivationCapture:
-    """Records (X, S) for the modules of the given LoRA layers until ``take()`` or ``clear()``."""
+    """Records (X, S) for the given LoRA layers until ``clear()``, or hands them to ``sink``."""
 
     def __init__(self, layers: Iterable[LoRALayer]):
-        # module id -> [(X, S, X's version when recorded)]
-        self._records: dict[int, list[tuple[Tensor, Tensor, int]]] = {}
-        self._factors: dict[int, list[Tensor]] = {}
-        self._received_grad: set[int] = set()
+        self.sink: Sink | None = None
+        # on_discard(layer): called when a backward's records are dropped as stale (a streaming sink's
+        # results of that backward must go too).
+        self.on_discard: Callable[[LoRALayer], None] | None = None
+        self.removed = False
+        self._taps: dict[int, _LayerTap] = {}  # id(layer) -> tap
+        self._by_module: dict[int, list[_LayerTap]] = {}  # id(module) -> its layers' taps
         self._handles = []
         for layer in layers:
-            key = id(layer.module)
-            for p in (layer.A, layer.B):
+            if layer.A_module is None or layer.B_module is None:
+                raise ValueError(f"{layer.name}: the capture needs the lora_A and lora_B modules of the layer")
+            tap = _LayerTap(self, layer)
+            self._taps[id(layer)] = tap
+            self._handles.append(layer.A_module.register_forward_pre_hook(_Hook(tap.on_lora_A)))
+            self._handles.append(layer.B_module.register_forward_pre_hook(_Hook(tap.on_lora_B)))
+            for side, p in enumerate((layer.A, layer.B)):
                 self._handles.append(p.register_post_accumulate_grad_hook(
-                    lambda _p, key=key: self._received_grad.add(key)))
-            if key in self._records:  # several adapters of one module share its X and S
-                self._factors[key] += [layer.A, layer.B]
-                continue
-            self._records[key] = []
-            self._factors[key] = [layer.A, layer.B]
-            self._handles.append(layer.module.register_forward_hook(self._on_forward, with_kwargs=True))
+                    _Hook(lambda param, tap=tap, side=side: tap.on_accumulated(side, param))))
+            key = id(layer.module)
+            if key not in self._by_module:
+                self._by_module[key] = []
+                self._handles.append(layer.module.register_forward_hook(_Hook(self._on_forward)))
+            self._by_module[key].append(tap)
 
-    def _on_forward(self, module: nn.Module, args, kwargs, output) -> None:
-        if not (module.training and torch.is_grad_enabled()):
+    def _on_forward(self, module: nn.Module, args, output):
+        pending = [(tap, *tap.take_call()) for tap in self._by_module.get(id(module), ())]
+        pending = [(tap, call, x) for tap, call, x in pending if call is not None or x is not None]
+        if not pending or not isinstance(output, Tensor) or not output.requires_grad:
             return
-        if not isinstance(output, Tensor) or not output.requires_grad:
-            return
-        x = args[0] if args else next(iter(kwargs.values()), None)
-        if not isinstance(x, Tensor):
-            return
-        x = x.detach()
-        version = x._version
-        key = id(module)
-        records, factors = self._records[key], self._factors[key]
 
-        def on_output_grad(grad: Tensor) -> None:
-            _check_version(x, version, module)
-            if key in self._received_grad and all(p.grad is None for p in factors):
-                # Left over from a finished backward whose step never ran; gradients were reset since.
-                records.clear()
-                self._received_grad.discard(key)
-            records.append((x.reshape(-1, x.shape[-1]), grad.detach().reshape(-1, grad.shape[-1]), version))
+        if torch.compiler.is_compiling():
+            # torch.compile traces tensor hooks into the graph and cannot hold their side effects: the
+            # output goes through an opaque op instead, whose backward records (X, S) at run time.
+            for tap, _, x in pending:
+                output = torch.ops.lorsum_capture.tap(output, x, tap.key)
+            return output
+        output.register_hook(lambda grad: _deliver_output_grad(pending, grad))
+        return None
 
-        output.register_hook(on_output_grad)
+    # ----------------------------------------------------------------------------------------------
+    # reading
 
-    def rows(self, module: nn.Module) -> int:
-        """Token rows recorded so far for ``module``."""
-        return sum(x.shape[0] for x, _, _ in self._records.get(id(module), ()))
+    def _tap(self, key) -> _LayerTap | None:
+        if isinstance(key, LoRALayer):
+            return self._taps.get(id(key))
+        taps = self._by_module.get(id(key))
+        return taps[0] if taps else None
 
-    def has_data(self, module: nn.Module) -> bool:
-        return bool(self._records.get(id(module)))
+    def rows(self, key) -> int:
+        """Token rows recorded so far for a layer (or a module's first layer)."""
+        tap = self._tap(key)
+        return 0 if tap is None else sum(x.shape[0] for x, _, _ in tap.records)
 
-    def received_grad(self, module: nn.Module) -> bool:
-        """Whether backward accumulated a gradient into the module's LoRA factors since ``clear()``."""
-        return id(module) in self._received_grad
+    def has_data(self, key) -> bool:
+        tap = self._tap(key)
+        return tap is not None and bool(tap.records)
 
-    def get(self, module: nn.Module) -> tuple[Tensor, Tensor] | None:
-        """The concatenated (X (T×n), S (T×m)) of ``module`` so far, or None; keeps the records.
+    def pairs(self, key) -> int:
+        """(X, S) pairs that arrived since ``clear()``, recorded or taken by the sink."""
+        tap = self._tap(key)
+        return 0 if tap is None else tap.pairs
+
+    def received_grad(self, key) -> bool:
+        """Whether backward accumulated a gradient into the layer's factors since ``clear()``."""
+        tap = self._tap(key)
+        return tap is not None and tap.received
+
+    def get(self, key) -> tuple[Tensor, Tensor] | None:
+        """The concatenated (X (T×n), S (T×m)) recorded so far, or None; keeps the records.
 
         Raises if an input was modified in place since it was recorded (e.g. a reused input buffer).
         """
-        pairs = self._records.get(id(module))
-        if not pairs:
+        tap = self._tap(key)
+        if tap is None or not tap.records:
             return None
+        pairs = tap.records
         for x, _, version in pairs:
-            _check_version(x, version, module)
+            if x._version != version:
+                raise RuntimeError(
+                    f"the input of {tap.layer.name} was modified in place after its backward; the LoRA "
+                    "optimizer reads it at step(), so it must stay unchanged until then (clone a reused "
+                    "input buffer before the forward)"
+                )
         if len(pairs) == 1:
             return pairs[0][0], pairs[0][1]
         return torch.cat([x for x, _, _ in pairs]), torch.cat([s for _, s, _ in pairs])
 
     def clear(self) -> None:
-        for pairs in self._records.values():
-            pairs.clear()
-        self._received_grad.clear()
+        for tap in self._taps.values():
+            tap.reset()
 
     def remove(self) -> None:
         """Detach the hooks from the model and drop everything recorded."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self.removed = True
+        self.sink = None
         self.clear()
-
-
-def _check_version(x: Tensor, version: int, module: nn.Module) -> None:
-    if x._version != version:
-        raise RuntimeError(
-            f"the input of {type(module).__name__} was modified in place after its forward; the LoRA "
-            "optimizer reads it at backward and at step(), so it must stay unchanged until then (clone "
-            "a reused input buffer before the forward)"
-        )

@@ -10,8 +10,10 @@ recognised, always pairing A with B through their module, never through paramete
 * Any module with ``lora_A`` and ``lora_B`` ``nn.Linear`` children; the scale is its ``scaling``
   attribute when that is a number, else 1.
 
-The module itself is where ``capture`` hooks: its input is X (before LoRA dropout) and the gradient of
-its output is S, so ``G = SᵀX`` is the gradient of the merged weight ``W0 + s·B·A``.
+``capture`` takes X as the input of ``lora_A`` (after LoRA dropout: what the LoRA path saw) and S as the
+gradient of the module's output, so ``G = SᵀX`` is the gradient that the factors' gradients come from
+(``∂L/∂A = s·BᵀG``, ``∂L/∂B = s·GAᵀ``); without dropout it is the gradient of the merged weight
+``W0 + s·B·A``.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ class LoRALayer:
     A: nn.Parameter  # r×n, the "in" factor (lora_A.weight)
     B: nn.Parameter  # m×r, the "out" factor (lora_B.weight)
     scale: float
+    A_module: nn.Module | None = None  # the lora_A Linear: its input is the X the LoRA path saw
+    B_module: nn.Module | None = None  # the lora_B Linear
 
     @property
     def rank(self) -> int:
@@ -123,5 +127,6 @@ def find_lora_layers(model: nn.Module) -> list[LoRALayer]:
                     "the update s·B·A that the optimizers are defined on)"
                 )
             label = name if adapter is None else f"{name}[{adapter}]"
-            layers.append(LoRALayer(label, module, a_mod.weight, b_mod.weight, _scale_of(module, adapter)))
+            layers.append(LoRALayer(label, module, a_mod.weight, b_mod.weight, _scale_of(module, adapter),
+                                    a_mod, b_mod))
     return layers

@@ -332,19 +332,36 @@ def test_module_called_twice_records_both_calls_and_the_total_gradient():
         assert rel_err(layer.B.grad, layer.scale * G @ layer.A.detach().T) < 1e-5
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.5])
-def test_inplace_change_of_the_input_before_backward_raises(dropout):
-    """With dropout > 0 autograd itself keeps no reference to x, so only the capture can notice."""
+def test_inplace_change_of_the_input_before_backward_raises():
+    """X is saved as autograd saves activations, so autograd's own version check catches the change."""
     torch.manual_seed(0)
-    layer = LoRALinear(nn.Linear(12, 8), 3, 6.0, dropout=dropout)
+    layer = LoRALinear(nn.Linear(12, 8), 3, 6.0)
     nn.init.normal_(layer.lora_B.weight)
     cap = ActivationCapture(find_lora_layers(nn.Sequential(layer)))
     x = torch.randn(2, 5, 12)
     out = layer(x)
     x.mul_(2.0)
-    with pytest.raises(RuntimeError, match="in place"):
+    with pytest.raises(RuntimeError, match="inplace"):
         out.square().sum().backward()
     assert cap.get(layer) is None
+
+
+def test_inplace_change_of_the_input_with_dropout_keeps_the_lora_path_gradient():
+    """With LoRA dropout the LoRA path reads the dropped-out copy, which the change does not reach: the
+    captured X is that copy, and G = SᵀX still gives the factors' gradients exactly."""
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(12, 8), 3, 6.0, dropout=0.5)
+    nn.init.normal_(layer.lora_B.weight)
+    (lora,) = find_lora_layers(nn.Sequential(layer))
+    cap = ActivationCapture([lora])
+    x = torch.randn(2, 5, 12)
+    out = layer(x)
+    x.mul_(2.0)
+    out.square().sum().backward()
+    X, S = cap.get(layer)
+    G = S.T @ X
+    assert rel_err(lora.A.grad, lora.scale * lora.B.detach().T @ G) < 1e-5
+    assert rel_err(lora.B.grad, lora.scale * G @ lora.A.detach().T) < 1e-5
 
 
 def test_input_buffer_reused_after_backward_is_never_silently_wrong():

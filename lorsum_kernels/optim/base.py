@@ -58,6 +58,7 @@ from ..capture import ActivationCapture
 from ..distributed import resolve_process_group
 from ..functional.lorsum import gradient_norm
 from ..lora import LoRALayer, find_lora_layers
+from .streaming import StreamedStep, check_capture_options
 
 __all__ = ["LoRAOptimizer"]
 
@@ -86,6 +87,8 @@ class LoRAOptimizer(torch.optim.Optimizer):
         max_grad_norm: float | None = None,
         seed: int = 0,
         process_group=None,
+        capture: str = "auto",
+        accumulation_steps: int | None = None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(
@@ -96,6 +99,7 @@ class LoRAOptimizer(torch.optim.Optimizer):
         _check_positive("other_lr", other_lr, allow_zero=True)
         if max_grad_norm is not None:
             _check_positive("max_grad_norm", max_grad_norm)
+        check_capture_options(capture, accumulation_steps, max_grad_norm)
         # Averages token sums over ranks (None: single process); raises now if distributed is not set up.
         self._reduce = resolve_process_group(process_group, steps_from_captured_data=self.needs_capture)
         layers = find_lora_layers(model)
@@ -147,6 +151,8 @@ class LoRAOptimizer(torch.optim.Optimizer):
             for layer in self._group_layers(group):
                 self._set_layer_state(layer, self._init_layer_state(layer, group, generator))
         self._capture = ActivationCapture(self._layers) if self.needs_capture else None
+        # The step inside backward (optim/streaming.py): None for the methods that step from .grad.
+        self._streamed = None if self._capture is None else StreamedStep(self, capture, accumulation_steps)
         self._built = True  # from now on add_param_group is the user's (torch's __init__ calls it too)
 
     # ----------------------------------------------------------------------------------------------
@@ -219,8 +225,8 @@ class LoRAOptimizer(torch.optim.Optimizer):
                 if reason is not None:
                     raise ValueError(f"{type(self).__name__} has no data-parallel mode here: {reason}")
             if self._capture is not None and any(
-                self._capture.has_data(layer.module) or self._capture.received_grad(layer.module)
-                for layer in self._layers
+                self._capture.has_data(layer) or self._capture.received_grad(layer)
+                or self._streamed.has_result(layer) for layer in self._layers
             ):
                 raise RuntimeError(
                     "add_param_group of LoRA layers between a backward and its step(): the layers are "
@@ -243,11 +249,12 @@ class LoRAOptimizer(torch.optim.Optimizer):
             self._set_layer_state(layer, method_state)
         self._layers = self._layers + layers
         if capture is not None:
-            sink = getattr(self._capture, "sink", None)
+            streaming = self._capture.sink is not None
             self._capture.remove()
-            if sink is not None:
-                capture.sink = sink
             self._capture = capture
+            self._streamed.attach(capture)
+            if streaming:
+                self._streamed.start()
 
     def _find_new_layers(self) -> None:
         """Registers the model's LoRA layers that were not there when the optimizer was made."""
@@ -262,6 +269,12 @@ class LoRAOptimizer(torch.optim.Optimizer):
                     f"{min(layer.in_features, layer.out_features)}"
                 )
         self._layers_by_A.update((id(layer.A), layer) for layer in new)
+
+    def _group_of(self, layer: LoRALayer) -> dict:
+        for group in self._lora_groups():
+            if any(p is layer.A for p in group["params"]):
+                return group
+        raise KeyError(layer.name)
 
     def _lora_groups(self):
         return [g for g in self.param_groups if g["kind"] == "lora"]
@@ -309,6 +322,7 @@ class LoRAOptimizer(torch.optim.Optimizer):
         super().zero_grad(set_to_none)
         if self._capture is not None:
             self._capture.clear()  # gradients were discarded: the matching X/S must go too
+            self._streamed.clear()  # and so are the steps streamed from them
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -316,10 +330,17 @@ class LoRAOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._capture is not None and self._capture.removed:
+            raise RuntimeError(
+                f"{type(self).__name__}.remove_hooks() was called: the optimizer no longer sees the layers' "
+                "inputs and output gradients and cannot step; build a new optimizer to train on"
+            )
         inv_scale, scaler_found_inf = self._loss_scale()  # GradScaler's; raises before any state changes
         # Schedulers and users set group["lr"]: checked at every step, before any state changes.
         lr_skip = {id(g): _check_lr("lr" if g["kind"] == "lora" else "other_lr", g["lr"])
                    for g in self.param_groups}
+        if self._streamed is not None:
+            self._streamed.check(loss_scaled=inv_scale is not None)  # raises before any state changes
         plan = self._plan()  # validates everything before any state changes
         # One factor for everything the step consumes: the loss scale's inverse times the clip coefficient.
         factor = inv_scale
@@ -333,6 +354,9 @@ class LoRAOptimizer(torch.optim.Optimizer):
             for layers, data in buckets:
                 skipped.append(self._step_bucket(group, layers, data, factor, checked_inputs,
                                                  inv_scale is not None, skip))
+        if self._streamed is not None:  # the steps computed in backward
+            pairs = [self._capture.pairs(layer) for layer in self._layers]
+            skipped += self._streamed.write(lambda group: _either(scaler_found_inf, lr_skip[id(group)]))
         for group in self.param_groups:
             if group["kind"] == "other":
                 flag = self._step_other(group, factor, _either(scaler_found_inf, lr_skip[id(group)]))
@@ -345,6 +369,7 @@ class LoRAOptimizer(torch.optim.Optimizer):
             counter += torch.stack([f.to(counter.device) for f in skipped]).any()
         if self._capture is not None:
             self._capture.clear()
+            self._streamed.after_cached_step(pairs, loss_scaled=inv_scale is not None)
         return loss
 
     def _loss_scale(self) -> tuple[Tensor | None, Tensor | None]:
@@ -374,8 +399,10 @@ class LoRAOptimizer(torch.optim.Optimizer):
         data_of = {}  # id(layer) -> its captured (X, S) or None
         if self._capture is not None:
             for layer in self._layers:
-                data = self._capture.get(layer.module)
-                if data is None and self._capture.received_grad(layer.module):
+                data = self._capture.get(layer)
+                if data is None and self._streamed.has_result(layer):
+                    continue  # stepped from what was streamed in backward
+                if data is None and self._capture.received_grad(layer):
                     raise RuntimeError(
                         f"{layer.name} has gradients but no captured inputs/output-gradients: was its "
                         "forward run in eval mode, under no_grad, or before the optimizer was created?"
@@ -461,20 +488,21 @@ class LoRAOptimizer(torch.optim.Optimizer):
         ``clip``: the factor every gradient is multiplied by (clip coefficient and/or inverse loss scale);
         ``loss_scaled``: S is unscaled in the state dtype (an fp16 S would underflow in its own);
         ``skip_all``: a device flag that skips every layer (GradScaler's found_inf)."""
-        dev, pdt = layers[0].A.device, layers[0].A.dtype
+        result = self._compute_bucket(group, layers, data, clip, checked_inputs, loss_scaled)
+        return self._write_bucket(layers, *result, skip_all)
+
+    def _compute_bucket(self, group: dict, layers: list[LoRALayer], data: list, clip: Tensor | None = None,
+                        checked_inputs: dict | None = None, loss_scaled: bool = False,
+                        grads_from_data: bool = False) -> tuple:
+        """The bucket's new factors and state, and the (L,) device flag of the layers that may step (all
+        they read and would write is finite; agreed over ranks). Changes nothing. ``grads_from_data``: the
+        factor gradients are computed from the captured data instead of read from ``.grad`` (the streamed
+        step runs in backward, before autograd has accumulated them)."""
+        dev = layers[0].A.device
         dt = self._state_dtype(layers[0])
         root = torch.tensor([layer.scale for layer in layers], dtype=dt, device=dev).sqrt().view(-1, 1, 1)
         A = torch.stack([layer.A for layer in layers]).to(dt) * root
         B = torch.stack([layer.B for layer in layers]).to(dt) * root
-        grads = None
-        if self._uses_grads():
-            # ∂L/∂(√s·A) = √s·BᵀG = A.grad/√s: the gradients of the balanced factors.
-            grads = tuple(
-                torch.stack([_grad_or_zeros(getattr(layer, side)) for layer in layers]).to(dt) / root
-                for side in ("A", "B")
-            )
-            if clip is not None:
-                grads = tuple(g * clip.to(dt) for g in grads)
         X = S = None
         if self.needs_capture:
             X = torch.stack([d[0] for d in data]) if len(data) > 1 else data[0][0].unsqueeze(0)
@@ -485,6 +513,22 @@ class LoRAOptimizer(torch.optim.Optimizer):
                 # dtype so a bf16 cache stays bf16 (the product's rounding is that of the storage), except
                 # under loss scaling, whose purpose is that the unscaled fp16 values would underflow.
                 S = S.to(dt) * clip.to(dt) if loss_scaled else S * clip.to(S.dtype)
+        grads = None
+        if self._uses_grads() and self.needs_capture:
+            # The captured data define the step: the gradients of the balanced factors √s·A, √s·B are
+            # B̄ᵀG = (S·B̄)ᵀX and G·Āᵀ = Sᵀ(X·Āᵀ), what autograd accumulates into A.grad/√s and B.grad/√s.
+            # Taken from X and S in the cached and the streamed step alike (the streamed one runs before
+            # autograd has accumulated .grad), so both give the same numbers; .grad is only checked.
+            Xd, Sd = X.to(dt), S.to(dt)
+            grads = ((Sd @ B).mT @ Xd, Sd.mT @ (Xd @ A.mT))
+        elif self._uses_grads():
+            # ∂L/∂(√s·A) = √s·BᵀG = A.grad/√s: the gradients of the balanced factors.
+            grads = tuple(
+                torch.stack([_grad_or_zeros(getattr(layer, side)) for layer in layers]).to(dt) / root
+                for side in ("A", "B")
+            )
+            if clip is not None:
+                grads = tuple(g * clip.to(dt) for g in grads)
         keys = [k for k in self.state[layers[0].A] if k not in _COUNTERS]
         state = {k: torch.stack([self.state[layer.A][k] for layer in layers]) for k in keys}
         A_new, B_new, new_state = self._method_step(group, A, B, X, S, state, grads)
@@ -500,12 +544,28 @@ class LoRAOptimizer(torch.optim.Optimizer):
             cache = {} if checked_inputs is None else checked_inputs
             inputs = [torch.stack([_finite_once(d[side], cache) for d in data]) for side in (0, 1)]
             finite = torch.cat([finite, torch.stack(inputs)])
+        if self._uses_grads() and self.needs_capture and not grads_from_data:
+            finite = torch.cat([finite, self._factor_grads_finite(layers).unsqueeze(0)])
         finite = finite.all(0)  # (L,)
-        if skip_all is not None:
-            finite = finite & ~skip_all.to(finite.device)
         if self._reduce is not None and X is not None:
             # The local X and S were checked: step on all ranks or on none.
             finite = self._reduce.all_ranks(finite)
+        return A_new, B_new, new_state, finite
+
+    def _factor_grads_finite(self, layers: list[LoRALayer]) -> Tensor:
+        """(L,) bool: the autograd gradients of each layer's factors are finite (absent ones are)."""
+        flags = [finite_rows(p.grad, 1)[0] if p.grad is not None else torch.ones((), dtype=torch.bool,
+                                                                                  device=p.device)
+                 for layer in layers for p in (layer.A, layer.B)]
+        return torch.stack(flags).view(len(layers), 2).all(1)
+
+    def _write_bucket(self, layers: list[LoRALayer], A_new: Tensor, B_new: Tensor, new_state: dict,
+                      finite: Tensor, skip_all: Tensor | None = None) -> Tensor:
+        """Writes the layers whose ``finite`` flag is set (and not ``skip_all``), parameters in their dtype;
+        returns a device flag, true when any layer was skipped."""
+        pdt = layers[0].A.dtype
+        if skip_all is not None:
+            finite = finite & ~skip_all.to(finite.device)
         for i, layer in enumerate(layers):
             ok = finite[i]
             layer.A.copy_(torch.where(ok, A_new[i].to(pdt), layer.A))
@@ -587,6 +647,10 @@ class LoRAOptimizer(torch.optim.Optimizer):
                 shapes[index] = list(p.shape)
         state_dict["optimizer"] = type(self).__name__
         state_dict["param_shapes"] = shapes
+        if self._streamed is not None:
+            # capture="auto" resumes in the mode it left: the first step after a load would otherwise
+            # cache where the uninterrupted run streams (the same step, rounded differently).
+            state_dict["capture_streaming"] = self._capture.sink is not None
         return state_dict
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -652,6 +716,8 @@ class LoRAOptimizer(torch.optim.Optimizer):
                     self.state[param][key] = value.to(device=param.device, dtype=value.dtype, copy=True)
         if "skipped_steps" in saved_state:
             self.state["skipped_steps"] = saved_state["skipped_steps"].clone()
+        if self._streamed is not None and state_dict.get("capture_streaming"):
+            self._streamed.resume()
 
     # Keys torch's LR schedulers and SWA add to a param group.
     _SCHEDULER_KEYS = frozenset(("initial_lr", "max_lr", "min_lr", "base_momentum", "max_momentum", "swa_lr"))
@@ -701,9 +767,11 @@ class LoRAOptimizer(torch.optim.Optimizer):
                 )
 
     def remove_hooks(self) -> None:
-        """Detach the capture hooks from the model (the optimizer cannot step afterwards)."""
+        """Detach the capture hooks from the model; ``step()`` raises afterwards (for the methods that step
+        from captured data: the others have no hooks and keep working)."""
         if self._capture is not None:
             self._capture.remove()
+            self._streamed.clear()
 
 
 def finite_rows(t: Tensor, rows: int) -> Tensor:

@@ -1,0 +1,320 @@
+"""The step inside backward (optim/streaming.py; issue #15): streamed == cached, and never silently wrong.
+
+Every capturing method is run twice on the same data, ``capture="stream"`` against ``capture="cache"``,
+in fp64 on odd shapes; then the cases the streamed step cannot take (accumulation, a module called twice,
+a scheduler stepped before the optimizer, a GradScaler, clipping) must raise or fall back to the cache.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
+
+import lorsum_kernels as lk
+
+CAPTURING = {
+    "lorsum_k1_momentum": (lk.LoRSum, dict(lr=0.3, iters=1, momentum=0.9)),
+    "lorsum_k0": (lk.LoRSum, dict(lr=0.3, iters=0)),
+    "lorsum_k2_momentum_rank": (lk.LoRSum, dict(lr=0.3, iters=2, momentum=0.8, momentum_rank=2, dampening=0.1)),
+    "scaled_kfac_momentum": (lk.ScaledLoRSum, dict(lr=0.3, iters=1, betas=(0.9, 0.9), beta2_warmup=True)),
+    "scaled_shampoo": (lk.ScaledLoRSum, dict(lr=0.3, iters=1, metric="shampoo", betas=(0.5, 0.99))),
+    "adaprelora_input": (lk.AdaPreLoRA, dict(lr=0.05)),
+    "adaprelora_adam": (lk.AdaPreLoRA, dict(lr=0.05, momentum="adam", weight_decay=0.01)),
+    "adaprelora_sgd": (lk.AdaPreLoRA, dict(lr=0.05, momentum=None)),
+    "svdlora": (lk.SVDLoRA, dict(lr=0.3)),
+}
+
+
+class OddNet(nn.Module):
+    """Odd shapes: 13→23 (r=3), 23→23 twice (r=3, one bucket), 23→7 (r=2), a trainable head."""
+
+    def __init__(self, dtype=torch.float64, dropout=0.0):
+        super().__init__()
+        torch.manual_seed(0)
+        kw = dict(dtype=dtype)
+        self.l1 = lk.LoRALinear(nn.Linear(13, 23, **kw), 3, 6.0, dropout=dropout)
+        self.l2 = lk.LoRALinear(nn.Linear(23, 23, **kw), 3, 6.0, dropout=dropout)
+        self.l3 = lk.LoRALinear(nn.Linear(23, 23, **kw), 3, 6.0, dropout=dropout)
+        self.l4 = lk.LoRALinear(nn.Linear(23, 7, **kw), 2, 2.0, dropout=dropout)
+        self.head = nn.Linear(7, 5, **kw)
+        for layer in (self.l1, self.l2, self.l3, self.l4):
+            nn.init.normal_(layer.lora_B.weight, std=0.2)
+        self.checkpointed: str | None = None
+
+    def block(self, h):
+        h = torch.tanh(self.l2(h))
+        return torch.tanh(self.l3(h))
+
+    def forward(self, x):
+        h = torch.tanh(self.l1(x))
+        if self.checkpointed is None:
+            h = self.block(h)
+        else:
+            h = checkpoint(self.block, h, use_reentrant=self.checkpointed == "reentrant")
+        return self.head(torch.tanh(self.l4(h)))
+
+
+def _batches(n, dtype=torch.float64, seed=1, shape=(3, 5)):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(*shape, 13, generator=g).to(dtype), torch.randint(0, 5, shape, generator=g))
+            for _ in range(n)]
+
+
+def _loss(model, batch):
+    x, y = batch
+    return F.cross_entropy(model(x).flatten(0, -2), y.flatten())
+
+
+def _train(cls, kw, capture, steps=3, dtype=torch.float64, checkpointed=None, micro=1):
+    model = OddNet(dtype)
+    model.checkpointed = checkpointed
+    opt = cls(model, capture=capture, **kw)
+    data = _batches(steps * micro, dtype)
+    for s in range(steps):
+        for k in range(micro):
+            (_loss(model, data[s * micro + k]) / micro).backward()
+        opt.step()
+        opt.zero_grad()
+    return model, opt
+
+
+def _params(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _state(opt):
+    return {(i, k): v.clone() for i, p in enumerate(opt.param_groups[0]["params"])
+            for k, v in opt.state.get(p, {}).items() if isinstance(v, torch.Tensor)}
+
+
+@pytest.mark.parametrize("name", list(CAPTURING))
+def test_streamed_equals_cached(name):
+    cls, kw = CAPTURING[name]
+    (m_s, o_s), (m_c, o_c) = (_train(cls, kw, capture) for capture in ("stream", "cache"))
+    for a, b in zip(_params(m_s), _params(m_c)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
+    s_s, s_c = _state(o_s), _state(o_c)
+    assert s_s.keys() == s_c.keys()
+    for key in s_s:
+        torch.testing.assert_close(s_s[key], s_c[key], rtol=1e-12, atol=1e-13, msg=str(key))
+    assert o_s._capture.sink is not None and o_c._capture.sink is None
+
+
+@pytest.mark.parametrize("name", ["lorsum_k1_momentum", "scaled_kfac_momentum", "adaprelora_input"])
+def test_streamed_equals_cached_in_fp32(name):
+    cls, kw = CAPTURING[name]
+    (m_s, _), (m_c, _) = (_train(cls, kw, capture, dtype=torch.float32) for capture in ("stream", "cache"))
+    for a, b in zip(_params(m_s), _params(m_c)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("checkpointed", ["reentrant", "non_reentrant"])
+@pytest.mark.parametrize("name", ["lorsum_k1_momentum", "adaprelora_input"])
+def test_streamed_under_activation_checkpointing_equals_cached_without(name, checkpointed):
+    cls, kw = CAPTURING[name]
+    m_s, _ = _train(cls, kw, "stream", checkpointed=checkpointed)
+    m_c, _ = _train(cls, kw, "cache")
+    for a, b in zip(_params(m_s), _params(m_c)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
+
+
+def test_streamed_step_keeps_nothing_per_token_after_backward():
+    """In the usual loop (``loss`` alive until the next forward) no layer input is referenced after
+    backward, and the capture holds no rows: only the per-layer results wait for step()."""
+    model = OddNet()
+    opt = lk.LoRSum(model, lr=0.3, momentum=0.9, capture="stream")
+    refs = []
+    for layer in (model.l1, model.l2, model.l3, model.l4):
+        layer.lora_A.register_forward_pre_hook(
+            lambda m, args: refs.append(StorageWeakRef(args[0].untyped_storage())))
+    (x, y), = _batches(1)
+    loss = _loss(model, (x, y))
+    del x
+    loss.backward()
+    assert all(opt._capture.rows(layer) == 0 for layer in opt._layers)
+    assert len(opt._streamed.results) == 4
+    assert [r.expired() for r in refs] == [True] * 4
+    opt.step()
+    assert not opt._streamed.results
+
+
+def test_auto_caches_the_first_step_and_streams_from_the_second():
+    model = OddNet()
+    opt = lk.LoRSum(model, lr=0.3, momentum=0.9)  # capture="auto"
+    data = _batches(2)
+    _loss(model, data[0]).backward()
+    assert opt._capture.rows(model.l1) == 15 and opt._capture.sink is None
+    opt.step()
+    opt.zero_grad()
+    assert opt._capture.sink is not None
+    _loss(model, data[1]).backward()
+    assert opt._capture.rows(model.l1) == 0 and opt._capture.pairs(model.l1) == 1
+    opt.step()
+
+
+@pytest.mark.parametrize("why", ["accumulation_steps", "accumulated_first_step", "max_grad_norm", "cache"])
+def test_auto_keeps_caching_when_streaming_would_not_be_exact(why):
+    model = OddNet()
+    kw = dict(accumulation_steps=2) if why == "accumulation_steps" else \
+        dict(max_grad_norm=1.0) if why == "max_grad_norm" else dict(capture="cache") if why == "cache" else {}
+    opt = lk.LoRSum(model, lr=0.3, **kw)
+    micro = 1 if why in ("max_grad_norm", "cache") else 2
+    for step in range(3):
+        for batch in _batches(micro, seed=step):
+            (_loss(model, batch) / micro).backward()
+        opt.step()
+        opt.zero_grad()
+        assert opt._capture.sink is None
+
+
+def test_accumulation_after_auto_switched_raises_in_backward_then_caches():
+    model = OddNet()
+    opt = lk.LoRSum(model, lr=0.3, momentum=0.9)
+    data = _batches(4)
+    _loss(model, data[0]).backward()
+    opt.step()
+    opt.zero_grad()
+    assert opt._capture.sink is not None
+    _loss(model, data[1]).backward()
+    before = _params(model), _state(opt)
+    with pytest.raises(RuntimeError, match="accumulation_steps"):
+        _loss(model, data[2]).backward()
+    with pytest.raises(RuntimeError, match="second backward"):
+        opt.step()
+    for a, b in zip(before[0], _params(model)):
+        assert torch.equal(a, b)
+    for key, value in before[1].items():
+        assert torch.equal(value, _state(opt)[key])
+    opt.zero_grad()
+    # auto gave up streaming: accumulation now works through the cache
+    assert opt._capture.sink is None
+    for batch in data[:2]:
+        (_loss(model, batch) / 2).backward()
+    assert opt._capture.rows(model.l1) == 30
+    opt.step()
+
+
+@pytest.mark.parametrize("case", ["accumulation", "module_called_twice"])
+def test_forced_stream_refuses_a_second_backward_clearly(case):
+    model = OddNet()
+    opt = lk.LoRSum(model, lr=0.3, capture="stream")
+    data = _batches(2)
+    before = _params(model)
+    with pytest.raises(RuntimeError, match="second backward"):
+        if case == "accumulation":
+            for batch in data:
+                _loss(model, batch).backward()
+        else:
+            x, y = data[0]
+            h = torch.tanh(model.l1(x))
+            h = torch.tanh(model.l2(torch.tanh(model.l2(h))))  # l2 twice
+            F.cross_entropy(model.head(model.l4(h)).flatten(0, -2), y.flatten()).backward()
+    with pytest.raises(RuntimeError, match="second backward"):
+        opt.step()
+    for a, b in zip(before, _params(model)):
+        assert torch.equal(a, b)
+
+
+def test_stream_refuses_clipping_at_construction_and_bad_options():
+    model = OddNet()
+    with pytest.raises(ValueError, match="clip"):
+        lk.LoRSum(model, capture="stream", max_grad_norm=1.0)
+    with pytest.raises(ValueError, match="accumulation"):
+        lk.LoRSum(model, capture="stream", accumulation_steps=4)
+    with pytest.raises(ValueError, match="capture"):
+        lk.LoRSum(model, capture="streaming")
+    with pytest.raises(ValueError, match="accumulation_steps"):
+        lk.LoRSum(model, accumulation_steps=0)
+
+
+def test_scheduler_stepped_before_the_optimizer_raises_when_streamed():
+    model = OddNet()
+    opt = lk.LoRSum(model, lr=0.3, capture="stream")
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    _loss(model, _batches(1)[0]).backward()
+    before = _params(model)
+    with pytest.warns(UserWarning):
+        sched.step()  # torch warns too: the scheduler ran before optimizer.step()
+    with pytest.raises(RuntimeError, match="scheduler"):
+        opt.step()
+    for a, b in zip(before, _params(model)):
+        assert torch.equal(a, b)
+
+
+def test_grad_scaler_with_forced_stream_raises_and_auto_caches():
+    for capture in ("stream", "auto"):
+        model = OddNet(torch.float32)
+        opt = lk.LoRSum(model, lr=0.3, capture=capture)
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        for step, batch in enumerate(_batches(2, torch.float32)):
+            scaler.scale(_loss(model, batch)).backward()
+            if capture == "stream":
+                with pytest.raises(RuntimeError, match="GradScaler"):
+                    scaler.step(opt)
+                break
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+            assert opt._capture.sink is None  # a scaler was seen: auto keeps the cache
+
+
+def test_discarded_backward_drops_its_streamed_results():
+    data = _batches(2)
+    results = []
+    for discard_first in (True, False):
+        model = OddNet()
+        opt = lk.LoRSum(model, lr=0.3, momentum=0.9, capture="stream")
+        if discard_first:
+            _loss(model, data[0]).backward()
+            model.zero_grad(set_to_none=False)  # the HF Trainer zeroes the model, not the optimizer
+        _loss(model, data[1]).backward()
+        opt.step()
+        results.append(_params(model))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_nonfinite_streamed_layer_is_skipped_and_counted():
+    """A NaN in the output gradient of l3 (and so of l2 and l1 upstream) skips those layers; l4 steps."""
+    model = OddNet()
+    opt = lk.LoRSum(model, lr=0.3, capture="stream")
+    x, y = _batches(1)[0]
+    h = torch.tanh(model.l1(x))
+    h = torch.tanh(model.l3(torch.tanh(model.l2(h))))
+    h.register_hook(lambda g: torch.where(torch.arange(g.shape[-1]) == 0, float("nan"), g))
+    F.cross_entropy(model.head(torch.tanh(model.l4(h))).flatten(0, -2), y.flatten()).backward()
+    before = {name: getattr(model, name).lora_A.weight.detach().clone() for name in ("l1", "l2", "l3", "l4")}
+    opt.step()
+    for name, A0 in before.items():
+        A = getattr(model, name).lora_A.weight
+        assert torch.equal(A, A0) == (name != "l4"), name
+        assert opt.state[A]["skipped_steps"].item() == int(name != "l4"), name
+    assert opt.state["skipped_steps"].item() == 1
+
+
+def test_resume_in_auto_mode_continues_streaming_bit_identically():
+    data = _batches(4, torch.float32)
+    model = OddNet(torch.float32)
+    opt = lk.AdaPreLoRA(model, lr=0.05)
+    for batch in data[:2]:
+        _loss(model, batch).backward()
+        opt.step()
+        opt.zero_grad()
+    saved_model = {k: v.clone() for k, v in model.state_dict().items()}
+    saved_opt = opt.state_dict()
+    twin = OddNet(torch.float32)
+    twin.load_state_dict(saved_model)
+    opt2 = lk.AdaPreLoRA(twin, lr=0.05)
+    opt2.load_state_dict(saved_opt)
+    assert opt2._capture.sink is not None
+    for m, o in ((model, opt), (twin, opt2)):
+        for batch in data[2:]:
+            _loss(m, batch).backward()
+            o.step()
+            o.zero_grad()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
