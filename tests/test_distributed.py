@@ -76,6 +76,14 @@ CASES = {
     "lorsum_uneven_shards": (lambda m, pg: lk.LoRSum(m, lr=0.5, iters=1, momentum=0.9, process_group=pg),
                              {"uneven": True}),
     "svdlora": (lambda m, pg: lk.SVDLoRA(m, lr=0.5, process_group=pg), {}),
+    # The step inside backward (capture="auto" streams from the second step in the cases above that allow
+    # it): forced from the first step, and the cache forced throughout.
+    "lorsum_k2_momentum_stream": (lambda m, pg: lk.LoRSum(m, lr=0.5, iters=2, momentum=0.9, capture="stream",
+                                                          process_group=pg), {}),
+    "scaled_k1_stream": (lambda m, pg: lk.ScaledLoRSum(m, lr=0.5, iters=1, betas=(0.9, 0.9), capture="stream",
+                                                       process_group=pg), {}),
+    "lorsum_k1_cached": (lambda m, pg: lk.LoRSum(m, lr=0.5, iters=1, momentum=0.9, capture="cache",
+                                                 process_group=pg), {}),
     # Factor-gradient methods: DDP's averaged .grad is all they read (with or without process_group).
     "scaled_gd": (lambda m, pg: lk.ScaledGD(m, lr=0.1), {}),
     "scaled_adamw_clipped": (lambda m, pg: lk.ScaledAdamW(m, lr=0.01, max_grad_norm=0.05,
@@ -119,8 +127,9 @@ def _train(case: str, world: int, rank: int | None, with_group: bool = True) -> 
         opt.zero_grad()
     state = {(name, key): value.clone() for name, p in model.named_parameters()
              for key, value in opt.state.get(p, {}).items() if isinstance(value, torch.Tensor)}
+    capture = getattr(opt, "_capture", None)
     return {"params": {n: p.detach().clone() for n, p in model.named_parameters()}, "state": state,
-            "grad_norm": opt.grad_norm}
+            "grad_norm": opt.grad_norm, "streaming": capture is not None and capture.sink is not None}
 
 
 def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
@@ -180,6 +189,17 @@ def test_ranks_equal_single_process_on_concatenated_batch(runs, case):
             assert rel_err(results[0][case]["state"][key], value) < 5e-5, key
     if expected["grad_norm"] is not None:  # the clipped cases: the exact global norm
         assert rel_err(results[0][case]["grad_norm"], expected["grad_norm"]) < 1e-5
+
+
+def test_auto_streams_where_every_rank_had_one_backward_per_layer(runs):
+    world, results = runs
+    for res in results:
+        assert res["lorsum_k1"]["streaming"] and res["scaled_k1_momentum"]["streaming"]
+        assert res["lorsum_k2_momentum_stream"]["streaming"] and not res["lorsum_k1_cached"]["streaming"]
+        # accumulation, clipping and a layer some rank skips keep the cache (no collective in a backward
+        # that another rank never runs)
+        for case in ("lorsum_accumulation", "lorsum_uneven_shards", "lorsum_k2_momentum_clipped"):
+            assert not res[case]["streaming"], case
 
 
 def test_without_the_reduce_ranks_diverge(runs):

@@ -428,19 +428,26 @@ def test_merged_weight_gradient_two_active_adapters_share_one_module():
         assert rel_err(layer.B.grad, layer.scale * G @ layer.A.detach().T) < 1e-5, layer.name
 
 
-def test_lora_dropout_x_is_pre_dropout_and_g_is_the_merged_weight_gradient():
-    """With LoRA dropout the factor identity only holds in expectation (the LoRA branch sees a dropped-out x);
-    spec §11 P10: X is the pre-dropout input, so G = SᵀX is still exactly ∂L/∂W of the merged weight."""
+def test_lora_dropout_x_is_what_the_lora_path_saw_and_g_gives_the_factor_gradients():
+    """With LoRA dropout the LoRA branch sees a dropped-out x (issue #11 item 5): X is that input of lora_A,
+    so G = SᵀX gives the factors' gradients exactly; the module's own input would not."""
     model = _peft_llama(r=4, alpha=12, lora_dropout=0.5)
     layers = find_lora_layers(model)
-    inputs = {}
+    inputs, lora_inputs = {}, {}
     for layer in layers:
-        _base_weight(layer.module).requires_grad_(True)
         layer.module.register_forward_pre_hook(lambda m, a, _d=inputs: _d.__setitem__(id(m), a[0].detach()))
+        layer.A_module.register_forward_pre_hook(
+            lambda m, a, _d=lora_inputs, _k=id(layer): _d.__setitem__(_k, a[0].detach()))
+    with torch.no_grad():
+        for layer in layers:
+            layer.B.normal_(0, 0.3)
     cap = ActivationCapture(layers)
     torch.manual_seed(3)
     _llama_loss(model, _tokens()).backward()
     for layer in layers:
-        X, S = cap.get(layer.module)
-        torch.testing.assert_close(X, inputs[id(layer.module)].reshape(X.shape), rtol=0, atol=0)
-        assert rel_err(S.T @ X, _base_weight(layer.module).grad) < 1e-5
+        X, S = cap.get(layer)
+        torch.testing.assert_close(X, lora_inputs[id(layer)].reshape(X.shape), rtol=0, atol=0)
+        assert not torch.equal(X, inputs[id(layer.module)].reshape(X.shape))
+        G = S.T @ X
+        assert rel_err(layer.A.grad, layer.scale * layer.B.detach().T @ G) < 1e-5, layer.name
+        assert rel_err(layer.B.grad, layer.scale * G @ layer.A.detach().T) < 1e-5, layer.name

@@ -288,3 +288,33 @@ def test_scaled_psi_lambda_floor():
     assert rel_err(A_new, A_exp) <= 1e-6 and rel_err(B_new, B_exp) <= 1e-6
     A_no_floor, _ = als_dense(Y_M, A, B, lr * 1e-6, 1, M_in, M_out)
     assert rel_err(A_new, A_no_floor) > 1e-3  # the floor matters here
+
+
+@pytest.mark.parametrize("loss_reduction", ["mean", "sum"])
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_scaled_psi_kfac_runs_the_fused_metric_op_and_equals_the_composite(loss_reduction, backend, monkeypatch):
+    """ScaledLoRSum's K-FAC metric goes through the fused ``kfac_metric_update`` (issue #12 item 3) and gives
+    what statistics + EMA + damping + power give; a per-layer β2 (the warm-up) takes the composite path."""
+    from lorsum_kernels import ops
+    from lorsum_kernels.functional import effective_metric, ema, kfac_statistics
+
+    g = torch.Generator().manual_seed(3)
+    L, T, m, n, r = 2, 17, 23, 13, 3
+    A, B = torch.randn(L, r, n, generator=g, dtype=torch.float64), torch.randn(L, m, r, generator=g, dtype=torch.float64)
+    X, S = torch.randn(L, T, n, generator=g, dtype=torch.float64), torch.randn(L, T, m, generator=g, dtype=torch.float64)
+    v = (torch.rand(L, n, generator=g, dtype=torch.float64) + 0.5, torch.rand(L, m, generator=g, dtype=torch.float64) + 0.5)
+    calls = []
+    fused = ops.kfac_metric_update
+    monkeypatch.setattr(ops, "kfac_metric_update", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    kw = dict(lr=0.3, lmbd=1e-2, min_lmbd=1e-5, iters=1, damping=0.1, metric="kfac", metric_power=0.5,
+              loss_reduction=loss_reduction, backend=backend)
+    _, _, (v_in, v_out), _ = scaled_psi_lora_step(A, B, X, S, v, None, betas=(0.0, 0.9), **kw)
+    assert calls == [1]
+    stat_in, stat_out = kfac_statistics(X, S, loss_reduction=loss_reduction, backend="torch")
+    assert rel_err(v_in, ema(v[0], stat_in, 0.9)) < 1e-13
+    assert rel_err(v_out, ema(v[1], stat_out, 0.9)) < 1e-13
+    A_f, B_f, *_ = scaled_psi_lora_step(A, B, X, S, v, None, betas=(0.0, 0.9), **kw)
+    A_c, B_c, *_ = scaled_psi_lora_step(A, B, X, S, v, None, betas=(0.0, torch.full((L, 1), 0.9, dtype=torch.float64)), **kw)
+    assert calls == [1, 1]  # the tensor β2 did not call it
+    assert rel_err(A_f, A_c) < 1e-12 and rel_err(B_f, B_c) < 1e-12
+    assert effective_metric(v_in, 0.1, 0.5).shape == (L, n)

@@ -79,6 +79,14 @@ class LoRSum(_MomentumFactors, LoRAOptimizer):
         process_group (optional): data-parallel training (DDP): None (single process), ``"default"``
             (torch.distributed's default group) or a ``ProcessGroup``; the token products are averaged
             over its ranks each half-step (``lorsum_kernels.distributed``). (Default: None)
+        capture (str): where the step's data-dependent work runs (``optim/streaming.py``): "stream" runs
+            each layer's step in its backward, while its X and S are alive, and keeps only the new factors
+            (memory at the LoRA + AdamW level; one backward per step, no ``max_grad_norm``, no GradScaler);
+            "cache" keeps X and S until ``step()`` (accumulation, clipping, GradScaler); "auto" caches the
+            first step and streams from the second when it had one backward per layer and neither
+            clipping nor a scaler. (Default: "auto")
+        accumulation_steps (int, optional): backwards per step; N > 1 tells "auto" to keep the cache.
+            (Default: None)
     """
 
     def __init__(

@@ -157,11 +157,19 @@ class StreamedStep:
         return flags
 
     def after_cached_step(self, pairs_per_layer: list[int], loss_scaled: bool) -> None:
-        """``auto``: stream from the next step when this one had one backward per layer and no scaler."""
-        if self.auto_off or self.active or self.mode != "auto" or loss_scaled:
+        """``auto``: stream from the next step when this one had one backward per layer (on every rank:
+        the streamed collectives run in each layer's backward, so every rank must reach the same layers)
+        and no scaler; a step with accumulation, a module called twice or uneven ranks means never."""
+        if self.auto_off or self.active or self.mode != "auto":
             return
-        seen = [n for n in pairs_per_layer if n > 0]
-        if seen and all(n == 1 for n in seen):
+        opt = self.optimizer
+        low = high = pairs_per_layer
+        if opt._reduce is not None:
+            counts = torch.tensor(pairs_per_layer, device=opt._layers[0].A.device)
+            low, high = (t.tolist() for t in opt._reduce.min_max(counts))
+        if any(hi > 1 or lo != hi for lo, hi in zip(low, high)):
+            self.auto_off = True
+        elif not loss_scaled and any(hi == 1 for hi in high):
             self.start()
 
     def resume(self) -> None:

@@ -15,7 +15,9 @@ __all__ = ["SVDLoRA"]
 
 class SVDLoRA(LoRAOptimizer):
     """Projected gradient descent on the merged LoRA weight. Args: ``model``, ``lr`` and the
-    ``param_groups`` / ``other_*`` options of ``LoRSum``."""
+    ``param_groups`` / ``other_*`` / ``max_grad_norm`` / ``process_group`` / ``capture`` /
+    ``accumulation_steps`` options of ``LoRSum`` (streamed, the m×n G and its SVD run in each layer's
+    backward and only the new factors are kept)."""
 
     def __init__(self, model, lr: float = 1e-3, **kwargs):
         super().__init__(model, dict(lr=lr), **kwargs)
