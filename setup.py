@@ -79,6 +79,10 @@ def _cuda_toolkit_problem(torch_cuda: str, cuda_home: str | None) -> str | None:
     return None
 
 
+# Written next to the built library: the torch version it was compiled against (read by _native.py).
+BUILT_TORCH_FILE = "_C.torch_version"
+
+
 def _native_build() -> tuple[list, dict]:
     """(ext_modules, cmdclass) for setup(); both empty when LORSUM_SKIP_BUILD=1."""
     if _env_flag("LORSUM_SKIP_BUILD"):
@@ -157,6 +161,19 @@ def _native_build() -> tuple[list, dict]:
         def run(self):
             _log(summary)
             super().run()
+            # The .so is tied to this torch release's C++ ABI: record it beside the library, so that the
+            # loader (lorsum_kernels/_native.py) refuses it, with a warning, under any other torch.
+            if self.extensions:
+                folder = os.path.dirname(self.get_ext_fullpath(self.extensions[0].name))
+                with open(os.path.join(folder, BUILT_TORCH_FILE), "w") as f:
+                    f.write(torch.__version__ + "\n")
+
+        def get_outputs(self):
+            outputs = super().get_outputs()
+            if self.extensions:
+                folder = os.path.dirname(self.get_ext_fullpath(self.extensions[0].name))
+                outputs.append(os.path.join(folder, BUILT_TORCH_FILE))
+            return outputs
 
     return [ext], {"build_ext": build_ext}
 

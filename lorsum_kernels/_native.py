@@ -7,8 +7,10 @@ The op schemas live in ``csrc/lorsum.cpp``.
 The package must import and work without the extension (on the torch backend), so, as torchao does:
 
 * ``LORSUM_SKIP_LOADING_SO=1`` skips loading it;
-* an ``ImportError`` / ``OSError`` while loading (no .so built, or one built against another torch)
-  logs one warning and leaves ``NATIVE_AVAILABLE = False`` with the reason in ``native_error``.
+* a library built against another torch release (``_C.torch_version``, written by setup.py beside it,
+  says which) is not loaded: torch has no stable C++ ABI, and such a library can load and then crash or
+  compute wrong results; one warning, ``NATIVE_AVAILABLE = False``, the reason in ``native_error``;
+* an ``ImportError`` / ``OSError`` while loading (no .so built) does the same.
 
 When the library loads, fake (meta) implementations are registered for every native op, so the ops
 work under FakeTensor and ``torch.compile``, and autograd formulas where an op has one.
@@ -27,8 +29,39 @@ logger = logging.getLogger(__name__)
 NATIVE_AVAILABLE: bool = False
 native_error: str | None = None
 
+# Written by setup.py beside the library: the torch version it was compiled against.
+_BUILT_TORCH_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_C.torch_version")
+
+
+def torch_mismatch(built: str | None, running: str) -> str | None:
+    """Why a library built against torch ``built`` must not be loaded under torch ``running`` (None: it may).
+
+    torch has no stable C++ ABI between releases, so the release numbers must be equal; the local part
+    (``+cpu``, ``+cu130``) may differ, since the CPU kernels do not depend on it. An unknown build version
+    (a library built before the version was recorded) is allowed."""
+    if built is None:
+        return None
+    release = lambda version: version.strip().split("+")[0]  # noqa: E731
+    if release(built) != release(running):
+        return (f"it was built against torch {built.strip()} and this is torch {running}; rebuild it with "
+                "`pip install --no-build-isolation --no-deps -e .` (or `pip install --no-build-isolation .`)")
+    return None
+
+
+def _built_torch_version() -> str | None:
+    try:
+        with open(_BUILT_TORCH_FILE) as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+_mismatch = torch_mismatch(_built_torch_version(), torch.__version__)
 if os.environ.get("LORSUM_SKIP_LOADING_SO", "0").strip() == "1":
     native_error = "not loaded: LORSUM_SKIP_LOADING_SO=1"
+elif _mismatch is not None:
+    native_error = f"not loaded: {_mismatch}"
+    logger.warning("lorsum_kernels: native extension lorsum_kernels._C %s; using the torch backend.", native_error)
 else:
     try:
         # Loading the .so registers torch.ops.lorsum.*. import_module, not `from lorsum_kernels import _C`:
