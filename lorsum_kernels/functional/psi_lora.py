@@ -60,10 +60,13 @@ def psi_lora_step(
     # cast (when the backend needs it) once, not in each LoRSum call
     grad_pair = (data_operand(X, A.dtype, backend), data_operand(S, A.dtype, backend).mT)
     lam = lr * lmbd
-    if reduce is not None:
+    if reduce is not None or momentum_factors is not None:
+        # With momentum the weight and buffer LoRSums run in lock step, their wide factors side by side, so
+        # each half-step reads X and S once for both (in one process the "average over ranks" is the
+        # identity): half the passes over the tokens of two separate LoRSums.
         return _weight_and_buffer_over_ranks(
             (A, B), grad_pair, momentum_factors, [1.0, -lr * (1 - dampening), -lr * momentum],
-            [momentum, 1 - dampening], None, lam, lr * lmbd_momentum, iters, reduce, backend)
+            [momentum, 1 - dampening], None, lam, lr * lmbd_momentum, iters, reduce or _one_process, backend)
     if momentum_factors is None:
         A_new, B_new = low_rank_sum([(A, B), grad_pair], [1.0, -lr * (1 - dampening)], lmbd=lam, iters=iters,
                                     backend=backend)
@@ -143,10 +146,10 @@ def scaled_psi_lora_step(
     lam = lr * lmbd
     lam = lam.clamp_min(min_lmbd) if isinstance(lam, Tensor) else max(lam, min_lmbd)
     grad_pair = (X, S.mT)
-    if reduce is not None:
+    if reduce is not None or momentum_factors is not None:  # lock step: one read of X and S per half-step
         A_new, B_new, buffer = _weight_and_buffer_over_ranks(
             (A, B), grad_pair, momentum_factors, [1.0, -lr * (1 - beta1), -lr * beta1], [beta1, 1 - beta1],
-            metrics, lam, lr * lmbd, iters, reduce, backend)
+            metrics, lam, lr * lmbd, iters, reduce or _one_process, backend)
         return A_new, B_new, (v_in, v_out), buffer
     pairs, coeffs = [(A, B), grad_pair], [1.0, -lr * (1 - beta1)]
     if momentum_factors is not None:
@@ -159,6 +162,11 @@ def scaled_psi_lora_step(
             [momentum_factors, grad_pair], [beta1, 1 - beta1], lmbd=lr * lmbd, iters=iters, backend=backend
         )
     return A_new, B_new, (v_in, v_out), buffer
+
+
+def _one_process(tensors):
+    """The rank average of a single process: the tensors themselves."""
+    return list(tensors)
 
 
 def _weight_and_buffer_over_ranks(
