@@ -67,22 +67,9 @@ def psi_lora_step(
         return _weight_and_buffer_over_ranks(
             (A, B), grad_pair, momentum_factors, [1.0, -lr * (1 - dampening), -lr * momentum],
             [momentum, 1 - dampening], None, lam, lr * lmbd_momentum, iters, reduce or _one_process, backend)
-    if momentum_factors is None:
-        A_new, B_new = low_rank_sum([(A, B), grad_pair], [1.0, -lr * (1 - dampening)], lmbd=lam, iters=iters,
-                                    backend=backend)
-        return A_new, B_new, None
-    A_m, B_m = momentum_factors
-    A_new, B_new = low_rank_sum(
-        [(A, B), grad_pair, (A_m, B_m)],
-        [1.0, -lr * (1 - dampening), -lr * momentum],
-        lmbd=lam,
-        iters=iters,
-        backend=backend,
-    )
-    buffer = low_rank_sum(
-        [(A_m, B_m), grad_pair], [momentum, 1 - dampening], lmbd=lr * lmbd_momentum, iters=iters, backend=backend
-    )
-    return A_new, B_new, buffer
+    A_new, B_new = low_rank_sum([(A, B), grad_pair], [1.0, -lr * (1 - dampening)], lmbd=lam, iters=iters,
+                                backend=backend)
+    return A_new, B_new, None
 
 
 def scaled_psi_lora_step(
@@ -151,17 +138,9 @@ def scaled_psi_lora_step(
             (A, B), grad_pair, momentum_factors, [1.0, -lr * (1 - beta1), -lr * beta1], [beta1, 1 - beta1],
             metrics, lam, lr * lmbd, iters, reduce or _one_process, backend)
         return A_new, B_new, (v_in, v_out), buffer
-    pairs, coeffs = [(A, B), grad_pair], [1.0, -lr * (1 - beta1)]
-    if momentum_factors is not None:
-        pairs.append(momentum_factors)
-        coeffs.append(-lr * beta1)
-    A_new, B_new = scaled_low_rank_sum(pairs, coeffs, metrics, lmbd=lam, iters=iters, backend=backend)
-    buffer = None
-    if momentum_factors is not None:
-        buffer = low_rank_sum(
-            [momentum_factors, grad_pair], [beta1, 1 - beta1], lmbd=lr * lmbd, iters=iters, backend=backend
-        )
-    return A_new, B_new, (v_in, v_out), buffer
+    A_new, B_new = scaled_low_rank_sum([(A, B), grad_pair], [1.0, -lr * (1 - beta1)], metrics, lmbd=lam,
+                                       iters=iters, backend=backend)
+    return A_new, B_new, (v_in, v_out), None
 
 
 def _one_process(tensors):
