@@ -9,7 +9,7 @@ NVCC ?= nvcc
 # torch has no CUDA and setup.py cannot build them into the extension.
 CUDA_SRCS ?= $(wildcard csrc/cuda/*.cu)
 
-.PHONY: venv test cuda-check demo demo-synthetic bench
+.PHONY: venv test cuda-check cuda-build-check demo demo-synthetic bench
 
 venv:
 	PYTHON="$(PYTHON)" VENV="$(VENV)" bash tools/setup_env.sh
@@ -41,3 +41,8 @@ demo-synthetic: venv
 
 bench: venv
 	$(VENV_PY) -m pytest bench --benchmark-only -q
+
+# Builds csrc/cuda against a CUDA build of torch in a separate cached environment and writes ptxas
+# register/spill figures (issue #13; several GB on first run, so not part of `make test`).
+cuda-build-check:
+	PYTHON="$(PYTHON)" bash tools/cuda_build_check.sh
