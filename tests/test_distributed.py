@@ -84,6 +84,15 @@ CASES = {
                                                        process_group=pg), {}),
     "lorsum_k1_cached": (lambda m, pg: lk.LoRSum(m, lr=0.5, iters=1, momentum=0.9, capture="cache",
                                                  process_group=pg), {}),
+    # Token-sum steps (iters=0; kfac): running sums over micro-batches in backward, averaged over ranks in
+    # step(); auto streams them under accumulation and with a layer some rank skips.
+    "lorsum_k0_accumulation": (lambda m, pg: lk.LoRSum(m, lr=0.5, iters=0, momentum=0.9, momentum_rank=4,
+                                                       process_group=pg), {"micro": 2}),
+    "scaled_k0_accumulation_stream": (
+        lambda m, pg: lk.ScaledLoRSum(m, lr=0.5, iters=0, betas=(0.9, 0.9), beta2_warmup=True,
+                                      capture="stream", accumulation_steps=2, process_group=pg), {"micro": 2}),
+    "lorsum_k0_uneven_shards": (lambda m, pg: lk.LoRSum(m, lr=0.5, iters=0, momentum=0.9, process_group=pg),
+                                {"uneven": True}),
     # Factor-gradient methods: DDP's averaged .grad is all they read (with or without process_group).
     "scaled_gd": (lambda m, pg: lk.ScaledGD(m, lr=0.1), {}),
     "scaled_adamw_clipped": (lambda m, pg: lk.ScaledAdamW(m, lr=0.01, max_grad_norm=0.05,
@@ -123,13 +132,16 @@ def _train(case: str, world: int, rank: int | None, with_group: bool = True) -> 
                 with net.no_sync() if i < micro - 1 else nullcontext():  # DDP syncs at the last one
                     loss = nn.functional.mse_loss(net(xs, skip_second=uneven and rank == 1), ys) / micro
                     loss.backward()
+        capture = getattr(opt, "_capture", None)
+        cached_rows = None if capture is None else sum(capture.rows(layer) for layer in opt._layers)
         opt.step()
         opt.zero_grad()
     state = {(name, key): value.clone() for name, p in model.named_parameters()
              for key, value in opt.state.get(p, {}).items() if isinstance(value, torch.Tensor)}
     capture = getattr(opt, "_capture", None)
     return {"params": {n: p.detach().clone() for n, p in model.named_parameters()}, "state": state,
-            "grad_norm": opt.grad_norm, "streaming": capture is not None and capture.sink is not None}
+            "grad_norm": opt.grad_norm, "streaming": capture is not None and capture.sink is not None,
+            "last_step_cached_rows": cached_rows}
 
 
 def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
@@ -200,6 +212,9 @@ def test_auto_streams_where_every_rank_had_one_backward_per_layer(runs):
         # that another rank never runs)
         for case in ("lorsum_accumulation", "lorsum_uneven_shards", "lorsum_k2_momentum_clipped"):
             assert not res[case]["streaming"], case
+        # token-sum steps stream in those cases too: nothing was cached for the last step
+        for case in ("lorsum_k0_accumulation", "scaled_k0_accumulation_stream", "lorsum_k0_uneven_shards"):
+            assert res[case]["streaming"] and res[case]["last_step_cached_rows"] == 0, case
 
 
 def test_without_the_reduce_ranks_diverge(runs):

@@ -318,3 +318,151 @@ def test_resume_in_auto_mode_continues_streaming_bit_identically():
             o.zero_grad()
     for a, b in zip(model.parameters(), twin.parameters()):
         assert torch.equal(a, b)
+
+
+# Gradient accumulation: the steps that read X and S only through token sums (iters=0; ScaledLoRSum with
+# metric="kfac") add those sums over micro-batches in backward, exactly; the others are cached.
+TOKEN_SUMS = {
+    "lorsum_k0": (lk.LoRSum, dict(lr=0.3, iters=0)),
+    "lorsum_k0_momentum_rank": (lk.LoRSum, dict(lr=0.3, iters=0, momentum=0.8, momentum_rank=2, dampening=0.1)),
+    "scaled_k0_kfac_momentum_warmup": (lk.ScaledLoRSum, dict(lr=0.3, iters=0, betas=(0.9, 0.9),
+                                                              beta2_warmup=True)),
+    "scaled_k0_kfac_sum_loss": (lk.ScaledLoRSum, dict(lr=0.3, iters=0, betas=(0.0, 0.99),
+                                                       loss_reduction="sum")),
+}
+
+
+def _assert_same_training(pair_a, pair_b, rtol=1e-12, atol=1e-13):
+    (m_a, o_a), (m_b, o_b) = pair_a, pair_b
+    for a, b in zip(_params(m_a), _params(m_b)):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+    s_a, s_b = _state(o_a), _state(o_b)
+    assert s_a.keys() == s_b.keys()
+    for key in s_a:
+        torch.testing.assert_close(s_a[key], s_b[key], rtol=rtol, atol=atol, msg=str(key))
+
+
+@pytest.mark.parametrize("name", list(TOKEN_SUMS))
+def test_accumulation_streams_token_sum_steps_exactly(name):
+    cls, kw = TOKEN_SUMS[name]
+    streamed = _train(cls, dict(kw, accumulation_steps=3), "stream", micro=3)
+    assert streamed[1]._capture.sink is not None
+    _assert_same_training(streamed, _train(cls, kw, "cache", micro=3))
+
+
+@pytest.mark.parametrize("name", ["lorsum_k0_momentum_rank", "scaled_k0_kfac_momentum_warmup"])
+def test_token_sum_steps_stream_a_module_called_twice(name):
+    cls, kw = TOKEN_SUMS[name]
+
+    def train(capture):
+        model = OddNet()
+        opt = cls(model, capture=capture, **kw)
+        for x, y in _batches(3):
+            h = torch.tanh(model.l1(x))
+            h = torch.tanh(model.l3(torch.tanh(model.l2(torch.tanh(model.l2(h))))))  # l2 twice
+            F.cross_entropy(model.head(torch.tanh(model.l4(h))).flatten(0, -2), y.flatten()).backward()
+            assert opt._capture.pairs(model.l2) == 2
+            opt.step()
+            opt.zero_grad()
+        return model, opt
+
+    _assert_same_training(train("stream"), train("cache"))
+
+
+def test_accumulated_token_sums_keep_nothing_per_token_after_each_backward():
+    model = OddNet()
+    opt = lk.ScaledLoRSum(model, lr=0.3, iters=0, betas=(0.9, 0.9), capture="stream", accumulation_steps=2)
+    refs = []
+    for layer in (model.l1, model.l2, model.l3, model.l4):
+        layer.lora_A.register_forward_pre_hook(
+            lambda m, args: refs.append(StorageWeakRef(args[0].untyped_storage())))
+    data = _batches(2)
+    while data:
+        x, y = data.pop(0)
+        loss = _loss(model, (x, y)) / 2
+        del x
+        loss.backward()
+        assert all(opt._capture.rows(layer) == 0 for layer in opt._layers)
+        assert [r.expired() for r in refs] == [True] * len(refs)
+    assert len(refs) == 8 and len(opt._streamed.results) == 4
+    opt.step()
+    assert not opt._streamed.results and not opt._streamed.sums
+
+
+@pytest.mark.parametrize("declared", [True, False], ids=["accumulation_steps", "detected"])
+def test_auto_with_accumulation_streams_token_sum_groups_and_caches_the_others(declared):
+    """Mixed groups: l1, l2 at iters=0 (token sums), l3, l4 at iters=1 (cached under accumulation)."""
+
+    def train(capture):
+        model = OddNet()
+        groups = [{"params": [p for l in (model.l1, model.l2) for p in (l.lora_A.weight, l.lora_B.weight)],
+                   "iters": 0},
+                  {"params": [p for l in (model.l3, model.l4) for p in (l.lora_A.weight, l.lora_B.weight)]}]
+        kw = dict(accumulation_steps=2) if declared else {}
+        opt = lk.LoRSum(model, lr=0.3, iters=1, momentum=0.9, param_groups=groups, capture=capture, **kw)
+        data = _batches(6)
+        rows = []
+        for step in range(3):
+            for batch in data[2 * step:2 * step + 2]:
+                (_loss(model, batch) / 2).backward()
+            rows.append([opt._capture.rows(layer) for layer in (model.l1, model.l2, model.l3, model.l4)])
+            opt.step()
+            opt.zero_grad()
+        return (model, opt), rows
+
+    streamed, rows = train("auto")
+    assert rows[0] == [30] * 4  # auto caches the first step
+    assert rows[1] == rows[2] == [0, 0, 30, 30]  # then streams the token-sum layers only
+    assert streamed[1]._streamed.saved_mode() == "token_sums"
+    cached, _ = train("cache")
+    _assert_same_training(streamed, cached)
+
+
+def test_stream_with_accumulation_needs_token_sum_steps():
+    model = OddNet()
+    lk.LoRSum(model, iters=0, capture="stream", accumulation_steps=4).remove_hooks()
+    lk.ScaledLoRSum(model, iters=0, capture="stream", accumulation_steps=4).remove_hooks()
+    with pytest.raises(ValueError, match="iters=0"):
+        lk.ScaledLoRSum(model, iters=0, metric="shampoo", capture="stream", accumulation_steps=4)
+    with pytest.raises(ValueError, match="iters=0"):
+        lk.SVDLoRA(model, capture="stream", accumulation_steps=2)
+
+
+def test_discarded_micro_batch_drops_its_token_sums():
+    """A backward discarded by zero_grad leaves no trace in the running sums."""
+    cls, kw = TOKEN_SUMS["lorsum_k0_momentum_rank"]
+    data = _batches(3)
+
+    def train(discard):
+        model = OddNet()
+        opt = cls(model, capture="stream", accumulation_steps=2, **kw)
+        if discard:
+            _loss(model, data[2]).backward()
+            opt.zero_grad()
+        for batch in data[:2]:
+            (_loss(model, batch) / 2).backward()
+        opt.step()
+        return model, opt
+
+    _assert_same_training(train(True), train(False), rtol=0, atol=0)
+
+
+def test_resume_streaming_token_sums_only():
+    groups = lambda m: [{"params": [p for l in (m.l1, m.l2) for p in (l.lora_A.weight, l.lora_B.weight)],
+                         "iters": 0},
+                        {"params": [p for l in (m.l3, m.l4) for p in (l.lora_A.weight, l.lora_B.weight)]}]
+    model = OddNet()
+    opt = lk.LoRSum(model, lr=0.3, momentum=0.9, param_groups=groups(model), accumulation_steps=2)
+    for batch in _batches(2):
+        (_loss(model, batch) / 2).backward()
+    opt.step()
+    opt.zero_grad()
+    twin = OddNet()
+    twin.load_state_dict(model.state_dict())
+    opt2 = lk.LoRSum(twin, lr=0.3, momentum=0.9, param_groups=groups(twin), accumulation_steps=2)
+    opt2.load_state_dict(opt.state_dict())
+    assert opt2._streamed.saved_mode() == "token_sums"
+    for batch in _batches(2, seed=5):
+        (_loss(twin, batch) / 2).backward()
+    assert [opt2._capture.rows(layer) for layer in (twin.l1, twin.l2, twin.l3, twin.l4)] == [0, 0, 30, 30]
+    opt2.step()

@@ -28,6 +28,7 @@ __all__ = [
     "LoRSumProblem",
     "scaled_low_rank_sum",
     "kfac_statistics",
+    "kfac_from_token_sums",
     "shampoo_statistics",
     "ema",
     "effective_metric",
@@ -249,10 +250,23 @@ def kfac_statistics(
     give the mean squared per-token output gradient. One read of X and of S: 2·T·(m+n) flops.
     """
     T = X.shape[-2]
+    return kfac_from_token_sums(ops.col_sq_sums(X, backend=backend), ops.col_sq_sums(S, backend=backend), T,
+                                loss_reduction=loss_reduction)
+
+
+def kfac_from_token_sums(sum_in: Tensor, sum_out: Tensor, tokens, *, loss_reduction: str = "mean"):
+    """``kfac_statistics`` from its token sums ``(Σ_t x_t², Σ_t s_t²)`` over ``tokens`` tokens (an int, or a
+    tensor of the batch shape). The sums add over micro-batches and ranks; the statistics do not (their
+    normalisation depends on the token count), so data-parallel mode and gradient accumulation combine the
+    sums and the token counts and normalise once."""
     if loss_reduction not in ("mean", "sum"):
         raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
-    scale = T if loss_reduction == "mean" else 1.0 / max(T, 1)
-    return ops.col_sq_sums(X, backend=backend) / max(T, 1), ops.col_sq_sums(S, backend=backend) * scale
+    if isinstance(tokens, Tensor):
+        tokens = tokens.unsqueeze(-1)
+        count = tokens.clamp_min(1)
+    else:
+        count = max(tokens, 1)
+    return sum_in / count, sum_out * (tokens if loss_reduction == "mean" else 1.0 / count)
 
 
 def shampoo_statistics(

@@ -6,8 +6,8 @@ and ``S`` (L,T,m), and the method state. Outputs are the new factors and the new
 them back (or not, when they are not finite).
 
 ``reduce`` (default None: single process) turns on data-parallel mode (``lorsum_kernels.distributed``):
-X and S are then this rank's tokens, and every token sum (the LoRSum products, the K-FAC statistics) is
-averaged over ranks by ``reduce`` before it is used; the weight and momentum LoRSums run in lock step so
+X and S are then this rank's tokens, and every token sum (the LoRSum products, the K-FAC column sums of
+squares and token counts) is averaged over ranks by ``reduce`` before it is used; the weight and momentum LoRSums run in lock step so
 that each half-step needs one collective (``low_rank_sums_over_ranks``).
 """
 
@@ -22,6 +22,7 @@ from .lorsum import (
     data_operand,
     effective_metric,
     ema,
+    kfac_from_token_sums,
     kfac_statistics,
     low_rank_sum,
     low_rank_sums_over_ranks,
@@ -123,10 +124,14 @@ def scaled_psi_lora_step(
             backend=backend)
         metrics = tuple(metrics)
     else:
-        stats = kfac_statistics if metric == "kfac" else shampoo_statistics
-        stat_in, stat_out = stats(X, S, loss_reduction=loss_reduction, backend=backend)
-        if reduce is not None:  # per-rank means, averaged: the global statistics for equal-size shards
-            stat_in, stat_out = reduce([stat_in, stat_out])
+        if reduce is not None:  # metric == "kfac": token sums and counts are reduced, then normalised
+            sums = [ops.col_sq_sums(X, backend=backend), ops.col_sq_sums(S, backend=backend)]
+            tokens = sums[0].new_full(X.shape[:-2], X.shape[-2])  # in the sums' dtype: one collective
+            sum_in, sum_out, tokens = reduce([*sums, tokens])
+            stat_in, stat_out = kfac_from_token_sums(sum_in, sum_out, tokens, loss_reduction=loss_reduction)
+        else:
+            stats = kfac_statistics if metric == "kfac" else shampoo_statistics
+            stat_in, stat_out = stats(X, S, loss_reduction=loss_reduction, backend=backend)
         v_in, v_out = ema(metric_state[0], stat_in, beta2), ema(metric_state[1], stat_out, beta2)
         metrics = (effective_metric(v_in, damping, metric_power),
                    effective_metric(v_out, damping, metric_power))

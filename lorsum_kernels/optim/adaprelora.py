@@ -136,7 +136,7 @@ class AdaPreLoRA(LoRAOptimizer):
                     "statistics='surrogate' uses the factor gradients DDP already averages")
         return None
 
-    def _method_step(self, group, A, B, X, S, state, grads):
+    def _method_step(self, group, A, B, X, S, state, grads, reduce):
         g_A, g_B = grads
         A_new, B_new, new_state = adaprelora_step(
             A, B, g_A, g_B, state, X=X, S=S, lr=group["lr"], betas=group["betas"],

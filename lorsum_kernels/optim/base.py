@@ -58,12 +58,13 @@ from ..capture import ActivationCapture
 from ..distributed import resolve_process_group
 from ..functional.lorsum import gradient_norm
 from ..lora import LoRALayer, find_lora_layers
-from .streaming import StreamedStep, check_capture_options
+from .streaming import StreamedStep, check_capture_options, check_stream_groups
 
 __all__ = ["LoRAOptimizer"]
 
 # Keys of a LoRA layer's state that are not method tensors to stack.
 _COUNTERS = ("step", "skipped_steps")
+_RANK_AVERAGE = object()  # _compute_bucket's default reduce: self._reduce, with the ranks' agreement
 
 
 class LoRAOptimizer(torch.optim.Optimizer):
@@ -142,6 +143,8 @@ class LoRAOptimizer(torch.optim.Optimizer):
                 reason = self._no_data_parallel_mode(group)
                 if reason is not None:
                     raise ValueError(f"{type(self).__name__} has no data-parallel mode here: {reason}")
+        if self.needs_capture:
+            check_stream_groups(self, capture, accumulation_steps)
         self._layers = [self._layers_by_A[id(p)] for g in self._lora_groups() for p in g["params"]
                         if id(p) in self._layers_by_A]
         self.state["skipped_steps"] = torch.zeros((), dtype=torch.int64, device=self._layers[0].A.device)
@@ -307,13 +310,22 @@ class LoRAOptimizer(torch.optim.Optimizer):
         that step from the captured X and S must average their token sums over ``self._reduce``."""
         return None
 
-    def _method_step(self, group: dict, A: Tensor, B: Tensor, X, S, state: dict, grads) -> tuple:
+    def _method_step(self, group: dict, A: Tensor, B: Tensor, X, S, state: dict, grads, reduce) -> tuple:
         """One step for a bucket of L layers. A (L,r,n) and B (L,m,r) are balanced factors in fp32
         (``√s·A``, ``√s·B``), X (L,T,n) and S (L,T,m) the captured data in their own dtype (None when
         the method needs no capture), ``state`` the stacked method state (per-layer tensors of any shape,
         0-d ones included), ``grads`` the stacked gradients of the balanced factors when ``needs_grads``
-        (else None). Returns (A_new, B_new, new_state)."""
+        (else None). ``reduce`` (None in one process) maps the token sums computed from X and S to the
+        step's: the average over ranks (``self._reduce``), or the running sums over the step's backwards
+        (optim/streaming.py). Returns (A_new, B_new, new_state)."""
         raise NotImplementedError
+
+    def _steps_from_token_sums(self, group: dict) -> bool:
+        """Whether this group's step reads X and S only through token sums of products with operands fixed
+        during backward (the factors, the state), each passed through ``reduce``: then the sums add over
+        gradient-accumulation micro-batches exactly, and the streamed step accumulates them instead of
+        caching (optim/streaming.py). False unless a method says so."""
+        return False
 
     # ----------------------------------------------------------------------------------------------
     # the step
@@ -437,12 +449,13 @@ class LoRAOptimizer(torch.optim.Optimizer):
         count differs between ranks is returned, to be stepped alone (stacking needs one T). A rank
         without this layer's data on every rank would otherwise skip collectives the others wait in.
         """
-        rows = torch.tensor([-1 if data_of[id(layer)] is None else data_of[id(layer)][0].shape[0]
+        # Layers stepped from what was streamed in backward are not in data_of (on any rank): -1 everywhere.
+        rows = torch.tensor([-1 if data_of.get(id(layer)) is None else data_of[id(layer)][0].shape[0]
                              for layer in self._layers], device=self._layers[0].A.device)
         low, high = (t.tolist() for t in self._reduce.min_max(rows))
         uneven = set()
         for layer, lo, hi in zip(self._layers, low, high):
-            if hi >= 0 and data_of[id(layer)] is None:
+            if hi >= 0 and data_of.get(id(layer)) is None:
                 kw = dict(dtype=layer.A.dtype, device=layer.A.device)
                 data_of[id(layer)] = (torch.zeros(0, layer.in_features, **kw),
                                       torch.zeros(0, layer.out_features, **kw))
@@ -493,11 +506,15 @@ class LoRAOptimizer(torch.optim.Optimizer):
 
     def _compute_bucket(self, group: dict, layers: list[LoRALayer], data: list, clip: Tensor | None = None,
                         checked_inputs: dict | None = None, loss_scaled: bool = False,
-                        grads_from_data: bool = False) -> tuple:
+                        grads_from_data: bool = False, reduce=_RANK_AVERAGE) -> tuple:
         """The bucket's new factors and state, and the (L,) device flag of the layers that may step (all
-        they read and would write is finite; agreed over ranks). Changes nothing. ``grads_from_data``: the
-        factor gradients are computed from the captured data instead of read from ``.grad`` (the streamed
-        step runs in backward, before autograd has accumulated them)."""
+        they read and would write is finite; agreed over ranks when ``reduce`` is the rank average).
+        Changes nothing. ``grads_from_data``: the factor gradients are computed from the captured data
+        instead of read from ``.grad`` (the streamed step runs in backward, before autograd has accumulated
+        them). ``reduce``: see ``_method_step``; by default ``self._reduce``."""
+        agree = reduce is _RANK_AVERAGE
+        if agree:
+            reduce = self._reduce
         dev = layers[0].A.device
         dt = self._state_dtype(layers[0])
         root = torch.tensor([layer.scale for layer in layers], dtype=dt, device=dev).sqrt().view(-1, 1, 1)
@@ -531,7 +548,7 @@ class LoRAOptimizer(torch.optim.Optimizer):
                 grads = tuple(g * clip.to(dt) for g in grads)
         keys = [k for k in self.state[layers[0].A] if k not in _COUNTERS]
         state = {k: torch.stack([self.state[layer.A][k] for layer in layers]) for k in keys}
-        A_new, B_new, new_state = self._method_step(group, A, B, X, S, state, grads)
+        A_new, B_new, new_state = self._method_step(group, A, B, X, S, state, grads, reduce)
         A_new, B_new = A_new / root, B_new / root
         # A layer steps only if everything it read and everything it would write is finite: a NaN input
         # almost always reaches the outputs, but not provably (a clamp, a zero weight), so both count.
@@ -547,7 +564,7 @@ class LoRAOptimizer(torch.optim.Optimizer):
         if self._uses_grads() and self.needs_capture and not grads_from_data:
             finite = torch.cat([finite, self._factor_grads_finite(layers).unsqueeze(0)])
         finite = finite.all(0)  # (L,)
-        if self._reduce is not None and X is not None:
+        if agree and self._reduce is not None and X is not None:
             # The local X and S were checked: step on all ranks or on none.
             finite = self._reduce.all_ranks(finite)
         return A_new, B_new, new_state, finite
@@ -650,7 +667,7 @@ class LoRAOptimizer(torch.optim.Optimizer):
         if self._streamed is not None:
             # capture="auto" resumes in the mode it left: the first step after a load would otherwise
             # cache where the uninterrupted run streams (the same step, rounded differently).
-            state_dict["capture_streaming"] = self._capture.sink is not None
+            state_dict["capture_streaming"] = self._streamed.saved_mode()
         return state_dict
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -717,7 +734,7 @@ class LoRAOptimizer(torch.optim.Optimizer):
         if "skipped_steps" in saved_state:
             self.state["skipped_steps"] = saved_state["skipped_steps"].clone()
         if self._streamed is not None and state_dict.get("capture_streaming"):
-            self._streamed.resume()
+            self._streamed.resume(state_dict["capture_streaming"])
 
     # Keys torch's LR schedulers and SWA add to a param group.
     _SCHEDULER_KEYS = frozenset(("initial_lr", "max_lr", "min_lr", "base_momentum", "max_momentum", "swa_lr"))

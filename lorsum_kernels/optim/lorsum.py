@@ -120,11 +120,17 @@ class LoRSum(_MomentumFactors, LoRAOptimizer):
     def _init_layer_state(self, layer, group, generator):
         return self._momentum_state(layer, group, generator, group["momentum"])
 
-    def _method_step(self, group, A, B, X, S, state, grads):
+    def _steps_from_token_sums(self, group):
+        # k = 0 is one Jacobi round from the anchors: the only token sums are the products of X and S with
+        # the factors and momentum factors, fixed during backward. k ≥ 1 rounds multiply by the previous
+        # round's result, which depends on all of the step's tokens.
+        return group["iters"] == 0
+
+    def _method_step(self, group, A, B, X, S, state, grads, reduce):
         A, B, buffer = psi_lora_step(
             A, B, X, S, _momentum_of(state), lr=group["lr"], lmbd=group["lmbd"],
             lmbd_momentum=group["lmbd_momentum"], iters=group["iters"], momentum=group["momentum"],
-            dampening=group["dampening"], backend=group["backend"], reduce=self._reduce,
+            dampening=group["dampening"], backend=group["backend"], reduce=reduce,
         )
         return A, B, _momentum_dict(buffer)
 
@@ -210,13 +216,18 @@ class ScaledLoRSum(_MomentumFactors, LoRAOptimizer):
         state.update(self._momentum_state(layer, group, generator, group["betas"][0]))
         return state
 
+    def _steps_from_token_sums(self, group):
+        # As LoRSum's at k = 0, plus the K-FAC column sums of squares and token counts; the Shampoo diagonal
+        # diag(GᵀG) is quadratic in the step's G, no sum over micro-batches.
+        return group["iters"] == 0 and group["metric"] == "kfac"
+
     def _no_data_parallel_mode(self, group):
         if group["metric"] != "kfac":
             return (f"metric={group['metric']!r}: diag(GᵀG) of the global G has cross-rank terms (it is no "
                     "sum over tokens); use metric='kfac'")
         return None
 
-    def _method_step(self, group, A, B, X, S, state, grads):
+    def _method_step(self, group, A, B, X, S, state, grads, reduce):
         beta1, beta2 = group["betas"]
         extra = {}
         if "metric_updates" in state:  # β2 warm-up: one β2 per layer of the bucket, (L, 1) against (L, n)
@@ -228,6 +239,6 @@ class ScaledLoRSum(_MomentumFactors, LoRAOptimizer):
             lr=group["lr"], lmbd=group["lmbd"], min_lmbd=group["min_lmbd"], iters=group["iters"],
             betas=(beta1, beta2), damping=group["damping"], metric=group["metric"],
             metric_power=group["metric_power"], loss_reduction=group["loss_reduction"], backend=group["backend"],
-            reduce=self._reduce,
+            reduce=reduce,
         )
         return A, B, {"metric_in": v_in, "metric_out": v_out, **_momentum_dict(buffer), **extra}

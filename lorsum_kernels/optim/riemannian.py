@@ -73,7 +73,7 @@ class ScaledGD(LoRAOptimizer):
         defaults = dict(lr=lr, reg=reg, weight_decay=weight_decay, update_order=update_order, backend=backend)
         super().__init__(model, defaults, **kwargs)
 
-    def _method_step(self, group, A, B, X, S, state, grads):
+    def _method_step(self, group, A, B, X, S, state, grads, reduce):
         g_A, g_B = grads
         A_new, B_new = scaled_gd_step(
             A, B, g_A, g_B, lr=group["lr"], reg=group["reg"], weight_decay=group["weight_decay"],
@@ -143,7 +143,7 @@ class ScaledAdamW(LoRAOptimizer):
             "exp_avg_sq_B": torch.zeros(m, r, **kw),
         }
 
-    def _method_step(self, group, A, B, X, S, state, grads):
+    def _method_step(self, group, A, B, X, S, state, grads, reduce):
         g_A, g_B = grads
         A_new, B_new, new_state = scaled_adamw_step(
             A, B, g_A, g_B, state, lr=group["lr"], betas=group["betas"], eps=group["eps"],

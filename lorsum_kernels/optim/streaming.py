@@ -7,20 +7,33 @@ Contract (the optimizers' ``capture=`` and ``accumulation_steps=`` arguments):
   the non-finite check; under data parallelism the collectives too, in backward order, the same on every
   rank) and keeps only the result: the new factors and state, O((m+n)·r) per layer. Nothing per token
   outlives the layer's backward. ``step()`` then writes every result; the factors autograd still needs
-  are never changed during backward. Exact whenever each layer sees one backward per step: the hook then
-  holds all of the step's tokens. Needs the step's gradient scaling up front, so it refuses
+  are never changed during backward. Needs the step's gradient scaling up front, so it refuses
   ``max_grad_norm`` (the global norm is known only after the last layer's backward) and a GradScaler
   (its scale reaches ``step()`` only).
-* ``capture="cache"``: X and S are kept until ``step()`` (gradient accumulation, modules called several
-  times per step, clipping, GradScaler: everything works; the memory is the cache's).
-* ``capture="auto"`` (default): the first step caches; it streams from the next step on when that step
-  had exactly one backward per layer, no clipping and no GradScaler. ``accumulation_steps=N > 1`` says up
-  front that it never will.
-* Never a silently wrong step: a second backward reaching a streamed layer before ``step()`` (gradient
-  accumulation, a module called twice) raises in that backward, drops the step's streamed results, and
-  ``step()`` then refuses; ``auto`` caches from then on. Hyperparameters are read at backward: a group
-  option changed between backward and ``step()`` (a scheduler stepped first) raises in ``step()``. A
-  backward discarded by zeroing the gradients drops its results, as the capture drops its records.
+* Two kinds of layer step (``LoRAOptimizer._steps_from_token_sums``, per parameter group):
+
+  - **token sums** (LoRSum and ScaledLoRSum with ``iters=0``, the latter with ``metric="kfac"``): the step
+    reads X and S only through sums over tokens of products with operands fixed during backward (the
+    factors, the momentum factors; the K-FAC column sums of squares and token counts). Those sums add over
+    backwards exactly, so every backward of the step (gradient-accumulation micro-batches, a module called
+    several times) adds its sums to the layer's running sums (O((m+n)·r) numbers), and the step computed
+    from them after the last backward is the step of all of them. Under data parallelism the running sums
+    are averaged over ranks in ``step()`` (one collective per bucket and token sum, no collective in
+    backward), so ranks may run different numbers of backwards (a layer unused on a rank adds zero).
+  - **whole step** (every other configuration: ALS rounds k ≥ 1 multiply by the previous round's result,
+    the Shampoo diagonal and AdaPreLoRA's exact energies are quadratic in the step's G, SVDLoRA forms G):
+    exact only when the layer sees one backward per step, the hook then holding all of the step's tokens.
+
+* ``capture="cache"``: X and S are kept until ``step()`` (everything works; the memory is the cache's).
+* ``capture="auto"`` (default): the first step caches; from the next step on token-sum layers stream, and
+  whole-step layers stream when that step had exactly one backward per layer on every rank. No clipping,
+  no GradScaler. ``accumulation_steps=N > 1`` says up front that whole-step layers never stream: they are
+  cached, the token-sum layers streamed.
+* Never a silently wrong step: a second backward reaching a streamed whole-step layer before ``step()``
+  raises in that backward, drops the step's streamed results, and ``step()`` then refuses; ``auto`` caches
+  whole-step layers from then on. Hyperparameters are read at backward: a group option changed between
+  the last backward and ``step()`` (a scheduler stepped first) raises in ``step()``. A backward discarded
+  by zeroing the gradients drops its results and running sums, as the capture drops its records.
 """
 
 from __future__ import annotations
@@ -35,7 +48,7 @@ from ..lora import LoRALayer
 if TYPE_CHECKING:
     from .base import LoRAOptimizer
 
-__all__ = ["CAPTURE_MODES", "StreamedStep", "check_capture_options"]
+__all__ = ["CAPTURE_MODES", "StreamedStep", "check_capture_options", "check_stream_groups"]
 
 CAPTURE_MODES = ("auto", "cache", "stream")
 
@@ -47,15 +60,23 @@ def check_capture_options(capture, accumulation_steps, max_grad_norm) -> None:
         isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, int) or accumulation_steps < 1
     ):
         raise ValueError(f"accumulation_steps must be a positive integer or None, got {accumulation_steps!r}")
-    if capture == "stream" and (accumulation_steps or 1) > 1:
-        raise ValueError(
-            "capture='stream' runs each layer's step in its backward, so it needs one backward per step; "
-            "with gradient accumulation use capture='cache' (or 'auto')"
-        )
     if capture == "stream" and max_grad_norm is not None:
         raise ValueError(
             "capture='stream' cannot clip: the global gradient norm is known only after the last layer's "
             "backward, when the streamed steps have run; use capture='cache' with max_grad_norm"
+        )
+
+
+def check_stream_groups(optimizer: "LoRAOptimizer", capture: str, accumulation_steps) -> None:
+    """``capture="stream"`` with accumulation needs every group's step to come from token sums."""
+    if capture != "stream" or (accumulation_steps or 1) == 1:
+        return
+    if not all(optimizer._steps_from_token_sums(g) for g in optimizer._lora_groups()):
+        raise ValueError(
+            f"capture='stream' with accumulation_steps={accumulation_steps}: {type(optimizer).__name__} at these "
+            "options needs all of a step's tokens at once in each layer's backward (only iters=0 steps, with "
+            "metric='kfac' for ScaledLoRSum, add over micro-batches); use capture='auto' (which caches those "
+            "layers) or capture='cache'"
         )
 
 
@@ -64,17 +85,63 @@ def _options(group: dict) -> dict:
     return {k: v for k, v in group.items() if k != "params"}
 
 
+class _RunningSums:
+    """The ``reduce`` of one layer-step computation in backward: each token sum the step passes through it
+    is added to the running sum of the step's earlier backwards, and the running sum is used in its place."""
+
+    def __init__(self, sums: list[list[Tensor]]):
+        self.sums = sums  # one list of tensors per reduce call of the step, in call order
+        self.calls = 0
+
+    def __call__(self, tensors) -> list[Tensor]:
+        tensors = list(tensors)
+        if self.calls == len(self.sums):
+            self.sums.append(tensors)
+        else:
+            self.sums[self.calls] = [total + t for total, t in zip(self.sums[self.calls], tensors)]
+        self.calls += 1
+        return self.sums[self.calls - 1]
+
+
+class _RankAverageOfSums:
+    """The ``reduce`` of the recomputation in ``step()`` under data parallelism: the rank average of the
+    bucket's running sums (stacked over its layers) in place of the zero-token local sums."""
+
+    def __init__(self, per_layer: list[list[list[Tensor]]], rank_average):
+        self.per_layer = per_layer
+        self.rank_average = rank_average
+        self.calls = 0
+
+    def __call__(self, tensors) -> list[Tensor]:
+        call = self.calls
+        self.calls += 1
+        return self.rank_average([torch.cat([sums[call][j] for sums in self.per_layer])
+                                  for j in range(len(list(tensors)))])
+
+
+class _LayerSums:
+    """A token-sum layer's running sums over this step's backwards, and whether all it read was finite."""
+
+    def __init__(self, A: Tensor, X: Tensor, S: Tensor):
+        self.sums: list[list[Tensor]] = []
+        self.finite: Tensor | None = None
+        # Zero-token stand-ins of the layer's data for the recomputation in step(), in the factors' dtype
+        # whatever the data's (the sums are in the math dtype either way): buckets then match over ranks.
+        self.empty = (A.new_empty((0, X.shape[-1])), A.new_empty((0, S.shape[-1])))
+
+
 class StreamedStep:
     """Per-layer results of the step computed in backward, until ``step()`` writes them."""
 
     def __init__(self, optimizer: "LoRAOptimizer", mode: str, accumulation_steps: int | None):
         self.optimizer = optimizer
         self.mode = mode
-        self.accumulation_steps = accumulation_steps
         self.results: dict[int, tuple] = {}  # id(layer) -> (layer, group, options, A, B, state, finite)
+        self.sums: dict[int, _LayerSums] = {}  # id(layer) -> running token sums (token-sum layers)
         self.refusal: str | None = None  # why the step's streamed results were dropped
-        self.auto_off = mode == "cache" or (mode == "auto" and (
-            (accumulation_steps or 1) > 1 or optimizer.max_grad_norm is not None))
+        # Whether whole-step layers stream (they need one backward per step); token-sum layers always do.
+        self.whole_steps = (accumulation_steps or 1) == 1
+        self.auto_off = mode == "cache" or (mode == "auto" and optimizer.max_grad_norm is not None)
         self.attach(optimizer._capture)
         if mode == "stream":
             self.start()
@@ -94,31 +161,57 @@ class StreamedStep:
     def stop(self) -> None:
         self.optimizer._capture.sink = None
 
+    def _token_sum_groups(self) -> bool:
+        opt = self.optimizer
+        return any(opt._steps_from_token_sums(g) for g in opt._lora_groups())
+
     # backward --------------------------------------------------------------------------------------
 
     def take(self, layer: LoRALayer, X: Tensor, S: Tensor) -> bool:
         opt = self.optimizer
+        group = opt._group_of(layer)
+        if opt._steps_from_token_sums(group):
+            return self._add_token_sums(layer, group, X, S)
+        if not self.whole_steps:
+            return False  # cached: this layer's step needs all of the step's tokens at once
         if id(layer) in self.results:
             self.results.clear()
+            self.sums.clear()
             self.refusal = (
                 f"{layer.name} received a second backward before step() while its step was streamed in the "
                 "first (gradient accumulation, or a module called twice per step): the streamed step saw "
                 "only part of the batch, so this step's streamed results were dropped. Pass "
                 "accumulation_steps=N (or capture='cache') to the optimizer"
             )
-            if self.mode == "auto":
-                self.stop()
-                self.auto_off = True
+            if self.mode == "auto":  # whole-step layers are cached from now on
+                self.whole_steps = False
+                if not self._token_sum_groups():
+                    self.stop()
+                    self.auto_off = True
             raise RuntimeError(self.refusal)
-        group = opt._group_of(layer)
         with torch.no_grad():
             A, B, state, finite = opt._compute_bucket(group, [layer], [(X, S)], grads_from_data=True)
         self.results[id(layer)] = (layer, group, _options(group), A, B, state, finite)
         return True
 
+    def _add_token_sums(self, layer: LoRALayer, group: dict, X: Tensor, S: Tensor) -> bool:
+        """Adds this backward's token sums to the layer's and computes the step from the running sums: after
+        the step's last backward, that is the step of all of them (in one process; under data parallelism
+        ``write`` recomputes it from the rank average of the sums)."""
+        layer_sums = self.sums.get(id(layer))
+        if layer_sums is None:
+            layer_sums = self.sums[id(layer)] = _LayerSums(layer.A, X, S)
+        with torch.no_grad():
+            A, B, state, finite = self.optimizer._compute_bucket(
+                group, [layer], [(X, S)], grads_from_data=True, reduce=_RunningSums(layer_sums.sums))
+        layer_sums.finite = finite if layer_sums.finite is None else layer_sums.finite & finite
+        self.results[id(layer)] = (layer, group, _options(group), A, B, state, layer_sums.finite)
+        return True
+
     def discard(self, layer: LoRALayer) -> None:
         """The layer's gradients were reset after a backward whose step never ran: its result goes."""
         self.results.pop(id(layer), None)
+        self.sums.pop(id(layer), None)
 
     def has_result(self, layer: LoRALayer) -> bool:
         return id(layer) in self.results
@@ -127,6 +220,19 @@ class StreamedStep:
 
     def check(self, loss_scaled: bool) -> None:
         """Raises, before anything changes, when this step's streamed results cannot be written."""
+        opt = self.optimizer
+        if opt._reduce is not None and self.active and self._token_sum_groups():
+            # write() recomputes the token-sum layers' steps with collectives per bucket: every rank must
+            # have the same layers. One with a backward on some rank but not here takes part with zero
+            # sums (zero tokens), as the cached step's layers do (one collective; same condition on all).
+            has = torch.tensor([id(layer) in self.sums for layer in opt._layers], dtype=torch.int32,
+                               device=opt._layers[0].A.device)
+            _, anywhere = opt._reduce.min_max(has)
+            for layer, elsewhere in zip(opt._layers, anywhere.tolist()):
+                if elsewhere and id(layer) not in self.sums:
+                    kw = dict(dtype=layer.A.dtype, device=layer.A.device)
+                    self._add_token_sums(layer, opt._group_of(layer), torch.zeros(0, layer.in_features, **kw),
+                                         torch.zeros(0, layer.out_features, **kw))
         if self.refusal is not None:
             refusal, self.refusal = self.refusal, None
             raise RuntimeError(refusal)
@@ -147,37 +253,76 @@ class StreamedStep:
 
     def write(self, skip_of) -> list[Tensor]:
         """Writes every result; ``skip_of(group)`` is the group's device skip flag. Returns skip flags."""
-        flags = []
         opt = self.optimizer
+        flags = self._write_rank_averaged_sums(skip_of) if opt._reduce is not None and self.sums else []
         for layer, group, _, A, B, state, finite in self.results.values():
             if opt._uses_grads():  # a non-finite .grad skips the layer, as in the cached step
                 finite = finite & opt._factor_grads_finite([layer]).to(finite.device)
-            flags.append(self.optimizer._write_bucket([layer], A, B, state, finite, skip_of(group)))
+            flags.append(opt._write_bucket([layer], A, B, state, finite, skip_of(group)))
         self.results.clear()
+        self.sums.clear()
+        return flags
+
+    def _write_rank_averaged_sums(self, skip_of) -> list[Tensor]:
+        """Data parallelism: the token-sum layers' steps from the rank average of their running sums,
+        batched by bucket in the optimizer's layer order (the same on every rank)."""
+        opt = self.optimizer
+        buckets: dict[tuple, list[LoRALayer]] = {}
+        for layer in opt._layers:
+            if id(layer) in self.sums:
+                key = (id(opt._group_of(layer)), tuple(layer.A.shape), tuple(layer.B.shape), layer.A.dtype)
+                buckets.setdefault(key, []).append(layer)
+        flags = []
+        for layers in buckets.values():
+            group = self.results[id(layers[0])][1]
+            entries = [self.sums.pop(id(layer)) for layer in layers]
+            for layer in layers:
+                del self.results[id(layer)]
+            with torch.no_grad():
+                A, B, state, finite = opt._compute_bucket(
+                    group, layers, [e.empty for e in entries],
+                    reduce=_RankAverageOfSums([e.sums for e in entries], opt._reduce))
+            finite = opt._reduce.all_ranks(finite & torch.cat([e.finite for e in entries]))
+            flags.append(opt._write_bucket(layers, A, B, state, finite, skip_of(group)))
         return flags
 
     def after_cached_step(self, pairs_per_layer: list[int], loss_scaled: bool) -> None:
-        """``auto``: stream from the next step when this one had one backward per layer (on every rank:
-        the streamed collectives run in each layer's backward, so every rank must reach the same layers)
-        and no scaler; a step with accumulation, a module called twice or uneven ranks means never."""
-        if self.auto_off or self.active or self.mode != "auto":
+        """``auto``: after a cached step, token-sum layers stream from the next step on; whole-step layers
+        too when this step had one backward per layer on every rank (their collectives run in each layer's
+        backward, so every rank must reach the same layers); a step with accumulation, a module called
+        twice or uneven ranks means never for them. Nothing starts under a GradScaler."""
+        if self.auto_off or self.active or self.mode != "auto" or loss_scaled:
             return
         opt = self.optimizer
         low = high = pairs_per_layer
         if opt._reduce is not None:
             counts = torch.tensor(pairs_per_layer, device=opt._layers[0].A.device)
             low, high = (t.tolist() for t in opt._reduce.min_max(counts))
-        if any(hi > 1 or lo != hi for lo, hi in zip(low, high)):
-            self.auto_off = True
-        elif not loss_scaled and any(hi == 1 for hi in high):
+        token_sums = [opt._steps_from_token_sums(opt._group_of(layer)) for layer in opt._layers]
+        whole = [(lo, hi) for lo, hi, sums in zip(low, high, token_sums) if not sums]
+        if any(hi > 1 or lo != hi for lo, hi in whole):
+            self.whole_steps = False
+        if any(hi >= 1 for hi, sums in zip(high, token_sums) if sums) or (
+                self.whole_steps and any(hi == 1 for _, hi in whole)):
             self.start()
+        elif not self.whole_steps and not any(token_sums):
+            self.auto_off = True
 
-    def resume(self) -> None:
-        """A checkpoint saved while ``auto`` streamed: stream from the next backward on."""
+    def saved_mode(self):
+        """What a checkpoint records: False (caching), True (streaming) or "token_sums" (streaming the
+        token-sum layers only)."""
+        if not self.active:
+            return False
+        return True if self.whole_steps else "token_sums"
+
+    def resume(self, saved) -> None:
+        """A checkpoint saved while ``auto`` streamed: stream from the next backward on, as it did."""
         if self.mode == "auto" and not self.auto_off and not self.optimizer._capture.removed:
+            self.whole_steps = saved is True
             self.start()
 
     def clear(self) -> None:
         """The gradients were discarded (``optimizer.zero_grad``): so are the results and any refusal."""
         self.results.clear()
+        self.sums.clear()
         self.refusal = None
