@@ -4,9 +4,12 @@ Contract:
 
 * X is the input of the layer's ``lora_A`` (after LoRA dropout: what the LoRA path saw), S the gradient of
   the module's output, so ``G = SᵀX`` is exactly the gradient the factors' gradients are made of
-  (``∂L/∂A = s·BᵀG``, ``∂L/∂B = s·GAᵀ``). A pair is recorded only when S arrives, so X and S always have
-  the same rows. Forwards in eval mode, under ``no_grad``, or whose output needs no gradient record
-  nothing; a train-mode forward without backward records nothing either.
+  (``∂L/∂A = s·BᵀG``, ``∂L/∂B = s·GAᵀ``). With ``x_from="module"`` X is the module's own input instead
+  (before LoRA dropout), so ``G`` is the gradient of the base weight W0 (LoRA-One's estimate); the two agree
+  when dropout is off or in eval mode. A pair is recorded only when S arrives, so X and S always have the
+  same rows. Forwards under ``no_grad``, in eval mode (unless ``training_only=False``), whose output needs
+  no gradient, or whose ``lora_B`` input needs none (a frozen ``lora_A`` fed an input that needs none)
+  record nothing; a forward without backward records nothing either.
 * X travels to backward the way autograd's own saved tensors do: a small identity function on the r-wide
   input of ``lora_B`` saves it with ``save_for_backward``. So activation checkpointing frees and recomputes
   it like any activation (nothing of ours keeps it alive in between), reentrant or not, each token row is
@@ -15,14 +18,15 @@ Contract:
   backward, a few nodes later in the same layer's backward. Under ``torch.compile`` (whose graphs cannot
   hold a side-effecting backward) X is held by the output-gradient hook instead, from forward to backward;
   the hooks add no graph break.
-* What happens to a pair: the ``sink`` (set by the optimizer when it streams) takes it during backward and
-  nothing is kept; otherwise it is appended to the layer's records, and gradient accumulation and modules
-  called several times per step concatenate, which gives exactly ``Σ_k S_kᵀ X_k``. ``pairs(layer)``
-  counts the pairs that arrived since ``clear()`` either way.
-* ``get()`` hands the records over; ``clear()`` (called by the optimizer's ``step`` and ``zero_grad``)
-  holds nothing afterwards. X is kept without copying (a detached view); an in-place change of it before
-  backward is caught by autograd's saved-tensor check, and one between backward and ``get()`` (a reused
-  input buffer) through its version counter: either raises, never giving a wrong G.
+* What happens to a pair: the ``sink`` (set by the optimizer when it streams, and by LoRA-One's init)
+  takes it during backward and nothing is kept; otherwise it is appended to the layer's records, and
+  gradient accumulation and modules called several times per step concatenate, which gives exactly
+  ``Σ_k S_kᵀ X_k``. ``pairs(layer)`` counts the pairs that arrived since ``clear()`` either way.
+* ``get()`` hands the records over; ``clear()`` (called by the optimizer's ``step`` and ``zero_grad``, and
+  by LoRA-One's init after each batch) holds nothing afterwards. X is kept without copying (a detached
+  view); an in-place change of it before backward is caught by autograd's saved-tensor check, and one
+  between backward and ``get()`` (a reused input buffer) through its version counter: either raises,
+  never giving a wrong G.
 * Records of a backward whose step never ran are dropped when the next backward reaches the layer after
   its factor gradients were reset in any way (``zero_grad`` with or without ``set_to_none``, ``.grad``
   assigned or zeroed by hand): each factor gradient's identity and version are noted after it accumulates
@@ -115,17 +119,29 @@ class _LayerTap:
         self.pairs = 0  # pairs arrived since clear(), recorded or streamed
         self.received = False  # a factor gradient accumulated since clear()
         self.marks: list = [None, None]  # (weakref to .grad, its version) after the last accumulation
-        self.x: Tensor | None = None  # lora_A's input in the forward in progress
+        self.module_input: Tensor | None = None  # x_from="module": the module's input, until lora_A runs
+        self.x: Tensor | None = None  # X of the forward in progress, from lora_A's call to lora_B's
         self.call: _Call | None = None  # the _SaveX call of the forward in progress
         self.compiled_x: Tensor | None = None  # under torch.compile: X, held until S arrives
 
     def active(self) -> bool:
-        return self.layer.module.training and torch.is_grad_enabled() and not self.capture.removed
+        capture = self.capture
+        return (
+            (self.layer.module.training or not capture.training_only)
+            and torch.is_grad_enabled()
+            and not capture.removed
+        )
 
     # forward ---------------------------------------------------------------------------------------
 
     def on_lora_A(self, module, args):
-        self.x = args[0] if args and isinstance(args[0], Tensor) and self.active() else None
+        # X is settled when this adapter's LoRA path runs, whichever X is taken: an inactive PEFT adapter's
+        # lora_A is never called, so its layer records nothing.
+        if self.capture.x_from == "module":
+            x, self.module_input = self.module_input, None
+        else:
+            x = args[0] if args else None
+        self.x = x if isinstance(x, Tensor) and self.active() else None
 
     def on_lora_B(self, module, args):
         x, self.x = self.x, None
@@ -139,7 +155,7 @@ class _LayerTap:
 
     def take_call(self):
         call, x = self.call, self.compiled_x
-        self.call = self.compiled_x = None
+        self.call = self.compiled_x = self.module_input = None
         return call, x
 
     # backward --------------------------------------------------------------------------------------
@@ -238,10 +254,27 @@ def _tap_backward(ctx, grad):
 _tap_op.register_autograd(_tap_backward, setup_context=_tap_setup)
 
 
-class ActivationCapture:
-    """Records (X, S) for the given LoRA layers until ``clear()``, or hands them to ``sink``."""
+_X_FROM = ("lora_A", "module")
 
-    def __init__(self, layers: Iterable[LoRALayer]):
+
+class ActivationCapture:
+    """Records (X, S) for the given LoRA layers until ``clear()``, or hands them to ``sink``.
+
+    Args:
+        layers: the LoRA layers to hook (their factors must require grad when the capture is made).
+        x_from: ``"lora_A"`` (default): X is lora_A's input, after LoRA dropout, which the factors'
+            gradients are made of (the optimizers); ``"module"``: the LoRA module's input, before LoRA
+            dropout, which the base weight's gradient is made of (LoRA-One's estimate).
+        training_only: True (default): forwards of a module in eval mode record nothing, so validation
+            and generation with gradients on leave no data behind; False records them too, for a driver
+            that runs its own passes in eval mode (``init.lora_one_init``).
+    """
+
+    def __init__(self, layers: Iterable[LoRALayer], *, x_from: str = "lora_A", training_only: bool = True):
+        if x_from not in _X_FROM:
+            raise ValueError(f"x_from must be one of {_X_FROM}, got {x_from!r}")
+        self.x_from = x_from
+        self.training_only = bool(training_only)
         self.sink: Sink | None = None
         # on_discard(layer): called when a backward's records are dropped as stale (a streaming sink's
         # results of that backward must go too).
@@ -264,7 +297,15 @@ class ActivationCapture:
             if key not in self._by_module:
                 self._by_module[key] = []
                 self._handles.append(layer.module.register_forward_hook(_Hook(self._on_forward)))
+                if x_from == "module":
+                    self._handles.append(layer.module.register_forward_pre_hook(
+                        _Hook(self._on_module_input), with_kwargs=True))
             self._by_module[key].append(tap)
+
+    def _on_module_input(self, module: nn.Module, args, kwargs):
+        x = args[0] if args else next(iter(kwargs.values()), None)  # PEFT and LoRALinear: forward(x, ...)
+        for tap in self._by_module.get(id(module), ()):
+            tap.module_input = x if isinstance(x, Tensor) else None
 
     def _on_forward(self, module: nn.Module, args, output):
         pending = [(tap, *tap.take_call()) for tap in self._by_module.get(id(module), ())]

@@ -8,10 +8,12 @@ Contract of ``lora_one_init`` / ``lora_ga_init``:
   default init). X_b are the layer's inputs and S_b the gradients of its output (spec §1.1, §7.6).
 * **How, without G.** ``method="power"`` (default) runs randomized block subspace iteration
   (``functional.lora_one.subspace_iteration``) on the implicit G. Each product ``G·V`` or ``Gᵀ·U`` is one
-  forward+backward pass over the batches: a hook on the layer's module multiplies that batch's X_b and
-  S_b into an r'-wide accumulator (``ops.sketch_products``) during backward and drops them. A layer holds
-  O((m+n)·r') numbers with ``r' = rank + oversample``, plus one batch's activations; never an m×n
-  gradient, and no other parameter's gradient is computed at all. Cost: ``2·power_iters + 2`` passes.
+  forward+backward pass over the batches: the capture's sink (``capture.ActivationCapture``, X taken at
+  the module's input, before LoRA dropout) multiplies that batch's X_b and S_b into an r'-wide accumulator
+  (``ops.sketch_products``) during backward and drops them. A layer holds O((m+n)·r') numbers with
+  ``r' = rank + oversample``, plus one batch's activations; never an m×n gradient, and the only
+  parameter gradients computed are the targets' A factors' (r×n, zero while B is). Cost:
+  ``2·power_iters + 2`` passes.
   ``method="svd"`` accumulates each G explicitly (m×n per layer) and takes a full SVD: the reference.
 * **What is written.** LoRA-One: ``s·B0·A0 = −(s/(γσ_1(G)))·[G]_r`` (balanced factors, W0 untouched,
   spec §1.2). LoRA-GA: ``A0 = c·V_{1:r}ᵀ``, ``B0 = c·U_{r+1:2r}``, ``c = m^{1/4}/√γ`` and
@@ -40,6 +42,7 @@ from torch import Tensor, nn
 
 from . import ops
 from .backends import resolve_backend
+from .capture import ActivationCapture
 from .functional.lora_one import (
     gaussian_test_matrix,
     lora_ga_factors,
@@ -87,55 +90,6 @@ class _Target:
             self.acc += ops.sketch_products(X, S, U=self.operand, backend=backend)[1]
 
 
-class _StreamedProducts:
-    """Hooks that fold each batch's (X, S) into the targets' accumulators during backward.
-
-    Same recording rules as ``capture.ActivationCapture`` (a forward hook registers a gradient hook on
-    the output; forwards under ``no_grad`` or whose output needs no gradient are ignored, so reentrant
-    activation checkpointing counts each row once), except that nothing is stored: the products are
-    taken as soon as S arrives, so no layer's S outlives its own backward step. The training-mode check
-    is left out because the driver itself decides when the hooks are live.
-    """
-
-    def __init__(self, targets: Sequence[_Target], backend: str | None):
-        self._backend = backend
-        self._by_module: dict[int, list[_Target]] = {}
-        self._handles = []
-        for target in targets:
-            module = target.layer.module
-            if id(module) not in self._by_module:
-                self._by_module[id(module)] = []
-                self._handles.append(module.register_forward_hook(self._on_forward, with_kwargs=True))
-            self._by_module[id(module)].append(target)  # adapters of one module share X and S
-
-    def _on_forward(self, module: nn.Module, args, kwargs, output) -> None:
-        if not torch.is_grad_enabled() or not isinstance(output, Tensor) or not output.requires_grad:
-            return
-        x = args[0] if args else next(iter(kwargs.values()), None)
-        if not isinstance(x, Tensor):
-            return
-        x = x.detach()
-        version = x._version
-        targets = self._by_module[id(module)]
-
-        def on_output_grad(grad: Tensor) -> None:
-            if x._version != version:
-                raise RuntimeError(
-                    f"the input of {type(module).__name__} was modified in place after its forward; "
-                    "the LoRA-One gradient estimate needs it unchanged until backward"
-                )
-            X, S = x.reshape(-1, x.shape[-1]), grad.detach().reshape(-1, grad.shape[-1])
-            for target in targets:
-                target.accumulate(X, S, self._backend)
-
-        output.register_hook(on_output_grad)
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-
 @dataclass
 class _SavedModelState:
     """What the passes change temporarily, and puts back in ``restore`` (always, even on error)."""
@@ -148,25 +102,29 @@ class _SavedModelState:
     def enter(self, model: nn.Module, targets: Sequence[_Target], train_mode: bool) -> None:
         self.modes = {module: module.training for module in model.modules()}
         model.train(train_mode)
-        Bs = {t.layer.B: None for t in targets}  # dict as an ordered set of parameters
-        # Only the targets' B factors require grad during the passes: their outputs then still need a
-        # gradient (so the hooks see S), while no other parameter's gradient is ever computed, and
-        # backward works with any activation-checkpointing flavour (unlike autograd.grad).
+        As = {t.layer.A: None for t in targets}  # dicts as ordered sets of parameters
+        Bs = {t.layer.B: None for t in targets}
+        # Only the targets' A factors require grad during the passes. Then each target's lora_B input
+        # needs a gradient, which is what the capture's backward node (it holds X) rides on, and so does
+        # the module's output (the capture sees S); with B held at zero, A's gradient is zero and r×n,
+        # and no other parameter's gradient is ever computed. Backward (unlike autograd.grad) works with
+        # any activation-checkpointing flavour.
         self.requires_grad = {p: p.requires_grad for p in model.parameters()}
         for p in model.parameters():
-            if p not in Bs:
+            if p not in As:
                 p.requires_grad_(False)
-        self.grads = {B: B.grad for B in Bs}
+        self.grads = {A: A.grad for A in As}
         with torch.no_grad():
+            for A in As:
+                A.grad = None
             for B in Bs:
-                B.grad = None
                 # The gradient is wanted at the base weight W0: hold B·A at zero during the passes.
                 self.B_values[B] = B.detach().clone()
                 B.zero_()
 
-    def clear_B_grads(self) -> None:
-        for B in self.grads:
-            B.grad = None  # m×r, freed after every batch
+    def clear_grads(self) -> None:
+        for A in self.grads:
+            A.grad = None  # r×n, freed after every batch
 
     def restore(self) -> None:
         with torch.no_grad():
@@ -236,11 +194,15 @@ def _validate(
     else:
         layers = list(layers)
         known = {id(layer.A) for layer in found}
+        seen = set()
         for layer in layers:
             if not isinstance(layer, LoRALayer) or id(layer.A) not in known:
                 raise ValueError(
                     f"layers must be LoRALayer objects of this model (find_lora_layers), got {layer!r}"
                 )
+            if id(layer.A) in seen:
+                raise ValueError(f"layers lists {layer.name} twice")
+            seen.add(id(layer.A))
     if not layers:
         raise ValueError(
             "the model has no trainable LoRA layers (modules with lora_A/lora_B Linear factors); wrap it "
@@ -279,8 +241,10 @@ def _validate(
     return layers, batches, loss_fn
 
 
-def _run_pass(model, batches, loss_fn, saved: _SavedModelState, seed: int) -> None:
-    """One forward+backward over every batch; the hooks fold the products into the accumulators."""
+def _run_pass(
+    model, batches, loss_fn, saved: _SavedModelState, capture: ActivationCapture, seed: int
+) -> None:
+    """One forward+backward over every batch; the capture's sink folds the products into the accumulators."""
     cuda = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
     with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(seed)  # the same dropout masks (if any) in every pass, i.e. the same G
@@ -296,7 +260,11 @@ def _run_pass(model, batches, loss_fn, saved: _SavedModelState, seed: int) -> No
                         f"the loss of batch {i} does not depend on any target LoRA layer (needs no gradient)"
                     )
                 loss.reshape(()).backward()
-            saved.clear_B_grads()
+            # Reset the gradients the way the optimizer's zero_grad does, capture included: a reset the
+            # capture did not see would read, at the next backward, as a discarded backward (harmless
+            # here, each batch's products being summed already, but not what happened).
+            saved.clear_grads()
+            capture.clear()
 
 
 def _estimate(
@@ -305,16 +273,26 @@ def _estimate(
 ) -> list[tuple[Tensor, Tensor, Tensor]]:
     """Top-k triplets of every target's G; restores the model's temporary state whatever happens."""
     saved = _SavedModelState()
-    hooks = None
+    by_layer = {target.layer: target for target in targets}
+
+    def sink(layer: LoRALayer, X: Tensor, S: Tensor) -> bool:
+        by_layer[layer].accumulate(X, S, backend)
+        return True  # nothing is recorded: no layer's X or S outlives its own backward
+
+    # Made while the factors still require grad (the capture hooks their gradient accumulation). X is the
+    # module's input, before LoRA dropout: G is the gradient of the base weight W0 (that of the base model
+    # before LoRA, as the official code takes it), not of the dropped-out LoRA path; the two differ only
+    # with ``train_mode=True`` and LoRA dropout. The passes may run in eval mode, so eval forwards count.
+    capture = ActivationCapture([t.layer for t in targets], x_from="module", training_only=False)
+    capture.sink = sink
     N = len(batches)
     try:
         saved.enter(model, targets, train_mode)
-        hooks = _StreamedProducts(targets, backend)
 
         def run(side: str, operands: list[Tensor | None]) -> list[Tensor]:
             for target, operand in zip(targets, operands):
                 target.start(side, operand)
-            _run_pass(model, batches, loss_fn, saved, seed)
+            _run_pass(model, batches, loss_fn, saved, capture, seed)
             results = [target.acc / N for target in targets]  # the mean over batches (spec §1.1)
             # An inf/NaN loss gradient would make QR/SVD fail obscurely; name the layers instead (a host
             # sync per pass is fine here: this is a one-off initialisation, not an optimizer step).
@@ -337,8 +315,7 @@ def _estimate(
         )
         return [rayleigh_ritz_svd(Q, Z, k) for Q, Z, k in zip(Qs, Zs, ks)]
     finally:
-        if hooks is not None:
-            hooks.remove()
+        capture.remove()
         saved.restore()
 
 
@@ -435,7 +412,7 @@ def lora_one_init(
         ValueError / TypeError: bad arguments, no LoRA layers, empty batches, rank > min(m, n), a merged
             adapter, non-dict batches without ``loss_fn``, or a zero gradient; all before any factor
             changes. The model's gradients (``.grad``) are left as they were: the passes compute only
-            the target B factors' gradients, into a stash that is discarded, and put the original
+            the target A factors' gradients, into a stash that is discarded, and put the original
             ``.grad`` tensors back.
     """
     layers, triplets, skipped = _spectral_init(

@@ -128,6 +128,22 @@ def test_eval_mode_forward_records_nothing():
         assert cap.rows(layer.module) == 0
 
 
+def test_eval_mode_forward_records_when_not_training_only():
+    """A driver that runs its own passes in eval mode (LoRA-One's init) opts in with training_only=False."""
+    model = _model()
+    layers = find_lora_layers(model)
+    cap = ActivationCapture(layers, training_only=False)
+    model.eval()
+    x, y = _batch(2, 7, 1)
+    _ce(model(x), y).backward()
+    _check_true_gradient(layers, cap, rows=14)
+
+
+def test_unknown_x_from_raises():
+    with pytest.raises(ValueError, match="x_from"):
+        ActivationCapture(find_lora_layers(_model()), x_from="base")
+
+
 @pytest.mark.parametrize("ctx", [torch.no_grad, torch.inference_mode])
 def test_no_grad_forward_records_nothing(ctx):
     model = _model(trainable_base=False)

@@ -140,6 +140,21 @@ def test_x_is_what_the_lora_path_saw_under_dropout():
         assert rel_err(layer.B.grad, layer.scale * G @ layer.A.detach().T) < 1e-5, layer.name
 
 
+def test_x_from_module_is_the_module_input_and_gives_the_base_weight_gradient_under_dropout():
+    """x_from="module" takes X before LoRA dropout: G = SᵀX is then the gradient of the base weight W0."""
+    model = _model(dropout=0.5)
+    layers = find_lora_layers(model)
+    for layer in layers:
+        layer.module.base.weight.requires_grad_(True)
+    cap = ActivationCapture(layers, x_from="module")
+    x, y = _batch(3, 5, 1)
+    _loss(model, x, y).backward()
+    torch.testing.assert_close(cap.get(model.l1)[0], x.reshape(15, 12), rtol=0, atol=0)
+    for layer in layers:
+        X, S = cap.get(layer)
+        assert rel_err(S.T @ X, layer.module.base.weight.grad) < 1e-6, layer.name
+
+
 def test_peft_lora_dropout_gives_the_factor_gradients():
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
@@ -270,10 +285,11 @@ def test_step_after_remove_hooks_raises():
 # torch.compile (issue #11 item 9)
 
 
-def test_compiled_hooked_model_has_no_graph_break_and_captures_the_true_gradient():
+@pytest.mark.parametrize("x_from", ["lora_A", "module"])
+def test_compiled_hooked_model_has_no_graph_break_and_captures_the_true_gradient(x_from):
     model = _model()
     layers = find_lora_layers(model)
-    cap = ActivationCapture(layers)
+    cap = ActivationCapture(layers, x_from=x_from)
     x, y = _batch(2, 4, 1)
     explained = torch._dynamo.explain(model)(x)
     assert explained.graph_break_count == 0, explained.break_reasons

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.checkpoint import checkpoint
 
 import lorsum_kernels as lk
 from lorsum_kernels import ops, reference
@@ -397,6 +398,63 @@ def test_train_mode_uses_the_same_dropout_masks_in_every_pass():
     assert rel_err(merged_delta(first[0]), merged_delta(first[1])) > 1e-3
 
 
+@pytest.mark.parametrize("method", ["svd", "power"])
+def test_train_mode_with_lora_dropout_takes_the_gradient_of_the_base_weight(method):
+    """With LoRA dropout on, G is still the gradient of W0, made of the module's input before dropout (the
+    base model's gradient, as the official code takes it), not of the dropped-out input the LoRA path sees.
+    With B held at zero the output does not depend on the masks, so the reference G needs no seeding."""
+    torch.manual_seed(0)
+    model = TinyLoRAMLP()
+    for layer in model.lora_layers():
+        layer.dropout = nn.Dropout(0.5)
+    batches = mlp_batches(2)
+    G_ref = reference_gradients(model.train(), batches, mlp_loss)
+    gamma = 16.0
+    sigmas = lk.lora_one_init(model, batches, gamma=gamma, loss_fn=mlp_loss, method=method, train_mode=True,
+                              oversample=20, power_iters=1)  # a complete sketch: exact, as above
+    for layer in lk.find_lora_layers(model):
+        Gr, full = best_rank(G_ref[layer.name], layer.rank)
+        assert rel_err(sigmas[layer.name], full[: layer.rank]) < 1e-5, layer.name
+        assert rel_err(merged_delta(layer), -(layer.scale / (gamma * full[0])) * Gr) < 1e-5, layer.name
+
+
+class CheckpointedMLP(nn.Module):
+    """TinyLoRAMLP with its three LoRA layers in one activation-checkpointed block."""
+
+    def __init__(self, inner, use_reentrant):
+        super().__init__()
+        self.inner, self.use_reentrant = inner, use_reentrant
+
+    def _block(self, x):
+        h = torch.tanh(self.inner.l1(x))
+        h = torch.tanh(self.inner.l2(h))
+        return torch.tanh(self.inner.l3(h))
+
+    def forward(self, x):
+        if self.use_reentrant:  # the reentrant variant builds a graph only for an input that needs a gradient
+            x = x.detach().requires_grad_(True)
+        return self.inner.head(checkpoint(self._block, x, use_reentrant=self.use_reentrant))
+
+
+@pytest.mark.parametrize("method", ["svd", "power"])
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_activation_checkpointing_counts_each_row_once(use_reentrant, method):
+    """The checkpointed block runs twice per batch (forward and recomputation); G counts its rows once. The
+    factors alone could not tell (σ_1 normalises a doubled G away): the singular values do."""
+    torch.manual_seed(0)
+    inner = TinyLoRAMLP()
+    batches = mlp_batches(2)
+    G_ref = reference_gradients(inner, batches, mlp_loss)
+    model = CheckpointedMLP(inner, use_reentrant)
+    gamma = 16.0
+    sigmas = lk.lora_one_init(model, batches, gamma=gamma, loss_fn=mlp_loss, method=method, oversample=20,
+                              power_iters=1)
+    for layer in lk.find_lora_layers(model):
+        Gr, full = best_rank(G_ref[layer.name.removeprefix("inner.")], layer.rank)
+        assert rel_err(sigmas[layer.name], full[: layer.rank]) < 1e-5, layer.name
+        assert rel_err(merged_delta(layer), -(layer.scale / (gamma * full[0])) * Gr) < 1e-5, layer.name
+
+
 # ---------------------------------------------------------------------------------------------------
 # memory: no m×n tensor
 
@@ -559,6 +617,7 @@ BAD_INPUTS = {
     "unknown method": (_small, dict(method="qr"), ValueError, "method"),
     "negative power_iters": (_small, dict(power_iters=-1), ValueError, "power_iters"),
     "layers of another model": (_small, dict(layers="other"), ValueError, "LoRALayer"),
+    "a layer listed twice": (_small, dict(layers="twice"), ValueError, "twice"),
     "unknown backend": (_small, dict(backend="cublas"), ValueError, "unknown backend"),
 }
 
@@ -579,6 +638,8 @@ def test_bad_input_raises_before_anything_runs(case):
     fn = lk.lora_ga_init if kw.pop("ga", False) else lk.lora_one_init
     if kw.get("layers") == "other":
         kw["layers"] = lk.find_lora_layers(_small())
+    elif kw.get("layers") == "twice":
+        kw["layers"] = lk.find_lora_layers(model) * 2
     args = dict(batches=[(torch.randn(3, 6),)], loss_fn=loss_fn)
     args.update(kw)
     with pytest.raises(exc, match=match):
