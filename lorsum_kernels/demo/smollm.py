@@ -26,8 +26,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import statistics
-import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,17 +33,11 @@ from pathlib import Path
 import torch
 
 from . import bbc
-from .minilm import (
-    Method,
-    Runner,
-    _peak_rss_mb,
-    _quiet_transformers,
-    _rss_mb,
-    _schedule,
-    versions,
-)
+from .runner import Method, Runner, batch_indices, plot_losses, quiet_transformers, results_table
+from .runner import train_steps, versions
 
-__all__ = ["METHODS", "gguf_path", "load_model", "main", "prepare_data", "train_run"]
+__all__ = ["METHODS", "gguf_path", "load_model", "load_tokenizer", "main", "prepare_data", "token_blocks",
+           "train_run"]
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 RANK, ALPHA = 8, 16
@@ -88,7 +80,7 @@ def gguf_path() -> Path:
 def load_tokenizer():
     from transformers import AutoTokenizer
 
-    _quiet_transformers()
+    quiet_transformers()
     path = gguf_path()
     return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
 
@@ -96,7 +88,7 @@ def load_tokenizer():
 def load_model():
     from transformers import AutoModelForCausalLM
 
-    _quiet_transformers()
+    quiet_transformers()
     path = gguf_path()
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     # transformers dequantizes GGUF weights on load (these are plain fp32 tensors) but leaves the model
@@ -109,7 +101,9 @@ def load_model():
     return model
 
 
-def _blocks(texts: list[str], tokenizer, max_len: int, limit: int | None = None) -> torch.Tensor:
+def token_blocks(texts: list[str], tokenizer, max_len: int, limit: int | None = None) -> torch.Tensor:
+    """The texts tokenized, each ended with EOS, concatenated and cut into ``max_len``-token rows (at most
+    ``limit`` of them)."""
     ids: list[int] = []
     for text in texts:
         ids += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
@@ -124,19 +118,9 @@ def prepare_data(max_len: int, seed: int = 0) -> dict:
     train, val, _ = bbc.split(articles.labels, seed)
     tokenizer = load_tokenizer()
     return {
-        "train": _blocks([articles.texts[i] for i in train.tolist()], tokenizer, max_len),
-        "val": _blocks([articles.texts[i] for i in val.tolist()], tokenizer, max_len, VAL_BLOCKS),
+        "train": token_blocks([articles.texts[i] for i in train.tolist()], tokenizer, max_len),
+        "val": token_blocks([articles.texts[i] for i in val.tolist()], tokenizer, max_len, VAL_BLOCKS),
     }
-
-
-def _stream(blocks: torch.Tensor, batch_size: int, steps: int, seed: int):
-    g = torch.Generator().manual_seed(seed + 1)
-    order = torch.empty(0, dtype=torch.int64)
-    for _ in range(steps):
-        if len(order) < batch_size:
-            order = torch.cat([order, torch.randperm(len(blocks), generator=g)])
-        idx, order = order[:batch_size], order[batch_size:]
-        yield blocks[idx]
 
 
 @torch.inference_mode()
@@ -161,7 +145,6 @@ def make_optimizer(model, name: str):
 
 def train_run(cfg: LMConfig, data: dict) -> dict:
     from peft import LoraConfig, get_peft_model
-    from tqdm.auto import tqdm
 
     label = METHODS[cfg.optimizer].label
     start = time.perf_counter()
@@ -175,28 +158,15 @@ def train_run(cfg: LMConfig, data: dict) -> dict:
     model = get_peft_model(base, lora)
     model.train()
     opt = make_optimizer(model, cfg.optimizer)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg.steps))
-    rss_before = _rss_mb()
-    losses, times = [], []
-    bar = tqdm(total=cfg.steps, desc=f"{label:<16}", dynamic_ncols=True)
-    for ids in _stream(data["train"], cfg.batch_size, cfg.steps, cfg.seed):
-        t0 = time.perf_counter()
-        opt.zero_grad()
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        sched.step()
-        times.append(time.perf_counter() - t0)
-        losses.append(loss.item())
-        bar.update()
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    bar.close()
-    peak = _peak_rss_mb()
+    blocks = data["train"]
+    batches = (blocks[idx] for idx in batch_indices(len(blocks), cfg.batch_size, cfg.steps, cfg.seed))
+    log = train_steps(model, opt, batches, cfg.steps, lambda m, ids: m(input_ids=ids, labels=ids).loss,
+                      f"{label:<16}")
     return dict(
         label=label, optimizer=cfg.optimizer, lr=METHODS[cfg.optimizer].lr, steps=cfg.steps,
-        val_ppl=perplexity(model, data["val"]), base_ppl=base_ppl, final_loss=statistics.fmean(losses[-10:]),
-        losses=losses, step_ms=1e3 * statistics.median(times), load_s=load_s, peak_rss_mb=peak,
-        train_delta_mb=peak - rss_before,
+        val_ppl=perplexity(model, data["val"]), base_ppl=base_ppl, final_loss=log.final_loss,
+        losses=log.losses, step_ms=log.step_ms, load_s=load_s, peak_rss_mb=log.peak_rss_mb,
+        train_delta_mb=log.train_delta_mb,
     )
 
 
@@ -212,20 +182,14 @@ def main(args) -> list[dict]:
     wall = time.perf_counter() - start
     title = (f"BBC News language modelling, SmolLM2-135M-Instruct + LoRA r={RANK} on q/k/v/o, {args.steps} "
              f"steps x {args.batch_size} x {args.max_len} tokens; {len(data['val'])} validation blocks")
-    header = (f"| {'method':<16} | {'lr':>7} | {'val ppl':>8} | {'final train loss':>16} | "
-              f"{'median step':>11} | {'peak RSS':>9} | {'Δ train':>8} |")
-    lines = [header, "|" + "|".join("-" * len(c) for c in header.split("|")[1:-1]) + "|"]
-    for r in rows:
-        lines.append(f"| {r['label']:<16} | {r['lr']:>7.3g} | {r['val_ppl']:>8.2f} | "
-                     f"{r['final_loss']:>16.4f} | {r['step_ms']:>8.0f} ms | {r['peak_rss_mb']:>6.0f} MB | "
-                     f"{r['train_delta_mb']:>5.0f} MB |")
-    table = "\n".join(lines)
+    table = results_table(rows, label_width=16, metric="val ppl", metric_cell=lambda r: f"{r['val_ppl']:.2f}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "lm_results.json").write_text(json.dumps(rows, indent=1))
     base = f"base model validation perplexity {rows[0]['base_ppl']:.2f}"
     (out / "lm_table.md").write_text(f"{title}\n\n{base}\n\n{table}\n")
-    _plot_lm(rows, out / "lm_loss_curves.png", title)
+    plot_losses(rows, out / "lm_loss_curves.png", title,
+                lambda r: f"{r['label']} (val ppl {r['val_ppl']:.1f})", log_scale=False)
     print()
     print(title)
     print(base)
@@ -233,26 +197,3 @@ def main(args) -> list[dict]:
     print(f"\nwall time {wall:.0f} s ({versions()})")
     print(f"wrote {out / 'lm_table.md'}, {out / 'lm_loss_curves.png'}, {out / 'lm_results.json'}")
     return rows
-
-
-def _plot_lm(rows, path, title):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for r in rows:
-        losses = torch.tensor(r["losses"])
-        k = max(1, min(10, len(losses) // 10))
-        smooth = losses.unfold(0, k, 1).mean(1)
-        label = f"{r['label']} (val ppl {r['val_ppl']:.1f})"
-        ax.plot(range(k, k + len(smooth)), smooth.tolist(), label=label)
-    ax.set_xlabel("step")
-    ax.set_ylabel("train loss (moving average)")
-    ax.set_title(textwrap.fill(title, 90), fontsize=9)
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
