@@ -10,9 +10,9 @@ Contract of ``lora_one_init`` / ``lora_ga_init``:
   (``functional.lora_one.subspace_iteration``) on the implicit G. Each product ``G·V`` or ``Gᵀ·U`` is one
   forward+backward pass over the batches: the capture's sink (``capture.ActivationCapture``, X taken at
   the module's input, before LoRA dropout) multiplies that batch's X_b and S_b into an r'-wide accumulator
-  (``ops.sketch_products``) during backward and drops them. A layer holds O((m+n)·r') numbers with
-  ``r' = rank + oversample``, plus one batch's activations; never an m×n gradient, and the only
-  parameter gradients computed are the targets' A factors' (r×n, zero while B is). Cost:
+  (``ops.pair_products``, the op of LoRSum's token products) during backward and drops them. A layer
+  holds O((m+n)·r') numbers with ``r' = rank + oversample``, plus one batch's activations; never an m×n
+  gradient, and the only parameter gradients computed are the targets' A factors' (r×n, zero while B is). Cost:
   ``2·power_iters + 2`` passes.
   ``method="svd"`` accumulates each G explicitly (m×n per layer) and takes a full SVD: the reference.
 * **What is written.** LoRA-One: ``s·B0·A0 = −(s/(γσ_1(G)))·[G]_r`` (balanced factors, W0 untouched,
@@ -85,9 +85,11 @@ class _Target:
         if self.side == "full":  # the reference path: G_b = S_bᵀ X_b, m×n on purpose
             self.acc += S.to(self.dtype).mT @ X.to(self.dtype)
         elif self.side == "right":
-            self.acc += ops.sketch_products(X, S, V=self.operand, backend=backend)[0]
+            # G·V = Sᵀ(X·V): the B-step product of LoRSum's token pair (X, Sᵀ) with V as the wide factor
+            self.acc += ops.pair_products(X, S.mT, V=self.operand.mT, backend=backend)[1]
         else:
-            self.acc += ops.sketch_products(X, S, U=self.operand, backend=backend)[1]
+            # Gᵀ·U = Xᵀ(S·U) = ((S·U)ᵀX)ᵀ: the A-step product with U as the wide factor
+            self.acc += ops.pair_products(X, S.mT, W=self.operand, backend=backend)[0].mT
 
 
 @dataclass
@@ -217,7 +219,7 @@ def _validate(
         if getattr(layer.module, "merged", False):
             raise ValueError(f"{layer.name}: the adapter is merged into the base weight; unmerge it first")
         if method == "power":  # an unknown or unavailable backend raises now, not in the first backward
-            resolve_backend(backend, layer.A.device, "sketch_products")
+            resolve_backend(backend, layer.A.device, "pair_products")
 
     if isinstance(batches, (Mapping, Tensor)):
         raise TypeError(
@@ -402,7 +404,7 @@ def lora_one_init(
             model. The previous mode of every module is restored either way.
         on_zero_gradient: "raise" (default) if a layer's G is zero on the batches, or "skip" to leave
             such layers unchanged.
-        backend: backend of the ``sketch_products`` op ("auto", "native", "triton", "torch").
+        backend: backend of the ``pair_products`` op ("auto", "native", "triton", "torch").
 
     Returns:
         ``{layer.name: sigma}``: the top-r singular values of each layer's G (fp32, or fp64 for fp64

@@ -94,21 +94,6 @@ def row_col_energies(
     return reference.row_col_energies(X, S, block_size=block_size)
 
 
-def sketch_products(
-    X: Tensor,
-    S: Tensor,
-    V: Tensor | None = None,
-    U: Tensor | None = None,
-    *,
-    backend: str | None = "auto",
-) -> tuple[Tensor | None, Tensor | None]:
-    resolve_backend(backend, X.device, "sketch_products")
-    return reference.sketch_products(X, S, V, U)
-
-
-__all__ += ["sketch_products"]
-
-
 __all__ += ["adaprelora_solve", "tangent_energies"]
 
 

@@ -219,25 +219,6 @@ def row_col_energies(X: Tensor, S: Tensor, *, block_size: int = 256) -> tuple[Te
     return rows, torch.cat(col_blocks, dim=-1)
 
 
-def sketch_products(
-    X: Tensor, S: Tensor, V: Tensor | None = None, U: Tensor | None = None
-) -> tuple[Tensor | None, Tensor | None]:
-    """Thin products with ``G = Sᵀ X`` without forming G: ``(G V, Gᵀ U) = (Sᵀ (X V), Xᵀ (S U))``.
-
-    ``X`` is (..., T, n), ``S`` (..., T, m), ``V`` (..., n, ℓ) and ``U`` (..., m, ℓ); either of V and U may
-    be None, and its product is then skipped (returned as None). The products are (..., m, ℓ) and
-    (..., n, ℓ). This is the hot path of LoRA-One's randomized SVD of the implicit gradient (one batch's
-    contribution per call): 2·T·ℓ·(m+n) flops per product and one read of X and S, never m×n numbers.
-    Computed in fp64 when any input is fp64, else fp32.
-    """
-    tensors = [t for t in (X, S, V, U) if t is not None]
-    acc = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-    Xc, Sc = X.to(acc), S.to(acc)
-    GV = None if V is None else Sc.mT @ (Xc @ V.to(acc))
-    GtU = None if U is None else Xc.mT @ (Sc @ U.to(acc))
-    return GV, GtU
-
-
 # --------------------------------------------------------------------------------------------------
 # AdaPreLoRA (spec/adaprelora.md): the H-weighted factor solve and the rank-2r surrogate energies.
 # (The exact energies of G = SᵀX are ``row_col_energies`` above.)

@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 
 import lorsum_kernels as lk
-from lorsum_kernels import ops, reference
+from lorsum_kernels import init as init_module
 from lorsum_kernels.functional import (
     lora_ga_factors,
     lora_one_factors,
@@ -178,20 +178,22 @@ def test_randomized_svd_matches_exact_with_a_gap():
         assert rel_err(sig, se) < tol
 
 
-def test_sketch_products_match_dense():
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_power_method_products_match_dense(dtype, backend):
+    """The sink's products G·V and Gᵀ·U (``ops.pair_products`` on the token pair) against the dense G."""
     g = torch.Generator().manual_seed(2)
-    X, S = torch.randn(3, 9, 7, generator=g), torch.randn(3, 9, 5, generator=g)  # batch of 3, T=9, n=7, m=5
-    V, U = torch.randn(3, 7, 4, generator=g), torch.randn(3, 5, 4, generator=g)
+    layer = lk.LoRALinear(nn.Linear(7, 5), 3, 6.0)
+    target = init_module._Target(lk.find_lora_layers(nn.Sequential(layer))[0], torch.float32, 4)
+    X, S = torch.randn(9, 7, generator=g).to(dtype), torch.randn(9, 5, generator=g).to(dtype)  # T=9, n=7, m=5
+    V, U = torch.randn(7, 4, generator=g), torch.randn(5, 4, generator=g)
     G = S.double().mT @ X.double()
-    GV, GtU = reference.sketch_products(X, S, V, U)
-    assert GV.dtype == torch.float32 and rel_err(GV, G @ V.double()) < 1e-6
-    assert rel_err(GtU, G.mT @ U.double()) < 1e-6
-    assert reference.sketch_products(X, S, V=V)[1] is None and reference.sketch_products(X, S, U=U)[0] is None
-    assert reference.sketch_products(X.double(), S, V=V)[0].dtype == torch.float64
-    GV_bf16, _ = reference.sketch_products(X.bfloat16(), S.bfloat16(), V=V)
-    assert GV_bf16.dtype == torch.float32
-    GV_ops, GtU_ops = ops.sketch_products(X, S, V, U, backend="torch")
-    assert torch.equal(GV_ops, GV) and torch.equal(GtU_ops, GtU)
+    tol = 1e-5  # G is formed from the same (rounded) inputs: only the fp32 accumulation differs
+    for side, operand, expected in (("right", V, G @ V.double()), ("left", U, G.mT @ U.double())):
+        target.start(side, operand)
+        target.accumulate(X, S, backend)
+        target.accumulate(X, S, backend)  # accumulates over batches
+        assert target.acc.dtype == torch.float32 and rel_err(target.acc, 2 * expected) < tol, side
 
 
 # ---------------------------------------------------------------------------------------------------
