@@ -2,6 +2,7 @@
 
     lorsum-bench [--device cpu|cuda] [--dtype float32,bfloat16] [--ops col_sq_sums,...] [--grid quick] [--out DIR]
     lorsum-bench --memory [--dim 1024 --rank 16 --layers 8 --tokens 2048] [--optimizers adamw,lorsum,...]
+                 [--cuda-snapshot DIR]
     lorsum-bench --memory --model smollm2 [--layers 30 --batch 4 --tokens 512] [--checkpointing none,non-reentrant]
                  [--optimizers adamw,lorsum] [--opt-kw capture=stream] [--profile]
 
@@ -17,7 +18,11 @@ what it measured; one PNG per op is drawn next to it at the end when matplotlib 
 SmolLM2-135M with PEFT LoRA on all seven linear modules of each block (``real_model.py``: step peak memory,
 live bytes after backward and after step() + zero_grad(), forward+backward / step / end-to-end time, with
 and without activation checkpointing; ``--profile`` writes a profiler table per optimizer to
-``OUT/profiles/``).
+``OUT/profiles/``). On CUDA the step's peak comes from ``torch.cuda.max_memory_allocated`` (reset just
+before the step; the absolute figure is the ``cuda_max_allocated_mib`` column), and ``--cuda-snapshot DIR``
+saves the allocator's history of each measured step as a ``torch.cuda.memory._snapshot`` pickle,
+``DIR/<optimizer>.pickle`` (``DIR/<optimizer>-<checkpointing>.pickle`` with ``--model smollm2``), for
+https://pytorch.org/memory_viz.
 
 OUT is ``--out``; by default ``./lorsum-bench-results`` in the current directory (or
 ``$LORSUM_BENCH_RESULTS``). The repository's committed rows live in ``bench/results``: pass
@@ -48,7 +53,7 @@ DEFAULT_OUT = "lorsum-bench-results"
 SPEED_FIELDS = ["timestamp", "op", "config", "backend", "median_ms", "p20_ms", "p80_ms", "speedup_vs_torch",
                 "gbps", "frac_copy_bw", "device", "torch", "triton", "commit"]
 MEMORY_FIELDS = ["timestamp", "optimizer", "config", "step_peak_mib", "vs_adamw", "state_mib",
-                 "process_peak_rss_mib", "measure", "device", "torch", "commit"]
+                 "process_peak_rss_mib", "cuda_max_allocated_mib", "measure", "device", "torch", "commit"]
 # --memory --model smollm2: the same file, more columns (_append widens an older header).
 REAL_MEMORY_FIELDS = ["timestamp", "model", "optimizer", "opt_kw", "config", "adapters", "checkpointing",
                       "step_peak_mib", "vs_adamw", "after_backward_mib", "after_step_mib", "live_before_mib",
@@ -290,7 +295,7 @@ def run_memory(args, device: torch.device) -> list[dict]:
     layers = args.layers or 8
     tokens = args.tokens or 2048
     opt_kw = {name: optimizer_kwargs(args.opt_kw, name) for name in args.optimizers}
-    rows = memory.run(args.optimizers, args.dim, args.rank, layers, tokens, device, opt_kw)
+    rows = memory.run(args.optimizers, args.dim, args.rank, layers, tokens, device, opt_kw, args.cuda_snapshot)
     cfg = f"{layers} layers {args.dim}x{args.dim} r={args.rank} T={tokens} fp32"
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     print(f"device: {env['device']}  torch {env['torch']}  commit {env['commit']}\nconfig: {cfg}")
@@ -302,14 +307,15 @@ def run_memory(args, device: torch.device) -> list[dict]:
         row = dict(timestamp=now, optimizer=r["optimizer"], config=cfg + (f" {kw}" if kw else ""),
                    step_peak_mib=round(r["step_peak_bytes"] / 2**20, 2), vs_adamw=round(r["vs_adamw"], 3),
                    state_mib=round(r["state_bytes"] / 2**20, 3),
-                   process_peak_rss_mib=round(r["process_peak_rss_bytes"] / 2**20, 1), measure=r["measure"],
-                   **env)
+                   process_peak_rss_mib=round(r["process_peak_rss_bytes"] / 2**20, 1),
+                   cuda_max_allocated_mib=_mib(r.get("cuda_max_allocated_bytes")), measure=r["measure"], **env)
         out.append(row)
         print(f"{row['optimizer']:<16}{row['step_peak_mib']:>15.2f}{row['vs_adamw']:>10.3f}"
               f"{row['state_mib']:>11.3f}{row['process_peak_rss_mib']:>17.1f}  {row['measure']}")
     path = out_dir / "memory.csv"
     _append(path, MEMORY_FIELDS, out)
-    print(f"results: appended to {path}")
+    print(f"results: appended to {path}" + (f"; allocator snapshots in {args.cuda_snapshot}"
+                                             if args.cuda_snapshot else ""))
     return out
 
 
@@ -354,10 +360,12 @@ def run_real_memory(args, device: torch.device) -> list[dict]:
         for ckpt, name in runs:
             bar.set_postfix_str(f"{name} ({ckpt})")
             profile = str(out_dir / "profiles" / f"{name}-{ckpt}.txt") if args.profile else None
+            snapshot = str(Path(args.cuda_snapshot) / f"{name}-{ckpt}.pickle") if args.cuda_snapshot else None
             kw = optimizer_kwargs(args.opt_kw, name)
             r = real_model.run_one_subprocess(
                 name, layers=layers, rank=args.rank, batch=args.batch, tokens=tokens, checkpointing=ckpt,
-                warmup=warmup, reps=reps, opt_kw=kw, device=device, lr=args.lr, profile=profile)
+                warmup=warmup, reps=reps, opt_kw=kw, device=device, lr=args.lr, profile=profile,
+                cuda_snapshot=snapshot)
             now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
             base = next((x for x in rows if x["optimizer"] == "adamw" and x["checkpointing"] == ckpt), None)
             row = dict(timestamp=now, model="smollm2-135m", optimizer=name, opt_kw=repr(kw) if kw else "", config=cfg,
@@ -484,14 +492,26 @@ def parser() -> argparse.ArgumentParser:
                           f"{', '.join(real_model.CHECKPOINTING)}")
     mem.add_argument("--lr", type=float, default=None,
                      help="smollm2: learning rate (default: the demo's per optimizer, else 1e-3)")
+    mem.add_argument("--cuda-snapshot", default=None, metavar="DIR",
+                     help="CUDA only: save the allocator history of each measured step as a "
+                          "torch.cuda.memory._snapshot pickle in DIR (one per optimizer and checkpointing mode), "
+                          "for https://pytorch.org/memory_viz")
     mem.add_argument("--profile", action="store_true",
                      help="smollm2: also write a torch.profiler table (top ops by self time) per run to OUT/profiles/")
     return p
 
 
 def main(argv=None) -> None:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
     device = torch.device(args.device)
+    if args.cuda_snapshot is not None:
+        # Refused before any model is built: the snapshot is the CUDA caching allocator's.
+        if not args.memory:
+            p.error("--cuda-snapshot records a --memory step: add --memory")
+        if device.type != "cuda" or not torch.cuda.is_available():
+            p.error(f"--cuda-snapshot needs a CUDA device (--device cuda on a machine with a GPU); this run is on "
+                    f"{device}" + ("" if torch.cuda.is_available() else " and torch.cuda.is_available() is False"))
     if args.memory:
         run_memory(args, device)
     else:

@@ -6,7 +6,11 @@ the figure includes the X/S cache from forward to ``step()`` and the step's tran
 state (allocated by the first step) is reported separately.
 
 * CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus the memory allocated
-  before the step (model, state, inputs stay allocated and are reported separately).
+  before the step (model, state, inputs stay allocated and are reported separately); the absolute
+  ``max_memory_allocated`` of the step is reported beside it. With ``cuda_snapshot``, the allocator's
+  history is recorded during the measured step (``torch.cuda.memory._record_memory_history``) and saved
+  as a snapshot pickle (``torch.cuda.memory._dump_snapshot``): drop it on https://pytorch.org/memory_viz to
+  see every allocation of the step with its Python stack.
 * CPU: each configuration runs in its own subprocess (``python -m lorsum_kernels.benchmark.memory``).
   The step's peak is the peak of live tensor bytes above those live before it, from the allocator events
   that ``torch.profiler`` records (the CPU counterpart of ``max_memory_allocated``); the subprocess's peak
@@ -18,10 +22,12 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import json
 import resource
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -57,8 +63,37 @@ def tensor_peak_bytes(fn) -> int:
     return peak
 
 
+def check_cuda_snapshot(cuda_snapshot: str | None, device: torch.device) -> None:
+    """A snapshot is the CUDA caching allocator's: refuse it, before any work, for another device."""
+    if cuda_snapshot is not None and (device.type != "cuda" or not torch.cuda.is_available()):
+        raise ValueError(f"cuda_snapshot ({cuda_snapshot}) needs a CUDA device: the snapshot is the CUDA "
+                         f"caching allocator's history, and this run is on {device}"
+                         + ("" if torch.cuda.is_available() else " (torch.cuda.is_available() is False)"))
+
+
+@contextlib.contextmanager
+def cuda_memory_history(path: str | None, max_entries: int = 200_000):
+    """Record the CUDA allocator's events (with Python stacks) inside the block and write them to ``path``
+    as a ``torch.cuda.memory._snapshot`` pickle; nothing when ``path`` is None. These are torch's private
+    but documented tools (https://pytorch.org/docs/stable/torch_cuda_memory.html)."""
+    if path is None:
+        yield
+        return
+    torch.cuda.memory._record_memory_history(max_entries=max_entries)
+    try:
+        yield
+    finally:
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        torch.cuda.memory._dump_snapshot(str(target))
+        torch.cuda.memory._record_memory_history(enabled=None)
+
+
 def measure_one(name: str, dim: int, rank: int, layers: int, tokens: int, device: torch.device,
-                opt_kw: dict | None = None) -> dict:
+                opt_kw: dict | None = None, cuda_snapshot: str | None = None) -> dict:
+    """One optimizer's step memory. ``cuda_snapshot``: a file for the allocator snapshot of the measured
+    step (CUDA only; ValueError otherwise)."""
+    check_cuda_snapshot(cuda_snapshot, device)
     model = build(dim, rank, layers, device)
     x = torch.randn(tokens, dim, device=device)
     opt = lk.create_optimizer(model, name, lr=1e-3, **(opt_kw or {}))
@@ -76,24 +111,31 @@ def measure_one(name: str, dim: int, rank: int, layers: int, tokens: int, device
         torch.cuda.synchronize(device)
         before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-        step()
-        torch.cuda.synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device) - before
-        return dict(optimizer=name, state_bytes=state_bytes, step_peak_bytes=peak, process_peak_rss_bytes=0,
-                    measure="cuda allocator")
+        with cuda_memory_history(cuda_snapshot):
+            step()
+            torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device)
+        return dict(optimizer=name, state_bytes=state_bytes, step_peak_bytes=peak - before,
+                    cuda_max_allocated_bytes=peak, process_peak_rss_bytes=0, measure="cuda allocator",
+                    cuda_snapshot=cuda_snapshot)
     peak = tensor_peak_bytes(step)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-    return dict(optimizer=name, state_bytes=state_bytes, step_peak_bytes=peak, process_peak_rss_bytes=rss,
-                measure="cpu allocator (profiler)")
+    return dict(optimizer=name, state_bytes=state_bytes, step_peak_bytes=peak, cuda_max_allocated_bytes=None,
+                process_peak_rss_bytes=rss, measure="cpu allocator (profiler)", cuda_snapshot=None)
 
 
-def run(optimizers, dim, rank, layers, tokens, device: torch.device, opt_kw: dict | None = None) -> list[dict]:
-    """One row per optimizer; ``opt_kw`` maps an optimizer name to its extra ``create_optimizer`` arguments."""
+def run(optimizers, dim, rank, layers, tokens, device: torch.device, opt_kw: dict | None = None,
+        cuda_snapshot: str | None = None) -> list[dict]:
+    """One row per optimizer; ``opt_kw`` maps an optimizer name to its extra ``create_optimizer`` arguments.
+    ``cuda_snapshot``: a folder that gets one allocator snapshot per optimizer, ``<optimizer>.pickle`` (CUDA
+    only; ValueError otherwise, before any measurement)."""
+    check_cuda_snapshot(cuda_snapshot, device)
     rows = []
     for name in optimizers:
         kw = (opt_kw or {}).get(name, {})
         if device.type == "cuda":
-            rows.append(measure_one(name, dim, rank, layers, tokens, device, kw))
+            snapshot = str(Path(cuda_snapshot) / f"{name}.pickle") if cuda_snapshot else None
+            rows.append(measure_one(name, dim, rank, layers, tokens, device, kw, snapshot))
             continue
         cmd = [sys.executable, "-m", "lorsum_kernels.benchmark.memory", "--one", name, "--dim", str(dim),
                "--rank", str(rank), "--layers", str(layers), "--tokens", str(tokens), "--opt-kw", repr(kw)]

@@ -24,7 +24,9 @@ GPU), and their sum end to end; medians with p20/p80. Then one more step measure
   method of ``memory.tensor_peak_bytes``), relative to the start of the step: the step's peak, the live
   bytes at the end of backward, and after ``step()`` + ``zero_grad()``.
 * CUDA: the same three from ``torch.cuda.memory_allocated`` / ``max_memory_allocated`` (minus the bytes
-  allocated before the step), and ``max_memory_allocated`` itself.
+  allocated before the step; the peak statistics are reset just before it), and ``max_memory_allocated``
+  itself. With ``cuda_snapshot``, the allocator's history of that step is saved as a
+  ``torch.cuda.memory._snapshot`` pickle (``memory.cuda_memory_history``; https://pytorch.org/memory_viz).
 
 ``live_before`` is what was alive when the step began, counted from the tensors the garbage collector can
 reach (parameters, gradients, optimizer state, captured data, the previous loss): the absolute peak is about
@@ -48,6 +50,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from .memory import check_cuda_snapshot, cuda_memory_history
 
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 CHECKPOINTING = ["none", "non-reentrant", "reentrant"]
@@ -172,9 +176,10 @@ def _cpu_memory_profile(step) -> dict:
 
 def measure_one(name: str, *, layers: int, rank: int, batch: int, tokens: int, checkpointing: str,
                 warmup: int, reps: int, opt_kw: dict, device: torch.device, lr: float | None = None,
-                profile: str | None = None) -> dict:
+                profile: str | None = None, cuda_snapshot: str | None = None) -> dict:
     from lorsum_kernels import create_optimizer
 
+    check_cuda_snapshot(cuda_snapshot, device)
     model = build(layers, rank, checkpointing, device)
     n_adapters = sum(1 for n, _ in model.named_modules() if n.endswith(".lora_A"))
     lr = learning_rate(name) if lr is None else lr
@@ -232,14 +237,15 @@ def measure_one(name: str, *, layers: int, rank: int, batch: int, tokens: int, c
         torch.cuda.reset_peak_memory_stats(device)
         seen = {}
         marks["after_backward"] = lambda: (sync(), seen.__setitem__("bwd", torch.cuda.memory_allocated(device)))
-        step()
-        sync()
+        with cuda_memory_history(cuda_snapshot):
+            step()
+            sync()
         marks.clear()
         row.update(step_peak_bytes=torch.cuda.max_memory_allocated(device) - before,
                    after_backward_bytes=seen["bwd"] - before,
                    after_step_bytes=torch.cuda.memory_allocated(device) - before,
                    cuda_max_allocated_bytes=torch.cuda.max_memory_allocated(device),
-                   measure="cuda allocator")
+                   measure="cuda allocator", cuda_snapshot=cuda_snapshot)
     else:
         row.update(_cpu_memory_profile(step), cuda_max_allocated_bytes=None, measure="cpu allocator (profiler)")
 
@@ -269,8 +275,9 @@ def measure_one(name: str, *, layers: int, rank: int, batch: int, tokens: int, c
 
 def run_one_subprocess(name: str, *, layers: int, rank: int, batch: int, tokens: int, checkpointing: str,
                        warmup: int, reps: int, opt_kw: dict, device: torch.device, lr: float | None,
-                       profile: str | None) -> dict:
+                       profile: str | None, cuda_snapshot: str | None = None) -> dict:
     """``measure_one`` in a fresh Python process; returns its row."""
+    check_cuda_snapshot(cuda_snapshot, device)
     cmd = [sys.executable, "-m", "lorsum_kernels.benchmark.real_model", "--one", name, "--layers", str(layers),
            "--rank", str(rank), "--batch", str(batch), "--tokens", str(tokens), "--checkpointing", checkpointing,
            "--warmup", str(warmup), "--reps", str(reps), "--opt-kw", repr(opt_kw),
@@ -279,6 +286,8 @@ def run_one_subprocess(name: str, *, layers: int, rank: int, batch: int, tokens:
         cmd += ["--lr", repr(lr)]
     if profile:
         cmd += ["--profile", profile]
+    if cuda_snapshot:
+        cmd += ["--cuda-snapshot", cuda_snapshot]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"{name} ({checkpointing}) failed with exit status {out.returncode}:\n"
@@ -301,11 +310,13 @@ def main(argv=None) -> None:
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--profile", default=None, help="write the profiler table to this file")
+    parser.add_argument("--cuda-snapshot", default=None,
+                        help="CUDA only: write the allocator snapshot of the measured step to this pickle")
     args = parser.parse_args(argv)
     row = measure_one(args.one, layers=args.layers, rank=args.rank, batch=args.batch, tokens=args.tokens,
                       checkpointing=args.checkpointing, warmup=args.warmup, reps=args.reps,
                       opt_kw=ast.literal_eval(args.opt_kw), device=torch.device(args.device), lr=args.lr,
-                      profile=args.profile)
+                      profile=args.profile, cuda_snapshot=args.cuda_snapshot)
     print(json.dumps(row))
 
 

@@ -1,0 +1,144 @@
+#!/usr/bin/env bash
+# One command for a machine with a CUDA GPU (issue #13): build, test, benchmark and profile the CUDA and
+# Triton paths, and leave every log, CSV and plot under $OUT.
+#
+#   OUT=/some/folder bash tools/gpu_check.sh        (OUT defaults to ./gpu-check-<UTC time>)
+#
+# Expects the packages DEVELOPERS.md names for GPU machines to be installed already (torch with CUDA,
+# triton, nvcc, pytest, pytest-benchmark, ninja, transformers, peft, accelerate) and needs no internet.
+# Stages, each with its own time limit and log ($OUT/<stage>.log), run in order; a failed stage does not
+# stop the later ones (the run collects everything it can), but makes the exit status 1:
+#
+#   env        nvidia-smi, the versions, torch.cuda.is_available()            (refuses to go on without a GPU)
+#   build      pip install --no-build-isolation --no-deps -e . : the extension with its CUDA kernels,
+#              for this GPU's architecture (torch's default without TORCH_CUDA_ARCH_LIST); fails when
+#              setup.py fell back to a CPU-only build
+#   tests      pytest -m "cuda or triton": tests/test_cuda_ops.py (the CUDA kernels against the reference),
+#              the Triton launchers compiled on this GPU (tests/triton_ops), the CUDA memory figures of
+#              lorsum-bench; JUnit XML in $OUT. test_triton_compile.py is left out: it compiles for GPUs
+#              other than this one, and `make test` runs it on any machine
+#   bench      lorsum-bench --grid quick (every op, every backend, fp32 and bf16): $OUT/bench/lorsum_bench.csv
+#              and one PNG per op
+#   memory     lorsum-bench --memory on the GPU (torch.cuda.max_memory_allocated per step, every default
+#              optimizer) with allocator snapshots: $OUT/bench/memory.csv, $OUT/snapshots/*.pickle
+#   graph      tools/cuda_graph_check.py: which optimizers' step() a CUDA graph captures, and whether a
+#              replay equals an eager step: $OUT/cuda_graph.csv
+#
+# The stage limits add up to 8 minutes (override one with LIMIT_<STAGE>=seconds, e.g. LIMIT_BUILD=400);
+# they are estimates for a 16-core H100/H200 machine, not yet measured on one. The summary (one line per
+# stage) is printed at the end and kept in $OUT/summary.txt. Without a GPU it stops at `env` with one line
+# saying why, and exit status 2.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python}
+OUT=${OUT:-gpu-check-$(date -u +%Y%m%dT%H%M%SZ)}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd -P)
+SUMMARY=$OUT/summary.txt
+: >"$SUMMARY"
+status=0
+t0=$(date +%s)
+
+# stage NAME LIMIT_SECONDS COMMAND...: runs COMMAND (a program or one of the functions below, exported)
+# with a time limit (LIMIT_<NAME> overrides it), its output in $OUT/NAME.log and on the terminal, and
+# records "NAME ok|FAILED|TIMED OUT (Ns)" in the summary.
+stage() {
+    local name=$1 limit=$2
+    shift 2
+    local override="LIMIT_${name^^}"
+    limit=${!override:-$limit}
+    local start rc
+    start=$(date +%s)
+    echo "==== $name (limit ${limit}s): $*"
+    timeout --kill-after=10 "$limit" bash -c '"$@"' "$name" "$@" 2>&1 | tee "$OUT/$name.log"
+    rc=${PIPESTATUS[0]}
+    local took=$(($(date +%s) - start))
+    if [ "$rc" -eq 0 ]; then
+        echo "$name ok (${took}s)" | tee -a "$SUMMARY"
+    elif [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+        echo "$name TIMED OUT after ${limit}s (log: $OUT/$name.log)" | tee -a "$SUMMARY"
+        status=1
+    else
+        echo "$name FAILED with status $rc (${took}s; log: $OUT/$name.log)" | tee -a "$SUMMARY"
+        status=1
+    fi
+    return "$rc"
+}
+
+# ---- env: refuse clearly without a GPU ---------------------------------------------------------------------
+if ! command -v "$PYTHON" >/dev/null 2>&1; then
+    echo "gpu_check: FAILED: no $PYTHON on the PATH (set PYTHON)" | tee -a "$SUMMARY"
+    exit 2
+fi
+env_check() {
+    if command -v nvidia-smi >/dev/null 2>&1; then nvidia-smi; else echo "(nvidia-smi not found)"; fi
+    command -v nvcc >/dev/null && nvcc --version | tail -n 2
+    "$PYTHON" - <<'PY'
+import sys
+
+import torch
+
+print(f"python {sys.version.split()[0]}, torch {torch.__version__} (CUDA {torch.version.cuda})")
+try:
+    import triton
+
+    print(f"triton {triton.__version__}")
+except ImportError:
+    print("triton not installed: the Triton tests will be skipped")
+if not torch.cuda.is_available():
+    sys.exit("no CUDA GPU: torch.cuda.is_available() is False"
+             + ("" if torch.version.cuda else f" (torch {torch.__version__} is a CPU build)"))
+for i in range(torch.cuda.device_count()):
+    p = torch.cuda.get_device_properties(i)
+    print(f"cuda:{i} {p.name}, sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB, {p.multi_processor_count} SMs")
+PY
+}
+export PYTHON OUT
+export -f env_check
+if ! stage env 30 env_check; then
+    echo "gpu_check: FAILED: $(tail -n 1 "$OUT/env.log")" >&2
+    exit 2
+fi
+
+# ---- build -----------------------------------------------------------------------------------------------
+build() {
+    # The editable install builds in build/ here: its compiled objects are for this machine only. -v: pip
+    # shows setup.py's one-line summary ("building lorsum_kernels._C ... with CUDA kernels") only then.
+    "$PYTHON" -m pip install -v --no-build-isolation --no-deps -e . 2>&1 | tee "$OUT/pip-install.log"
+    local rc=${PIPESTATUS[0]}
+    [ "$rc" -eq 0 ] || return "$rc"
+    grep -q 'with CUDA kernels' "$OUT/pip-install.log" ||
+        { echo "gpu_check: setup.py built no CUDA kernels: $(grep -m1 'CPU kernels only' "$OUT/pip-install.log")"
+          return 1; }
+    # The installed package loads its library, and every op with a CPU kernel has a CUDA kernel too.
+    "$PYTHON" - <<'PY'
+import torch
+
+from lorsum_kernels import _native
+
+ops = sorted(n[len("lorsum::"):] for n in torch._C._dispatch_get_registrations_for_dispatch_key("CPU")
+             if n.startswith("lorsum::"))
+missing = [op for op in ops if not _native.has_native_op(op, "cuda")]
+print(f"native ops: {len(ops)}; without a CUDA kernel: {missing or 'none'}; loader error: {_native.native_error}")
+raise SystemExit(1 if missing or not ops else 0)
+PY
+}
+export -f build
+stage build 200 build
+
+# ---- tests -------------------------------------------------------------------------------------------------
+stage tests 120 "$PYTHON" -m pytest -q -m "cuda or triton" --deselect tests/test_triton_compile.py \
+    --junitxml="$OUT/tests.xml" -p no:cacheprovider tests
+
+# ---- benchmarks --------------------------------------------------------------------------------------------
+stage bench 60 "$PYTHON" -m lorsum_kernels.benchmark --device cuda --grid quick --out "$OUT/bench"
+stage memory 35 "$PYTHON" -m lorsum_kernels.benchmark --memory --device cuda --out "$OUT/bench" \
+    --cuda-snapshot "$OUT/snapshots"
+
+# ---- CUDA graph capture ----------------------------------------------------------------------------------
+stage graph 45 "$PYTHON" tools/cuda_graph_check.py --out "$OUT"
+
+echo "==== gpu_check: $(($(date +%s) - t0))s in all; results in $OUT" | tee -a "$SUMMARY"
+cat "$SUMMARY"
+exit "$status"
