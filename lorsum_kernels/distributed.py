@@ -1,4 +1,5 @@
-"""Data-parallel (DDP) training: what each optimizer all-reduces, and the helper that does it.
+"""Data-parallel training (DDP, and FSDP2's sharded data parallelism): what each optimizer all-reduces, and
+the helpers that do it.
 
 Turn it on with ``process_group=`` on any optimizer of the package::
 
@@ -11,7 +12,17 @@ that steps from captured data, built with None while torch.distributed runs seve
 ranks would each step on their local data and drift apart.
 ``torch.distributed`` must be initialised when the optimizer is built, else it raises before touching
 the model. Every rank builds the optimizer with the same arguments (``seed`` included) on the same model.
-With the Hugging Face Trainer: ``create_optimizer(model, "lorsum", process_group="default")``.
+With the Hugging Face Trainer: ``create_optimizer(model, "lorsum", process_group="default")``, or
+``lorsum_kernels.hf.LoRAOptimizerMixin``, which passes it (and works under FSDP).
+
+FSDP2 (``fully_shard``): the parameters are DTensors and ``process_group=None`` means the ranks of their
+device mesh (``resolve_data_parallel``); each step gathers the factors once and every rank writes its own
+shard (``lorsum_kernels.fsdp``). What is averaged over ranks, and what is refused, is the same as under DDP
+below: the token sums, never X or S; the factor-gradient methods read ``.grad``, which FSDP has averaged.
+Per step and layer the traffic adds, to the DDP mode's, one all-gather of the factors (r·(m + n) numbers;
+none when the step is streamed in backward, where FSDP holds the layer unsharded, without a
+mixed-precision cast) and, for the factor-gradient methods, one of their gradients (r·(m + n)); FSDP's own
+all-gather and reduce-scatter of the factors stay as for any parameter.
 
 The contract (spec/lorsum.md §12, T18): with each rank's loss the mean over its own shard, DDP's gradient
 is ``G = (1/R)·Σ_r S_rᵀX_r``, and the optimizers step from that same G. With equal-size shards this is the
@@ -72,9 +83,11 @@ import warnings
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["RankAverage", "resolve_process_group"]
+from .fsdp import ShardedParams, find_sharding
+
+__all__ = ["RankAverage", "resolve_data_parallel", "resolve_process_group"]
 
 
 class RankAverage:
@@ -140,7 +153,8 @@ def resolve_process_group(process_group, *, steps_from_captured_data: bool = Tru
             warnings.warn(
                 "torch.distributed runs several ranks but the optimizer was built with process_group=None: "
                 "each rank steps on its own captured data and the LoRA weights drift apart under DDP; pass "
-                "process_group='default' (or a ProcessGroup) for data-parallel training",
+                "process_group='default' (or a ProcessGroup) for data-parallel training (under FSDP2: build "
+                "the optimizer after fully_shard, or pass process_group)",
                 stacklevel=3,
             )
         return None
@@ -159,9 +173,40 @@ def resolve_process_group(process_group, *, steps_from_captured_data: bool = Tru
                 f"process_group must be None, 'default' or a ProcessGroup, got {process_group!r}"
             )
         return RankAverage(dist.group.WORLD)
+    if isinstance(process_group, int) and process_group == dist.GroupMember.NON_GROUP_MEMBER:
+        raise ValueError(
+            "process_group does not include this rank (dist.new_group returned NON_GROUP_MEMBER): every rank "
+            "that trains the model must be in the group that averages"
+        )
     if not isinstance(process_group, dist.ProcessGroup):
         raise TypeError(
             f"process_group must be None, 'default' or a torch.distributed ProcessGroup, got "
             f"{type(process_group).__name__}"
         )
     return RankAverage(process_group)
+
+
+def resolve_data_parallel(process_group, model: nn.Module, *, steps_from_captured_data: bool = True
+                          ) -> tuple[RankAverage | None, ShardedParams | None]:
+    """The optimizers' ``process_group`` for ``model``: ``(rank average or None, sharding or None)``.
+
+    Unsharded parameters: ``resolve_process_group``. Parameters sharded by FSDP2 (DTensors,
+    ``lorsum_kernels.fsdp``): the ranks of their device mesh average (``process_group=None`` means the
+    mesh's group, with no warning);
+    a ``process_group`` given must hold exactly the mesh's ranks, since the gathered factors and the
+    averaged token sums must come from the same ranks.
+    """
+    sharding = find_sharding(model, [p for p in model.parameters() if p.requires_grad])
+    if sharding is None:
+        return resolve_process_group(process_group, steps_from_captured_data=steps_from_captured_data), None
+    if process_group is None:
+        return RankAverage(sharding.group), sharding
+    reduce = resolve_process_group(process_group, steps_from_captured_data=steps_from_captured_data)
+    ranks = dist.get_process_group_ranks(reduce.group)
+    if sorted(ranks) != sorted(sharding.ranks()):
+        raise ValueError(
+            f"process_group holds ranks {sorted(ranks)} but the model is sharded over ranks "
+            f"{sorted(sharding.ranks())} (its FSDP2 mesh): the optimizer averages over the ranks that shard "
+            "it; pass process_group=None to use the mesh's group"
+        )
+    return RankAverage(sharding.group), sharding

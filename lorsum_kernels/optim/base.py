@@ -31,11 +31,17 @@ methods act on (A, B) pairs and on each layer's X and S:
 * ``process_group`` (None, ``"default"`` or a ``ProcessGroup``) turns on data-parallel training: the
   methods average their token sums over ranks, and ranks agree on the captured layers, the non-finite
   skip and the clip norm (``lorsum_kernels.distributed`` states what each method does). None: single
-  process, nothing added.
+  process, nothing added. Under FSDP2 (``fully_shard``: DTensor parameters) the mesh's ranks average, the
+  factors are gathered once per step and each rank writes its shard (``lorsum_kernels.fsdp``); an optimizer
+  built before the model was sharded (accelerate's ``prepare(model, optimizer)``) moves to the sharded
+  parameters at its next ``step()``/``state_dict()``/``load_state_dict()``.
 * Method state (momentum factors, metrics) lives in fp32 (fp64 for fp64 parameters), keyed by the
   layer's A parameter, and keeps its dtype through ``state_dict``/``load_state_dict``. The state dict
   carries the class name and the parameter shapes; a checkpoint of another method or another model
-  (LoRA rank) is refused before anything changes.
+  (LoRA rank) is refused before anything changes. It also works through ``torch.distributed.checkpoint``
+  (``get_optimizer_state_dict``/``set_optimizer_state_dict``, sharded or full): every trainable parameter
+  has a state entry from construction on (B's is empty, the other groups' AdamW moments exist at zero),
+  and the optimizer-wide entries travel in the first param group.
 
 Subclasses set ``needs_capture`` (and ``needs_grads`` when they read the factors' gradients while
 capturing) and implement ``_init_layer_state`` and ``_method_step``.
@@ -55,7 +61,8 @@ from torch.optim.adam import adam as _torch_adam
 
 from ..backends import resolve_backend
 from ..capture import ActivationCapture
-from ..distributed import resolve_process_group
+from ..distributed import resolve_data_parallel
+from ..fsdp import is_sharded, local_tensor
 from ..functional.lorsum import gradient_norm
 from ..lora import LoRALayer, find_lora_layers
 from .streaming import StreamedStep, check_capture_options, check_stream_groups
@@ -102,7 +109,10 @@ class LoRAOptimizer(torch.optim.Optimizer):
             _check_positive("max_grad_norm", max_grad_norm)
         check_capture_options(capture, accumulation_steps, max_grad_norm)
         # Averages token sums over ranks (None: single process); raises now if distributed is not set up.
-        self._reduce = resolve_process_group(process_group, steps_from_captured_data=self.needs_capture)
+        # Under FSDP2 the device mesh of the sharded parameters decides (lorsum_kernels.fsdp).
+        self._process_group = process_group
+        self._reduce, self._sharded = resolve_data_parallel(process_group, model,
+                                                            steps_from_captured_data=self.needs_capture)
         layers = find_lora_layers(model)
         if not layers:
             raise ValueError(
@@ -153,6 +163,12 @@ class LoRAOptimizer(torch.optim.Optimizer):
         for group in self._lora_groups():
             for layer in self._group_layers(group):
                 self._set_layer_state(layer, self._init_layer_state(layer, group, generator))
+        for group in self.param_groups:
+            if group["kind"] == "other":
+                for p in group["params"]:
+                    self._init_other_state(p)
+        self._owners = _parameter_owners(model)
+        self._rehook_pending = False
         self._capture = ActivationCapture(self._layers) if self.needs_capture else None
         # The step inside backward (optim/streaming.py): None for the methods that step from .grad.
         self._streamed = None if self._capture is None else StreamedStep(self, capture, accumulation_steps)
@@ -167,6 +183,7 @@ class LoRAOptimizer(torch.optim.Optimizer):
         st["skipped_steps"] = torch.zeros((), dtype=torch.int64, device=layer.A.device)
         for key, value in method_state.items():
             st[key] = value
+        self.state[layer.B]  # an entry of its own, empty: torch.distributed.checkpoint wants one per parameter
 
     def _classify_group(self, group: dict, by_B: dict, other_defaults: dict) -> dict:
         params = group["params"]
@@ -211,6 +228,7 @@ class LoRAOptimizer(torch.optim.Optimizer):
             return
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, but got {type(param_group)}")
+        self._follow_replaced_parameters()
         self._find_new_layers()
         by_B = {id(layer.B): layer for layer in self._layers_by_A.values()}
         group = self._classify_group(dict(param_group), by_B, self._other_defaults)
@@ -250,6 +268,10 @@ class LoRAOptimizer(torch.optim.Optimizer):
             raise
         for layer, method_state in zip(layers, states):
             self._set_layer_state(layer, method_state)
+        if group["kind"] == "other":
+            for p in self.param_groups[-1]["params"]:
+                self._init_other_state(p)
+        self._owners = _parameter_owners(self._model_ref()) if self._model_ref() is not None else self._owners
         self._layers = self._layers + layers
         if capture is not None:
             streaming = self._capture.sink is not None
@@ -347,6 +369,7 @@ class LoRAOptimizer(torch.optim.Optimizer):
                 f"{type(self).__name__}.remove_hooks() was called: the optimizer no longer sees the layers' "
                 "inputs and output gradients and cannot step; build a new optimizer to train on"
             )
+        self._follow_replaced_parameters()
         inv_scale, scaler_found_inf = self._loss_scale()  # GradScaler's; raises before any state changes
         # Schedulers and users set group["lr"]: checked at every step, before any state changes.
         lr_skip = {id(g): _check_lr("lr" if g["kind"] == "lora" else "other_lr", g["lr"])
@@ -382,6 +405,8 @@ class LoRAOptimizer(torch.optim.Optimizer):
         if self._capture is not None:
             self._capture.clear()
             self._streamed.after_cached_step(pairs, loss_scaled=inv_scale is not None)
+        if self._rehook_pending:
+            self._rehook()
         return loss
 
     def _loss_scale(self) -> tuple[Tensor | None, Tensor | None]:
@@ -476,17 +501,23 @@ class LoRAOptimizer(torch.optim.Optimizer):
                 for layer, d in zip(layers, data):
                     if d is not None and self._reduce is not None:
                         # The global G = mean over ranks of S_rᵀX_r: its norm has cross-rank terms.
-                        squares.append(self._reduce.gradient_norm(d[0], d[1]).float().square())
+                        squares.append((self._reduce.gradient_norm(d[0], d[1]).float().square(), False))
                     elif d is not None:
                         # The captured data define the method's gradient (weight gradient, or the
                         # statistics and factor gradients derived from it): G's norm is the one to clip.
-                        squares.append(gradient_norm(d[0], d[1], backend=group.get("backend")).float().square())
+                        norm = gradient_norm(d[0], d[1], backend=group.get("backend"))
+                        squares.append((norm.float().square(), False))
                     else:
-                        squares += [p.grad.float().square().sum() for p in (layer.A, layer.B) if p.grad is not None]
+                        squares += _grad_squares((layer.A, layer.B))
         for group in self.param_groups:
             if group["kind"] == "other":
-                squares += [p.grad.float().square().sum() for p in group["params"] if p.grad is not None]
+                squares += _grad_squares(group["params"])
         device = self._layers[0].A.device
+        # Under FSDP2 a sharded gradient's local sum of squares is its part: summed over the mesh, once.
+        sharded = [sq for sq, on_shard in squares if on_shard]
+        squares = [sq for sq, on_shard in squares if not on_shard]
+        if sharded:
+            squares.append(self._sharded.sum(torch.stack(sharded).sum()))
         total = torch.stack(squares).sum().sqrt() if squares else torch.zeros((), device=device)
         if inv_scale is not None:
             total = total * inv_scale.to(total.device)
@@ -518,8 +549,9 @@ class LoRAOptimizer(torch.optim.Optimizer):
         dev = layers[0].A.device
         dt = self._state_dtype(layers[0])
         root = torch.tensor([layer.scale for layer in layers], dtype=dt, device=dev).sqrt().view(-1, 1, 1)
-        A = torch.stack([layer.A for layer in layers]).to(dt) * root
-        B = torch.stack([layer.B for layer in layers]).to(dt) * root
+        A_list, B_list, grad_lists = self._factor_values(layers)
+        A = torch.stack(A_list).to(dt) * root
+        B = torch.stack(B_list).to(dt) * root
         X = S = None
         if self.needs_capture:
             X = torch.stack([d[0] for d in data]) if len(data) > 1 else data[0][0].unsqueeze(0)
@@ -540,10 +572,7 @@ class LoRAOptimizer(torch.optim.Optimizer):
             grads = ((Sd @ B).mT @ Xd, Sd.mT @ (Xd @ A.mT))
         elif self._uses_grads():
             # ∂L/∂(√s·A) = √s·BᵀG = A.grad/√s: the gradients of the balanced factors.
-            grads = tuple(
-                torch.stack([_grad_or_zeros(getattr(layer, side)) for layer in layers]).to(dt) / root
-                for side in ("A", "B")
-            )
+            grads = tuple(torch.stack(g).to(dt) / root for g in grad_lists)
             if clip is not None:
                 grads = tuple(g * clip.to(dt) for g in grads)
         keys = [k for k in self.state[layers[0].A] if k not in _COUNTERS]
@@ -570,11 +599,41 @@ class LoRAOptimizer(torch.optim.Optimizer):
         return A_new, B_new, new_state, finite
 
     def _factor_grads_finite(self, layers: list[LoRALayer]) -> Tensor:
-        """(L,) bool: the autograd gradients of each layer's factors are finite (absent ones are)."""
-        flags = [finite_rows(p.grad, 1)[0] if p.grad is not None else torch.ones((), dtype=torch.bool,
-                                                                                  device=p.device)
+        """(L,) bool: the autograd gradients of each layer's factors are finite (absent ones are); under
+        FSDP2 each rank checks its shards and the ranks agree."""
+        flags = [finite_rows(local_tensor(p.grad), 1)[0] if p.grad is not None
+                 else torch.ones((), dtype=torch.bool, device=p.device)
                  for layer in layers for p in (layer.A, layer.B)]
-        return torch.stack(flags).view(len(layers), 2).all(1)
+        finite = torch.stack(flags).view(len(layers), 2).all(1)
+        if self._sharded is not None and any(is_sharded(layer.A.grad) for layer in layers):
+            finite = self._sharded.all_ranks(finite)
+        return finite
+
+    def _factor_values(self, layers: list[LoRALayer]) -> tuple[list, list, tuple | None]:
+        """The layers' factors and, for the methods that read them from ``.grad``, the factors' gradients
+        (zeros where absent), as full tensors: the parameters themselves, or under FSDP2 their values
+        gathered in one collective (inside backward FSDP's unsharded factors when they hold the same
+        values, ``fsdp.ShardedParams.full``)."""
+        A = [layer.A for layer in layers]
+        B = [layer.B for layer in layers]
+        grads = []
+        if self._uses_grads() and not self.needs_capture:
+            grads = [_grad_or_zeros(getattr(layer, side)) for side in ("A", "B") for layer in layers]
+        if self._sharded is not None:
+            registered = [layer.A_module.weight if layer.A_module is not None else None for layer in layers]
+            registered += [layer.B_module.weight if layer.B_module is not None else None for layer in layers]
+            values = self._sharded.full(A + B + grads, registered + [None] * len(grads))
+            L = len(layers)
+            A, B, grads = values[:L], values[L:2 * L], values[2 * L:]
+        L = len(layers)
+        return A, B, ((grads[:L], grads[L:]) if grads else None)
+
+    def _write_param(self, p: Tensor, value: Tensor, ok: Tensor) -> None:
+        """``p ← value`` (full, in p's dtype) where the 0-d ``ok`` holds; a sharded p takes its rows."""
+        if self._sharded is not None and is_sharded(p):
+            self._sharded.write(p, value, ok)
+        else:
+            p.copy_(torch.where(ok, value, p))
 
     def _write_bucket(self, layers: list[LoRALayer], A_new: Tensor, B_new: Tensor, new_state: dict,
                       finite: Tensor, skip_all: Tensor | None = None) -> Tensor:
@@ -585,8 +644,8 @@ class LoRAOptimizer(torch.optim.Optimizer):
             finite = finite & ~skip_all.to(finite.device)
         for i, layer in enumerate(layers):
             ok = finite[i]
-            layer.A.copy_(torch.where(ok, A_new[i].to(pdt), layer.A))
-            layer.B.copy_(torch.where(ok, B_new[i].to(pdt), layer.B))
+            self._write_param(layer.A, A_new[i].to(pdt), ok)
+            self._write_param(layer.B, B_new[i].to(pdt), ok)
             st = self.state[layer.A]
             for k, v in new_state.items():
                 st[k].copy_(torch.where(ok, v[i], st[k]))
@@ -604,35 +663,31 @@ class LoRAOptimizer(torch.optim.Optimizer):
         params = [p for p in group["params"] if p.grad is not None]
         if not params:
             return None
-        if clip is not None:
-            torch._foreach_mul_([p.grad for p in params], clip)  # in place, as clip_grad_norm_ does
+        if clip is not None:  # in place, as clip_grad_norm_ does
+            torch._foreach_mul_([local_tensor(p.grad) for p in params], clip)
         for p in params:
-            st = self.state[p]
-            dt = torch.float64 if p.dtype == torch.float64 else torch.float32
-            if not st:
-                st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                st["exp_avg"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
-                st["exp_avg_sq"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
-            elif st["exp_avg"].dtype != dt:  # a checkpoint that kept the moments in the parameter's dtype
-                st["exp_avg"], st["exp_avg_sq"] = st["exp_avg"].to(dt), st["exp_avg_sq"].to(dt)
-        grads = [p.grad for p in params]
+            self._init_other_state(p)
+        # Under FSDP2, AdamW (elementwise) runs on each rank's shards of parameters, gradients and moments.
+        grads = [local_tensor(p.grad) for p in params]
         # One device flag: a non-finite gradient skips this group's update (and its step count).
         found_inf = ~torch.cat([finite_rows(g, 1) for g in grads]).all()
+        if self._sharded is not None and any(is_sharded(p) for p in params):  # on every rank, or on none
+            found_inf = ~self._sharded.all_ranks(~found_inf)
         if skip_all is not None:
             found_inf = found_inf | skip_all.to(found_inf.device)
         skipped = found_inf
         found_inf = found_inf.float()
         low = [i for i, p in enumerate(params) if p.dtype != self.state[p]["exp_avg"].dtype]
-        targets = list(params)
+        targets = [local_tensor(p) for p in params]
         for i in low:  # stepped in the state dtype, written back below
-            targets[i] = params[i].to(self.state[params[i]]["exp_avg"].dtype)
+            targets[i] = targets[i].to(self.state[params[i]]["exp_avg"].dtype)
             grads[i] = grads[i].to(targets[i].dtype)
         beta1, beta2 = group["betas"]
         _torch_adam(
             targets,
             grads,
-            [self.state[p]["exp_avg"] for p in params],
-            [self.state[p]["exp_avg_sq"] for p in params],
+            [local_tensor(self.state[p]["exp_avg"]) for p in params],
+            [local_tensor(self.state[p]["exp_avg_sq"]) for p in params],
             [],
             [self.state[p]["step"] for p in params],
             fused=True,
@@ -647,8 +702,20 @@ class LoRAOptimizer(torch.optim.Optimizer):
             maximize=False,
         )
         for i in low:  # unchanged when skipped: the copy rounds back to the parameter exactly
-            params[i].copy_(targets[i])
+            local_tensor(params[i]).copy_(targets[i])
         return skipped
+
+    def _init_other_state(self, p: Tensor) -> None:
+        """AdamW's state of an other-group parameter (moments in fp32, fp64 for fp64 parameters; DTensors
+        placed like a sharded parameter), made at construction so that a checkpoint loads into it."""
+        st = self.state[p]
+        dt = torch.float64 if p.dtype == torch.float64 else torch.float32
+        if not st:
+            st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            st["exp_avg"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
+            st["exp_avg_sq"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
+        elif st["exp_avg"].dtype != dt:  # a checkpoint that kept the moments in the parameter's dtype
+            st["exp_avg"], st["exp_avg_sq"] = st["exp_avg"].to(dt), st["exp_avg_sq"].to(dt)
 
     # ----------------------------------------------------------------------------------------------
     # checkpoints
@@ -656,7 +723,12 @@ class LoRAOptimizer(torch.optim.Optimizer):
     def state_dict(self) -> dict:
         """torch's, plus ``"optimizer"`` (the class name) and ``"param_shapes"`` (each parameter's shape by
         its state-dict index), which ``load_state_dict`` checks: a checkpoint of another method, or of a
-        model with another rank, is refused even where no method state would tell."""
+        model with another rank, is refused even where no method state would tell.
+
+        torch.distributed.checkpoint keeps only ``"state"`` (keyed by parameter) and ``"param_groups"``: the
+        optimizer-wide entries (the count of skipped steps, whether ``capture="auto"`` streams) are in the
+        first param group (``_OPTIMIZER_WIDE``), where ``get_optimizer_state_dict`` keeps them."""
+        self._follow_replaced_parameters()
         state_dict = super().state_dict()
         shapes = {}
         for saved, group in zip(state_dict["param_groups"], self.param_groups):
@@ -668,6 +740,7 @@ class LoRAOptimizer(torch.optim.Optimizer):
             # capture="auto" resumes in the mode it left: the first step after a load would otherwise
             # cache where the uninterrupted run streams (the same step, rounded differently).
             state_dict["capture_streaming"] = self._streamed.saved_mode()
+        _optimizer_wide_to_group(state_dict)
         return state_dict
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -678,7 +751,12 @@ class LoRAOptimizer(torch.optim.Optimizer):
 
         torch casts floating state to the parameter's dtype on load, which would turn fp32 method state
         of bf16 LoRA factors into bf16; the saved tensors are restored with their own dtype instead.
+
+        Under FSDP2 an other-group parameter's full (plain) moments are sharded like it, and sharded moments
+        of an unsharded parameter gathered, so a state dict of either kind loads into either optimizer.
         """
+        self._follow_replaced_parameters()
+        state_dict = _optimizer_wide_from_group(state_dict)
         name = type(self).__name__
         saved_class = state_dict.get("optimizer")
         if saved_class is not None and saved_class != name:
@@ -724,13 +802,17 @@ class LoRAOptimizer(torch.optim.Optimizer):
                 if entries["exp_avg"].shape != p.shape:
                     raise ValueError(f"AdamW state of parameter {pid} does not match its shape {tuple(p.shape)}")
         super().load_state_dict(state_dict)
+        other_ids = self._other_param_ids()
         for pid, entries in saved_state.items():
             if pid not in id_to_param:
                 continue
             param = id_to_param[pid]
             for key, value in entries.items():
                 if isinstance(value, Tensor):
-                    self.state[param][key] = value.to(device=param.device, dtype=value.dtype, copy=True)
+                    value = value.to(device=param.device, dtype=value.dtype, copy=True)
+                    self.state[param][key] = _placed_like(param, value) if id(param) in other_ids else value
+        for layer in self._layers:
+            self.state[layer.B]  # checkpoints written before B had an entry
         if "skipped_steps" in saved_state:
             self.state["skipped_steps"] = saved_state["skipped_steps"].clone()
         if self._streamed is not None and state_dict.get("capture_streaming"):
@@ -783,12 +865,163 @@ class LoRAOptimizer(torch.optim.Optimizer):
                     f"the state dict but {tuple(value.shape)} here: a checkpoint of another LoRA rank?"
                 )
 
+    # ----------------------------------------------------------------------------------------------
+    # parameters replaced after construction (FSDP2)
+
+    def _parameters_replaced(self) -> bool:
+        """Whether the modules hold other parameters than the ones this optimizer steps: the model was
+        sharded (``fully_shard``) after the optimizer was built. FSDP's unsharded parameters, registered in
+        place of the sharded ones during forward and backward (or after it with
+        ``set_reshard_after_backward(False)``), are not that."""
+        for owner_id, (module, name, sharded) in self._owners.items():
+            current = module._parameters.get(name)
+            if current is None or id(current) == owner_id or (sharded and not is_sharded(current)):
+                continue
+            return True
+        return False
+
+    def _follow_replaced_parameters(self) -> None:
+        """Moves the optimizer to the parameters the model holds now when ``fully_shard`` replaced them after
+        construction (accelerate's ``prepare(model, optimizer)`` under FSDP2 does, and swaps the param
+        groups' entries itself): param groups, state (other groups' moments sharded like their parameter; the
+        method state is replicated and stays), LoRA layers, the rank average (now the mesh's), and the capture
+        hooks (re-registered after the step in progress, whose captured data they hold)."""
+        if not self._parameters_replaced():
+            return
+        model = self._model_ref()
+        if model is None:
+            raise RuntimeError("the model's parameters were replaced and the model is gone")
+        if self._streamed is not None and any(self._streamed.has_result(layer) for layer in self._layers):
+            self._streamed.clear()
+            raise RuntimeError(
+                f"{type(self).__name__} was built before the model was sharded (fully_shard, accelerate's "
+                "prepare) and capture='stream' ran this step in backward from the parameters FSDP replaced; "
+                "the step was dropped. Build the optimizer after sharding, or use capture='auto' (the "
+                "default), whose first step is cached"
+            )
+        new_of = {}
+        for owner_id, (module, name, _) in self._owners.items():
+            current = module._parameters.get(name)
+            if current is not None:
+                new_of[owner_id] = current
+        reduce, sharded = resolve_data_parallel(self._process_group, model,
+                                                steps_from_captured_data=self.needs_capture)
+        lora_ids = {id(p) for layer in self._layers for p in (layer.A, layer.B)}
+        if sharded is not None and any(not is_sharded(new_of.get(i)) for i in lora_ids if i in new_of):
+            raise RuntimeError(
+                "FSDP holds some LoRA factors unsharded outside forward and backward "
+                "(set_reshard_after_backward(False)?): step() must run after the backward that reshards them"
+            )
+        if reduce is not None:
+            for group in self._lora_groups():
+                reason = self._no_data_parallel_mode(group)
+                if reason is not None:
+                    raise ValueError(f"{type(self).__name__} has no data-parallel mode here: {reason}")
+        current_ids = {id(p) for p in new_of.values()}
+        for group in self.param_groups:
+            params = []
+            for p in group["params"]:
+                if id(p) in current_ids:  # swapped already (accelerate)
+                    params.append(p)
+                elif id(p) in new_of:
+                    params.append(new_of[id(p)])
+                else:
+                    raise RuntimeError("a parameter of the optimizer is no longer a parameter of the model")
+            group["params"] = params
+        other_ids = self._other_param_ids()
+        for old in [k for k in self.state if isinstance(k, Tensor)]:
+            new = new_of.get(id(old))
+            if new is None or new is old:
+                continue
+            entries = self.state.pop(old)
+            if id(new) in other_ids:  # AdamW's moments, placed like their parameter
+                entries = {k: _placed_like(new, v) if isinstance(v, Tensor) else v for k, v in entries.items()}
+            self.state[new] = entries
+        for layer in self._layers_by_A.values():
+            layer.A, layer.B = new_of.get(id(layer.A), layer.A), new_of.get(id(layer.B), layer.B)
+        self._layers_by_A = {id(layer.A): layer for layer in self._layers_by_A.values()}
+        self._reduce, self._sharded = reduce, sharded
+        self._owners = _parameter_owners(model)
+        self._rehook()
+
+    def _other_param_ids(self) -> set:
+        return {id(p) for group in self.param_groups if group["kind"] == "other" for p in group["params"]}
+
+    def _rehook(self) -> None:
+        """Hooks the layers anew (their parameters changed); while a step's captured data are held, after
+        that step."""
+        self._rehook_pending = False
+        if self._capture is None or self._capture.removed:
+            return
+        if any(self._capture.has_data(layer) or self._capture.received_grad(layer) for layer in self._layers):
+            self._rehook_pending = True
+            return
+        streaming = self._capture.sink is not None
+        capture = ActivationCapture(self._layers)
+        self._capture.remove()
+        self._capture = capture
+        self._streamed.attach(capture)
+        if streaming:
+            self._streamed.start()
+
     def remove_hooks(self) -> None:
         """Detach the capture hooks from the model; ``step()`` raises afterwards (for the methods that step
         from captured data: the others have no hooks and keep working)."""
         if self._capture is not None:
             self._capture.remove()
             self._streamed.clear()
+
+
+# Optimizer-wide entries of the state dict (not per parameter), and their place in the first param group
+# there: torch.distributed.checkpoint's get_optimizer_state_dict keeps only "state", keyed by parameter,
+# and "param_groups". Checkpoints written before keep them in "state" and at the top level; both load.
+_OPTIMIZER_WIDE = (("state", "skipped_steps"), (None, "capture_streaming"))
+
+
+def _optimizer_wide_to_group(state_dict: dict) -> None:
+    group = state_dict["param_groups"][0]
+    for where, key in _OPTIMIZER_WIDE:
+        source = state_dict if where is None else state_dict[where]
+        if key in source:
+            group[key] = source.pop(key)
+
+
+def _optimizer_wide_from_group(state_dict: dict) -> dict:
+    """The state dict with the optimizer-wide entries back where ``load_state_dict`` reads them (copies of
+    the containers it changes; the caller's dict is left as it is)."""
+    groups = state_dict.get("param_groups")
+    if not groups or not any(key in groups[0] for _, key in _OPTIMIZER_WIDE):
+        return state_dict
+    first = dict(groups[0])
+    out = {**state_dict, "param_groups": [first, *groups[1:]], "state": dict(state_dict["state"])}
+    for where, key in _OPTIMIZER_WIDE:
+        if key in first:
+            (out if where is None else out[where])[key] = first.pop(key)
+    return out
+
+
+def _parameter_owners(model: nn.Module) -> dict:
+    """id(parameter) -> (module, attribute name, whether sharded): where each trainable parameter of the
+    model is registered."""
+    return {id(p): (module, name, is_sharded(p)) for module in model.modules()
+            for name, p in module._parameters.items() if p is not None and p.requires_grad}
+
+
+def _placed_like(param: Tensor, value: Tensor) -> Tensor:
+    """A state tensor of ``param`` shaped like it, as the parameter is placed: full moments of a sharded
+    parameter become DTensors placed like it, sharded moments of an unsharded one are gathered."""
+    if is_sharded(param) and not is_sharded(value) and value.shape == param.shape:
+        from ..fsdp import ShardedParams
+        return ShardedParams(param.device_mesh).like(param, value)
+    if is_sharded(value) and not is_sharded(param):
+        return value.full_tensor()
+    return value
+
+
+def _grad_squares(params) -> list[tuple[Tensor, bool]]:
+    """(sum of squares of the local ``.grad``, whether it is a shard of a sharded gradient) per parameter."""
+    return [(local_tensor(p.grad).float().square().sum(), is_sharded(p.grad))
+            for p in params if p.grad is not None]
 
 
 def finite_rows(t: Tensor, rows: int) -> Tensor:
