@@ -160,3 +160,21 @@ def test_real_model_memory_mode_on_one_block(tmp_path, capsys):
     assert row["transformers"] and row["peft"] and row["device"] and row["commit"]
     assert (tmp_path / "profiles" / "lorsum-non-reentrant.txt").read_text().count("aten::") > 3
     assert str(tmp_path / "memory.csv") in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not real_model.available("llama7b-blocks"), reason="needs transformers and peft")
+def test_llama7b_blocks_with_accumulation_report_the_flop_bound(tmp_path):
+    # One 7B-shaped block (7 LoRA modules 4096/11008 wide), 2 micro-batches of 1×16 tokens, one timed step.
+    cli.main(["--memory", "--model", "llama7b-blocks", "--layers", "1", "--batch", "2", "--accumulation", "2",
+              "--tokens", "16", "--optimizers", "lorsum", "--checkpointing", "none", "--warmup", "1",
+              "--reps", "1", "--opt-kw", "lorsum:iters=0", "--out", str(tmp_path)])
+    (lorsum,) = _rows(tmp_path / "memory.csv")
+    assert lorsum["model"] == "llama7b-blocks" and int(lorsum["adapters"]) == 7
+    assert lorsum["accumulation"] == "2" and "2 micro-batches" in lorsum["config"]
+    assert lorsum["over_adamw_ms"] == ""  # no LoRA + AdamW row in this run to compare with
+    # LoRSum k=0, no momentum: 4·T·r·(m+n) per layer, T = 32 tokens, r = 16 (benchmark/step_flops.py)
+    widths = [4096 + 4096] * 4 + [4096 + 11008] * 3
+    assert float(lorsum["step_gflop"]) == round(sum(4 * 32 * 16 * w for w in widths) / 1e9, 2)
+    assert float(lorsum["gemm_gflops"]) > 0 and float(lorsum["flop_bound_ms"]) >= 0
+    assert math.isfinite(float(lorsum["final_loss"])) and int(lorsum["skipped_steps"]) == 0

