@@ -9,8 +9,9 @@ compute the same new factors, bit for bit, before it writes its shard.
 
 Checkpoints: on 2 ranks, 3 steps, then ``torch.distributed.checkpoint`` saves model and optimizer
 (``get_optimizer_state_dict``, sharded) and a full state dict goes to one file; 2 more steps follow. Loaded
-on 2 ranks the run resumes bit-identical; on 3 ranks and in one unsharded process the loaded state is
-bit-identical to the saved one and 2 more steps equal the single process.
+(sharded; full on every rank; full read by rank 0 and broadcast) on 2 ranks the run resumes bit-identical;
+on 3 ranks and in one unsharded process the loaded state is bit-identical to the saved one and 2 more steps
+equal the single process.
 """
 
 from __future__ import annotations
@@ -217,22 +218,32 @@ def _checkpoint_case(case: str, world: int, rank: int | None, root: str) -> dict
         _steps(model, opt, SAVE_AT, STEPS, GLOBAL_ROWS, world, rank)
         out["continued"] = _snapshot(model, opt)
         dist.barrier()
-    for source in ("sharded", "full"):
+    for source in _sources(rank):
         model, opt = fresh()
         if source == "sharded":
             state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
             dcp.load(state, checkpoint_id=sharded_dir)
             set_model_state_dict(model, state["model"])
             set_optimizer_state_dict(model, opt, state["optim"])
-        else:
+        elif source == "full":
             state = torch.load(full_file, weights_only=False)
             options = StateDictOptions(full_state_dict=True)
+            set_model_state_dict(model, state["model"], options=options)
+            set_optimizer_state_dict(model, opt, state["optim"], options=options)
+        else:  # only rank 0 reads the file and broadcasts
+            state = torch.load(full_file, weights_only=False) if rank == 0 else {"model": {}, "optim": {}}
+            options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
             set_model_state_dict(model, state["model"], options=options)
             set_optimizer_state_dict(model, opt, state["optim"], options=options)
         out[f"loaded_{source}"] = _snapshot(model, opt)
         _steps(model, opt, SAVE_AT, STEPS, GLOBAL_ROWS, world, rank)
         out[f"resumed_{source}"] = _snapshot(model, opt)
     return out
+
+
+def _sources(rank: int | None) -> tuple[str, ...]:
+    """DCP's sharded checkpoint; a full state dict loaded by every rank; the same read by rank 0 only."""
+    return ("sharded", "full") if rank is None else ("sharded", "full", "full_from_rank0")
 
 
 def _reference_checkpoint_run(case: str) -> dict:
@@ -375,7 +386,7 @@ def test_checkpoint_resumes_bit_identical_on_same_ranks(run2, case):
     _, results = run2
     for res in results:
         ck = res["checkpoints"][case]
-        for source in ("sharded", "full"):
+        for source in _sources(0):
             _assert_same(ck[f"loaded_{source}"], ck["saved"], f"{source} checkpoint loaded")
             _assert_same(ck[f"resumed_{source}"], ck["continued"], f"resumed from the {source} checkpoint")
 
@@ -386,7 +397,7 @@ def test_checkpoint_of_2_ranks_loads_on_3(run2, run3, case):
     expected = _reference_checkpoint_run(case)
     for res in run3[1]:
         ck = res["checkpoints"][case]
-        for source in ("sharded", "full"):
+        for source in _sources(0):
             _assert_same(ck[f"loaded_{source}"], saved["saved"], f"{source} checkpoint loaded on 3 ranks")
             _assert_close(ck[f"resumed_{source}"], expected, 2e-5, 5e-5)
             _assert_close(ck[f"resumed_{source}"], saved["continued"], 2e-5, 5e-5)
@@ -398,7 +409,7 @@ def test_checkpoint_of_2_ranks_loads_in_one_unsharded_process(run2, ckpt_dir, ca
     assert not dist.is_initialized()
     saved = run2[1][0]["checkpoints"][case]
     ck = _checkpoint_case(case, 1, None, str(ckpt_dir))
-    for source in ("sharded", "full"):
+    for source in _sources(None):
         _assert_same(ck[f"loaded_{source}"], saved["saved"], f"{source} checkpoint loaded in one process")
         _assert_close(ck[f"resumed_{source}"], _reference_checkpoint_run(case), 2e-5, 5e-5)
 

@@ -801,6 +801,7 @@ class LoRAOptimizer(torch.optim.Optimizer):
                 p = id_to_param[pid]
                 if entries["exp_avg"].shape != p.shape:
                     raise ValueError(f"AdamW state of parameter {pid} does not match its shape {tuple(p.shape)}")
+        skipped_before = self.state["skipped_steps"]
         super().load_state_dict(state_dict)
         other_ids = self._other_param_ids()
         for pid, entries in saved_state.items():
@@ -813,8 +814,9 @@ class LoRAOptimizer(torch.optim.Optimizer):
                     self.state[param][key] = _placed_like(param, value) if id(param) in other_ids else value
         for layer in self._layers:
             self.state[layer.B]  # checkpoints written before B had an entry
-        if "skipped_steps" in saved_state:
-            self.state["skipped_steps"] = saved_state["skipped_steps"].clone()
+        # A state dict without the count (written before it existed, or rebuilt by DCP's flattened format)
+        # keeps this optimizer's.
+        self.state["skipped_steps"] = saved_state.get("skipped_steps", skipped_before).clone()
         if self._streamed is not None and state_dict.get("capture_streaming"):
             self._streamed.resume(state_dict["capture_streaming"])
 
@@ -918,16 +920,11 @@ class LoRAOptimizer(torch.optim.Optimizer):
                 if reason is not None:
                     raise ValueError(f"{type(self).__name__} has no data-parallel mode here: {reason}")
         current_ids = {id(p) for p in new_of.values()}
-        for group in self.param_groups:
-            params = []
-            for p in group["params"]:
-                if id(p) in current_ids:  # swapped already (accelerate)
-                    params.append(p)
-                elif id(p) in new_of:
-                    params.append(new_of[id(p)])
-                else:
-                    raise RuntimeError("a parameter of the optimizer is no longer a parameter of the model")
-            group["params"] = params
+        if any(id(p) not in current_ids and id(p) not in new_of for g in self.param_groups for p in g["params"]):
+            raise RuntimeError("a parameter of the optimizer is no longer a parameter of the model")
+        # nothing has changed up to here
+        for group in self.param_groups:  # entries accelerate swapped already are current
+            group["params"] = [p if id(p) in current_ids else new_of[id(p)] for p in group["params"]]
         other_ids = self._other_param_ids()
         for old in [k for k in self.state if isinstance(k, Tensor)]:
             new = new_of.get(id(old))
