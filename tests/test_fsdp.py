@@ -453,6 +453,17 @@ def test_fsdp1_is_refused():
 
 
 @pytest.mark.usefixtures("single_rank_group")
+def test_two_dimensional_mesh_is_refused():
+    """HSDP (replicate × shard): the average must span both mesh dimensions; refused for now."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    model = Model()
+    fully_shard(model, mesh=init_device_mesh("cpu", (1, 1), mesh_dim_names=("replicate", "shard")))
+    with pytest.raises(NotImplementedError, match="2-D device mesh"):
+        lk.LoRSum(model)
+
+
+@pytest.mark.usefixtures("single_rank_group")
 def test_one_rank_mesh_equals_no_sharding():
     """The sharded path (gather, rank average, shard writes, AdamW on DTensor shards) on one rank against
     the unsharded single process: the same numbers."""

@@ -39,9 +39,9 @@ methods act on (A, B) pairs and on each layer's X and S:
   layer's A parameter, and keeps its dtype through ``state_dict``/``load_state_dict``. The state dict
   carries the class name and the parameter shapes; a checkpoint of another method or another model
   (LoRA rank) is refused before anything changes. It also works through ``torch.distributed.checkpoint``
-  (``get_optimizer_state_dict``/``set_optimizer_state_dict``, sharded or full): every trainable parameter
-  has a state entry from construction on (B's is empty, the other groups' AdamW moments exist at zero),
-  and the optimizer-wide entries travel in the first param group.
+  (``get_optimizer_state_dict``/``set_optimizer_state_dict``, sharded or full): the state dict has an entry
+  for every parameter (B's is empty, an other parameter not stepped yet has AdamW's initial state), and the
+  optimizer-wide entries travel in the first param group.
 
 Subclasses set ``needs_capture`` (and ``needs_grads`` when they read the factors' gradients while
 capturing) and implement ``_init_layer_state`` and ``_method_step``.
@@ -163,10 +163,6 @@ class LoRAOptimizer(torch.optim.Optimizer):
         for group in self._lora_groups():
             for layer in self._group_layers(group):
                 self._set_layer_state(layer, self._init_layer_state(layer, group, generator))
-        for group in self.param_groups:
-            if group["kind"] == "other":
-                for p in group["params"]:
-                    self._init_other_state(p)
         self._owners = _parameter_owners(model)
         self._rehook_pending = False
         self._capture = ActivationCapture(self._layers) if self.needs_capture else None
@@ -183,7 +179,6 @@ class LoRAOptimizer(torch.optim.Optimizer):
         st["skipped_steps"] = torch.zeros((), dtype=torch.int64, device=layer.A.device)
         for key, value in method_state.items():
             st[key] = value
-        self.state[layer.B]  # an entry of its own, empty: torch.distributed.checkpoint wants one per parameter
 
     def _classify_group(self, group: dict, by_B: dict, other_defaults: dict) -> dict:
         params = group["params"]
@@ -268,9 +263,6 @@ class LoRAOptimizer(torch.optim.Optimizer):
             raise
         for layer, method_state in zip(layers, states):
             self._set_layer_state(layer, method_state)
-        if group["kind"] == "other":
-            for p in self.param_groups[-1]["params"]:
-                self._init_other_state(p)
         self._owners = _parameter_owners(self._model_ref()) if self._model_ref() is not None else self._owners
         self._layers = self._layers + layers
         if capture is not None:
@@ -706,15 +698,11 @@ class LoRAOptimizer(torch.optim.Optimizer):
         return skipped
 
     def _init_other_state(self, p: Tensor) -> None:
-        """AdamW's state of an other-group parameter (moments in fp32, fp64 for fp64 parameters; DTensors
-        placed like a sharded parameter), made at construction so that a checkpoint loads into it."""
         st = self.state[p]
-        dt = torch.float64 if p.dtype == torch.float64 else torch.float32
         if not st:
-            st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-            st["exp_avg"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
-            st["exp_avg_sq"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
-        elif st["exp_avg"].dtype != dt:  # a checkpoint that kept the moments in the parameter's dtype
+            st.update(_fresh_other_state(p))
+        elif st["exp_avg"].dtype != _other_state_dtype(p):  # a checkpoint kept the moments in p's dtype
+            dt = _other_state_dtype(p)
             st["exp_avg"], st["exp_avg_sq"] = st["exp_avg"].to(dt), st["exp_avg_sq"].to(dt)
 
     # ----------------------------------------------------------------------------------------------
@@ -734,6 +722,11 @@ class LoRAOptimizer(torch.optim.Optimizer):
         for saved, group in zip(state_dict["param_groups"], self.param_groups):
             for index, p in zip(saved["params"], group["params"]):
                 shapes[index] = list(p.shape)
+                # torch.distributed.checkpoint loads into the state dict it is given and wants an entry for
+                # every trainable parameter: B's is empty (its layer's state is under A), an other parameter
+                # not stepped yet has the AdamW state its first step would make.
+                if index not in state_dict["state"]:
+                    state_dict["state"][index] = _fresh_other_state(p) if group["kind"] == "other" else {}
         state_dict["optimizer"] = type(self).__name__
         state_dict["param_shapes"] = shapes
         if self._streamed is not None:
@@ -812,8 +805,8 @@ class LoRAOptimizer(torch.optim.Optimizer):
                 if isinstance(value, Tensor):
                     value = value.to(device=param.device, dtype=value.dtype, copy=True)
                     self.state[param][key] = _placed_like(param, value) if id(param) in other_ids else value
-        for layer in self._layers:
-            self.state[layer.B]  # checkpoints written before B had an entry
+        for param in [p for p, entries in self.state.items() if isinstance(p, Tensor) and not entries]:
+            del self.state[param]  # B's empty entry: the layer's state is under A
         # A state dict without the count (written before it existed, or rebuilt by DCP's flattened format)
         # keeps this optimizer's.
         self.state["skipped_steps"] = saved_state.get("skipped_steps", skipped_before).clone()
@@ -1013,6 +1006,19 @@ def _placed_like(param: Tensor, value: Tensor) -> Tensor:
     if is_sharded(value) and not is_sharded(param):
         return value.full_tensor()
     return value
+
+
+def _other_state_dtype(p: Tensor) -> torch.dtype:
+    return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+
+def _fresh_other_state(p: Tensor) -> dict:
+    """AdamW's initial state of an other-group parameter: moments in fp32 (fp64 for fp64 parameters), as the
+    method state; DTensors placed like a sharded parameter."""
+    dt = _other_state_dtype(p)
+    return {"step": torch.zeros((), dtype=torch.float32, device=p.device),
+            "exp_avg": torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format),
+            "exp_avg_sq": torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)}
 
 
 def _grad_squares(params) -> list[tuple[Tensor, bool]]:
