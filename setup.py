@@ -112,7 +112,14 @@ def _native_build() -> tuple[list, dict]:
         link_flags.append("-fopenmp")
 
     sources = _sources("csrc/lorsum.cpp", "csrc/cpu/*.cpp")
+    # Per op: <op>.cu (plain-CUDA kernels and launchers) and <op>_binding.cpp (its ATen binding).
     cuda_sources = _sources("csrc/cuda/*.cu", "csrc/cuda/*.cpp")
+    # Each object file is named after its source's path without the extension, so csrc/cuda/x.cu and
+    # csrc/cuda/x.cpp would both build csrc/cuda/x.o, one silently replacing the other at link time.
+    stems = [os.path.splitext(s)[0] for s in sources + cuda_sources]
+    clashes = sorted({s for s in stems if stems.count(s) > 1})
+    if clashes:
+        raise RuntimeError(f"sources that would compile to the same object file: {', '.join(clashes)}")
     if _env_flag("LORSUM_SKIP_CUDA_BUILD"):
         why_not_cuda = "LORSUM_SKIP_CUDA_BUILD=1"
     elif torch.version.cuda is None:

@@ -1,4 +1,4 @@
-"""The CUDA ops (csrc/cuda/: kernels.cu through binding.cpp) against lorsum_kernels.reference.
+"""The CUDA ops (csrc/cuda/: each <op>.cu through its <op>_binding.cpp) against lorsum_kernels.reference.
 
 Every op registered for the CUDA dispatch key, on CUDA tensors: odd shapes (r ∈ {1, 3, 16}, m, n ∈ {5, 123,
 256}, T ∈ {1, 37, 512}, L ∈ {1, 3}), fp32 / fp64 / bf16, non-contiguous inputs, a zero Gram, NaN

@@ -66,7 +66,7 @@ def _time_ms(fn, reps: int = 20) -> float:
 def check_one(name: str, dim: int = 256, rank: int = 8, layers: int = 4, tokens: int = 512) -> dict:
     device = torch.device("cuda")
     (m_eager, m_graph), (o_eager, o_graph) = _pair(name, dim, rank, layers, device)
-    x = torch.randn(tokens, dim, device=device, generator=torch.Generator(device).manual_seed(0))
+    x = torch.randn(tokens, dim, device=device, generator=torch.Generator(device=device).manual_seed(0))
 
     def fwd_bwd(model):
         model(x).square().mean().backward()

@@ -89,12 +89,17 @@ def demangle(names: list[str]) -> list[str]:
     return lines if len(lines) == len(names) else names
 
 
+def _arch_number(arch: str) -> int:
+    """sm_80 -> 80, sm_100 -> 100 (sm_100 sorts after sm_90)."""
+    return int(re.sub(r"\D", "", arch) or 0)
+
+
 def template_of(kernel: str) -> str:
     return kernel.split("<", 1)[0]
 
 
 def summary(rows: list[dict], meta: dict[str, str]) -> str:
-    archs = sorted({r["arch"] for r in rows}, key=lambda a: int(re.sub(r"\D", "", a) or 0))
+    archs = sorted({r["arch"] for r in rows}, key=_arch_number)
     per: dict[tuple[str, str], dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
         per[(r["source"], template_of(r["kernel"]))][r["arch"]].append(r)
@@ -152,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         r.update(timestamp=stamp, torch=meta.get("torch", ""), nvcc=meta.get("nvcc", ""),
                  commit=meta.get("commit", ""))
-    rows.sort(key=lambda r: (r["source"], r["kernel"], r["arch"]))
+    rows.sort(key=lambda r: (r["source"], r["kernel"], _arch_number(r["arch"])))
 
     args.csv.parent.mkdir(parents=True, exist_ok=True)
     with args.csv.open("w", newline="") as f:

@@ -492,37 +492,13 @@ std::tuple<at::Tensor, at::Tensor> adaprelora_solve_cpu(const at::Tensor& A, con
                                                         const at::Tensor& p, const at::Tensor& q,
                                                         const at::Tensor& ridge) {
   constexpr const char* op = "adaprelora_solve";
-  cpu::check_input(A, op, "A", 2);
-  cpu::check_input(B, op, "B", 2);
-  cpu::check_input(g_A, op, "g_A", 2);
-  cpu::check_input(g_B, op, "g_B", 2);
-  cpu::check_input(p, op, "p", 1);
-  cpu::check_input(q, op, "q", 1);
-  const int64_t r = A.size(-2), n = A.size(-1), m = B.size(-2);
-  TORCH_CHECK(B.size(-1) == r, op, ": A ", A.sizes(), " is (..., r, n) and B ", B.sizes(),
-              " must be (..., m, r) with the same r");
-  const auto batch = cpu::batch_shape(A, 2);
-  TORCH_CHECK(cpu::batch_shape(B, 2) == batch, op, ": B has batch shape ", cpu::batch_shape(B, 2), " but A has ",
-              batch, " (all inputs share the leading batch dimensions)");
-  TORCH_CHECK(g_A.sizes() == A.sizes(), op, ": g_A must have the shape of A ", A.sizes(), ", got ", g_A.sizes());
-  TORCH_CHECK(g_B.sizes() == B.sizes(), op, ": g_B must have the shape of B ", B.sizes(), ", got ", g_B.sizes());
-  TORCH_CHECK(p.size(-1) == m && cpu::batch_shape(p, 1) == batch, op, ": p must be (..., m) = ", batch, " + (", m,
-              ",), got shape ", p.sizes());
-  TORCH_CHECK(q.size(-1) == n && cpu::batch_shape(q, 1) == batch, op, ": q must be (..., n) = ", batch, " + (", n,
-              ",), got shape ", q.sizes());
-  const int64_t L = cpu::numel_of(batch);
-  TORCH_CHECK(ridge.defined() && ridge.device().is_cpu() && cpu::is_float_dtype(ridge.scalar_type()), op,
-              ": ridge must be a floating CPU tensor");
-  TORCH_CHECK(ridge.dim() == 0 || (ridge.dim() == 1 && ridge.size(0) == L), op,
-              ": ridge must be a 0-d tensor or one value per layer (L,) = (", L, ",), got shape ", ridge.sizes());
+  const AdaPreLoRASizes sz = check_adaprelora_solve(A, B, g_A, g_B, p, q, ridge, at::kCPU);
+  const int64_t L = sz.L, r = sz.r, m = sz.m, n = sz.n;
+  const at::IntArrayRef batch = sz.batch;
 
-  const at::ScalarType acc = cpu::acc_dtype({A, B, g_A, g_B, p, q});
-  at::ScalarType out_dtype = A.scalar_type();
-  bool one_dtype = true;
-  for (const at::Tensor* t : {&B, &g_A, &g_B, &p, &q}) {
-    out_dtype = at::promote_types(out_dtype, t->scalar_type());
-    one_dtype = one_dtype && t->scalar_type() == A.scalar_type();
-  }
+  const DtypePlan dtypes = dtype_plan({A, B, g_A, g_B, p, q});
+  const at::ScalarType acc = dtypes.acc, out_dtype = dtypes.out;
+  const bool one_dtype = dtypes.uniform;
   const auto opts = A.options().dtype(acc);
   at::Tensor dA = at::empty(with_matrix(batch, r, n), opts);
   at::Tensor dB = at::empty(with_matrix(batch, m, r), opts);

@@ -163,64 +163,21 @@ HalfStep parse_half_step(const char* op, bool in_side, const at::Tensor& hat, co
                          const at::Tensor& B0, at::TensorList f_in, at::TensorList f_out, const at::Tensor& coeffs,
                          const at::Tensor& lmbd, const std::optional<at::Tensor>& m_in,
                          const std::optional<at::Tensor>& m_out) {
-  const char* hat_name = in_side ? "B_hat" : "A_hat";
-  cpu::check_input(A0, op, "A0", 2);
-  cpu::check_input(B0, op, "B0", 2);
-  cpu::check_input(hat, op, hat_name, 2);
+  const HalfStepSizes sz = check_half_step(op, in_side, hat, A0, B0, f_in, f_out, coeffs, lmbd, m_in, m_out, at::kCPU);
   HalfStep h;
-  h.r = A0.size(-2);
-  h.n = A0.size(-1);
-  h.m = B0.size(-2);
-  TORCH_CHECK(B0.size(-1) == h.r, op, ": A0 ", A0.sizes(), " is (..., r, n) and B0 ", B0.sizes(),
-              " is (..., m, r): their ranks r differ");
-  const auto batch = cpu::batch_shape(A0, 2);
-  h.batch.assign(batch.begin(), batch.end());
-  h.L = cpu::numel_of(batch);
-  TORCH_CHECK(cpu::batch_shape(B0, 2) == batch, op, ": B0 has batch shape ", cpu::batch_shape(B0, 2),
-              " but A0 has ", batch, " (all inputs share the leading batch dimensions)");
-  TORCH_CHECK(cpu::batch_shape(hat, 2) == batch, op, ": ", hat_name, " has batch shape ",
-              cpu::batch_shape(hat, 2), " but A0 has ", batch, " (all inputs share the leading batch dimensions)");
-  if (in_side) {
-    TORCH_CHECK(hat.size(-2) == h.m && hat.size(-1) == h.r, op, ": B_hat must be (..., m, r) = (..., ", h.m, ", ",
-                h.r, ") like B0, got shape ", hat.sizes());
-  } else {
-    TORCH_CHECK(hat.size(-2) == h.r && hat.size(-1) == h.n, op, ": A_hat must be (..., r, n) = (..., ", h.r, ", ",
-                h.n, ") like A0, got shape ", hat.sizes());
+  h.L = sz.L;
+  h.m = sz.m;
+  h.n = sz.n;
+  h.r = sz.r;
+  h.batch = sz.batch;
+  for (int64_t j = 0; j < sz.J; ++j) {
+    h.f_in.push_back(cpu::rows_view(f_in[j], h.L));
+    h.f_out.push_back(f_out[j].reshape({h.L, h.m, f_out[j].size(-1)}));
   }
-  TORCH_CHECK(f_in.size() == f_out.size(), op, ": got ", f_in.size(), " f_in factors but ", f_out.size(),
-              " f_out factors (one of each per pair)");
-  const int64_t J = static_cast<int64_t>(f_in.size());
-  bool any_fp64 = A0.scalar_type() == at::kDouble || B0.scalar_type() == at::kDouble ||
-                  hat.scalar_type() == at::kDouble;
-  for (int64_t j = 0; j < J; ++j) {
-    const at::Tensor& fi = f_in[j];
-    const at::Tensor& fo = f_out[j];
-    cpu::check_input(fi, op, "f_in[j]", 2);
-    cpu::check_input(fo, op, "f_out[j]", 2);
-    TORCH_CHECK(fi.size(-1) == h.n && fo.size(-2) == h.m && fi.size(-2) == fo.size(-1), op, ": pair ", j,
-                " (f_in ", fi.sizes(), ", f_out ", fo.sizes(), ") does not stand for an ", h.m, "x", h.n,
-                " matrix f_out @ f_in: f_in must be (..., q, ", h.n, ") and f_out (..., ", h.m, ", q)");
-    TORCH_CHECK(cpu::batch_shape(fi, 2) == batch && cpu::batch_shape(fo, 2) == batch, op, ": pair ", j,
-                " has batch shapes ", cpu::batch_shape(fi, 2), " and ", cpu::batch_shape(fo, 2), " but A0 has ",
-                batch, " (all inputs share the leading batch dimensions)");
-    h.f_in.push_back(cpu::rows_view(fi, h.L));
-    h.f_out.push_back(fo.reshape({h.L, h.m, fo.size(-1)}));
-    any_fp64 = any_fp64 || fi.scalar_type() == at::kDouble || fo.scalar_type() == at::kDouble;
-  }
-
-  TORCH_CHECK(coeffs.device().is_cpu() && cpu::is_float_dtype(coeffs.scalar_type()), op,
-              ": coeffs must be a floating CPU tensor, got ", coeffs.scalar_type(), " on ", coeffs.device());
-  TORCH_CHECK((coeffs.dim() == 1 || (coeffs.dim() == 2 && coeffs.size(1) == h.L)) && coeffs.size(0) == J + 1, op,
-              ": coeffs must be (J+1,) or (J+1, L) = (", J + 1, ",) or (", J + 1, ", ", h.L,
-              "): one coefficient for the anchor and one per pair, shared or per layer; got shape ", coeffs.sizes());
-  TORCH_CHECK(lmbd.device().is_cpu() && cpu::is_float_dtype(lmbd.scalar_type()), op,
-              ": lmbd must be a floating CPU tensor, got ", lmbd.scalar_type(), " on ", lmbd.device());
-  TORCH_CHECK(lmbd.dim() == 0 || (lmbd.dim() == 1 && lmbd.size(0) == h.L), op,
-              ": lmbd must be a 0-d tensor or one value per layer (L,) = (", h.L, ",), got shape ", lmbd.sizes());
   const at::Tensor c = coeffs.to(at::kDouble).contiguous();
   const double* cp = c.const_data_ptr<double>();
-  h.coef.assign(J + 1, std::vector<double>(h.L));
-  for (int64_t j = 0; j <= J; ++j) {
+  h.coef.assign(sz.J + 1, std::vector<double>(h.L));
+  for (int64_t j = 0; j <= sz.J; ++j) {
     for (int64_t b = 0; b < h.L; ++b) {
       h.coef[j][b] = coeffs.dim() == 1 ? cp[j] : cp[j * h.L + b];
     }
@@ -230,24 +187,14 @@ HalfStep parse_half_step(const char* op, bool in_side, const at::Tensor& hat, co
   for (int64_t b = 0; b < h.L; ++b) {
     h.lmbd[b] = lm.const_data_ptr<double>()[lmbd.dim() == 0 ? 0 : b];
   }
-
-  TORCH_CHECK(m_in.has_value() == m_out.has_value(), op,
-              ": give both metrics (m_in and m_out) or neither; got only ", m_in.has_value() ? "m_in" : "m_out");
   if (m_in.has_value()) {
-    cpu::check_input(*m_in, op, "m_in", 1);
-    cpu::check_input(*m_out, op, "m_out", 1);
-    TORCH_CHECK(m_in->size(-1) == h.n && cpu::batch_shape(*m_in, 1) == batch, op, ": m_in must be (..., n) = ",
-                batch, " + (", h.n, ",), got shape ", m_in->sizes());
-    TORCH_CHECK(m_out->size(-1) == h.m && cpu::batch_shape(*m_out, 1) == batch, op, ": m_out must be (..., m) = ",
-                batch, " + (", h.m, ",), got shape ", m_out->sizes());
     h.m_in = m_in->reshape({h.L, h.n});
     h.m_out = m_out->reshape({h.L, h.m});
-    any_fp64 = any_fp64 || m_in->scalar_type() == at::kDouble || m_out->scalar_type() == at::kDouble;
   }
   h.hat = hat.reshape({h.L, hat.size(-2), hat.size(-1)});
   h.A0 = A0.reshape({h.L, h.r, h.n});
   h.B0 = B0.reshape({h.L, h.m, h.r});
-  h.acc = any_fp64 ? at::kDouble : at::kFloat;
+  h.acc = sz.any_fp64 ? at::kDouble : at::kFloat;
   h.out_dtype = A0.scalar_type();
   return h;
 }
@@ -324,28 +271,12 @@ at::Tensor lorsum_update_out_cpu(const at::Tensor& A_hat, const at::Tensor& A0, 
 std::tuple<at::Tensor, at::Tensor> pair_products_cpu(const at::Tensor& f_in, const at::Tensor& f_out,
                                                      const std::optional<at::Tensor>& W,
                                                      const std::optional<at::Tensor>& V) {
-  constexpr const char* op = "pair_products";
-  cpu::check_input(f_in, op, "f_in", 2);
-  cpu::check_input(f_out, op, "f_out", 2);
-  const int64_t q = f_in.size(-2), n = f_in.size(-1), m = f_out.size(-2);
-  TORCH_CHECK(f_out.size(-1) == q, op, ": f_in ", f_in.sizes(), " is (..., q, n) and f_out ", f_out.sizes(),
-              " must be (..., m, q) with the same q");
-  const auto batch_ref = cpu::batch_shape(f_in, 2);
+  check_pair_products(f_in, f_out, W, V, at::kCPU);
+  const int64_t n = f_in.size(-1), m = f_out.size(-2);
+  const auto batch_ref = batch_shape(f_in, 2);
   const std::vector<int64_t> batch(batch_ref.begin(), batch_ref.end());
-  TORCH_CHECK(cpu::batch_shape(f_out, 2) == batch_ref, op, ": f_out has batch shape ", cpu::batch_shape(f_out, 2),
-              " but f_in has ", batch_ref, " (all inputs share the leading batch dimensions)");
-  if (W.has_value()) {
-    cpu::check_input(*W, op, "W", 2);
-    TORCH_CHECK(W->size(-2) == m && cpu::batch_shape(*W, 2) == batch_ref, op, ": W must be (..., m, w) with m = ",
-                m, " and batch shape ", batch_ref, ", got shape ", W->sizes());
-  }
-  if (V.has_value()) {
-    cpu::check_input(*V, op, "V", 2);
-    TORCH_CHECK(V->size(-1) == n && cpu::batch_shape(*V, 2) == batch_ref, op, ": V must be (..., v, n) with n = ",
-                n, " and batch shape ", batch_ref, ", got shape ", V->sizes());
-  }
-  const auto acc = cpu::acc_dtype({f_in, f_out, W.value_or(at::Tensor()), V.value_or(at::Tensor())});
-  const int64_t L = cpu::numel_of(batch);
+  const auto acc = acc_dtype({f_in, f_out, W.value_or(at::Tensor()), V.value_or(at::Tensor())});
+  const int64_t L = numel_of(batch);
   const auto opts = f_in.options().dtype(acc);
   const at::Tensor rows_X = cpu::rows_view(f_in, L);
   const at::Tensor rows_S = cpu::rows_view(f_out.mT(), L);

@@ -1,43 +1,17 @@
-// Input checks, batch flattening, dtype dispatch and task parallelism shared by the CPU ops.
+// Batch flattening, dtype dispatch and task parallelism shared by the CPU ops; their input checks, shared
+// with the CUDA ops, are in csrc/checks.h.
 
 #pragma once
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include "../checks.h"
+
 #include <algorithm>
 #include <cstdint>
 
 namespace lorsum::cpu {
-
-inline bool is_float_dtype(at::ScalarType t) {
-  return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
-}
-
-// A dense CPU floating tensor with at least min_dim dimensions, or a clear error naming op and argument.
-inline void check_input(const at::Tensor& t, const char* op, const char* name, int64_t min_dim) {
-  TORCH_CHECK(t.defined(), op, ": ", name, " is undefined");
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got one on ", t.device());
-  TORCH_CHECK(t.layout() == at::kStrided, op, ": ", name, " must be a dense (strided) tensor, got layout ",
-              t.layout());
-  TORCH_CHECK(t.dim() >= min_dim, op, ": ", name, " must have at least ", min_dim, " dimensions, got shape ",
-              t.sizes());
-  TORCH_CHECK(is_float_dtype(t.scalar_type()), op, ": ", name,
-              " must be float32, float64, bfloat16 or float16, got ", t.scalar_type());
-}
-
-// The leading (batch) dimensions of t, before its last `trailing` ones.
-inline at::IntArrayRef batch_shape(const at::Tensor& t, int64_t trailing) {
-  return t.sizes().slice(0, t.dim() - trailing);
-}
-
-inline int64_t numel_of(at::IntArrayRef shape) {
-  int64_t n = 1;
-  for (const int64_t s : shape) {
-    n *= s;
-  }
-  return n;
-}
 
 // t (..., a, b) as (L, a, b) with unit stride along b: a view when the batch dimensions merge into one
 // stride and b is contiguous (S.mT of a contiguous S is such a view of S's transpose), else a copy.
@@ -47,17 +21,6 @@ inline at::Tensor rows_view(const at::Tensor& t, int64_t L) {
     t3 = t3.contiguous();
   }
   return t3;
-}
-
-// fp64 when any of the tensors is fp64, else fp32: the dtype all arithmetic runs in (DESIGN.md
-// "Numerical policy"); bf16 and fp16 inputs are read as they are and accumulated in fp32.
-inline at::ScalarType acc_dtype(std::initializer_list<at::Tensor> tensors) {
-  for (const auto& t : tensors) {
-    if (t.defined() && t.scalar_type() == at::kDouble) {
-      return at::kDouble;
-    }
-  }
-  return at::kFloat;
 }
 
 // Calls f(T{}) with T the C++ type of an fp32-accumulated input dtype (float, BFloat16, Half).

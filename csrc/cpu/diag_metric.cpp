@@ -9,6 +9,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "../checks.h"
 #include "tiles.h"
 
 #include <algorithm>
@@ -100,14 +101,8 @@ void col_sq_sums_kernel(
 }
 
 at::Tensor col_sq_sums_cpu(const at::Tensor& x) {
-  TORCH_CHECK(x.device().is_cpu(), "col_sq_sums: expected a CPU tensor, got one on ", x.device());
-  TORCH_CHECK(x.layout() == at::kStrided, "col_sq_sums: expected a dense (strided) tensor, got layout ",
-              x.layout());
-  TORCH_CHECK(x.dim() >= 2, "col_sq_sums: x must have at least 2 dimensions (..., T, n), got a ", x.dim(),
-              "-D tensor of shape ", x.sizes());
+  check_col_sq_sums(x, at::kCPU);
   const auto dtype = x.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf,
-              "col_sq_sums: x must be float32, float64, bfloat16 or float16, got ", dtype);
 
   const int64_t T = x.size(-2);
   const int64_t n = x.size(-1);
@@ -155,27 +150,7 @@ at::Tensor col_sq_sums_cpu(const at::Tensor& x) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kfac_metric_update_cpu(
     const at::Tensor& X, const at::Tensor& S, const at::Tensor& v_in, const at::Tensor& v_out, double beta,
     double damping, double power, double scale_in, double scale_out) {
-  constexpr const char* op = "kfac_metric_update";
-  auto check = [&](const at::Tensor& t, const char* name, int64_t dims) {
-    TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got one on ", t.device());
-    TORCH_CHECK(t.layout() == at::kStrided, op, ": ", name, " must be a dense (strided) tensor");
-    TORCH_CHECK(t.dim() >= dims, op, ": ", name, " must have at least ", dims, " dimensions, got shape ", t.sizes());
-  };
-  check(X, "X", 2);
-  check(S, "S", 2);
-  check(v_in, "v_in", 1);
-  check(v_out, "v_out", 1);
-  for (const auto* v : {&v_in, &v_out}) {
-    TORCH_CHECK(v->scalar_type() == at::kFloat || v->scalar_type() == at::kDouble, op,
-                ": the metric state must be float32 or float64, got ", v->scalar_type());
-  }
-  const auto batch = X.sizes().slice(0, X.dim() - 2);
-  TORCH_CHECK(S.sizes().slice(0, S.dim() - 2) == batch && S.size(-2) == X.size(-2), op, ": X ", X.sizes(),
-              " is (..., T, n) and S ", S.sizes(), " must be (..., T, m) with the same batch shape and T");
-  TORCH_CHECK(v_in.sizes().slice(0, v_in.dim() - 1) == batch && v_in.size(-1) == X.size(-1), op,
-              ": v_in must be (..., n) = ", batch, " + (", X.size(-1), ",), got shape ", v_in.sizes());
-  TORCH_CHECK(v_out.sizes().slice(0, v_out.dim() - 1) == batch && v_out.size(-1) == S.size(-1), op,
-              ": v_out must be (..., m) = ", batch, " + (", S.size(-1), ",), got shape ", v_out.sizes());
+  check_kfac_metric_update(X, S, v_in, v_out, at::kCPU);
 
   const at::Tensor stat_in = col_sq_sums_cpu(X);
   const at::Tensor stat_out = col_sq_sums_cpu(S);

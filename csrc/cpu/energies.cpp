@@ -102,15 +102,11 @@ void energies_avx512(const at::Tensor& X, const at::Tensor& S, float* rows, floa
 }
 
 std::tuple<at::Tensor, at::Tensor> row_col_energies_cpu(const at::Tensor& X, const at::Tensor& S) {
-  constexpr const char* op = "row_col_energies";
-  cpu::check_input(X, op, "X", 2);
-  cpu::check_input(S, op, "S", 2);
-  const auto batch_ref = cpu::batch_shape(X, 2);
-  TORCH_CHECK(cpu::batch_shape(S, 2) == batch_ref && S.size(-2) == X.size(-2), op, ": X ", X.sizes(),
-              " is (..., T, n) and S ", S.sizes(), " must be (..., T, m) with the same batch shape and T");
+  check_row_col_energies(X, S, at::kCPU);
+  const auto batch_ref = batch_shape(X, 2);
   const std::vector<int64_t> batch(batch_ref.begin(), batch_ref.end());
-  const int64_t L = cpu::numel_of(batch), T = X.size(-2), n = X.size(-1), m = S.size(-1);
-  const auto acc = cpu::acc_dtype({X, S});
+  const int64_t L = numel_of(batch), T = X.size(-2), n = X.size(-1), m = S.size(-1);
+  const auto acc = acc_dtype({X, S});
   std::vector<int64_t> rows_shape(batch), cols_shape(batch);
   rows_shape.push_back(m);
   cols_shape.push_back(n);

@@ -53,30 +53,9 @@ void solve_spd_batched_(const at::Tensor& gram, const at::Tensor& rhs) {
 namespace {
 
 at::Tensor spd_solve_cpu(const at::Tensor& gram, const at::Tensor& rhs, bool left) {
-  constexpr const char* op = "spd_solve";
-  cpu::check_input(gram, op, "gram", 2);
-  cpu::check_input(rhs, op, "rhs", 2);
+  const std::vector<int64_t> batch = check_spd_solve(gram, rhs, left, at::kCPU);
   const int64_t r = gram.size(-1);
-  TORCH_CHECK(gram.size(-2) == r, op, ": gram must be square (..., r, r), got shape ", gram.sizes());
-  TORCH_CHECK((left ? rhs.size(-2) : rhs.size(-1)) == r, op, ": rhs must be ",
-              left ? "(..., r, N) for left=True" : "(..., N, r) for left=False", " with r = ", r,
-              " (the size of gram), got shape ", rhs.sizes());
-
-  // Broadcast the batch dimensions, as torch.cholesky_solve does.
-  const auto gb = cpu::batch_shape(gram, 2);
-  const auto rb = cpu::batch_shape(rhs, 2);
-  const int64_t nb = std::max<int64_t>(gb.size(), rb.size());
-  std::vector<int64_t> batch(nb);
-  for (int64_t i = 0; i < nb; ++i) {
-    const int64_t gi = i - (nb - static_cast<int64_t>(gb.size()));
-    const int64_t ri = i - (nb - static_cast<int64_t>(rb.size()));
-    const int64_t gs = gi >= 0 ? gb[gi] : 1;
-    const int64_t rs = ri >= 0 ? rb[ri] : 1;
-    TORCH_CHECK(gs == rs || gs == 1 || rs == 1, op, ": the batch dimensions of gram ", gram.sizes(),
-                " and rhs ", rhs.sizes(), " do not broadcast");
-    batch[i] = gs == 1 ? rs : gs;
-  }
-  const int64_t L = cpu::numel_of(batch);
+  const int64_t L = numel_of(batch);
   const int64_t N = left ? rhs.size(-1) : rhs.size(-2);
   const auto out_dtype = at::promote_types(gram.scalar_type(), rhs.scalar_type());
   const auto acc = out_dtype == at::kDouble ? at::kDouble : at::kFloat;

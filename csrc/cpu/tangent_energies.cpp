@@ -506,31 +506,14 @@ std::vector<int64_t> with_length(at::IntArrayRef batch, int64_t N) {
 std::tuple<at::Tensor, at::Tensor> tangent_energies_cpu(const at::Tensor& B, const at::Tensor& E, const at::Tensor& F,
                                                         const at::Tensor& A) {
   constexpr const char* op = "tangent_energies";
-  cpu::check_input(B, op, "B", 2);
-  cpu::check_input(E, op, "E", 2);
-  cpu::check_input(F, op, "F", 2);
-  cpu::check_input(A, op, "A", 2);
-  const int64_t m = B.size(-2), r_B = B.size(-1), n = E.size(-1), r_F = F.size(-1);
-  TORCH_CHECK(E.size(-2) == r_B, op, ": B ", B.sizes(), " is (..., m, r) and E ", E.sizes(),
-              " must be (..., r, n) with the same r");
-  TORCH_CHECK(F.size(-2) == m, op, ": F ", F.sizes(), " must be (..., m, r_F) with the m of B ", B.sizes());
-  TORCH_CHECK(A.size(-2) == r_F && A.size(-1) == n, op, ": A must be (..., r_F, n) = (..., ", r_F, ", ", n,
-              ") for F ", F.sizes(), " and E ", E.sizes(), ", got shape ", A.sizes());
-  const auto batch = cpu::batch_shape(B, 2);
-  for (const auto& [t, name] : {std::pair{&E, "E"}, std::pair{&F, "F"}, std::pair{&A, "A"}}) {
-    TORCH_CHECK(cpu::batch_shape(*t, 2) == batch, op, ": ", name, " has batch shape ", cpu::batch_shape(*t, 2),
-                " but B has ", batch, " (all inputs share the leading batch dimensions)");
-  }
-  const int64_t L = cpu::numel_of(batch);
+  const TangentSizes sz = check_tangent_energies(B, E, F, A, at::kCPU);
+  const int64_t L = sz.L, m = sz.m, n = sz.n, r_B = sz.r_B, r_F = sz.r_F;
+  const at::IntArrayRef batch = sz.batch;
   const int64_t R = r_B + r_F;
 
-  const at::ScalarType acc = cpu::acc_dtype({B, E, F, A});
-  at::ScalarType out_dtype = B.scalar_type();
-  bool one_dtype = true;
-  for (const at::Tensor* t : {&E, &F, &A}) {
-    out_dtype = at::promote_types(out_dtype, t->scalar_type());
-    one_dtype = one_dtype && t->scalar_type() == B.scalar_type();
-  }
+  const DtypePlan dtypes = dtype_plan({B, E, F, A});
+  const at::ScalarType acc = dtypes.acc, out_dtype = dtypes.out;
+  const bool one_dtype = dtypes.uniform;
   const auto opts = B.options().dtype(acc);
   at::Tensor rows = at::empty(with_length(batch, m), opts);
   at::Tensor cols = at::empty(with_length(batch, n), opts);

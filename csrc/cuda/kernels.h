@@ -1,8 +1,11 @@
 // CUDA kernels of lorsum_kernels: plain CUDA launchers, no torch headers (DESIGN.md "The house").
 //
-// kernels.cu compiles with nvcc alone (`make cuda-check`); binding.cpp registers the ops for the CUDA
-// dispatch key on top of these launchers. References: lorsum_kernels/reference.py. Schemas:
-// csrc/lorsum.cpp.
+// Each launcher is defined in the .cu file of its op, like csrc/cpu: diag_metric.cu (1), energies.cu (2),
+// spd_solve.cu (3), block_power.cu (4), adaprelora_solve.cu (5), tangent_energies.cu (6), with the helpers
+// they share in common.cuh / common.cu, tile.cuh and small_spd.cuh. Each compiles with nvcc alone (`make
+// cuda-check`); <op>_binding.cpp registers the ops for the CUDA dispatch key on top of these launchers,
+// with the input checks of csrc/checks.h (shared with the CPU ops). References:
+// lorsum_kernels/reference.py. Schemas: csrc/lorsum.cpp.
 //
 // Contract shared by every launcher:
 //
@@ -215,7 +218,7 @@ cudaError_t tangent_energies(const TangentInputs<T>& in, int64_t L, int64_t r_B,
                              acc_t<T>* rows, acc_t<T>* cols, void* workspace, size_t workspace_bytes,
                              cudaStream_t stream);
 
-// ---- explicit instantiations (defined in kernels.cu) -----------------------------------------------
+// ---- explicit instantiations (defined in each op's .cu) --------------------------------------------
 
 #define LORSUM_CUDA_FOR_EACH_INPUT(X) X(float) X(double) X(__nv_bfloat16) X(__half)
 #define LORSUM_CUDA_FOR_EACH_PAIR(X)                                                        \
