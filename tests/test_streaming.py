@@ -384,7 +384,11 @@ def test_accumulated_token_sums_keep_nothing_per_token_after_each_backward():
         loss.backward()
         assert all(opt._capture.rows(layer) == 0 for layer in opt._layers)
         assert [r.expired() for r in refs] == [True] * len(refs)
-    assert len(refs) == 8 and len(opt._streamed.results) == 4
+    assert len(refs) == 8 and not opt._streamed.results and len(opt._streamed.sums) == 4
+    for entry in opt._streamed.sums.values():  # r-wide products (weight and buffer), K-FAC sums, the count
+        m, n, r = entry.layer.out_features, entry.layer.in_features, entry.layer.rank
+        kept = sum(t.numel() for call in entry.sums for t in call)
+        assert kept == 2 * r * (m + n) + (m + n) + 1, kept
     opt.step()
     assert not opt._streamed.results and not opt._streamed.sums
 

@@ -16,10 +16,10 @@ Contract (the optimizers' ``capture=`` and ``accumulation_steps=`` arguments):
     reads X and S only through sums over tokens of products with operands fixed during backward (the
     factors, the momentum factors; the K-FAC column sums of squares and token counts). Those sums add over
     backwards exactly, so every backward of the step (gradient-accumulation micro-batches, a module called
-    several times) adds its sums to the layer's running sums (O((m+n)·r) numbers), and the step computed
-    from them after the last backward is the step of all of them. Under data parallelism the running sums
-    are averaged over ranks in ``step()`` (one collective per bucket and token sum, no collective in
-    backward), so ranks may run different numbers of backwards (a layer unused on a rank adds zero).
+    several times) adds its sums to the layer's running sums (O((m+n)·r) numbers, all that is kept), and
+    ``step()`` computes the step from them, batched by bucket: the step of all of the backwards. Under data
+    parallelism the running sums are averaged over ranks there (one collective per bucket and token sum,
+    none in backward), so ranks may run different numbers of backwards (a layer unused on a rank adds zero).
   - **whole step** (every other configuration: ALS rounds k ≥ 1 multiply by the previous round's result,
     the Shampoo diagonal and AdaPreLoRA's exact energies are quadratic in the step's G, SVDLoRA forms G):
     exact only when the layer sees one backward per step, the hook then holding all of the step's tokens.
@@ -103,9 +103,10 @@ class _RunningSums:
         return self.sums[self.calls - 1]
 
 
-class _RankAverageOfSums:
-    """The ``reduce`` of the recomputation in ``step()`` under data parallelism: the rank average of the
-    bucket's running sums (stacked over its layers) in place of the zero-token local sums."""
+class _StepSums:
+    """The ``reduce`` of the step computed in ``step()`` from zero-token stand-ins of the data: the bucket's
+    running sums (stacked over its layers) in place of the local ones, averaged over ranks when
+    ``rank_average`` is given."""
 
     def __init__(self, per_layer: list[list[list[Tensor]]], rank_average):
         self.per_layer = per_layer
@@ -115,17 +116,20 @@ class _RankAverageOfSums:
     def __call__(self, tensors) -> list[Tensor]:
         call = self.calls
         self.calls += 1
-        return self.rank_average([torch.cat([sums[call][j] for sums in self.per_layer])
-                                  for j in range(len(list(tensors)))])
+        sums = [torch.cat([layer_sums[call][j] for layer_sums in self.per_layer]) for j in range(len(list(tensors)))]
+        return sums if self.rank_average is None else self.rank_average(sums)
 
 
 class _LayerSums:
-    """A token-sum layer's running sums over this step's backwards, and whether all it read was finite."""
+    """A token-sum layer's running sums over this step's backwards, whether all it read was finite, and the
+    group options they were taken under."""
 
-    def __init__(self, A: Tensor, X: Tensor, S: Tensor):
+    def __init__(self, layer: LoRALayer, group: dict, X: Tensor, S: Tensor):
+        A = layer.A
+        self.layer, self.group, self.options = layer, group, _options(group)
         self.sums: list[list[Tensor]] = []
         self.finite: Tensor | None = None
-        # Zero-token stand-ins of the layer's data for the recomputation in step(), in the factors' dtype
+        # Zero-token stand-ins of the layer's data for the step computed in step(), in the factors' dtype
         # whatever the data's (the sums are in the math dtype either way): buckets then match over ranks.
         self.empty = (A.new_empty((0, X.shape[-1])), A.new_empty((0, S.shape[-1])))
 
@@ -136,7 +140,8 @@ class StreamedStep:
     def __init__(self, optimizer: "LoRAOptimizer", mode: str, accumulation_steps: int | None):
         self.optimizer = optimizer
         self.mode = mode
-        self.results: dict[int, tuple] = {}  # id(layer) -> (layer, group, options, A, B, state, finite)
+        # id(layer) -> (layer, group, options, A, B, state, finite): whole-step layers' results
+        self.results: dict[int, tuple] = {}
         self.sums: dict[int, _LayerSums] = {}  # id(layer) -> running token sums (token-sum layers)
         self.refusal: str | None = None  # why the step's streamed results were dropped
         # Whether whole-step layers stream (they need one backward per step); token-sum layers always do.
@@ -195,17 +200,17 @@ class StreamedStep:
         return True
 
     def _add_token_sums(self, layer: LoRALayer, group: dict, X: Tensor, S: Tensor) -> bool:
-        """Adds this backward's token sums to the layer's and computes the step from the running sums: after
-        the step's last backward, that is the step of all of them (in one process; under data parallelism
-        ``write`` recomputes it from the rank average of the sums)."""
+        """Adds this backward's token sums to the layer's running sums. They are what the method's step passes
+        to ``reduce``, so the step runs here with ``_RunningSums`` as its reduce; only the sums and the
+        finiteness of what it read are kept (``write`` computes the step from the sums, batched)."""
         layer_sums = self.sums.get(id(layer))
         if layer_sums is None:
-            layer_sums = self.sums[id(layer)] = _LayerSums(layer.A, X, S)
+            layer_sums = self.sums[id(layer)] = _LayerSums(layer, group, X, S)
+        layer_sums.options = _options(group)
         with torch.no_grad():
-            A, B, state, finite = self.optimizer._compute_bucket(
+            *_, finite = self.optimizer._compute_bucket(
                 group, [layer], [(X, S)], grads_from_data=True, reduce=_RunningSums(layer_sums.sums))
         layer_sums.finite = finite if layer_sums.finite is None else layer_sums.finite & finite
-        self.results[id(layer)] = (layer, group, _options(group), A, B, state, layer_sums.finite)
         return True
 
     def discard(self, layer: LoRALayer) -> None:
@@ -214,7 +219,7 @@ class StreamedStep:
         self.sums.pop(id(layer), None)
 
     def has_result(self, layer: LoRALayer) -> bool:
-        return id(layer) in self.results
+        return id(layer) in self.results or id(layer) in self.sums
 
     # step ------------------------------------------------------------------------------------------
 
@@ -236,14 +241,16 @@ class StreamedStep:
         if self.refusal is not None:
             refusal, self.refusal = self.refusal, None
             raise RuntimeError(refusal)
-        if not self.results:
+        if not self.results and not self.sums:
             return
         if loss_scaled:
             raise RuntimeError(
                 "the step was streamed in backward from loss-scaled output gradients, and a GradScaler's scale "
                 "reaches step() only: use capture='cache' (or 'auto', which does) with GradScaler"
             )
-        for layer, group, options, *_ in self.results.values():
+        taken = [(layer, group, options) for layer, group, options, *_ in self.results.values()]
+        taken += [(e.layer, e.group, e.options) for e in self.sums.values()]
+        for layer, group, options in taken:
             if _options(group) != options:
                 changed = sorted(k for k in options if options[k] != group.get(k))
                 raise RuntimeError(
@@ -254,7 +261,7 @@ class StreamedStep:
     def write(self, skip_of) -> list[Tensor]:
         """Writes every result; ``skip_of(group)`` is the group's device skip flag. Returns skip flags."""
         opt = self.optimizer
-        flags = self._write_rank_averaged_sums(skip_of) if opt._reduce is not None and self.sums else []
+        flags = self._write_from_sums(skip_of) if self.sums else []
         for layer, group, _, A, B, state, finite in self.results.values():
             if opt._uses_grads():  # a non-finite .grad skips the layer, as in the cached step
                 finite = finite & opt._factor_grads_finite([layer]).to(finite.device)
@@ -263,26 +270,26 @@ class StreamedStep:
         self.sums.clear()
         return flags
 
-    def _write_rank_averaged_sums(self, skip_of) -> list[Tensor]:
-        """Data parallelism: the token-sum layers' steps from the rank average of their running sums,
+    def _write_from_sums(self, skip_of) -> list[Tensor]:
+        """The token-sum layers' steps from their running sums (rank-averaged under data parallelism),
         batched by bucket in the optimizer's layer order (the same on every rank)."""
         opt = self.optimizer
-        buckets: dict[tuple, list[LoRALayer]] = {}
+        buckets: dict[tuple, list[_LayerSums]] = {}
         for layer in opt._layers:
-            if id(layer) in self.sums:
-                key = (id(opt._group_of(layer)), tuple(layer.A.shape), tuple(layer.B.shape), layer.A.dtype)
-                buckets.setdefault(key, []).append(layer)
+            entry = self.sums.pop(id(layer), None)
+            if entry is not None:
+                key = (id(entry.group), tuple(layer.A.shape), tuple(layer.B.shape), layer.A.dtype)
+                buckets.setdefault(key, []).append(entry)
         flags = []
-        for layers in buckets.values():
-            group = self.results[id(layers[0])][1]
-            entries = [self.sums.pop(id(layer)) for layer in layers]
-            for layer in layers:
-                del self.results[id(layer)]
+        for entries in buckets.values():
+            layers, group = [e.layer for e in entries], entries[0].group
             with torch.no_grad():
                 A, B, state, finite = opt._compute_bucket(
                     group, layers, [e.empty for e in entries],
-                    reduce=_RankAverageOfSums([e.sums for e in entries], opt._reduce))
-            finite = opt._reduce.all_ranks(finite & torch.cat([e.finite for e in entries]))
+                    reduce=_StepSums([e.sums for e in entries], opt._reduce))
+            finite = finite & torch.cat([e.finite for e in entries])
+            if opt._reduce is not None:
+                finite = opt._reduce.all_ranks(finite)
             flags.append(opt._write_bucket(layers, A, B, state, finite, skip_of(group)))
         return flags
 
