@@ -29,8 +29,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _jit
-from .spd import ridged_spd_solve
+from . import _launch
+from .spd import _spd_solve_kernel, ridged_spd_solve
 
 OP = "adaprelora_solve"
 
@@ -40,7 +40,7 @@ def _check(A: Tensor, B: Tensor, g_A: Tensor, g_B: Tensor, p: Tensor, q: Tensor,
         if t.ndim < dims:
             raise ValueError(f"{OP}: {name} must have at least {dims} dimension{'s' if dims > 1 else ''}, "
                              f"got shape {tuple(t.shape)}")
-        _jit.check_float(OP, name, t)
+        _launch.check_float(OP, name, t)
     r, n, m = A.shape[-2], A.shape[-1], B.shape[-2]
     if B.shape[-1] != r:
         raise ValueError(f"{OP}: A {tuple(A.shape)} is (..., r, n) and B {tuple(B.shape)} must be (..., m, r) "
@@ -67,7 +67,7 @@ def adaprelora_solve(
     """AdaPreLoRA's factor direction ``(dA, dB)`` (``reference.adaprelora_solve``); see the module
     docstring."""
     batch = _check(A, B, g_A, g_B, p, q, ridge)
-    device = _jit.check_device(OP, A, B, g_A, g_B, p, q)
+    device = _launch.check_device(OP, _spd_solve_kernel, A, B, g_A, g_B, p, q)
     out_dtype = A.dtype
     for t in (B, g_A, g_B, p, q):
         out_dtype = torch.promote_types(out_dtype, t.dtype)

@@ -24,16 +24,16 @@ operands and accumulator (Triton's fp64 dot), so fp64 inputs keep fp64 accuracy.
 from __future__ import annotations
 
 import torch
+import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import _jit
-from ._lang import add as _add
+from . import _launch
 
 OP = "row_col_energies"
 
 
-@_jit.kernel
+@triton.jit
 def _energies_kernel(
     x_ptr, s_ptr, rows_ptr, cols_ptr, T, n, m,
     stride_xb, stride_xt, stride_xn, stride_sb, stride_st, stride_sm,
@@ -43,7 +43,7 @@ def _energies_kernel(
 ):
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    n_tiles = (n + BLOCK_N - 1) // BLOCK_N
+    n_tiles = tl.cdiv(n, BLOCK_N)
     tile_m = pid // n_tiles
     tile_n = pid % n_tiles
     offs_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -55,7 +55,7 @@ def _energies_kernel(
     m64, n64, k64 = offs_m.to(tl.int64), offs_n.to(tl.int64), offs_k.to(tl.int64)
     s_ptrs = s_ptr + b * stride_sb + m64[:, None] * stride_sm + k64[None, :] * stride_st
     x_ptrs = x_ptr + b * stride_xb + k64[:, None] * stride_xt + n64[None, :] * stride_xn
-    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, ACC)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), ACC)
     for k0 in range(0, T, BLOCK_K):
         k_mask = (k0 + offs_k) < T
         s = tl.load(s_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
@@ -70,19 +70,34 @@ def _energies_kernel(
         s_ptrs += BLOCK_K * stride_st
         x_ptrs += BLOCK_K * stride_xt
     sq = acc * acc  # padded rows and columns of the tile are exact zeros
-    tl.store(rows_ptr + b * stride_rb + tile_n * stride_rt + offs_m, tl.reduce(sq, 1, _add), mask=m_mask)
-    tl.store(cols_ptr + b * stride_cb + tile_m * stride_ct + offs_n, tl.reduce(sq, 0, _add), mask=n_mask)
+    tl.store(rows_ptr + b * stride_rb + tile_n * stride_rt + offs_m, tl.sum(sq, 1), mask=m_mask)
+    tl.store(cols_ptr + b * stride_cb + tile_m * stride_ct + offs_n, tl.sum(sq, 0), mask=n_mask)
 
 
-def _tiles(m: int, n: int, acc: torch.dtype, interpret: bool) -> tuple[int, int, int, int]:
-    if interpret:  # per-op overhead dominates: one tile for small problems
-        return min(64, max(16, _jit.next_pow2(m))), min(64, max(16, _jit.next_pow2(n))), 32, 4
-    big = 64 if acc == torch.float64 else 128
-    block_m = min(big, max(16, _jit.next_pow2(m)))
-    block_n = min(big, max(16, _jit.next_pow2(n)))
-    block_k = 16 if acc == torch.float64 else 32
-    warps = 8 if block_m * block_n >= 128 * 128 else 4
-    return block_m, block_n, block_k, warps
+def plan(B: int, m: int, n: int, x_dtype: torch.dtype, s_dtype: torch.dtype,
+         target: _launch.Target) -> _launch.LaunchPlan:
+    """One program per BLOCK_M × BLOCK_N tile of G and batch element: grid (m_tiles · n_tiles, B)."""
+    acc = torch.float64 if torch.float64 in (x_dtype, s_dtype) else torch.float32
+    if target.interpret:  # per-op overhead dominates: one tile for small problems
+        block_m = min(64, max(16, triton.next_power_of_2(m)))
+        block_n = min(64, max(16, triton.next_power_of_2(n)))
+        block_k, warps = 32, 4
+    else:
+        big = 64 if acc == torch.float64 else 128
+        block_m = min(big, max(16, triton.next_power_of_2(m)))
+        block_n = min(big, max(16, triton.next_power_of_2(n)))
+        block_k = 16 if acc == torch.float64 else 32
+        warps = 8 if block_m * block_n >= 128 * 128 else 4
+    # Same-dtype half pairs go to the tensor cores as they are, except bf16 in the interpreter, whose
+    # tl.dot mishandles bf16 operands (numpy has no bf16).
+    half = x_dtype == torch.float16 or (x_dtype == torch.bfloat16 and not target.interpret)
+    native_dot = x_dtype == s_dtype and half
+    return _launch.LaunchPlan(
+        _energies_kernel, (triton.cdiv(m, block_m) * triton.cdiv(n, block_n), B),
+        {"ACC": _launch.acc_type(acc), "UPCAST": not native_dot and not (x_dtype == s_dtype == acc),
+         "IEEE": not native_dot, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k},
+        num_warps=warps, num_stages=3,
+    )
 
 
 def row_col_energies(X: Tensor, S: Tensor, *, block_size: int = 256) -> tuple[Tensor, Tensor]:
@@ -91,11 +106,11 @@ def row_col_energies(X: Tensor, S: Tensor, *, block_size: int = 256) -> tuple[Te
     for name, t in (("X", X), ("S", S)):
         if t.ndim < 2:
             raise ValueError(f"{OP}: {name} must have at least 2 dimensions, got shape {tuple(t.shape)}")
-        _jit.check_float(OP, name, t)
+        _launch.check_float(OP, name, t)
     if S.shape[:-2] != X.shape[:-2] or S.shape[-2] != X.shape[-2]:
         raise ValueError(f"{OP}: X {tuple(X.shape)} is (..., T, n) and S {tuple(S.shape)} must be "
                          "(..., T, m) with the same batch shape and T")
-    device = _jit.check_device(OP, X, S)
+    device = _launch.check_device(OP, _energies_kernel, X, S)
     acc = torch.float64 if torch.float64 in (X.dtype, S.dtype) else torch.float32
     batch, T, n, m = X.shape[:-2], X.shape[-2], X.shape[-1], S.shape[-1]
     rows = torch.zeros(batch + (m,), dtype=acc, device=device)
@@ -104,23 +119,15 @@ def row_col_energies(X: Tensor, S: Tensor, *, block_size: int = 256) -> tuple[Te
         return rows, cols
     X3, S3 = X.reshape(-1, T, n), S.reshape(-1, T, m)
     B = X3.shape[0]
-    interpret = _jit.interpret_mode()
-    # The interpreter's tl.dot mishandles bf16 operands (numpy has no bf16): upcast there.
-    half = X.dtype == torch.float16 or (X.dtype == torch.bfloat16 and not interpret)
-    native_dot = X.dtype == S.dtype and half
-    block_m, block_n, block_k, warps = _tiles(m, n, acc, interpret)
-    m_tiles, n_tiles = _jit.cdiv(m, block_m), _jit.cdiv(n, block_n)
-    row_part = torch.empty(B, n_tiles, m, dtype=acc, device=device)
-    col_part = torch.empty(B, m_tiles, n, dtype=acc, device=device)
-    with _jit.device_guard(device):
-        _energies_kernel[(m_tiles * n_tiles, B)](
+    launch = plan(B, m, n, X.dtype, S.dtype, _launch.target_of(device, _energies_kernel))
+    block_m, block_n = launch.constexprs["BLOCK_M"], launch.constexprs["BLOCK_N"]
+    row_part = torch.empty(B, triton.cdiv(n, block_n), m, dtype=acc, device=device)
+    col_part = torch.empty(B, triton.cdiv(m, block_m), n, dtype=acc, device=device)
+    with _launch.device_guard(device):
+        launch.launch(
             X3, S3, row_part, col_part, T, n, m,
             X3.stride(0), X3.stride(1), X3.stride(2), S3.stride(0), S3.stride(1), S3.stride(2),
             row_part.stride(0), row_part.stride(1), col_part.stride(0), col_part.stride(1),
-            ACC=tl.float64 if acc == torch.float64 else tl.float32,
-            UPCAST=not native_dot and not (X.dtype == S.dtype == acc),
-            IEEE=not native_dot,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
         )
     torch.sum(row_part, dim=1, out=rows.view(B, m))
     torch.sum(col_part, dim=1, out=cols.view(B, n))

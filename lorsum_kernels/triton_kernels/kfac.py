@@ -9,107 +9,78 @@ the inputs are not modified.
 
 Dtypes and order follow the reference: the sums accumulate in fp32 (fp64 for fp64 X), are multiplied by
 the scale in that dtype, cast to v's dtype, and the EMA and damping run in v's dtype. The scalars reach
-the kernel as fp64 bit patterns (``_jit.f64_bits``) and are rounded to the working dtype there, as the
+the kernel as fp64 bit patterns (``_launch.f64_bits``) and are rounded to the working dtype there, as the
 reference rounds Python floats. The power is evaluated as ``exp(p·log|x|)`` in fp64 and rounded once to
 v's dtype (within an ulp of ``torch.pow`` for fp32, a few ulps for fp64), with IEEE ``pow`` special cases:
 ``p = 0`` gives 1 everywhere (NaN included), ``p = 1`` is exact, a negative base gives NaN unless ``p``
 is an integer (then the sign follows p's parity); ``p`` must be finite.
 
-Each tensor (X, then S) takes one launch in which every program reads a column block once, reduces it and
-applies the whole EPILOGUE, writing v' and M. When the batch × column blocks cannot fill the GPU, the
-token dimension is split: the first launch writes per-split partial sums, and a second launch of the
-same kernel (SQUARE=False) adds them in a fixed order and applies the epilogue. No atomics, so results
-are deterministic.
+Each tensor (X, then S) takes one launch in which every program reads a column block once, reduces it
+(``sq_sums.col_block_sums``) and applies the epilogue, writing v' and M. When the batch × column blocks
+cannot fill the GPU, the token dimension is split: ``col_sq_sums``' kernel writes per-split partial sums
+first, and this kernel (SQUARE=False) adds them in a fixed order and applies the epilogue. No atomics, so
+results are deterministic.
 """
 
 from __future__ import annotations
 
 import torch
+import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import _jit
-from ._lang import add as _add
-from .sq_sums import _auto_splits, _blocks
+from . import _launch, sq_sums
+from ._launch import f64_from_bits
 
 OP = "kfac_metric_update"
 
-_POW_ONE, _POW_IDENTITY, _POW_GENERAL = 0, 1, 2
 
-
-# The scalars' bit patterns vary per call: specialising on their value (== 1, divisible by 16) would only
-# multiply compilations.
-@_jit.kernel(
-    do_not_specialize=("scale_bits", "beta_bits", "one_minus_beta_bits", "damping_bits", "power_bits")
-)
+# The scalars' bit patterns vary per call: typed i64 whatever their value, and not specialised on it (== 1,
+# divisible by 16), one compiled kernel serves every value.
+@triton.jit(do_not_specialize=["scale_bits", "beta_bits", "one_minus_beta_bits", "damping_bits", "power_bits"])
 def _kfac_kernel(
-    x_ptr, T, n, rows_per_split, stride_xb, stride_xt, stride_xn,
-    v_ptr, stride_vb, stride_vn, new_ptr, metric_ptr, part_ptr, stride_ps, stride_pb,
-    scale_bits, beta_bits, one_minus_beta_bits, damping_bits, power_bits,
-    ACC: tl.constexpr, SQUARE: tl.constexpr, EPILOGUE: tl.constexpr,
-    POW_KIND: tl.constexpr, POW_INT: tl.constexpr, POW_ODD: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+    x_ptr, T, n, stride_xb, stride_xt, stride_xn, v_ptr, stride_vb, stride_vn, new_ptr, metric_ptr,
+    scale_bits: tl.int64, beta_bits: tl.int64, one_minus_beta_bits: tl.int64, damping_bits: tl.int64,
+    power_bits: tl.int64,
+    ACC: tl.constexpr, SQUARE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    split = tl.program_id(1)
-    col_blocks = (n + BLOCK_N - 1) // BLOCK_N
-    b = (pid // col_blocks).to(tl.int64)
-    cols = (pid % col_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_mask = cols < n
-    t_start = split * rows_per_split
-    t_end = tl.minimum(T, t_start + rows_per_split)
-    col_ptrs = x_ptr + b * stride_xb + cols.to(tl.int64)[None, :] * stride_xn
-    acc = tl.full((BLOCK_T, BLOCK_N), 0.0, ACC)
-    for t0 in range(t_start, t_end, BLOCK_T):
-        rows = t0 + tl.arange(0, BLOCK_T)
-        mask = (rows < t_end)[:, None] & col_mask[None, :]
-        val = tl.load(col_ptrs + rows.to(tl.int64)[:, None] * stride_xt, mask=mask, other=0.0).to(ACC)
-        if SQUARE:
-            acc += val * val
-        else:  # adding the partial sums of a split first pass
-            acc += val
-    total = tl.reduce(acc, 0, _add)
-
-    if EPILOGUE:
-        v_offs = b * stride_vb + cols.to(tl.int64) * stride_vn
-        v = tl.load(v_ptr + v_offs, mask=col_mask, other=0.0)
-        VT = v.dtype
-        scale = scale_bits.to(tl.int64).to(tl.float64, bitcast=True)
-        beta = beta_bits.to(tl.int64).to(tl.float64, bitcast=True)
-        one_minus_beta = one_minus_beta_bits.to(tl.int64).to(tl.float64, bitcast=True)
-        damping = damping_bits.to(tl.int64).to(tl.float64, bitcast=True)
-        stat = (total * scale.to(ACC)).to(VT)
-        new = v * beta.to(VT) + stat * one_minus_beta.to(VT)
-        tl.store(new_ptr + b * n + cols, new, mask=col_mask)
-        base = new + damping.to(VT)
-        if POW_KIND == 0:
-            metric = tl.full((BLOCK_N,), 1.0, VT)
-        elif POW_KIND == 1:
-            metric = base
-        else:
-            power = power_bits.to(tl.int64).to(tl.float64, bitcast=True)
-            x = base.to(tl.float64)
-            # fp64 exp/log: Triton's fp32 exp is an approximation; rounded once to VT this is pow to
-            # within an ulp.
-            mag = tl.exp(power * tl.log(tl.abs(x)))
-            if POW_INT:
-                if POW_ODD:
-                    mag = tl.where(x < 0, -mag, mag)
-            else:
-                mag = tl.where(x < 0, float("nan"), mag)
-            metric = mag.to(VT)
-        tl.store(metric_ptr + b * n + cols, metric, mask=col_mask)
-    else:
-        tl.store(part_ptr + split.to(tl.int64) * stride_ps + b * stride_pb + cols, total, mask=col_mask)
+    # SQUARE: x is the data (B, T, n); otherwise the (B, splits, n) partial sums of col_sq_sums' kernel.
+    b, cols, col_mask, total = sq_sums.col_block_sums(x_ptr, T, n, stride_xb, stride_xt, stride_xn,
+                                                      SQUARE, ACC, BLOCK_T, BLOCK_N)
+    v = tl.load(v_ptr + b * stride_vb + cols.to(tl.int64) * stride_vn, mask=col_mask, other=0.0)
+    VT = v.dtype
+    stat = (total * f64_from_bits(scale_bits).to(ACC)).to(VT)
+    new = v * f64_from_bits(beta_bits).to(VT) + stat * f64_from_bits(one_minus_beta_bits).to(VT)
+    tl.store(new_ptr + b * n + cols, new, mask=col_mask)
+    base = new + f64_from_bits(damping_bits).to(VT)
+    # The power is a run-time value, so one compiled kernel serves every p: its special cases are selected
+    # per element, not branched on. fp64 exp/log: Triton's fp32 exp is an approximation; rounded once to
+    # VT this is pow to within an ulp.
+    p = f64_from_bits(power_bits)
+    x = base.to(tl.float64)
+    mag = tl.exp(p * tl.log(tl.abs(x)))
+    # A negative base: NaN unless p is an integer, whose parity gives the sign.
+    p_int = tl.floor(p) == p
+    p_odd = p_int & (p - 2.0 * tl.floor(0.5 * p) == 1.0)
+    mag = tl.where(x < 0, tl.where(p_int, tl.where(p_odd, -mag, mag), float("nan")), mag)
+    # p = 0 gives 1 everywhere (NaN included) and p = 1 the base itself, as pow does.
+    metric = tl.where(p == 0.0, 1.0, tl.where(p == 1.0, base, mag.to(VT)))
+    tl.store(metric_ptr + b * n + cols, metric.to(VT), mask=col_mask)
 
 
-def _power_flags(power: float) -> tuple[int, bool, bool]:
-    if power == 0.0:
-        return _POW_ONE, True, False
-    if power == 1.0:
-        return _POW_IDENTITY, True, True
-    is_int = float(power).is_integer()
-    return _POW_GENERAL, is_int, is_int and int(power) % 2 == 1
+def plan(B: int, T: int, n: int, acc: torch.dtype, target: _launch.Target,
+         splits: int | None = None) -> list[_launch.LaunchPlan]:
+    """The launches of one metric step over B (T, n) matrices: the fused one, or ``col_sq_sums``' partial
+    sums over ``grid[1]`` token splits followed by the epilogue over them. ``splits`` forces the number of
+    token splits (tests cover both paths)."""
+    partials = sq_sums.plan(B, T, n, acc, target, splits)
+    block_t, block_n, warps = sq_sums.blocks(n, target)
+    t_splits = partials.grid[1]
+    # The partial sums (a few rows) are read with the data's tiles: one compiled epilogue per dtype,
+    # whatever the number of splits.
+    meta = {"ACC": _launch.acc_type(acc), "SQUARE": t_splits == 1, "BLOCK_T": block_t, "BLOCK_N": block_n}
+    epilogue = _launch.LaunchPlan(_kfac_kernel, (partials.grid[0], 1), meta, num_warps=warps, num_stages=3)
+    return [epilogue] if t_splits == 1 else [partials, epilogue]
 
 
 def _metric_step(x, v, beta, damping, power, scale, t_splits):
@@ -128,48 +99,30 @@ def _metric_step(x, v, beta, damping, power, scale, t_splits):
         T = 1
     else:
         x3 = x.reshape(-1, T, n)
-    interpret = _jit.interpret_mode()
-    block_t, block_n, warps = _blocks(n, interpret)
-    col_blocks = _jit.cdiv(n, block_n)
-    splits = t_splits if t_splits is not None else _auto_splits(device, B * col_blocks, T, block_t)
-    rows_per_split = _jit.cdiv(_jit.cdiv(T, max(1, splits)), block_t) * block_t
-    splits = _jit.cdiv(T, rows_per_split)
-    kind, is_int, is_odd = _power_flags(power)
-    scalars = [_jit.f64_bits(s) for s in (scale, beta, 1.0 - beta, damping, power)]
-    common = {"ACC": tl.float64 if acc == torch.float64 else tl.float32, "POW_KIND": kind, "POW_INT": is_int,
-              "POW_ODD": is_odd, "BLOCK_N": block_n, "num_warps": warps}
-    part = new  # unused by a fused launch; any pointer of the right device will do
-    with _jit.device_guard(device):
-        if splits > 1:
-            part = torch.empty(splits, B, n, dtype=acc, device=device)
-            _launch(x3, T, n, rows_per_split, v2, new, metric, part, scalars, (B * col_blocks, splits),
-                        SQUARE=True, EPILOGUE=False, BLOCK_T=block_t, **common)
-            # The partial sums, read as a (B, splits, n) "token" matrix by the same kernel.
-            x3, T, rows_per_split = part.permute(1, 0, 2), splits, splits
-            block_t = min(64, _jit.next_pow2(splits))
-        _launch(x3, T, n, rows_per_split, v2, new, metric, part, scalars, (B * col_blocks, 1),
-                    SQUARE=splits == 1, EPILOGUE=True, BLOCK_T=block_t, **common)
+    launches = plan(B, T, n, acc, _launch.target_of(device, _kfac_kernel), t_splits)
+    scalars = [_launch.f64_bits(s) for s in (scale, beta, 1.0 - beta, damping, power)]
+    with _launch.device_guard(device):
+        if len(launches) == 2:
+            partials = launches[0]
+            part = torch.empty(partials.grid[1], B, n, dtype=acc, device=device)
+            partials.launch(x3, part, T, n, x3.stride(0), x3.stride(1), x3.stride(2),
+                            part.stride(0), part.stride(1))
+            # The partial sums, read as a (B, splits, n) "token" matrix.
+            x3, T = part.permute(1, 0, 2), part.shape[0]
+        launches[-1].launch(x3, T, n, x3.stride(0), x3.stride(1), x3.stride(2), v2, v2.stride(0), v2.stride(1),
+                            new, metric, *scalars)
     return new, metric
-
-
-def _launch(x3, T, n, rows_per_split, v2, new, metric, part, scalars, grid, **meta):
-    _kfac_kernel[grid](
-        x3, T, n, rows_per_split, x3.stride(0), x3.stride(1), x3.stride(2),
-        v2, v2.stride(0), v2.stride(1), new, metric, part,
-        part.stride(0) if part.ndim == 3 else 0, part.stride(1) if part.ndim == 3 else 0,
-        *scalars, **meta,
-    )
 
 
 def _check(X, S, v_in, v_out):
     for name, t in (("X", X), ("S", S)):
         if t.ndim < 2:
             raise ValueError(f"{OP}: {name} must have at least 2 dimensions, got shape {tuple(t.shape)}")
-        _jit.check_float(OP, name, t)
+        _launch.check_float(OP, name, t)
     for name, t in (("v_in", v_in), ("v_out", v_out)):
         if t.ndim < 1:
             raise ValueError(f"{OP}: {name} must have at least 1 dimension")
-        _jit.check_float(OP, name, t, (torch.float32, torch.float64))
+        _launch.check_float(OP, name, t, (torch.float32, torch.float64))
     batch = X.shape[:-2]
     if S.shape[:-2] != batch or S.shape[-2] != X.shape[-2]:
         raise ValueError(f"{OP}: X {tuple(X.shape)} is (..., T, n) and S {tuple(S.shape)} must be "
@@ -180,7 +133,7 @@ def _check(X, S, v_in, v_out):
     if v_out.shape != batch + S.shape[-1:]:
         raise ValueError(f"{OP}: v_out must be (..., m) = {tuple(batch + S.shape[-1:])}, "
                          f"got {tuple(v_out.shape)}")
-    _jit.check_device(OP, X, S, v_in, v_out)
+    _launch.check_device(OP, _kfac_kernel, X, S, v_in, v_out)
 
 
 def kfac_metric_update(

@@ -32,15 +32,16 @@ entry of P that token t reaches. Padded tokens are zeroed in U, so an inf in W d
 from __future__ import annotations
 
 import torch
+import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import _jit
+from . import _launch
 
 OP = "pair_products"
 
 
-@_jit.kernel
+@triton.jit
 def _chain_kernel(
     w_ptr, fo_ptr, fi_ptr, out_ptr, M, Q, N, WD,
     stride_wb, stride_wm, stride_ww, stride_fob, stride_fom, stride_foq, stride_fib, stride_fiq, stride_fin,
@@ -61,7 +62,7 @@ def _chain_kernel(
 
     wt_ptrs = w_ptr + b * stride_wb + w64[:, None] * stride_ww + m64[None, :] * stride_wm
     fo_ptrs = fo_ptr + b * stride_fob + m64[:, None] * stride_fom + offs_q[None, :] * stride_foq
-    U = tl.full((BLOCK_W, BLOCK_Q), 0.0, ACC)
+    U = tl.zeros((BLOCK_W, BLOCK_Q), ACC)
     for m0 in range(0, M, BLOCK_M):
         m_mask = (m0 + offs_m) < M
         wt = tl.load(wt_ptrs, mask=w_mask[:, None] & m_mask[None, :], other=0.0).to(ACC)
@@ -77,33 +78,47 @@ def _chain_kernel(
     for n0 in range(0, N, BLOCK_N):
         n_mask = (n0 + offs_n) < N
         fi = tl.load(fi_ptrs, mask=q_mask[:, None] & n_mask[None, :], other=0.0).to(ACC)
-        part = tl.dot(U, fi, tl.full((BLOCK_W, BLOCK_N), 0.0, ACC), input_precision="ieee")
+        part = tl.dot(U, fi, input_precision="ieee")
         tl.store(out_ptrs, part.to(out_ptr.dtype.element_ty), mask=w_mask[:, None] & n_mask[None, :])
         fi_ptrs += BLOCK_N * stride_fin
         out_ptrs += BLOCK_N * stride_on
 
 
 def _tiles(wd: int, m: int, q: int, n: int, batch: int, acc: torch.dtype,
-           device: torch.device) -> tuple[int, int, int, int, int]:
+           target: _launch.Target) -> tuple[int, int, int, int, int]:
     """(BLOCK_W, BLOCK_M, BLOCK_Q, BLOCK_N, num_warps) for a w×n product over q tokens and m rows."""
-    block_w = min(64, max(16, _jit.next_pow2(wd)))
-    if _jit.interpret_mode():  # per-op overhead dominates: the fewest, largest tiles
-        block_q = min(128, max(16, _jit.next_pow2(q)))
-        return block_w, min(64, max(16, _jit.next_pow2(m))), block_q, min(64, max(16, _jit.next_pow2(n))), 4
+    block_w = min(64, max(16, triton.next_power_of_2(wd)))
+    if target.interpret:  # per-op overhead dominates: the fewest, largest tiles
+        block_q = min(128, max(16, triton.next_power_of_2(q)))
+        block_m = min(64, max(16, triton.next_power_of_2(m)))
+        return block_w, block_m, block_q, min(64, max(16, triton.next_power_of_2(n))), 4
     # Registers: U (BLOCK_W × BLOCK_Q) stays from the m loop through the n loop, beside the F_in tile
     # (BLOCK_Q × BLOCK_N).
     budget = 8192 if acc == torch.float32 else 4096
     cap_q = min(256, budget // block_w)
     floor_q = min(cap_q, 4 * block_w)  # bounds the partial buffer at a quarter of F_in per W tile
-    block_q = min(cap_q, max(16, _jit.next_pow2(q)))
-    programs = _jit.cdiv(wd, block_w) * batch
-    target = _jit.target_programs(device)
-    while block_q > floor_q and programs * _jit.cdiv(q, block_q) < target:
+    block_q = min(cap_q, max(16, triton.next_power_of_2(q)))
+    programs = triton.cdiv(wd, block_w) * batch
+    while block_q > floor_q and programs * triton.cdiv(q, block_q) < target.programs:
         block_q //= 2
-    block_n = max(16, min(128, budget // block_q, _jit.next_pow2(n)))
+    block_n = max(16, min(128, budget // block_q, triton.next_power_of_2(n)))
     block_m = 32 if acc == torch.float32 else 16
     warps = 8 if max(block_w * block_q, block_q * block_n) >= 8192 else 4
     return block_w, block_m, block_q, block_n, warps
+
+
+def plan(batch: int, m: int, wd: int, q: int, n: int, acc: torch.dtype,
+         target: _launch.Target) -> _launch.LaunchPlan:
+    """``Wᵀ·F_out·F_in`` for ``batch`` chains of W (m, wd), F_out (m, q), F_in (q, n): one program per W tile,
+    token block and batch element, grid (w_tiles, token blocks, batch); token blocks past the first write
+    partial products (``grid[1]`` of them) that the launcher sums."""
+    block_w, block_m, block_q, block_n, warps = _tiles(wd, m, q, n, batch, acc, target)
+    return _launch.LaunchPlan(
+        _chain_kernel, (triton.cdiv(wd, block_w), triton.cdiv(q, block_q), batch),
+        {"ACC": _launch.acc_type(acc), "BLOCK_W": block_w, "BLOCK_M": block_m, "BLOCK_Q": block_q,
+         "BLOCK_N": block_n},
+        num_warps=warps, num_stages=3,
+    )
 
 
 def _chain(W: Tensor, fo: Tensor, fi: Tensor, out: Tensor, acc: torch.dtype) -> None:
@@ -111,18 +126,16 @@ def _chain(W: Tensor, fo: Tensor, fi: Tensor, out: Tensor, acc: torch.dtype) -> 
     Bn, m, wd = W.shape
     q, n = fi.shape[1], fi.shape[2]
     device = out.device
-    block_w, block_m, block_q, block_n, warps = _tiles(wd, m, q, n, Bn, acc, device)
-    blocks = _jit.cdiv(q, block_q)
+    launch = plan(Bn, m, wd, q, n, acc, _launch.target_of(device, _chain_kernel))
+    blocks = launch.grid[1]
     # One token block writes its product straight into out; several write partials, summed below.
     part = out.unsqueeze(0) if blocks == 1 else torch.empty((blocks,) + out.shape, dtype=acc, device=device)
-    with _jit.device_guard(device):
-        _chain_kernel[(_jit.cdiv(wd, block_w), blocks, Bn)](
+    with _launch.device_guard(device):
+        launch.launch(
             W, fo, fi, part, m, q, n, wd,
             W.stride(0), W.stride(1), W.stride(2), fo.stride(0), fo.stride(1), fo.stride(2),
             fi.stride(0), fi.stride(1), fi.stride(2), part.stride(0), part.stride(1), part.stride(2),
             part.stride(3),
-            ACC=tl.float64 if acc == torch.float64 else tl.float32,
-            BLOCK_W=block_w, BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n, num_warps=warps,
         )
     if blocks > 1:
         torch.sum(part, dim=0, out=out)
@@ -142,7 +155,7 @@ def pair_products(
     for name, t in present:
         if t.ndim < 2:
             raise ValueError(f"{OP}: {name} must have at least 2 dimensions, got shape {tuple(t.shape)}")
-        _jit.check_float(OP, name, t)
+        _launch.check_float(OP, name, t)
     q, n, m = f_in.shape[-2], f_in.shape[-1], f_out.shape[-2]
     if f_out.shape[-1] != q:
         raise ValueError(f"{OP}: f_in {tuple(f_in.shape)} is (..., q, n) and f_out {tuple(f_out.shape)} must be "
@@ -151,7 +164,7 @@ def pair_products(
         raise ValueError(f"{OP}: W must be (..., m, w) with m = {m}, got shape {tuple(W.shape)}")
     if V is not None and V.shape[-1] != n:
         raise ValueError(f"{OP}: V must be (..., v, n) with n = {n}, got shape {tuple(V.shape)}")
-    device = _jit.check_device(OP, *(t for _, t in present))
+    device = _launch.check_device(OP, _chain_kernel, *(t for _, t in present))
     acc = torch.float64 if any(t.dtype == torch.float64 for _, t in present) else torch.float32
 
     def batch_of(*ts: Tensor) -> torch.Size:

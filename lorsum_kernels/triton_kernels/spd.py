@@ -32,20 +32,40 @@ only where they cannot be merged into one batch dimension does ``reshape`` copy.
 from __future__ import annotations
 
 import torch
+import triton
 import triton.language as tl
 from torch import Tensor
 
 from .. import reference
-from . import _jit
-from ._lang import add as _add
+from . import _launch
+from ._launch import f64_from_bits
 
 OP = "spd_solve"
 MAX_R = 64
 
 
-@_jit.kernel(do_not_specialize=("ridge_bits",))
+@triton.jit
+def _column(A, cols, k):
+    """Column k of the register tile A (R×R), as a vector over its rows."""
+    return tl.sum(tl.where(cols[None, :] == k, A, 0.0), 1)
+
+
+@triton.jit
+def _row(A, rows, k):
+    """Row k of the register tile A, as a vector over its columns."""
+    return tl.sum(tl.where(rows[:, None] == k, A, 0.0), 0)
+
+
+@triton.jit
+def _entry(v, idx, k):
+    """v[k] of a register vector v indexed by idx."""
+    return tl.sum(tl.where(idx == k, v, 0.0), 0)
+
+
+# The ridge's bit pattern: typed i64 whatever its value, and not specialised on it (f64_bits).
+@triton.jit(do_not_specialize=["ridge_bits"])
 def _spd_solve_kernel(
-    g_ptr, rhs_ptr, out_ptr, ridge_ptr, ridge_bits, r, N,
+    g_ptr, rhs_ptr, out_ptr, ridge_ptr, ridge_bits: tl.int64, r, N,
     stride_gb, stride_gi, stride_gj, stride_rb, stride_ri, stride_rc, stride_ob, stride_oi, stride_oc,
     stride_ridge,
     ACC: tl.constexpr, RIDGE_PER_MATRIX: tl.constexpr, FALLBACK_RIDGE: tl.constexpr, FLOOR: tl.constexpr,
@@ -60,7 +80,7 @@ def _spd_solve_kernel(
     diag = inside & (rows[:, None] == cols[None, :])
     G = tl.load(g_ptr + b * stride_gb + rows[:, None] * stride_gi + cols[None, :] * stride_gj,
                 mask=lower, other=0.0).to(ACC)
-    scale = tl.reduce(tl.reduce(tl.where(diag, G, 0.0), 1, _add), 0, _add) / r
+    scale = tl.sum(tl.sum(tl.where(diag, G, 0.0), 1), 0) / r
     # Constants built in ACC from their Python values: a plain float literal would be rounded to fp32
     # (and the fp64 floor, 2**-511, would underflow to 0).
     floor = tl.full((), FLOOR, ACC)
@@ -68,28 +88,28 @@ def _spd_solve_kernel(
     if RIDGE_PER_MATRIX:
         ridge = tl.load(ridge_ptr + b * stride_ridge).to(tl.float64)
     else:
-        ridge = ridge_bits.to(tl.int64).to(tl.float64, bitcast=True)
+        ridge = f64_from_bits(ridge_bits)
     # ridge + fallback in fp64, as the reference adds two Python floats, then rounded once to ACC.
     fallback = ridge + tl.full((), FALLBACK_RIDGE, tl.float64)
     shift = scale * ridge.to(ACC)
     fallback_shift = scale * fallback.to(ACC)
 
     A = G
-    pivots = tl.full((R,), 0.0, ACC)
+    pivots = tl.zeros((R,), ACC)
     ok = scale > 0  # set by each attempt below
     for attempt in tl.static_range(2):
         # The second attempt repeats the first (same shift, same factor) unless that one failed.
         A = tl.where(diag, G + shift, G)
         for k in range(r):
-            col_k = tl.reduce(tl.where(cols[None, :] == k, A, 0.0), 1, _add)
-            d = tl.reduce(tl.where(rows == k, col_k, 0.0), 0, _add)
+            col_k = _column(A, cols, k)
+            d = _entry(col_k, rows, k)
             pivots = tl.where(rows == k, d, pivots)
             l_k = tl.where(rows >= k, col_k / tl.sqrt(d), 0.0)
             trailing = (rows[:, None] > k) & (cols[None, :] > k) & (rows[:, None] >= cols[None, :])
             A = tl.where(trailing, A - l_k[:, None] * l_k[None, :], A)
             A = tl.where(cols[None, :] == k, l_k[:, None], A)
         # `not (p > 0)` is true for NaN pivots, as LAPACK's potrf test.
-        failed = tl.reduce(tl.where(rows < r, tl.where(pivots > 0, 0, 1), 0), 0, _add)
+        failed = tl.sum(tl.where((rows < r) & ~(pivots > 0), 1, 0), 0)
         ok = failed == 0
         shift = tl.where(ok, shift, fallback_shift)
     A = tl.where(ok, A, float("nan"))
@@ -100,30 +120,35 @@ def _spd_solve_kernel(
                 mask=b_mask, other=0.0).to(ACC)
     # Forward substitution L·Y = B, one row of Y at a time.
     for k in range(r):
-        l_k = tl.reduce(tl.where(cols[None, :] == k, A, 0.0), 1, _add)
-        d = tl.reduce(tl.where(rows == k, l_k, 0.0), 0, _add)
-        y_k = tl.reduce(tl.where(rows[:, None] == k, Z, 0.0), 0, _add) / d
+        l_k = _column(A, cols, k)
+        y_k = _row(Z, rows, k) / _entry(l_k, rows, k)
         Z = tl.where(rows[:, None] > k, Z - l_k[:, None] * y_k[None, :], Z)
         Z = tl.where(rows[:, None] == k, y_k[None, :], Z)
     # Backward substitution Lᵀ·X = Y, from the last row up; row k of L gives column k of Lᵀ.
     for kk in range(r):
         k = r - 1 - kk
-        lt_k = tl.reduce(tl.where(rows[:, None] == k, A, 0.0), 0, _add)
-        d = tl.reduce(tl.where(cols == k, lt_k, 0.0), 0, _add)
-        x_k = tl.reduce(tl.where(rows[:, None] == k, Z, 0.0), 0, _add) / d
+        lt_k = _row(A, rows, k)
+        x_k = _row(Z, rows, k) / _entry(lt_k, cols, k)
         Z = tl.where(rows[:, None] < k, Z - lt_k[:, None] * x_k[None, :], Z)
         Z = tl.where(rows[:, None] == k, x_k[None, :], Z)
     tl.store(out_ptr + b * stride_ob + rows[:, None] * stride_oi + c.to(tl.int64)[None, :] * stride_oc,
              Z.to(out_ptr.dtype.element_ty), mask=b_mask)
 
 
-def _blocks(r: int, N: int, acc: torch.dtype, interpret: bool) -> tuple[int, int, int]:
-    R = max(16, _jit.next_pow2(r))
+def plan(B: int, r: int, N: int, acc: torch.dtype, ridge_per_matrix: bool,
+         target: _launch.Target) -> _launch.LaunchPlan:
+    """B solves of r×r systems (r ≤ MAX_R) with N right-hand sides: grid (B, column blocks)."""
+    R = max(16, triton.next_power_of_2(r))
     # Registers: the R×R factor and the R×BLOCK_C right-hand sides stay in the register file.
-    budget = 8192 if interpret else (4096 if acc == torch.float32 else 2048)
-    block_c = max(16, min(128, budget // R, _jit.next_pow2(N)))
-    warps = 8 if R >= 64 else 4
-    return R, block_c, warps
+    budget = 8192 if target.interpret else (4096 if acc == torch.float32 else 2048)
+    block_c = max(16, min(128, budget // R, triton.next_power_of_2(N)))
+    return _launch.LaunchPlan(
+        _spd_solve_kernel, (B, triton.cdiv(N, block_c)),
+        {"ACC": _launch.acc_type(acc), "RIDGE_PER_MATRIX": ridge_per_matrix,
+         "FALLBACK_RIDGE": reference.FALLBACK_RIDGE[acc], "FLOOR": torch.finfo(acc).tiny ** 0.5,
+         "R": R, "BLOCK_C": block_c},
+        num_warps=8 if R >= 64 else 4, num_stages=3,
+    )
 
 
 def spd_solve(gram: Tensor, rhs: Tensor, *, left: bool = True) -> Tensor:
@@ -140,7 +165,7 @@ def ridged_spd_solve(gram: Tensor, rhs: Tensor, ridge, *, left: bool = True) -> 
     for name, t in (("gram", gram), ("rhs", rhs)):
         if t.ndim < 2:
             raise ValueError(f"{OP}: {name} must have at least 2 dimensions, got shape {tuple(t.shape)}")
-        _jit.check_float(OP, name, t)
+        _launch.check_float(OP, name, t)
     r = gram.shape[-1]
     if gram.shape[-2] != r:
         raise ValueError(f"{OP}: gram must be square (..., r, r), got shape {tuple(gram.shape)}")
@@ -157,7 +182,7 @@ def ridged_spd_solve(gram: Tensor, rhs: Tensor, ridge, *, left: bool = True) -> 
         if per_matrix:
             what += f" and the ridge {tuple(ridge.shape)}"
         raise ValueError(f"{OP}: the batch dimensions of {what} do not broadcast") from e
-    device = _jit.check_device(OP, gram, rhs)
+    device = _launch.check_device(OP, _spd_solve_kernel, gram, rhs)
     out_dtype = torch.promote_types(gram.dtype, rhs.dtype)
     acc = torch.float64 if out_dtype == torch.float64 else torch.float32
     out = torch.empty(batch + rhs.shape[-2:], dtype=out_dtype, device=device)
@@ -184,14 +209,11 @@ def ridged_spd_solve(gram: Tensor, rhs: Tensor, ridge, *, left: bool = True) -> 
     # (row, column) strides of the r×N systems: a right solve reads and writes the transposes.
     rs = (rhs3.stride(1), rhs3.stride(2)) if left else (rhs3.stride(2), rhs3.stride(1))
     os_ = (out3.stride(1), out3.stride(2)) if left else (out3.stride(2), out3.stride(1))
-    R, block_c, warps = _blocks(r, N, acc, _jit.interpret_mode())
-    with _jit.device_guard(device):
-        _spd_solve_kernel[(B, _jit.cdiv(N, block_c))](
-            g3, rhs3, out3, rho, 0 if per_matrix else _jit.f64_bits(ridge), r, N,
+    launch = plan(B, r, N, acc, per_matrix, _launch.target_of(device, _spd_solve_kernel))
+    with _launch.device_guard(device):
+        launch.launch(
+            g3, rhs3, out3, rho, 0 if per_matrix else _launch.f64_bits(ridge), r, N,
             g3.stride(0), g3.stride(1), g3.stride(2), rhs3.stride(0), *rs, out3.stride(0), *os_,
             rho.stride(0) if per_matrix else 0,
-            ACC=tl.float64 if acc == torch.float64 else tl.float32, RIDGE_PER_MATRIX=per_matrix,
-            FALLBACK_RIDGE=reference.FALLBACK_RIDGE[acc],
-            FLOOR=torch.finfo(acc).tiny ** 0.5, R=R, BLOCK_C=block_c, num_warps=warps,
         )
     return out

@@ -27,16 +27,28 @@ matmul would round its result). Results are deterministic: every sum runs in an 
 from __future__ import annotations
 
 import torch
+import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import _jit
-from ._lang import add as _add
+from . import _launch
 
 OP = "tangent_energies"
 
 
-@_jit.kernel
+@triton.jit
+def _rows_of_v(top_base, bottom_base, offs, r_top, R, c_mask, stride_tk, stride_bk, ACC: tl.constexpr):
+    """Rows ``offs`` of V = [top; bottom] for this program's columns, in ACC: rows [0, r_top) from the top
+    factor, [r_top, R) from the bottom one, zeros past R (disjoint masks; a masked-off lane's negative row
+    offset is never dereferenced)."""
+    in_top = offs[:, None] < r_top
+    top = tl.load(top_base + offs[:, None] * stride_tk, mask=in_top & c_mask[None, :], other=0.0)
+    bottom = tl.load(bottom_base + (offs[:, None] - r_top) * stride_bk,
+                     mask=(~in_top) & (offs[:, None] < R) & c_mask[None, :], other=0.0)
+    return tl.where(in_top, top.to(ACC), bottom.to(ACC))
+
+
+@triton.jit
 def _quadratic_forms_kernel(
     top_ptr, bottom_ptr, gram_ptr, out_ptr, N, r_top, R,
     stride_tb, stride_tk, stride_tc, stride_bb, stride_bk, stride_bc,
@@ -52,43 +64,42 @@ def _quadratic_forms_kernel(
     bottom_base = bottom_ptr + b * stride_bb + offs_c[None, :] * stride_bc
     gram_base = gram_ptr + b * stride_gb
     offs_r = tl.arange(0, BLOCK_R).to(tl.int64)
-    energy = tl.full((BLOCK_N,), 0.0, ACC)
+    energy = tl.zeros((BLOCK_N,), ACC)
     for k0 in range(0, R, BLOCK_R):
         offs_k = k0 + offs_r
         # (M·V)[k0:k0+BLOCK_R, block]: padded rows of M and of V load as zeros, so they add nothing.
-        mv = tl.full((BLOCK_R, BLOCK_N), 0.0, ACC)
+        mv = tl.zeros((BLOCK_R, BLOCK_N), ACC)
         for l0 in range(0, R, BLOCK_R):
             offs_l = l0 + offs_r
             g = tl.load(gram_base + offs_k[:, None] * stride_gi + offs_l[None, :] * stride_gj,
                         mask=(offs_k[:, None] < R) & (offs_l[None, :] < R), other=0.0)
-            # Rows [0, r_top) of V from the top factor, [r_top, R) from the bottom one (disjoint masks; a
-            # masked-off lane's negative row offset is never dereferenced).
-            in_top = offs_l[:, None] < r_top
-            top = tl.load(top_base + offs_l[:, None] * stride_tk, mask=in_top & c_mask[None, :], other=0.0)
-            bottom = tl.load(bottom_base + (offs_l[:, None] - r_top) * stride_bk,
-                             mask=(~in_top) & (offs_l[:, None] < R) & c_mask[None, :], other=0.0)
-            v_l = tl.where(in_top, top.to(ACC), bottom.to(ACC))
+            v_l = _rows_of_v(top_base, bottom_base, offs_l, r_top, R, c_mask, stride_tk, stride_bk, ACC)
             mv = tl.dot(g, v_l, mv, input_precision="ieee")
-        in_top = offs_k[:, None] < r_top
-        top = tl.load(top_base + offs_k[:, None] * stride_tk, mask=in_top & c_mask[None, :], other=0.0)
-        bottom = tl.load(bottom_base + (offs_k[:, None] - r_top) * stride_bk,
-                         mask=(~in_top) & (offs_k[:, None] < R) & c_mask[None, :], other=0.0)
-        v_k = tl.where(in_top, top.to(ACC), bottom.to(ACC))
-        energy += tl.reduce(v_k * mv, 0, _add)
+        v_k = _rows_of_v(top_base, bottom_base, offs_k, r_top, R, c_mask, stride_tk, stride_bk, ACC)
+        energy += tl.sum(v_k * mv, 0)
     # Rounding can take an exact zero slightly below 0. A comparison, not tl.maximum: NaN < 0 is false,
     # so a NaN stays NaN (the GPU's max returns the non-NaN operand).
     energy = tl.where(energy < 0.0, 0.0, energy)
     tl.store(out_ptr + b * stride_ob + offs_c, energy, mask=c_mask)
 
 
-def _tiles(R: int, N: int, acc: torch.dtype, interpret: bool) -> tuple[int, int, int]:
+def plan(L: int, R: int, N: int, acc: torch.dtype, target: _launch.Target) -> _launch.LaunchPlan:
+    """The quadratic forms of the N columns of L matrices V (R×N): grid (column blocks, L)."""
     # tl.dot needs every dimension ≥ 16. M is walked in BLOCK_R×BLOCK_R tiles: any rank fits in registers.
-    block_r = min(64, max(16, _jit.next_pow2(R)))
-    if interpret:  # per-op overhead dominates: one block for small problems
-        return block_r, min(64, max(16, _jit.next_pow2(N))), 4
-    block_n = min(64 if acc == torch.float64 else 128, max(16, _jit.next_pow2(N)))
-    warps = 8 if block_r * block_n >= 64 * 128 else 4
-    return block_r, block_n, warps
+    block_r = min(64, max(16, triton.next_power_of_2(R)))
+    if target.interpret:  # per-op overhead dominates: one block for small problems
+        block_n, warps = min(64, max(16, triton.next_power_of_2(N))), 4
+    else:
+        block_n = min(64 if acc == torch.float64 else 128, max(16, triton.next_power_of_2(N)))
+        warps = 8 if block_r * block_n >= 64 * 128 else 4
+    # Two stages: the inner loop runs R / BLOCK_R times (at most 4 for r ≤ 128), too few for deeper
+    # pipelining, and three stages of the 64×128 fp32 tiles (M and both factors' rows) take 192 KiB of
+    # shared memory, above sm_80's 163 KiB (tests/test_triton_compile.py).
+    return _launch.LaunchPlan(
+        _quadratic_forms_kernel, (triton.cdiv(N, block_n), L),
+        {"ACC": _launch.acc_type(acc), "BLOCK_R": block_r, "BLOCK_N": block_n},
+        num_warps=warps, num_stages=2,
+    )
 
 
 def _gram(top: Tensor, bottom: Tensor, acc: torch.dtype) -> Tensor:
@@ -110,7 +121,7 @@ def _check(B: Tensor, E: Tensor, F: Tensor, A: Tensor) -> torch.Size:
     for name, t in (("B", B), ("E", E), ("F", F), ("A", A)):
         if t.ndim < 2:
             raise ValueError(f"{OP}: {name} must have at least 2 dimensions, got shape {tuple(t.shape)}")
-        _jit.check_float(OP, name, t)
+        _launch.check_float(OP, name, t)
     m, r_B, n, r_F = B.shape[-2], B.shape[-1], E.shape[-1], F.shape[-1]
     if E.shape[-2] != r_B:
         raise ValueError(f"{OP}: B {tuple(B.shape)} is (..., m, r) and E {tuple(E.shape)} must be "
@@ -129,17 +140,15 @@ def _check(B: Tensor, E: Tensor, F: Tensor, A: Tensor) -> torch.Size:
                          f"{[tuple(s) for s in shapes]}") from e
 
 
-def _launch(top: Tensor, bottom: Tensor, gram: Tensor, out: Tensor, acc: torch.dtype) -> None:
+def _forms(top: Tensor, bottom: Tensor, gram: Tensor, out: Tensor, acc: torch.dtype) -> None:
     """``out[b, c] = max(0, v_cᵀ·gram[b]·v_c)`` for the columns of ``V = [top; bottom]`` (L, R, N)."""
     L, r_top, N = top.shape
     R = gram.shape[-1]
-    block_r, block_n, warps = _tiles(R, N, acc, _jit.interpret_mode())
-    _quadratic_forms_kernel[(_jit.cdiv(N, block_n), L)](
+    launch = plan(L, R, N, acc, _launch.target_of(out.device, _quadratic_forms_kernel))
+    launch.launch(
         top, bottom, gram, out, N, r_top, R,
         top.stride(0), top.stride(1), top.stride(2), bottom.stride(0), bottom.stride(1), bottom.stride(2),
         gram.stride(0), gram.stride(1), gram.stride(2), out.stride(0),
-        ACC=tl.float64 if acc == torch.float64 else tl.float32,
-        BLOCK_R=block_r, BLOCK_N=block_n, num_warps=warps,
     )
 
 
@@ -147,7 +156,7 @@ def tangent_energies(B: Tensor, E: Tensor, F: Tensor, A: Tensor) -> tuple[Tensor
     """``(rows, cols)``, the row and column energies of ``B·E + F·A`` (``reference.tangent_energies``); see
     the module docstring."""
     batch = _check(B, E, F, A)
-    device = _jit.check_device(OP, B, E, F, A)
+    device = _launch.check_device(OP, _quadratic_forms_kernel, B, E, F, A)
     out_dtype = B.dtype
     for t in (E, F, A):
         out_dtype = torch.promote_types(out_dtype, t.dtype)
@@ -161,9 +170,9 @@ def tangent_energies(B: Tensor, E: Tensor, F: Tensor, A: Tensor) -> tuple[Tensor
     # only where the broadcast batch dimensions do not merge into one stride.
     L = batch.numel()
     B3, E3, F3, A3 = (t.expand(batch + t.shape[-2:]).reshape((L,) + t.shape[-2:]) for t in (B, E, F, A))
-    with _jit.device_guard(device):
+    with _launch.device_guard(device):
         if m > 0:  # rows: V = Zᵀ = [Bᵀ; Fᵀ] in W·Wᵀ
-            _launch(B3.mT, F3.mT, _gram(E3, A3, acc), rows.view(L, m), acc)
+            _forms(B3.mT, F3.mT, _gram(E3, A3, acc), rows.view(L, m), acc)
         if n > 0:  # cols: V = W = [E; A] in Zᵀ·Z
-            _launch(E3, A3, _gram(B3.mT, F3.mT, acc), cols.view(L, n), acc)
+            _forms(E3, A3, _gram(B3.mT, F3.mT, acc), cols.view(L, n), acc)
     return rows.to(out_dtype), cols.to(out_dtype)

@@ -1,42 +1,23 @@
-"""Triton col_sq_sums (lorsum_kernels.triton_kernels.sq_sums) against reference.col_sq_sums, the
-subpackage's import contract, and dispatch to it.
+"""Triton col_sq_sums (lorsum_kernels.triton_kernels.sq_sums) against reference.col_sq_sums, and dispatch
+to it.
 
-Without CUDA the kernels run in Triton's interpreter on the CPU. TRITON_INTERPRET=1 is set per test (the
-autouse fixture), not when this file is imported: set then, it would stay set for the whole session,
-where tests/test_native_ops.py expects Triton to be unavailable on the CPU; and it could not come before
-the first import of triton anyway (tests/conftest.py imports lorsum_kernels, whose torch._dynamo imports
-triton). Neither matters to our kernels: triton 3.9 reads TRITON_INTERPRET when ``triton.jit`` decorates
-a function, ours are decorated at launch (triton_kernels._jit), and they use no function that
-triton.language jitted at its own import (triton_kernels._lang).
+Compiled on a GPU, or in Triton's interpreter (conftest.py). The subpackage's import contract and its
+refusal of CPU tensors outside the interpreter: tests/test_triton_kernels.py.
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
-from lorsum_kernels import backends, ops, reference
+from lorsum_kernels import ops, reference
 
-from .conftest import rel_err
+from ..conftest import rel_err
+from .conftest import DEVICE
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-pytestmark = [
-    pytest.mark.triton,
-    pytest.mark.skipif(not backends.triton_available(), reason="triton is not importable"),
-]
+pytestmark = pytest.mark.triton
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]
-
-
-@pytest.fixture(autouse=True)
-def _triton_mode(monkeypatch):
-    if DEVICE.type == "cpu":
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.delenv("LORSUM_BACKEND", raising=False)
 
 
 def _launcher():
@@ -120,14 +101,6 @@ def test_rejects_bad_input():
         launcher.col_sq_sums(torch.ones(3, 4, dtype=torch.int64, device=DEVICE))
 
 
-@pytest.mark.skipif(DEVICE.type != "cpu", reason="the interpreter requirement concerns CPU tensors")
-def test_cpu_tensor_outside_interpreter_raises(monkeypatch):
-    launcher = _launcher()  # imported (and its kernel wrapped) while the interpreter was on
-    monkeypatch.delenv("TRITON_INTERPRET")
-    with pytest.raises(RuntimeError, match=r"only in its interpreter; set TRITON_INTERPRET=1"):
-        launcher.col_sq_sums(torch.randn(3, 4))
-
-
 def test_dispatch_reaches_the_triton_launcher(monkeypatch):
     from lorsum_kernels import triton_kernels
 
@@ -146,37 +119,3 @@ def test_dispatch_reaches_the_triton_launcher(monkeypatch):
     monkeypatch.setenv("LORSUM_BACKEND", "triton")
     ops.col_sq_sums(x)
     assert len(calls) == 2
-
-
-def test_triton_ops_registry_matches_launchers():
-    from lorsum_kernels import triton_kernels
-
-    assert backends.TRITON_OPS == set(triton_kernels.LAUNCHERS)
-    for name in triton_kernels.LAUNCHERS:
-        assert callable(getattr(triton_kernels, name))
-
-
-def test_package_imports_without_triton():
-    # triton blocked in a fresh interpreter: the package, the subpackage and the torch/native paths still
-    # work, and forcing the Triton backend names the cause.
-    code = """
-import sys
-sys.modules["triton"] = None
-import torch
-import lorsum_kernels, lorsum_kernels.triton_kernels
-from lorsum_kernels import ops
-x = torch.randn(4, 3)
-torch.testing.assert_close(ops.col_sq_sums(x, backend="torch"), (x * x).sum(0))
-try:
-    ops.col_sq_sums(x, backend="triton")
-except RuntimeError as e:
-    assert "triton is not importable" in str(e), e
-else:
-    raise AssertionError("forced triton without triton did not raise")
-assert "triton" not in [m for m in sys.modules if sys.modules[m] is not None and m.split(".")[0] == "triton"]
-"""
-    env = {k: v for k, v in os.environ.items() if k != "LORSUM_BACKEND"}
-    env["TRITON_INTERPRET"] = "1"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                            env=env, check=False)
-    assert result.returncode == 0, result.stderr[-2000:]

@@ -1,8 +1,7 @@
 """Triton tangent_energies (lorsum_kernels.triton_kernels.tangent) against reference.tangent_energies, and
 dispatch to it.
 
-Without CUDA the kernels run in Triton's interpreter; TRITON_INTERPRET is set per test, for the reasons
-given in tests/test_triton_col_sq_sums.py. What is checked mirrors tests/test_native_tangent_energies.py:
+Compiled on a GPU, or in Triton's interpreter (conftest.py). What is checked mirrors tests/test_native_tangent_energies.py:
 fp32/fp64 accuracy, bf16/fp16 and mixed dtypes (the native op's dtype contract), ranks that differ between
 B and F, batch broadcasting, empty shapes, non-contiguous and expanded inputs, zeros and the clamp, NaN
 propagation as in the reference, bad input (AdaPreLoRA with the surrogate statistics on Triton: in
@@ -20,26 +19,16 @@ import torch
 
 from lorsum_kernels import backends, ops, reference
 
-from .conftest import rel_err
+from ..conftest import rel_err
+from .conftest import DEVICE
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-pytestmark = [
-    pytest.mark.triton,
-    pytest.mark.skipif(not backends.triton_available(), reason="triton is not importable"),
-]
+pytestmark = pytest.mark.triton
 
 # (batch, m, n, r_B, r_F): odd m and n, 0-, 1- and 2-D batches, rank 1, several 64-column blocks per side
 # (the interpreter's widest), R = 80 (two 64-row tiles of the Gram) and ranks that differ.
 SHAPES = [((), 5, 123, 3, 3), ((3,), 123, 5, 1, 1), ((2, 2), 37, 29, 16, 16), ((2,), 150, 70, 40, 40),
           ((2,), 33, 77, 2, 5)]
 IDS = [f"b{'x'.join(map(str, b)) or '0'}_m{m}_n{n}_rB{rb}_rF{rf}" for b, m, n, rb, rf in SHAPES]
-
-
-@pytest.fixture(autouse=True)
-def _triton_mode(monkeypatch):
-    if DEVICE.type == "cpu":
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.delenv("LORSUM_BACKEND", raising=False)
 
 
 def _launcher():
@@ -223,13 +212,6 @@ def test_rejects_bad_input(mutate, error, match):
     mutate(args)
     with pytest.raises(error, match=rf"tangent_energies: {match}"):
         _launcher()(**args)
-
-
-@pytest.mark.skipif(DEVICE.type != "cpu", reason="the interpreter check concerns CPU tensors")
-def test_cpu_tensors_need_the_interpreter(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET")
-    with pytest.raises(RuntimeError, match=r"only in its interpreter; set TRITON_INTERPRET=1"):
-        _launcher()(*_problem((2,), 5, 7, 3, 3, dtype=torch.float32))
 
 
 # ---- registry, dispatch and the optimizer ------------------------------------------------------------

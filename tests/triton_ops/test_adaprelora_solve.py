@@ -1,9 +1,8 @@
 """Triton adaprelora_solve (lorsum_kernels.triton_kernels.adaprelora) against reference.adaprelora_solve,
 and the caller-ridge solve it is built on (triton_kernels.spd.ridged_spd_solve).
 
-Without CUDA the kernels run in Triton's interpreter; TRITON_INTERPRET is set per test, for the reasons
-given in tests/test_triton_col_sq_sums.py. Each call runs four r×r solve launches, each factoring its
-matrix op by op in the interpreter (about 0.3 s a matrix at r = 16), so r = 16 appears once.
+Compiled on a GPU, or in Triton's interpreter (conftest.py). Each call runs four r×r solve launches,
+each factoring its matrix op by op in the interpreter (about 0.3 s a matrix at r = 16), so r = 16 appears once.
 
 Tolerances (DESIGN.md "Numerical policy"): fp32 results within 1e-5 relative Frobenius error of the fp64
 reference on the same input values; NaN never passes (conftest.rel_err is inf for any non-finite value).
@@ -16,25 +15,15 @@ import torch
 
 from lorsum_kernels import backends, ops, reference
 
-from .conftest import TinyLoRAMLP, rel_err
+from ..conftest import TinyLoRAMLP, rel_err
+from .conftest import DEVICE
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-pytestmark = [
-    pytest.mark.triton,
-    pytest.mark.skipif(not backends.triton_available(), reason="triton is not importable"),
-]
+pytestmark = pytest.mark.triton
 DTYPES = [torch.float32, torch.float64]
 RIDGE = 1e-6
 # A failed factorisation takes the square root of a non-positive pivot, and divides by it, on purpose
 # (numpy warns about it in the interpreter).
 FAILED_PIVOT = pytest.mark.filterwarnings("ignore:invalid value encountered in (sqrt|divide):RuntimeWarning")
-
-
-@pytest.fixture(autouse=True)
-def _triton_mode(monkeypatch):
-    if DEVICE.type == "cpu":
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.delenv("LORSUM_BACKEND", raising=False)
 
 
 def _solve(*args, ridge=RIDGE):

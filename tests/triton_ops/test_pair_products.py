@@ -1,7 +1,6 @@
 """Triton pair_products (lorsum_kernels.triton_kernels.products) against reference.pair_products.
 
-Without CUDA the kernel runs in Triton's interpreter; TRITON_INTERPRET is set per test, for the reasons
-given in tests/test_triton_col_sq_sums.py. The interpreter's tiles cover these small shapes in one
+Compiled on a GPU, or in Triton's interpreter (conftest.py). The interpreter's tiles cover these small shapes in one
 block each way, so one test forces 16-wide tiles to run the loops over m and n, several W tiles and the
 partial buffer of several token blocks.
 """
@@ -13,21 +12,11 @@ import torch
 
 from lorsum_kernels import backends, ops, reference
 
-from .conftest import rel_err
+from ..conftest import rel_err
+from .conftest import DEVICE
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-pytestmark = [
-    pytest.mark.triton,
-    pytest.mark.skipif(not backends.triton_available(), reason="triton is not importable"),
-]
+pytestmark = pytest.mark.triton
 DTYPES = [torch.float32, torch.float64]
-
-
-@pytest.fixture(autouse=True)
-def _triton_mode(monkeypatch):
-    if DEVICE.type == "cpu":
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.delenv("LORSUM_BACKEND", raising=False)
 
 
 def _products():

@@ -2,8 +2,7 @@
 spd_solve) against reference.lorsum_update_in / lorsum_update_out; the two mirror-image ops share this file
 as they share their module.
 
-Without CUDA the kernels run in Triton's interpreter; TRITON_INTERPRET is set per test, for the reasons
-given in tests/test_triton_col_sq_sums.py.
+Compiled on a GPU, or in Triton's interpreter (conftest.py).
 """
 
 from __future__ import annotations
@@ -11,23 +10,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorsum_kernels import backends, ops, reference
+from lorsum_kernels import ops, reference
 
-from .conftest import rel_err
+from ..conftest import rel_err
+from .conftest import DEVICE
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-pytestmark = [
-    pytest.mark.triton,
-    pytest.mark.skipif(not backends.triton_available(), reason="triton is not importable"),
-]
+pytestmark = pytest.mark.triton
 SIDES = ["in", "out"]
-
-
-@pytest.fixture(autouse=True)
-def _triton_mode(monkeypatch):
-    if DEVICE.type == "cpu":
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.delenv("LORSUM_BACKEND", raising=False)
 
 
 def _half_steps():

@@ -1,7 +1,6 @@
 """Triton spd_solve (lorsum_kernels.triton_kernels.spd) against reference.spd_solve and its ridge rules.
 
-Without CUDA the kernels run in Triton's interpreter; TRITON_INTERPRET is set per test, for the reasons
-given in tests/test_triton_col_sq_sums.py. The interpreter runs the r-step factorisation op by op, about
+Compiled on a GPU, or in Triton's interpreter (conftest.py). The interpreter runs the r-step factorisation op by op, about
 1 s for r = 16, so the larger r appear only in a few cases.
 """
 
@@ -10,26 +9,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorsum_kernels import backends, ops, reference
+from lorsum_kernels import ops, reference
 
-from .conftest import rel_err
+from ..conftest import rel_err
+from .conftest import DEVICE
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-pytestmark = [
-    pytest.mark.triton,
-    pytest.mark.skipif(not backends.triton_available(), reason="triton is not importable"),
-]
+pytestmark = pytest.mark.triton
 DTYPES = [torch.float32, torch.float64]
 # A failed factorisation takes the square root of a non-positive pivot on purpose (numpy warns about it
 # in the interpreter).
 SQRT_WARNING = pytest.mark.filterwarnings("ignore:invalid value encountered in sqrt:RuntimeWarning")
-
-
-@pytest.fixture(autouse=True)
-def _triton_mode(monkeypatch):
-    if DEVICE.type == "cpu":
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.delenv("LORSUM_BACKEND", raising=False)
 
 
 def _spd():

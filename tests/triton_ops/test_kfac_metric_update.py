@@ -1,7 +1,6 @@
 """Triton kfac_metric_update (lorsum_kernels.triton_kernels.kfac) against reference.kfac_metric_update.
 
-Without CUDA the kernels run in Triton's interpreter; TRITON_INTERPRET is set per test, for the reasons
-given in tests/test_triton_col_sq_sums.py.
+Compiled on a GPU, or in Triton's interpreter (conftest.py).
 """
 
 from __future__ import annotations
@@ -9,20 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorsum_kernels import backends, ops, reference
+from lorsum_kernels import ops, reference
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-pytestmark = [
-    pytest.mark.triton,
-    pytest.mark.skipif(not backends.triton_available(), reason="triton is not importable"),
-]
+from .conftest import DEVICE
 
-
-@pytest.fixture(autouse=True)
-def _triton_mode(monkeypatch):
-    if DEVICE.type == "cpu":
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.delenv("LORSUM_BACKEND", raising=False)
+pytestmark = pytest.mark.triton
 
 
 def _kfac():

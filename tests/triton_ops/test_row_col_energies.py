@@ -1,7 +1,6 @@
 """Triton row_col_energies (lorsum_kernels.triton_kernels.energies) against reference.row_col_energies.
 
-Without CUDA the kernels run in Triton's interpreter; TRITON_INTERPRET is set per test, for the reasons
-given in tests/test_triton_col_sq_sums.py.
+Compiled on a GPU, or in Triton's interpreter (conftest.py).
 """
 
 from __future__ import annotations
@@ -9,27 +8,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorsum_kernels import backends, ops, reference
+from lorsum_kernels import ops, reference
 
-from .conftest import rel_err
+from ..conftest import rel_err
+from .conftest import DEVICE
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-pytestmark = [
-    pytest.mark.triton,
-    pytest.mark.skipif(not backends.triton_available(), reason="triton is not importable"),
-]
+pytestmark = pytest.mark.triton
 
 # (X dtype, S dtype). bf16 pairs run upcast in the interpreter (its tl.dot mishandles bf16) and on the
 # tensor cores on a GPU; both must match the reference's fp32 products of the same bf16 numbers.
 DTYPES = [(torch.float32, torch.float32), (torch.float64, torch.float64), (torch.float32, torch.float64),
           (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16), (torch.bfloat16, torch.float32)]
-
-
-@pytest.fixture(autouse=True)
-def _triton_mode(monkeypatch):
-    if DEVICE.type == "cpu":
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.delenv("LORSUM_BACKEND", raising=False)
 
 
 def _energies():
