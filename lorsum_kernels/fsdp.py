@@ -108,6 +108,7 @@ class ShardedParams:
 
     # reading ---------------------------------------------------------------------------------------
 
+    @torch.no_grad()
     def full(self, tensors: Sequence[Tensor],
              registered: Sequence[Tensor | None] | None = None) -> list[Tensor]:
         """Full values of ``tensors``: plain tensors as they are; DTensors all-gathered, one collective per
@@ -173,12 +174,14 @@ class ShardedParams:
         placed = distribute_tensor(value.detach(), param.device_mesh, param.placements, src_data_rank=None)
         return placed.to_local()
 
+    @torch.no_grad()
     def write(self, param: Tensor, value: Tensor, ok: Tensor) -> None:
         """``param ← value`` where the 0-d bool ``ok`` holds, else unchanged: each rank writes its shard."""
         local = local_tensor(param)
         new = self.shard_of(param, value) if is_sharded(param) else value
         local.copy_(torch.where(ok, new.to(local.dtype), local))
 
+    @torch.no_grad()
     def like(self, param: Tensor, value: Tensor) -> Tensor:
         """A full (plain) tensor as state of ``param``: a DTensor placed like it when ``param`` is one."""
         if not is_sharded(param) or is_sharded(value) or value.shape != param.shape:
