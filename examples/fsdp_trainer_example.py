@@ -5,8 +5,9 @@ itself in ``create_optimizer``, which the mixin overrides. The Trainer (accelera
 PEFT model, shards the model with ``fully_shard`` and hands the optimizer the sharded parameters; the
 optimizer follows them at its first step and from then on gathers each layer's factors once per step,
 averages the token sums over the ranks and writes back each rank's shard. Checkpoints (``save_steps``,
-``resume_from_checkpoint``) go through ``torch.distributed.checkpoint`` (accelerate's FSDP2 path), sharded
-or full (``fsdp_config["state_dict_type"]``), and resume bit-identically.
+``resume_from_checkpoint``) go through ``torch.distributed.checkpoint`` (accelerate's FSDP2 path) and resume
+bit-identically (sharded, the default here; ``--full-state-dict`` asks for full ones, whose model save fails
+on CPU in PEFT's ``save_pretrained``, with torch AdamW as well, so that variant is untested).
 
 Run on GPUs (one process per GPU)::
 
