@@ -61,6 +61,8 @@ def local_tensor(t: Tensor) -> Tensor:
 def find_sharding(model: nn.Module, params: Iterable[Tensor]) -> ShardedParams | None:
     """The sharding of ``params`` (the trainable parameters of ``model``): None when none is a DTensor, else a
     ``ShardedParams`` for their mesh. Raises for what is not supported (module docstring)."""
+    if DTensor is None or not dist.is_available():
+        return None
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     for module in model.modules():
