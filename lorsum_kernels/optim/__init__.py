@@ -29,8 +29,8 @@ def create_optimizer(model: nn.Module, name: str, **kwargs) -> torch.optim.Optim
     """Build optimizer ``name`` for ``model``: ``Trainer(model, optimizers=(create_optimizer(...), sched))``.
 
     ``name`` is the snake_case class name (``"lorsum"``, ``"scaled_lorsum"``, ...) or ``"adamw"`` for
-    torch AdamW over all trainable parameters. Under FSDP the Trainer refuses a pre-built optimizer:
-    override ``Trainer.create_optimizer`` and call this there.
+    torch AdamW over all trainable parameters. Under FSDP the Trainer refuses a pre-built optimizer: mix
+    ``lorsum_kernels.hf.LoRAOptimizerMixin`` into the Trainer class, whose ``create_optimizer`` calls this.
     """
     key = name.lower()
     if key == "adamw":
