@@ -91,7 +91,8 @@ def _calls(op: str):
             # The scalars (β, δ, the power, the scales) are run-time arguments: any values compile the same.
             for T in TOKENS:
                 yield f"T={T} m={m} n={n} {name}", lambda T=T, m=m, n=n, d=d: tk.kfac_metric_update(
-                    _empty(T, n, dtype=d), _empty(T, m, dtype=d), _empty(n), _empty(m), 0.9, 1e-8, 0.5, 1 / T, T)
+                    _empty(T, n, dtype=d), _empty(T, m, dtype=d), _empty(n), _empty(m),
+                    0.9, 1e-8, 0.5, 1 / T, T)
         elif op == "row_col_energies":
             for T in TOKENS:
                 yield f"T={T} m={m} n={n} {name}", lambda T=T, m=m, n=n, d=d: tk.row_col_energies(
@@ -109,7 +110,8 @@ def _calls(op: str):
         elif op == "tangent_energies":
             for r in RANKS:
                 yield f"m={m} n={n} r={r} {name}", lambda r=r, m=m, n=n, d=d: tk.tangent_energies(
-                    _empty(m, r, dtype=d), _empty(r, n, dtype=d), _empty(m, r, dtype=d), _empty(r, n, dtype=d))
+                    _empty(m, r, dtype=d), _empty(r, n, dtype=d), _empty(m, r, dtype=d),
+                    _empty(r, n, dtype=d))
 
 
 def _launches(op: str, sm_count: int) -> dict:

@@ -63,10 +63,11 @@ def _energies_kernel(
         if UPCAST:
             s = s.to(ACC)
             x = x.to(ACC)
+        # out_dtype named: Triton 3.6 assumes fp32 even for an fp64 accumulator.
         if IEEE:
-            acc = tl.dot(s, x, acc, input_precision="ieee")
+            acc = tl.dot(s, x, acc, input_precision="ieee", out_dtype=ACC)
         else:
-            acc = tl.dot(s, x, acc)
+            acc = tl.dot(s, x, acc, out_dtype=ACC)
         s_ptrs += BLOCK_K * stride_st
         x_ptrs += BLOCK_K * stride_xt
     sq = acc * acc  # padded rows and columns of the tile are exact zeros

@@ -37,7 +37,9 @@ OP = "kfac_metric_update"
 
 # The scalars' bit patterns vary per call: typed i64 whatever their value, and not specialised on it (== 1,
 # divisible by 16), one compiled kernel serves every value.
-@triton.jit(do_not_specialize=["scale_bits", "beta_bits", "one_minus_beta_bits", "damping_bits", "power_bits"])
+@triton.jit(
+    do_not_specialize=["scale_bits", "beta_bits", "one_minus_beta_bits", "damping_bits", "power_bits"]
+)
 def _kfac_kernel(
     x_ptr, T, n, stride_xb, stride_xt, stride_xn, v_ptr, stride_vb, stride_vn, new_ptr, metric_ptr,
     scale_bits: tl.int64, beta_bits: tl.int64, one_minus_beta_bits: tl.int64, damping_bits: tl.int64,
@@ -109,8 +111,8 @@ def _metric_step(x, v, beta, damping, power, scale, t_splits):
                             part.stride(0), part.stride(1))
             # The partial sums, read as a (B, splits, n) "token" matrix.
             x3, T = part.permute(1, 0, 2), part.shape[0]
-        launches[-1].launch(x3, T, n, x3.stride(0), x3.stride(1), x3.stride(2), v2, v2.stride(0), v2.stride(1),
-                            new, metric, *scalars)
+        launches[-1].launch(x3, T, n, x3.stride(0), x3.stride(1), x3.stride(2),
+                            v2, v2.stride(0), v2.stride(1), new, metric, *scalars)
     return new, metric
 
 

@@ -67,7 +67,8 @@ def _chain_kernel(
         m_mask = (m0 + offs_m) < M
         wt = tl.load(wt_ptrs, mask=w_mask[:, None] & m_mask[None, :], other=0.0).to(ACC)
         fo = tl.load(fo_ptrs, mask=m_mask[:, None] & q_mask[None, :], other=0.0).to(ACC)
-        U = tl.dot(wt, fo, U, input_precision="ieee")
+        # out_dtype named: Triton 3.6 assumes fp32 even for an fp64 accumulator.
+        U = tl.dot(wt, fo, U, input_precision="ieee", out_dtype=ACC)
         wt_ptrs += BLOCK_M * stride_wm
         fo_ptrs += BLOCK_M * stride_fom
     # The padded tokens' columns hold 0·W, which is NaN against an inf in W: keep them out of the sums.
@@ -78,7 +79,7 @@ def _chain_kernel(
     for n0 in range(0, N, BLOCK_N):
         n_mask = (n0 + offs_n) < N
         fi = tl.load(fi_ptrs, mask=q_mask[:, None] & n_mask[None, :], other=0.0).to(ACC)
-        part = tl.dot(U, fi, input_precision="ieee")
+        part = tl.dot(U, fi, input_precision="ieee", out_dtype=ACC)
         tl.store(out_ptrs, part.to(out_ptr.dtype.element_ty), mask=w_mask[:, None] & n_mask[None, :])
         fi_ptrs += BLOCK_N * stride_fin
         out_ptrs += BLOCK_N * stride_on
@@ -97,7 +98,9 @@ def _tiles(wd: int, m: int, q: int, n: int, batch: int, acc: torch.dtype,
     budget = 8192 if acc == torch.float32 else 4096
     cap_q = min(256, budget // block_w)
     floor_q = min(cap_q, 4 * block_w)  # bounds the partial buffer at a quarter of F_in per W tile
-    block_q = min(cap_q, max(16, triton.next_power_of_2(q)))
+    # Never below the floor: fewer tokens only pad one block (masked loads read nothing), and a step with
+    # an unusual token count reuses the kernel compiled for the usual ones.
+    block_q = min(cap_q, max(floor_q, triton.next_power_of_2(q)))
     programs = triton.cdiv(wd, block_w) * batch
     while block_q > floor_q and programs * triton.cdiv(q, block_q) < target.programs:
         block_q //= 2

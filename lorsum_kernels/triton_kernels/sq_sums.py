@@ -132,7 +132,8 @@ def _col_sq_sums(x: Tensor, t_splits: int | None) -> Tensor:
     out2 = out.view(B, n)
     part = out2.unsqueeze(0) if splits == 1 else torch.empty(splits, B, n, dtype=acc, device=device)
     with _launch.device_guard(device):
-        launch.launch(x3, part, T, n, x3.stride(0), x3.stride(1), x3.stride(2), part.stride(0), part.stride(1))
+        launch.launch(x3, part, T, n, x3.stride(0), x3.stride(1), x3.stride(2),
+                      part.stride(0), part.stride(1))
     if splits > 1:
         torch.sum(part, dim=0, out=out2)
     return out

@@ -74,7 +74,8 @@ def _quadratic_forms_kernel(
             g = tl.load(gram_base + offs_k[:, None] * stride_gi + offs_l[None, :] * stride_gj,
                         mask=(offs_k[:, None] < R) & (offs_l[None, :] < R), other=0.0)
             v_l = _rows_of_v(top_base, bottom_base, offs_l, r_top, R, c_mask, stride_tk, stride_bk, ACC)
-            mv = tl.dot(g, v_l, mv, input_precision="ieee")
+            # out_dtype named: Triton 3.6 assumes fp32 even for an fp64 accumulator.
+            mv = tl.dot(g, v_l, mv, input_precision="ieee", out_dtype=ACC)
         v_k = _rows_of_v(top_base, bottom_base, offs_k, r_top, R, c_mask, stride_tk, stride_bk, ACC)
         energy += tl.sum(v_k * mv, 0)
     # Rounding can take an exact zero slightly below 0. A comparison, not tl.maximum: NaN < 0 is false,

@@ -7,8 +7,8 @@ They run compiled on a CUDA GPU, or on CPU tensors in Triton's interpreter. Trit
     TRITON_INTERPRET=1 .venv/bin/python -m pytest -q tests/triton_ops
 
 Without a GPU and without the interpreter (the main ``pytest tests`` process on a CPU machine), or
-without triton, they are skipped. The kernels' compilation for real GPUs is tested in the main process:
-tests/test_triton_compile.py.
+without triton, they are skipped. The kernels' compilation for real GPUs is tested in the main
+process: tests/test_triton_compile.py.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() and not INTERPRET else
 if not backends.triton_available():
     SKIP = "triton is not importable"
 elif DEVICE.type == "cpu" and not INTERPRET:
-    SKIP = "no GPU: Triton runs on the CPU only in its interpreter (TRITON_INTERPRET=1 pytest tests/triton_ops)"
+    SKIP = ("no GPU: Triton runs on the CPU only in its interpreter "
+            "(TRITON_INTERPRET=1 pytest tests/triton_ops)")
 else:
     SKIP = None
 

@@ -2,7 +2,8 @@
 and the caller-ridge solve it is built on (triton_kernels.spd.ridged_spd_solve).
 
 Compiled on a GPU, or in Triton's interpreter (conftest.py). Each call runs four r×r solve launches,
-each factoring its matrix op by op in the interpreter (about 0.3 s a matrix at r = 16), so r = 16 appears once.
+each factoring its matrix op by op in the interpreter (about 0.3 s a matrix at r = 16), so r = 16
+appears once.
 
 Tolerances (DESIGN.md "Numerical policy"): fp32 results within 1e-5 relative Frobenius error of the fp64
 reference on the same input values; NaN never passes (conftest.rel_err is inf for any non-finite value).

@@ -1,8 +1,8 @@
 """Triton pair_products (lorsum_kernels.triton_kernels.products) against reference.pair_products.
 
-Compiled on a GPU, or in Triton's interpreter (conftest.py). The interpreter's tiles cover these small shapes in one
-block each way, so one test forces 16-wide tiles to run the loops over m and n, several W tiles and the
-partial buffer of several token blocks.
+Compiled on a GPU, or in Triton's interpreter (conftest.py). The interpreter's tiles cover these small
+shapes in one block each way, so one test forces 16-wide tiles to run the loops over m and n, several W
+tiles and the partial buffer of several token blocks.
 """
 
 from __future__ import annotations

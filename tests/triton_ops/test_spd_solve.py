@@ -1,7 +1,7 @@
 """Triton spd_solve (lorsum_kernels.triton_kernels.spd) against reference.spd_solve and its ridge rules.
 
-Compiled on a GPU, or in Triton's interpreter (conftest.py). The interpreter runs the r-step factorisation op by op, about
-1 s for r = 16, so the larger r appear only in a few cases.
+Compiled on a GPU, or in Triton's interpreter (conftest.py). The interpreter runs the r-step
+factorisation op by op, about 1 s for r = 16, so the larger r appear only in a few cases.
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """Triton tangent_energies (lorsum_kernels.triton_kernels.tangent) against reference.tangent_energies, and
 dispatch to it.
 
-Compiled on a GPU, or in Triton's interpreter (conftest.py). What is checked mirrors tests/test_native_tangent_energies.py:
-fp32/fp64 accuracy, bf16/fp16 and mixed dtypes (the native op's dtype contract), ranks that differ between
-B and F, batch broadcasting, empty shapes, non-contiguous and expanded inputs, zeros and the clamp, NaN
-propagation as in the reference, bad input (AdaPreLoRA with the surrogate statistics on Triton: in
-tests/test_triton_adaprelora_solve.py).
+Compiled on a GPU, or in Triton's interpreter (conftest.py). What is checked mirrors
+tests/test_native_tangent_energies.py: fp32/fp64 accuracy, bf16/fp16 and mixed dtypes (the native op's
+dtype contract), ranks that differ between B and F, batch broadcasting, empty shapes, non-contiguous and
+expanded inputs, zeros and the clamp, NaN propagation as in the reference, bad input (AdaPreLoRA with the
+surrogate statistics on Triton: in test_adaprelora_solve.py).
 
 Tolerances (DESIGN.md "Numerical policy"): fp32 results within 1e-5 relative Frobenius error of the fp64
 reference on the same input values; bf16 results within twice the error plain PyTorch makes in bf16;
