@@ -319,3 +319,7 @@ def tune(args) -> list[dict]:
             print(f"| {runs[0]['lr']:g} | {runs[0]['kwargs'] or ''} | {statistics.fmean(acc):.2f}% | "
                   f"{', '.join(f'{a:.2f}' for a in acc)} | {statistics.fmean(r['final_loss'] for r in runs):.4f} |")
     return rows
+
+
+if __name__ == "__main__":  # the demo's entry point is the package's (it runs both tasks and the figures)
+    raise SystemExit("run the demo with `python -m lorsum_kernels.demo` (see --help)")
