@@ -109,3 +109,14 @@ def resolve_backend(backend: str | None, device: torch.device | str, op: str) ->
     if reason is not None:
         raise RuntimeError(f"backend {name!r} is not available for op {op!r} on device {device}: {reason}")
     return name
+
+
+def check_backend(backend: str | None, model, ops: tuple[str, ...]) -> None:
+    """What ``resolve_backend`` would raise at the first step, raised now (optimizer constructors, before
+    the model is hooked): an unknown name, or a forced backend lacking one of ``ops`` on a device of the
+    model's parameters (the CPU for a model without parameters). Checked on the model's own devices: a
+    forced ``"triton"`` is valid for a CUDA model whatever it would mean on the CPU."""
+    devices = {p.device for p in model.parameters()} if isinstance(model, torch.nn.Module) else set()
+    for device in sorted(devices, key=str) or [torch.device("cpu")]:
+        for op in ops:
+            resolve_backend(backend, device, op)

@@ -370,3 +370,24 @@ def test_fp64_other_params_keep_fp64_adamw_state():
     opt = lk.ScaledGD(model, lr=1e-2)
     train(model, opt, batches(1, dtype=torch.float64))
     assert opt.state[model.head.weight]["exp_avg"].dtype == torch.float64
+
+
+def test_a_forced_backend_is_checked_on_the_models_devices(monkeypatch):
+    """The constructors ask about the devices of the model's parameters (a forced "triton" means a GPU
+    for a CUDA model, the interpreter only on the CPU), for every op the configuration dispatches."""
+    from lorsum_kernels import backends
+
+    asked = set()
+    monkeypatch.setattr(backends, "_triton_missing_reason", lambda device, op: asked.add((device.type, op)))
+    model = TinyLoRAMLP().to("meta")
+    cases = [(lk.LoRSum, {"pair_products", "lorsum_update_out"}), (lk.ScaledLoRSum, {"kfac_metric_update"}),
+             (lk.ScaledAdamW, {"spd_solve"}), (lk.ScaledGD, {"spd_solve"}), (lk.AdaPreLoRA, {"row_col_energies"})]
+    for cls, ops in cases:
+        asked.clear()
+        opt = cls(model, backend="triton")
+        assert {device for device, _ in asked} == {"meta"}, cls
+        assert ops <= {op for _, op in asked}, cls
+        if hasattr(opt, "remove_hooks"):
+            opt.remove_hooks()
+    with pytest.raises(ValueError, match="unknown backend"):
+        lk.LoRSum(model, backend="cuda")

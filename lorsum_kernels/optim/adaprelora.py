@@ -19,9 +19,8 @@ the result to the factors by the closed-form H-weighted solve (``functional.adap
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from ..backends import resolve_backend
+from ..backends import check_backend
 from ..functional.adaprelora import MOMENTUM_MODES, adaprelora_step
 from .base import LoRAOptimizer, _check_positive
 
@@ -101,10 +100,7 @@ class AdaPreLoRA(LoRAOptimizer):
         # Unknown names, and a forced backend lacking an op this configuration runs, raise now: before
         # the base class hooks the model, not at the first step.
         statistics_op = "row_col_energies" if statistics == "exact" else "tangent_energies"
-        devices = {p.device for p in model.parameters()} if isinstance(model, nn.Module) else set()
-        for device in devices or {torch.device("cpu")}:
-            for op in ("adaprelora_solve", statistics_op):
-                resolve_backend(backend, device, op)
+        check_backend(backend, model, ("adaprelora_solve", statistics_op))
         self.statistics = statistics
         # Instance attributes read by the base class: only the exact statistics hook the layers, and the
         # factor gradients are needed either way.

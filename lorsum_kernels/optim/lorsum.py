@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import torch
 
-from ..backends import resolve_backend
+from ..backends import check_backend
 from ..functional.psi_lora import psi_lora_step, scaled_psi_lora_step
 from .base import LoRAOptimizer, _check_positive
+
+# The ops a LoRSum step dispatches (the half-steps, the lock-step token products, the r×r solves), and
+# ScaledLoRSum's K-FAC statistics: a forced backend must have each on the model's devices.
+_LORSUM_OPS = ("lorsum_update_in", "lorsum_update_out", "pair_products", "spd_solve")
+_SCALED_OPS = _LORSUM_OPS + ("col_sq_sums", "kfac_metric_update")
 
 __all__ = ["LoRSum", "ScaledLoRSum"]
 
@@ -110,7 +115,7 @@ class LoRSum(_MomentumFactors, LoRAOptimizer):
         _check_unit("dampening", dampening, closed=True)
         if momentum_rank is not None and (not isinstance(momentum_rank, int) or momentum_rank < 1):
             raise ValueError(f"momentum_rank must be a positive integer or None, got {momentum_rank!r}")
-        resolve_backend(backend, torch.device("cpu"), "lorsum_update_in")  # unknown names raise now
+        check_backend(backend, model, _LORSUM_OPS)  # unknown names, and a forced backend lacking an op, raise now
         defaults = dict(
             lr=lr, lmbd=lmbd, iters=iters, momentum=momentum, dampening=dampening, momentum_rank=momentum_rank,
             lmbd_momentum=lmbd if lmbd_momentum is None else lmbd_momentum, backend=backend,
@@ -195,7 +200,7 @@ class ScaledLoRSum(_MomentumFactors, LoRAOptimizer):
             raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
         if momentum_rank is not None and (not isinstance(momentum_rank, int) or momentum_rank < 1):
             raise ValueError(f"momentum_rank must be a positive integer or None, got {momentum_rank!r}")
-        resolve_backend(backend, torch.device("cpu"), "lorsum_update_in")
+        check_backend(backend, model, _SCALED_OPS)
         defaults = dict(
             lr=lr, lmbd=lmbd, iters=iters, betas=tuple(betas), damping=damping, metric=metric,
             metric_power=metric_power, loss_reduction=loss_reduction, min_lmbd=min_lmbd,

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ..backends import resolve_backend
+from ..backends import check_backend
 from ..functional.riemannian import UPDATE_ORDERS, scaled_adamw_step, scaled_gd_step
 from .base import LoRAOptimizer, _check_positive
 
@@ -69,7 +69,7 @@ class ScaledGD(LoRAOptimizer):
         _check_positive("reg", reg, allow_zero=True)
         _check_positive("weight_decay", weight_decay, allow_zero=True)
         _check_order(update_order)
-        resolve_backend(backend, torch.device("cpu"), "spd_solve")  # unknown names raise now
+        check_backend(backend, model, ("spd_solve",))  # unknown names, and a forced backend lacking it, raise now
         defaults = dict(lr=lr, reg=reg, weight_decay=weight_decay, update_order=update_order, backend=backend)
         super().__init__(model, defaults, **kwargs)
 
@@ -125,7 +125,7 @@ class ScaledAdamW(LoRAOptimizer):
         _check_positive("weight_decay", weight_decay, allow_zero=True)
         _check_positive("reg", reg, allow_zero=True)
         _check_order(update_order)
-        resolve_backend(backend, torch.device("cpu"), "spd_solve")
+        check_backend(backend, model, ("spd_solve",))
         defaults = dict(
             lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, reg=reg,
             correct_bias=bool(correct_bias), update_order=update_order, backend=backend,
