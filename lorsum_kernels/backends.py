@@ -23,16 +23,13 @@ import warnings
 import torch
 
 from lorsum_kernels import _native
+from lorsum_kernels.triton_kernels import LAUNCHERS as TRITON_LAUNCHERS
 
 BACKENDS = ("native", "triton", "torch")
 
-# Ops with a Triton implementation, by op name (the same names as torch.ops.lorsum.*): a static set, so
-# that choosing a backend never imports triton. It must equal the keys of
-# lorsum_kernels.triton_kernels.LAUNCHERS (tests/test_triton_kernels.py checks it).
-TRITON_OPS: set[str] = {
-    "adaprelora_solve", "col_sq_sums", "kfac_metric_update", "lorsum_update_in", "lorsum_update_out",
-    "pair_products", "row_col_energies", "spd_solve", "tangent_energies",
-}
+# Ops with a Triton implementation, by op name (the same names as torch.ops.lorsum.*): the launchers'
+# registry, a plain dict, so that choosing a backend never imports triton.
+TRITON_OPS: frozenset[str] = frozenset(TRITON_LAUNCHERS)
 
 _warned_native_fallback = False
 

@@ -6,9 +6,9 @@ which dtypes it accepts and what is computed outside Triton). They run on CUDA t
 tensors in the Triton interpreter (``TRITON_INTERPRET=1``, slow: for tests).
 
 Importing this package does not import triton: each launcher's module (and triton with it) is loaded on
-first use, so ``lorsum_kernels`` imports on machines without triton. The names listed in
-``LAUNCHERS`` must equal ``lorsum_kernels.backends.TRITON_OPS``, the static set that dispatch consults
-without importing anything (a test checks it).
+first use, so ``lorsum_kernels`` imports on machines without triton. ``LAUNCHERS`` is also the
+registry dispatch consults (``lorsum_kernels.backends.TRITON_OPS`` is its key set): registering a
+launcher here is what makes an op available to the Triton backend.
 """
 
 from __future__ import annotations
