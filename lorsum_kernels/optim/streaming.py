@@ -116,7 +116,7 @@ class _StepSums:
     def __call__(self, tensors) -> list[Tensor]:
         call = self.calls
         self.calls += 1
-        sums = [torch.cat([layer_sums[call][j] for layer_sums in self.per_layer]) for j in range(len(list(tensors)))]
+        sums = [torch.cat(parts) for parts in zip(*(layer_sums[call] for layer_sums in self.per_layer))]
         return sums if self.rank_average is None else self.rank_average(sums)
 
 
@@ -124,14 +124,18 @@ class _LayerSums:
     """A token-sum layer's running sums over this step's backwards, whether all it read was finite, and the
     group options they were taken under."""
 
-    def __init__(self, layer: LoRALayer, group: dict, X: Tensor, S: Tensor):
-        A = layer.A
+    def __init__(self, layer: LoRALayer, group: dict):
         self.layer, self.group, self.options = layer, group, _options(group)
         self.sums: list[list[Tensor]] = []
         self.finite: Tensor | None = None
         # Zero-token stand-ins of the layer's data for the step computed in step(), in the factors' dtype
         # whatever the data's (the sums are in the math dtype either way): buckets then match over ranks.
-        self.empty = (A.new_empty((0, X.shape[-1])), A.new_empty((0, S.shape[-1])))
+        self.empty = _zero_tokens(layer)
+
+
+def _zero_tokens(layer: LoRALayer) -> tuple[Tensor, Tensor]:
+    """(X, S) of no tokens for ``layer``, in its factors' dtype and device."""
+    return layer.A.new_empty((0, layer.in_features)), layer.A.new_empty((0, layer.out_features))
 
 
 class StreamedStep:
@@ -205,7 +209,7 @@ class StreamedStep:
         finiteness of what it read are kept (``write`` computes the step from the sums, batched)."""
         layer_sums = self.sums.get(id(layer))
         if layer_sums is None:
-            layer_sums = self.sums[id(layer)] = _LayerSums(layer, group, X, S)
+            layer_sums = self.sums[id(layer)] = _LayerSums(layer, group)
         layer_sums.options = _options(group)
         with torch.no_grad():
             *_, finite = self.optimizer._compute_bucket(
@@ -235,9 +239,7 @@ class StreamedStep:
             _, anywhere = opt._reduce.min_max(has)
             for layer, elsewhere in zip(opt._layers, anywhere.tolist()):
                 if elsewhere and id(layer) not in self.sums:
-                    kw = dict(dtype=layer.A.dtype, device=layer.A.device)
-                    self._add_token_sums(layer, opt._group_of(layer), torch.zeros(0, layer.in_features, **kw),
-                                         torch.zeros(0, layer.out_features, **kw))
+                    self._add_token_sums(layer, opt._group_of(layer), *_zero_tokens(layer))
         if self.refusal is not None:
             refusal, self.refusal = self.refusal, None
             raise RuntimeError(refusal)
