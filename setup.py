@@ -187,15 +187,17 @@ def _native_build() -> tuple[list, dict]:
 
 ext_modules, cmdclass = _native_build()
 
-# Our Triton kernels live in lorsum_kernels/triton_kernels/ and are installed only as that subpackage: a
-# top-level module named `triton_kernels` belongs to the Triton project (vLLM installs it), and ours
-# would shadow it or be shadowed.
-packages = find_packages(include=["lorsum_kernels", "lorsum_kernels.*"])
-assert "lorsum_kernels.triton_kernels" in packages
+# The Triton kernels live in the top-level folder triton_kernels/ (the design card's layout) and are
+# installed only as the subpackage lorsum_kernels.triton_kernels (package_dir): a top-level module named
+# `triton_kernels` belongs to the Triton project (vLLM installs it), and ours would shadow it or be
+# shadowed. The editable install maps the subpackage to the folder the same way.
+TRITON_PACKAGE = "lorsum_kernels.triton_kernels"
+packages = find_packages(include=["lorsum_kernels", "lorsum_kernels.*"]) + [TRITON_PACKAGE]
 assert not any(p == "triton_kernels" or p.startswith("triton_kernels.") for p in packages)
 
 setup(
     packages=packages,
+    package_dir={TRITON_PACKAGE: "triton_kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     # The .so is built for torch's C++ ABI and must sit next to the package's Python files.

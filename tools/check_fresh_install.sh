@@ -188,6 +188,7 @@ assert not any(h.startswith("Requires-Dist: numpy") and "extra ==" not in h for 
 assert {"Provides-Extra: demo", "Provides-Extra: triton", "Provides-Extra: test"} <= set(headers)
 assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names), "LICENSE not in the wheel"
 assert not any(n.startswith("triton_kernels") for n in names), "a top-level triton_kernels"
+assert "lorsum_kernels/triton_kernels/__init__.py" in names, "the Triton kernels are not in the wheel"
 so = [n for n in names if n.startswith("lorsum_kernels/_C") and n.endswith(".so")]
 assert len(so) == 1, so
 with tempfile.TemporaryDirectory() as tmp:
