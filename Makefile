@@ -30,12 +30,13 @@ cuda-check:
 	fi
 
 # Two processes: Triton decides at import whether its kernels run compiled or in its CPU interpreter, so
-# the interpreter tests of the Triton kernels (tests/triton_ops) run with TRITON_INTERPRET=1 set before
-# anything imports triton. The main process compiles every Triton kernel for sm_80/sm_90/sm_100
-# (tests/test_triton_compile.py) and skips tests/triton_ops unless it has a GPU.
+# the interpreter runs the op tests' Triton parameters (tests/ops) in a process of its own, with
+# TRITON_INTERPRET=1 set before anything imports triton. The main process runs every other backend of the op
+# tests, compiles every Triton kernel for sm_80/sm_90/sm_100 (tests/test_triton_compile.py) and skips the
+# Triton parameters unless it has a GPU.
 test: venv cuda-check
 	$(VENV_PY) -m pytest -q tests
-	TRITON_INTERPRET=1 $(VENV_PY) -m pytest -q tests/triton_ops
+	TRITON_INTERPRET=1 $(VENV_PY) -m pytest -q tests/ops tests/triton_ops
 
 demo:
 	LORSUM_DEMO_DATA=1 PYTHON="$(PYTHON)" VENV="$(VENV)" bash tools/setup_env.sh

@@ -8,13 +8,7 @@ from torch import nn
 
 import lorsum_kernels as lk
 
-
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """Relative Frobenius error, computed in fp64; NaN anywhere gives inf (NaN never passes)."""
-    a, e = actual.double(), expected.double()
-    if not torch.isfinite(a).all():
-        return float("inf")
-    return ((a - e).norm() / e.norm().clamp_min(1e-300)).item()
+from .problems import rel_err  # noqa: F401  (the shared problem builders and checks: tests/problems.py)
 
 
 class TinyLoRAMLP(nn.Module):

@@ -102,65 +102,6 @@ def _kfac_metric_update_ref(X, S, v_in, v_out, beta, damping, power, scale_in, s
     return new_in, new_out, (new_in + damping).pow(power), (new_out + damping).pow(power)
 
 
-# ---- col_sq_sums ---------------------------------------------------------------------------------------
-
-CSS_SHAPES = [(1, 5), (37, 123), (512, 256), (512, 5), (1, 256), (37, 5), (3, 1, 123), (3, 37, 256), (1, 512, 123),
-              (2, 3, 37, 5)]
-
-
-@_needs("col_sq_sums")
-@pytest.mark.parametrize("dtype", DTYPES + [torch.float16], ids=str)
-@pytest.mark.parametrize("shape", CSS_SHAPES, ids=str)
-def test_col_sq_sums_matches_reference(shape, dtype):
-    x = _randn(*shape, g=_gen(0), dtype=dtype)
-    out = _ops().col_sq_sums(x)
-    expected = reference.col_sq_sums(_cpu64(x))
-    assert out.device == x.device and out.shape == x.shape[:-2] + x.shape[-1:]
-    assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    assert rel_err(out, expected) < (1e-12 if dtype == torch.float64 else 1e-6)
-    _assert_deterministic(lambda: _ops().col_sq_sums(x))
-
-
-@_needs("col_sq_sums")
-def test_col_sq_sums_long_token_dim():
-    # Many T chunks: fp32 stays within 1e-6 of the exact sum.
-    x = _randn(3, 20000, 40, g=_gen(1))
-    assert rel_err(_ops().col_sq_sums(x), reference.col_sq_sums(_cpu64(x))) < 1e-6
-
-
-@_needs("col_sq_sums")
-@pytest.mark.parametrize(
-    "make_view",
-    [
-        pytest.param(lambda b: b.mT, id="transposed"),
-        pytest.param(lambda b: b[:, 1:40:3, 2:19], id="sliced-rows-and-cols"),
-        pytest.param(lambda b: b[:, :, ::2], id="strided-cols"),
-        pytest.param(lambda b: b.permute(2, 0, 1)[:, :5], id="permuted-batch"),
-        pytest.param(lambda b: b[:1].expand(4, -1, -1), id="expanded-batch"),
-        pytest.param(lambda b: b[0, 0].expand(50, -1), id="expanded-rows"),
-    ],
-)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_col_sq_sums_non_contiguous(make_view, dtype):
-    x = make_view(_randn(6, 45, 31, g=_gen(2), dtype=dtype))
-    out = _ops().col_sq_sums(x)
-    assert rel_err(out, reference.col_sq_sums(_cpu64(x))) < 1e-6
-    # The summation order depends on the shape alone, not on the strides.
-    assert torch.equal(out, _ops().col_sq_sums(x.contiguous()))
-
-
-@_needs("col_sq_sums")
-def test_col_sq_sums_empty_and_nan():
-    assert torch.equal(_ops().col_sq_sums(torch.empty(2, 0, 5, device=DEVICE)), torch.zeros(2, 5, device=DEVICE))
-    assert _ops().col_sq_sums(torch.empty(0, 7, 5, device=DEVICE)).shape == (0, 5)
-    x = _randn(2, 300, 70, g=_gen(3))
-    x[1, 200, 65] = float("nan")
-    out = _ops().col_sq_sums(x)
-    assert out[1, 65].isnan()
-    out[1, 65] = 0
-    assert out.isfinite().all()
-
-
 # ---- row_col_energies ----------------------------------------------------------------------------------
 
 
