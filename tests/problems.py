@@ -113,14 +113,28 @@ def per_backend(op: str, argnames: str, grids: dict, ids=None):
     return pytest.mark.parametrize(f"be,{argnames}", params)
 
 
-@pytest.fixture(params=["avx512", "generic"])
-def cpu_path(request, monkeypatch):
-    """Both CPU code paths of the native kernels: the AVX-512 micro-kernels (where the CPU has them) and the
-    portable ones."""
-    if request.param == "generic":
+CPU_PATHS = ("avx512", "generic")
+
+
+def use_cpu_path(monkeypatch, path: str) -> None:
+    """Selects a code path of the native CPU kernels: the AVX-512 micro-kernels (where the CPU has them) or
+    the portable ones ("generic"); "-" (another backend) changes nothing."""
+    if path == "generic":
         monkeypatch.setenv("LORSUM_CPU_KERNELS", "generic")
-    else:
+    elif path == "avx512":
         monkeypatch.delenv("LORSUM_CPU_KERNELS", raising=False)
+
+
+def with_cpu_paths(be: Backend, values: list) -> list:
+    """A grid's values, each with the CPU code paths to run it on: both on native-cpu, "-" elsewhere."""
+    paths = CPU_PATHS if be is NATIVE_CPU else ("-",)
+    return [(*(v if isinstance(v, tuple) else (v,)), path) for v in values for path in paths]
+
+
+@pytest.fixture(params=CPU_PATHS)
+def cpu_path(request, monkeypatch):
+    """Both CPU code paths of the native kernels (tests of native-cpu alone)."""
+    use_cpu_path(monkeypatch, request.param)
     return request.param
 
 

@@ -93,72 +93,6 @@ def _pair_products_ref(f_in, f_out, W=None, V=None):
     return P, Q
 
 
-def _kfac_metric_update_ref(X, S, v_in, v_out, beta, damping, power, scale_in, scale_out):
-    fn = getattr(reference, "kfac_metric_update", None)
-    if fn is not None:
-        return fn(X, S, v_in, v_out, beta, damping, power, scale_in, scale_out)
-    new_in = v_in * beta + (reference.col_sq_sums(X) * scale_in).to(v_in.dtype) * (1 - beta)
-    new_out = v_out * beta + (reference.col_sq_sums(S) * scale_out).to(v_out.dtype) * (1 - beta)
-    return new_in, new_out, (new_in + damping).pow(power), (new_out + damping).pow(power)
-
-
-# ---- row_col_energies ----------------------------------------------------------------------------------
-
-
-@_needs("row_col_energies")
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
-def test_row_col_energies_matches_reference(shape, dtype):
-    L, T, m, n, _ = shape
-    g = _gen(4)
-    X, S = _randn(L, T, n, g=g, dtype=dtype), _randn(L, T, m, g=g, dtype=dtype, scale=0.1)
-    rows, cols = _ops().row_col_energies(X, S)
-    exp_rows, exp_cols = reference.row_col_energies(_cpu64(X), _cpu64(S))
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    assert rows.dtype == cols.dtype == acc and rows.shape == (L, m) and cols.shape == (L, n)
-    assert rel_err(rows, exp_rows) < _fp32_tol(dtype)
-    assert rel_err(cols, exp_cols) < _fp32_tol(dtype)
-    _assert_deterministic(lambda: _ops().row_col_energies(X, S))
-
-
-@_needs("row_col_energies")
-@pytest.mark.parametrize("dtypes", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float16),
-                                    (torch.float64, torch.float32)], ids=str)
-def test_row_col_energies_mixed_dtypes(dtypes):
-    g = _gen(5)
-    X, S = _randn(3, 37, 123, g=g, dtype=dtypes[0]), _randn(3, 37, 256, g=g, dtype=dtypes[1])
-    rows, cols = _ops().row_col_energies(X, S)
-    exp_rows, exp_cols = reference.row_col_energies(_cpu64(X), _cpu64(S))
-    tol = 1e-12 if torch.float64 in dtypes else 1e-5
-    assert rel_err(rows, exp_rows) < tol and rel_err(cols, exp_cols) < tol
-
-
-@_needs("row_col_energies")
-def test_row_col_energies_non_contiguous_empty_and_nan():
-    g = _gen(6)
-    X, S = _randn(3, 37, 123, g=g), _randn(3, 37, 70, g=g)
-    X_cm = X.mT.contiguous().mT  # column-major: copied to rows
-    S_sl = torch.cat([S, S], dim=-1)[..., 3:73]  # sliced columns: read in place
-    views = _ops().row_col_energies(X_cm, S_sl)
-    exp = reference.row_col_energies(_cpu64(X), _cpu64(S_sl))
-    assert rel_err(views[0], exp[0]) < 1e-5 and rel_err(views[1], exp[1]) < 1e-5
-    # The summation order depends on the shapes alone, not on the strides.
-    contiguous = _ops().row_col_energies(X, S_sl.contiguous())
-    assert torch.equal(views[0], contiguous[0]) and torch.equal(views[1], contiguous[1])
-    # No tokens: zero energies; no columns of S: empty rows and zero columns.
-    rows, cols = _ops().row_col_energies(X[:, :0], S[:, :0])
-    assert torch.equal(rows, torch.zeros_like(rows)) and torch.equal(cols, torch.zeros_like(cols))
-    rows, cols = _ops().row_col_energies(X, S[..., :0])
-    assert rows.shape == (3, 0) and torch.equal(cols, torch.zeros(3, 123, device=DEVICE))
-    # A NaN in X[0, t, j] makes column j of G[0] NaN: cols[0, j] and every rows[0, i] are NaN, nothing else.
-    X_nan = X.clone()
-    X_nan[0, 5, 100] = float("nan")
-    rows, cols = _ops().row_col_energies(X_nan, S)
-    assert rows[0].isnan().all() and cols[0, 100].isnan()
-    assert cols[0, :100].isfinite().all() and cols[0, 101:].isfinite().all()
-    assert rows[1:].isfinite().all() and cols[1:].isfinite().all()
-
-
 # ---- spd_solve -----------------------------------------------------------------------------------------
 
 
@@ -466,24 +400,6 @@ def test_half_step_zero_gram_no_pairs_and_nan():
         assert not out[1].isfinite().all() and out[0].isfinite().all() and out[2].isfinite().all()
 
 
-# ---- kfac_metric_update --------------------------------------------------------------------------------
-
-
-@_needs("kfac_metric_update")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
-def test_kfac_metric_update(dtype):
-    g = _gen(17)
-    X, S = _randn(3, 37, 123, g=g, dtype=dtype), _randn(3, 37, 5, g=g, dtype=dtype)
-    vdt = torch.float64 if dtype == torch.float64 else torch.float32
-    v_in = _randn(3, 123, g=g, dtype=vdt).abs()
-    v_out = _randn(3, 5, g=g, dtype=vdt).abs()
-    args = (0.95, 1e-3, -0.5, 1 / 37, 37.0)
-    out = _ops().kfac_metric_update(X, S, v_in, v_out, *args)
-    exp = _kfac_metric_update_ref(_cpu64(X), _cpu64(S), _cpu64(v_in), _cpu64(v_out), *args)
-    for a, e in zip(out, exp):
-        assert a.dtype == vdt and rel_err(a, e) < (1e-12 if dtype == torch.float64 else 1e-6)
-
-
 # ---- adaprelora_solve ------------------------------------------------------------------------------------
 
 # (batch, m, n, r): the shape grid (odd m, n, r; 0-, 1- and 2-D batches), several 512-column chunks per side
@@ -698,15 +614,8 @@ def test_tangent_energies_views_zeros_and_nan():
 # ---- inputs on the wrong device, opcheck ---------------------------------------------------------------
 
 
-@_needs("row_col_energies")
-def test_inputs_on_another_device_are_rejected():
-    X = torch.randn(3, 37, 5, device=DEVICE)
-    with pytest.raises(RuntimeError, match="S must be a CUDA tensor"):
-        _ops().row_col_energies(X, torch.randn(3, 37, 4))
-
-
-OPCHECK_OPS = ["col_sq_sums", "row_col_energies", "spd_solve", "spd_solve", "pair_products", "lorsum_update_in",
-               "lorsum_update_out", "kfac_metric_update", "adaprelora_solve", "tangent_energies"]
+OPCHECK_OPS = ["spd_solve", "spd_solve", "pair_products", "lorsum_update_in",
+               "lorsum_update_out", "adaprelora_solve", "tangent_energies"]
 
 
 def _opcheck_cases():
@@ -717,14 +626,11 @@ def _opcheck_cases():
     lmbd = torch.tensor(1e-2, dtype=torch.float64, device=DEVICE)
     m_in, m_out = _randn(2, 5, g=g).abs() + 0.5, _randn(2, 7, g=g).abs() + 0.5
     return [
-        ("col_sq_sums", (X,)),
-        ("row_col_energies", (X, S)),
         ("spd_solve", (_spd(2, 3, g, torch.float32), _randn(2, 3, 5, g=g), True)),
         ("spd_solve", (_spd(2, 3, g, torch.float32), _randn(2, 5, 3, g=g), False)),
         ("pair_products", (X, S.mT, B0, A0)),
         ("lorsum_update_in", (B0, A0, B0, [X], [S.mT], coeffs, lmbd, m_in, m_out)),
         ("lorsum_update_out", (A0, A0, B0, [X], [S.mT], coeffs, lmbd, None, None)),
-        ("kfac_metric_update", (X, S, m_in, m_out, 0.9, 1e-3, -0.5, 1.0, 1.0)),
         ("adaprelora_solve", (A0, B0, A0.mT.contiguous().mT, B0, m_out, m_in, lmbd)),
         ("tangent_energies", (B0, A0.mT.contiguous().mT, B0, A0)),
     ]

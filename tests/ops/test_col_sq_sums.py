@@ -101,6 +101,16 @@ def test_nan_and_inf_propagate_like_reference(be):
     torch.testing.assert_close(out[finite], expected[finite], rtol=2e-6, atol=0)
 
 
+# ---- CUDA: opcheck -----------------------------------------------------------------------------------
+
+
+@over_backends(OP, NATIVE_CUDA)
+def test_cuda_opcheck(be):
+    # Schema, fake (meta) implementation, autograd registration and AOT dispatch on CUDA tensors.
+    x = randn(2, 37, 5, g=gen(18), dtype=torch.float32, device=be.device)
+    torch.library.opcheck(torch.ops.lorsum.col_sq_sums, (x,))
+
+
 # ---- native CPU: code paths, threads, the op's registration, input checks ---------------------------
 
 
