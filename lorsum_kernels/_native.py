@@ -24,6 +24,8 @@ import os
 
 import torch
 
+from ._numerics import math_dtype
+
 logger = logging.getLogger(__name__)
 
 NATIVE_AVAILABLE: bool = False
@@ -113,10 +115,6 @@ def has_native_op(name: str, device_type: str | torch.device) -> bool:
     return (name, device_type) in _NATIVE_KERNELS
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 if NATIVE_AVAILABLE:
     # Fake implementations: shapes and dtypes only, with the same input checks as the C++ kernels so a
     # bad input fails identically under FakeTensor / torch.compile.
@@ -131,7 +129,7 @@ if NATIVE_AVAILABLE:
             x.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16),
             lambda: f"col_sq_sums: x must be float32, float64, bfloat16 or float16, got {x.dtype}",
         )
-        return x.new_empty(x.shape[:-2] + x.shape[-1:], dtype=_acc_dtype(x.dtype))
+        return x.new_empty(x.shape[:-2] + x.shape[-1:], dtype=math_dtype(x.dtype))
 
     # d/dx Σ_t x_t² = 2x, in the accumulation dtype, returned in x's dtype.
     def _col_sq_sums_backward(ctx, grad: torch.Tensor):
@@ -153,10 +151,6 @@ def _op_defined(name: str) -> bool:
     except (AttributeError, RuntimeError):
         return False
     return True
-
-
-def _acc_of(*tensors) -> torch.dtype:
-    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 if NATIVE_AVAILABLE and _op_defined("lorsum_update_in"):
@@ -201,7 +195,7 @@ if NATIVE_AVAILABLE and _op_defined("lorsum_update_in"):
     def _pair_products_fake(f_in, f_out, W=None, V=None):
         torch._check(f_in.dim() >= 2 and f_out.dim() >= 2, lambda: "pair_products: f_in and f_out must be matrices")
         batch, n, m = f_in.shape[:-2], f_in.shape[-1], f_out.shape[-2]
-        acc = _acc_of(f_in, f_out, W, V)
+        acc = math_dtype(f_in, f_out, W, V)
         w = 0 if W is None else W.shape[-1]
         v = 0 if V is None else V.shape[-2]
         return f_in.new_empty(batch + (w, n), dtype=acc), f_in.new_empty(batch + (m, v), dtype=acc)
@@ -215,7 +209,7 @@ if NATIVE_AVAILABLE and _op_defined("lorsum_update_in"):
     @torch.library.register_fake("lorsum::row_col_energies")
     def _row_col_energies_fake(X, S):
         torch._check(X.dim() >= 2 and S.dim() >= 2, lambda: "row_col_energies: X and S must be matrices")
-        acc = _acc_of(X, S)
+        acc = math_dtype(X, S)
         batch = X.shape[:-2]
         return X.new_empty(batch + S.shape[-1:], dtype=acc), X.new_empty(batch + X.shape[-1:], dtype=acc)
 

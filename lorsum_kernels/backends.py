@@ -12,6 +12,11 @@ Contract of :func:`resolve_backend` ``(backend, device, op) -> name``:
   ``RuntimeError`` naming the op, the device and why (the extension's load error, if any). ``"torch"``
   (the reference implementation) is always available. Triton on a CPU device means the Triton
   interpreter, so forcing it there also needs ``TRITON_INTERPRET=1``.
+
+A caller that runs many ops on one device (an optimizer step) resolves once: :func:`resolve` gives a
+:class:`Backend`, the choice for that device, which every ``ops`` function accepts in place of a name and
+answers from its own table (each op resolved on first use, by the rules above). :func:`check_name` checks
+a name alone (constructors); :func:`check_backend` checks a forced backend for ops on a model's devices.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import functools
 import os
 import warnings
+from dataclasses import dataclass, field
 
 import torch
 
@@ -117,3 +123,47 @@ def check_backend(backend: str | None, model, ops: tuple[str, ...]) -> None:
     for device in sorted(devices, key=str) or [torch.device("cpu")]:
         for op in ops:
             resolve_backend(backend, device, op)
+
+
+def check_name(backend) -> None:
+    """Raises ``ValueError`` for anything but a backend name, ``"auto"`` or None (``LORSUM_BACKEND`` is read
+    when an op runs, so a bad value there is reported then)."""
+    if backend is not None and backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; valid names: {', '.join(BACKENDS)} or 'auto'")
+
+
+@dataclass(eq=False)
+class Backend:
+    """A backend choice resolved for one device: which implementation runs each op there.
+
+    ``requested`` is the name given (None or "auto" included), ``device`` the device it was resolved for.
+    ``of(op)`` resolves the op on first use (``resolve_backend``'s rules, its errors included) and then
+    answers from the table: one resolution per op for as long as the value is kept (an optimizer keeps it
+    for one step, so a change of ``LORSUM_BACKEND`` takes effect at the next). Used on another device, it
+    resolves there (never a stale answer)."""
+
+    requested: str | None
+    device: torch.device
+    _table: dict = field(default_factory=dict, repr=False)
+
+    def of(self, op: str, device: torch.device | None = None) -> str:
+        if device is not None and device != self.device:
+            return resolve_backend(self.requested, device, op)
+        name = self._table.get(op)
+        if name is None:
+            name = self._table[op] = resolve_backend(self.requested, self.device, op)
+        return name
+
+    def reads_low_precision(self, op: str, device: torch.device | None = None) -> bool:
+        """Whether ``op`` takes bf16/fp16 token data as it is (the native kernels convert in registers)
+        rather than in the math dtype (the reference and Triton half-steps need a converted copy)."""
+        return self.of(op, device) == "native"
+
+
+def resolve(backend: "str | None | Backend", device: torch.device | str) -> Backend:
+    """The :class:`Backend` value of ``backend`` on ``device`` (a value for that device is returned as is)."""
+    device = torch.device(device)
+    if isinstance(backend, Backend):
+        return backend if backend.device == device else Backend(backend.requested, device)
+    check_name(backend)
+    return Backend(backend, device)

@@ -85,6 +85,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ._numerics import math_dtype
 from .fsdp import ShardedParams, find_sharding
 
 __all__ = ["RankAverage", "resolve_data_parallel", "resolve_process_group"]
@@ -135,7 +136,7 @@ class RankAverage:
     def gradient_norm(self, X: Tensor, S: Tensor) -> Tensor:
         """``‖(1/R)·Σ_r S_rᵀX_r‖_F`` per batch element, exactly: the local G (m×n) is formed in the math
         dtype and averaged over ranks. Cross-rank terms forbid summing local norms (module docstring)."""
-        dt = torch.float64 if torch.float64 in (X.dtype, S.dtype) else torch.float32
+        dt = math_dtype(X, S)
         (G,) = self([S.to(dt).mT @ X.to(dt)])
         return torch.linalg.matrix_norm(G)
 

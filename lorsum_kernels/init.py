@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
-from .backends import resolve_backend
+from ._numerics import math_dtype
 from .capture import ActivationCapture
 from .functional.lora_one import (
     gaussian_test_matrix,
@@ -219,7 +219,7 @@ def _validate(
         if getattr(layer.module, "merged", False):
             raise ValueError(f"{layer.name}: the adapter is merged into the base weight; unmerge it first")
         if method == "power":  # an unknown or unavailable backend raises now, not in the first backward
-            resolve_backend(backend, layer.A.device, "pair_products")
+            ops.implementation(backend, layer.A.device, "pair_products")
 
     if isinstance(batches, (Mapping, Tensor)):
         raise TypeError(
@@ -331,7 +331,7 @@ def _spectral_init(
     )
     targets, ks = [], []
     for layer in layers:
-        dt = torch.float64 if layer.A.dtype == torch.float64 else torch.float32
+        dt = math_dtype(layer.A)
         ks.append(k_factor * layer.rank)  # ranks may differ between layers
         targets.append(_Target(layer, dt, min(ks[-1] + oversample, layer.in_features, layer.out_features)))
     triplets = _estimate(

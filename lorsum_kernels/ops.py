@@ -1,9 +1,11 @@
 """One function per hot-path op, each running on the backend that ``backends.resolve_backend`` picks.
 
 The signatures and semantics are those of ``reference`` (read its docstrings); this module only
-dispatches. ``backend`` is "auto", "native", "triton" or "torch" (see DESIGN.md "Dispatch"). An op with
-no native or Triton implementation yet runs the reference under "auto"; forcing a backend that does not
-implement the op raises.
+dispatches. ``backend`` is "auto", "native", "triton" or "torch" (see DESIGN.md "Dispatch"), or a
+``Backend`` value from :func:`resolve`, which a caller running many ops (an optimizer step) makes once and
+passes down: each op is then resolved once per value, not per call. An op with no native or Triton
+implementation yet runs the reference under "auto"; forcing a backend that does not implement the op
+raises. The layers above (``functional``, ``optim``, ``init``) reach the backends only through this module.
 """
 
 from __future__ import annotations
@@ -13,10 +15,30 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from . import reference
-from .backends import resolve_backend
+from . import _half_steps, backends, reference
+from .backends import Backend
 
-__all__ = ["lorsum_update_in", "lorsum_update_out", "spd_solve", "col_sq_sums", "row_col_energies"]
+__all__ = ["Backend", "check", "implementation", "resolve", "lorsum_update_in", "lorsum_update_out",
+           "spd_solve", "col_sq_sums", "row_col_energies"]
+
+
+def resolve(backend: str | None | Backend, device: torch.device | str) -> Backend:
+    """The backend choice for ``device``, resolved once (``backends.resolve``): pass it as ``backend=``."""
+    return backends.resolve(backend, device)
+
+
+def implementation(backend: str | None | Backend, device: torch.device, op: str) -> str:
+    """Which implementation ("native", "triton" or "torch") runs ``op`` on ``device``."""
+    if isinstance(backend, Backend):
+        return backend.of(op, device)
+    return backends.resolve_backend(backend, device, op)
+
+
+def check(backend: str | None, model, op_names: tuple[str, ...]) -> None:
+    """For constructors, before anything is built: an unknown name raises, and so does a forced backend
+    that lacks one of ``op_names`` on a device of the model (``backends.check_backend``)."""
+    backends.check_name(backend)
+    backends.check_backend(backend, model, op_names)
 
 
 def lorsum_update_in(
@@ -27,9 +49,9 @@ def lorsum_update_in(
     lmbd,
     metrics: tuple[Tensor, Tensor] | None = None,
     *,
-    backend: str | None = "auto",
+    backend: str | None | Backend = "auto",
 ) -> Tensor:
-    name = resolve_backend(backend, B_hat.device, "lorsum_update_in")
+    name = implementation(backend, B_hat.device, "lorsum_update_in")
     if name == "native":
         return torch.ops.lorsum.lorsum_update_in(*_half_step_args(B_hat, anchor, pairs, coeffs, lmbd, metrics))
     if name == "triton":
@@ -47,9 +69,9 @@ def lorsum_update_out(
     lmbd,
     metrics: tuple[Tensor, Tensor] | None = None,
     *,
-    backend: str | None = "auto",
+    backend: str | None | Backend = "auto",
 ) -> Tensor:
-    name = resolve_backend(backend, A_hat.device, "lorsum_update_out")
+    name = implementation(backend, A_hat.device, "lorsum_update_out")
     if name == "native":
         return torch.ops.lorsum.lorsum_update_out(*_half_step_args(A_hat, anchor, pairs, coeffs, lmbd, metrics))
     if name == "triton":
@@ -59,8 +81,8 @@ def lorsum_update_out(
     return reference.lorsum_update_out(A_hat, anchor, pairs, coeffs, lmbd, metrics)
 
 
-def spd_solve(gram: Tensor, rhs: Tensor, *, left: bool = True, backend: str | None = "auto") -> Tensor:
-    name = resolve_backend(backend, gram.device, "spd_solve")
+def spd_solve(gram: Tensor, rhs: Tensor, *, left: bool = True, backend: str | None | Backend = "auto") -> Tensor:
+    name = implementation(backend, gram.device, "spd_solve")
     if name == "native":
         return torch.ops.lorsum.spd_solve(gram, rhs, left)
     if name == "triton":
@@ -70,8 +92,8 @@ def spd_solve(gram: Tensor, rhs: Tensor, *, left: bool = True, backend: str | No
     return reference.spd_solve(gram, rhs, left=left)
 
 
-def col_sq_sums(x: Tensor, *, backend: str | None = "auto") -> Tensor:
-    name = resolve_backend(backend, x.device, "col_sq_sums")
+def col_sq_sums(x: Tensor, *, backend: str | None | Backend = "auto") -> Tensor:
+    name = implementation(backend, x.device, "col_sq_sums")
     if name == "native":
         return torch.ops.lorsum.col_sq_sums(x)
     if name == "triton":
@@ -82,9 +104,9 @@ def col_sq_sums(x: Tensor, *, backend: str | None = "auto") -> Tensor:
 
 
 def row_col_energies(
-    X: Tensor, S: Tensor, *, block_size: int = 256, backend: str | None = "auto"
+    X: Tensor, S: Tensor, *, block_size: int = 256, backend: str | None | Backend = "auto"
 ) -> tuple[Tensor, Tensor]:
-    name = resolve_backend(backend, X.device, "row_col_energies")
+    name = implementation(backend, X.device, "row_col_energies")
     if name == "native":
         return torch.ops.lorsum.row_col_energies(X, S)  # its own blocking; block_size is the reference's
     if name == "triton":
@@ -99,9 +121,9 @@ __all__ += ["adaprelora_solve", "tangent_energies"]
 
 def adaprelora_solve(
     A: Tensor, B: Tensor, g_A: Tensor, g_B: Tensor, p: Tensor, q: Tensor, *, ridge,
-    backend: str | None = "auto",
+    backend: str | None | Backend = "auto",
 ) -> tuple[Tensor, Tensor]:
-    name = resolve_backend(backend, A.device, "adaprelora_solve")
+    name = implementation(backend, A.device, "adaprelora_solve")
     if name == "native":
         # The native schema wants one batch shape (expanded views, no copies) and the ridge as a float64
         # tensor, 0-d or one value per layer: a Python number never becomes a device tensor (no copy, no sync).
@@ -126,9 +148,9 @@ def adaprelora_solve(
 
 
 def tangent_energies(
-    B: Tensor, E: Tensor, F: Tensor, A: Tensor, *, backend: str | None = "auto"
+    B: Tensor, E: Tensor, F: Tensor, A: Tensor, *, backend: str | None | Backend = "auto"
 ) -> tuple[Tensor, Tensor]:
-    name = resolve_backend(backend, B.device, "tangent_energies")
+    name = implementation(backend, B.device, "tangent_energies")
     if name == "native":
         # The native schema wants one batch shape (expanded views, no copies); the reference broadcasts
         # Z = [B F] against W = [E; A].
@@ -144,6 +166,33 @@ def tangent_energies(
     return reference.tangent_energies(B, E, F, A)
 
 
+__all__ += ["lorsum_update_with_token_product"]
+
+
+def lorsum_update_with_token_product(
+    side: str,
+    hat: Tensor,
+    anchor: tuple[Tensor, Tensor],
+    pairs: Sequence[tuple[Tensor, Tensor]],
+    coeffs: Sequence,
+    lmbd,
+    metrics: tuple[Tensor, Tensor] | None,
+    token_product: Tensor,
+    *,
+    backend: str | None | Backend = "auto",
+) -> Tensor:
+    """A LoRSum half-step (``side`` "in": the A-step with ``hat`` = B̂; "out": the B-step with ``hat`` = Â)
+    whose token pair is given by its r-wide token product, already summed over tokens and weighted by
+    its coefficient: ``c·(S·B̂)ᵀX`` (r×n) or ``c·Sᵀ(X·Âᵀ)`` (m×r), e.g. averaged over data-parallel ranks.
+    ``pairs`` and ``coeffs`` are the other terms, as for ``lorsum_update_in``.
+
+    A composite: the half-step algebra of the reference around the backend's r×r solve (``spd_solve``);
+    no backend has a kernel that takes the product in place of the pair."""
+    update = {"in": _half_steps.update_in, "out": _half_steps.update_out}[side]
+    return update(hat, anchor, pairs, coeffs, lmbd, metrics, extra=token_product,
+                  solve=lambda gram, rhs, left: spd_solve(gram, rhs, left=left, backend=backend))
+
+
 # --------------------------------------------------------------------------------------------------
 # Fused hot paths with a native kernel (reference.pair_products, reference.kfac_metric_update), and the
 # conversion of the Python-level arguments of the half-steps into the native schema (csrc/lorsum.cpp).
@@ -157,9 +206,9 @@ def pair_products(
     W: Tensor | None = None,
     V: Tensor | None = None,
     *,
-    backend: str | None = "auto",
+    backend: str | None | Backend = "auto",
 ) -> tuple[Tensor, Tensor]:
-    name = resolve_backend(backend, f_in.device, "pair_products")
+    name = implementation(backend, f_in.device, "pair_products")
     if name == "native":
         return torch.ops.lorsum.pair_products(f_in, f_out, W, V)
     if name == "triton":
@@ -180,10 +229,10 @@ def kfac_metric_update(
     scale_in: float,
     scale_out: float,
     *,
-    backend: str | None = "auto",
+    backend: str | None | Backend = "auto",
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     args = (X, S, v_in, v_out, float(beta), float(damping), float(power), float(scale_in), float(scale_out))
-    name = resolve_backend(backend, X.device, "kfac_metric_update")
+    name = implementation(backend, X.device, "kfac_metric_update")
     if name == "native":
         return torch.ops.lorsum.kfac_metric_update(*args)
     if name == "triton":

@@ -19,67 +19,23 @@ Conventions shared by all ops:
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor
 
-# Ridge added to every r×r Gram before its Cholesky factorisation, relative to its mean diagonal, per
-# math dtype: small enough to leave results unchanged at that dtype's working accuracy, large enough to
-# make a rank-deficient but non-zero Gram factorisable. Where even that fails (an exactly singular Gram,
-# or one indefinite by rounding), the fallback ridge is used instead, selected on the device without
-# reading the status.
-RELATIVE_RIDGE = {torch.float32: 1e-7, torch.float64: 1e-14}
-FALLBACK_RIDGE = {torch.float32: 1e-4, torch.float64: 1e-8}
+from . import _half_steps
+from ._numerics import (  # noqa: F401 (the ridge rules are the reference's too)
+    FALLBACK_RIDGE,
+    RELATIVE_RIDGE,
+    batch_scalar,
+    math_dtype,
+    promoted_dtype,
+    relative_ridge,
+    ridged_cholesky,
+)
 
 Pair = tuple[Tensor, Tensor]
-
-
-def math_dtype(*tensors: Tensor | None) -> torch.dtype:
-    """The arithmetic dtype of an op: fp64 when any of the (non-None) tensors is fp64, else fp32."""
-    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
-def promoted_dtype(*tensors: Tensor) -> torch.dtype:
-    """The promoted dtype of the tensors (torch.promote_types): the result dtype of the ops that return one."""
-    dtype = tensors[0].dtype
-    for t in tensors[1:]:
-        dtype = torch.promote_types(dtype, t.dtype)
-    return dtype
-
-
-def batch_scalar(value, like: Tensor) -> Tensor | float:
-    """A scalar, or one value per batch element, shaped to broadcast against ``like``'s matrices."""
-    if isinstance(value, Tensor) and value.ndim > 0:
-        return value.to(like.dtype).reshape(*value.shape, 1, 1)
-    if isinstance(value, Tensor):
-        return value.to(like.dtype)
-    return float(value)
-
-
-def relative_ridge(dtype: torch.dtype) -> float:
-    return RELATIVE_RIDGE.get(dtype, RELATIVE_RIDGE[torch.float32])
-
-
-def ridged_cholesky(gram: Tensor, ridge) -> Tensor:
-    """Cholesky factor of ``gram + ridge·mean(diag(gram))·I`` for a batch of symmetric PSD r×r matrices.
-
-    The ridge is relative to the mean diagonal, so it means the same for any scale of the factors or of
-    the metric. The mean diagonal is floored at ``sqrt(finfo.tiny)`` so that an all-zero Gram (B = 0 at
-    the standard LoRA init) still gets a factorisable, normal-range matrix; its right-hand sides are zero
-    then, and so are the solutions. ``ridge = 0`` is the exact factorisation wherever it exists. Where the
-    factorisation fails, ``ridge + FALLBACK_RIDGE[dtype]`` is used instead, chosen per batch element on
-    the device (no status is read on the host).
-    """
-    r = gram.shape[-1]
-    eye = torch.eye(r, dtype=gram.dtype, device=gram.device)
-    floor = torch.finfo(gram.dtype).tiny ** 0.5
-    scale = gram.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(floor)[..., None, None]
-    ridge = batch_scalar(ridge, gram)
-    fallback = FALLBACK_RIDGE.get(gram.dtype, FALLBACK_RIDGE[torch.float32])
-    chol, info = torch.linalg.cholesky_ex(gram + (ridge * scale) * eye)
-    chol_fallback, _ = torch.linalg.cholesky_ex(gram + ((ridge + fallback) * scale) * eye)
-    return torch.where((info == 0)[..., None, None], chol, chol_fallback)
 
 
 def spd_solve(gram: Tensor, rhs: Tensor, *, left: bool = True) -> Tensor:
@@ -103,8 +59,6 @@ def lorsum_update_in(
     coeffs: Sequence,
     lmbd,
     metrics: tuple[Tensor, Tensor] | None = None,
-    *,
-    solve: Callable[..., Tensor] | None = None,
 ) -> Tensor:
     """LoRSum's A half-step: the exact minimiser over A of the proximal sub-problem with B̂ fixed.
 
@@ -114,29 +68,11 @@ def lorsum_update_in(
 
         (B̂ᵀ M_out B̂ + λI) Â = λ A0 + c0 (B̂ᵀ M_out B0) A0 + Σ_j c_j (B̂ᵀ F_out_j)(F_in_j M_in⁻¹)
 
-    Only r-wide intermediates are formed. ``solve`` replaces ``spd_solve`` (same signature and ridge
-    rules): another backend's batched solve around these products (the Triton half-steps). Any mix of
-    float dtypes: arithmetic in fp32 (fp64 if any tensor is fp64), the result in A0's dtype (the native op's
-    contract).
+    Only r-wide intermediates are formed; the r×r system is solved by ``spd_solve`` (the algebra:
+    ``_half_steps.update_in``). Any mix of float dtypes: arithmetic in fp32 (fp64 if any tensor is fp64),
+    the result in A0's dtype (the native op's contract).
     """
-    out_dtype = anchor[0].dtype
-    B_hat, anchor, pairs, metrics = _half_step_in_math_dtype(B_hat, anchor, pairs, metrics)
-    A0, B0 = anchor
-    weighted_B = B_hat if metrics is None else B_hat * metrics[1].unsqueeze(-1)
-    lam = batch_scalar(lmbd, A0)
-    gram = weighted_B.mT @ B_hat
-    gram = gram + lam * torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
-    # Solved for the change from the anchor: the right side minus gram·A0 is B̂ᵀM_out(c0·B0 − B̂)·A0 plus
-    # the data terms, so the ridge pulls toward the prox anchor (not toward 0) and a first A-step from
-    # B̂ = B0 with c0 = 1 sees the data terms alone.
-    residual = (weighted_B.mT @ (B0 * batch_scalar(coeffs[0], B0) - B_hat)) @ A0
-    data = None
-    for (f_in, f_out), c in zip(pairs, coeffs[1:]):
-        term = (B_hat.mT @ f_out) @ f_in * batch_scalar(c, A0)
-        data = term if data is None else data + term
-    if data is not None:
-        residual = residual + (data if metrics is None else data / metrics[0].unsqueeze(-2))
-    return (A0 + (solve or spd_solve)(gram, residual, left=True)).to(out_dtype)
+    return _half_steps.update_in(B_hat, anchor, pairs, coeffs, lmbd, metrics, solve=spd_solve)
 
 
 def lorsum_update_out(
@@ -146,8 +82,6 @@ def lorsum_update_out(
     coeffs: Sequence,
     lmbd,
     metrics: tuple[Tensor, Tensor] | None = None,
-    *,
-    solve: Callable[..., Tensor] | None = None,
 ) -> Tensor:
     """LoRSum's B half-step: the exact minimiser over B with Â fixed (see ``lorsum_update_in``).
 
@@ -155,35 +89,7 @@ def lorsum_update_out(
 
     Dtypes as ``lorsum_update_in``: the result is in A0's dtype, as the native op returns it.
     """
-    out_dtype = anchor[0].dtype
-    A_hat, anchor, pairs, metrics = _half_step_in_math_dtype(A_hat, anchor, pairs, metrics)
-    A0, B0 = anchor
-    weighted_A = A_hat if metrics is None else A_hat * metrics[0].unsqueeze(-2)
-    lam = batch_scalar(lmbd, B0)
-    gram = weighted_A @ A_hat.mT
-    gram = gram + lam * torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
-    # Solved for the change from the anchor, as in lorsum_update_in: B0·(c0·A0 − Â)·M_in·Âᵀ + data terms.
-    residual = B0 @ ((A0 * batch_scalar(coeffs[0], A0) - A_hat) @ weighted_A.mT)
-    data = None
-    for (f_in, f_out), c in zip(pairs, coeffs[1:]):
-        term = f_out @ (f_in @ A_hat.mT) * batch_scalar(c, B0)
-        data = term if data is None else data + term
-    if data is not None:
-        residual = residual + (data if metrics is None else data / metrics[1].unsqueeze(-1))
-    return (B0 + (solve or spd_solve)(gram, residual, left=False)).to(out_dtype)
-
-
-def _half_step_in_math_dtype(hat, anchor, pairs, metrics):
-    """The half-steps' tensors in their arithmetic dtype (``math_dtype`` of all of them); no copy of a
-    tensor that already has it."""
-    tensors = [hat, *anchor, *(t for pair in pairs for t in pair), *(metrics or ())]
-    acc = math_dtype(*tensors)
-    hat = hat.to(acc)
-    anchor = (anchor[0].to(acc), anchor[1].to(acc))
-    pairs = [(f_in.to(acc), f_out.to(acc)) for f_in, f_out in pairs]
-    if metrics is not None:
-        metrics = (metrics[0].to(acc), metrics[1].to(acc))
-    return hat, anchor, pairs, metrics
+    return _half_steps.update_out(A_hat, anchor, pairs, coeffs, lmbd, metrics, solve=spd_solve)
 
 
 def col_sq_sums(x: Tensor) -> Tensor:
@@ -192,7 +98,7 @@ def col_sq_sums(x: Tensor) -> Tensor:
     ``x`` is (..., T, n); the result is (..., n), fp64 for fp64 input and fp32 otherwise. This is the
     diagonal K-FAC statistic (Σ_t x_t², Σ_t s_t²) of spec/lorsum.md §6.1.
     """
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = math_dtype(x)
     return x.to(acc).square().sum(-2)
 
 
@@ -206,7 +112,7 @@ def row_col_energies(X: Tensor, S: Tensor, *, block_size: int = 256) -> tuple[Te
     one read of S per slab and one of X overall, and at most m·block_size transient numbers per batch
     element. No T×T matrix is formed, so the cost does not grow with T².
     """
-    acc = torch.float64 if torch.float64 in (X.dtype, S.dtype) else torch.float32
+    acc = math_dtype(X, S)
     n = X.shape[-1]
     S_t = S.to(acc).mT
     rows = torch.zeros(S.shape[:-2] + S.shape[-1:], dtype=acc, device=S.device)
@@ -301,8 +207,7 @@ def pair_products(
     (..., 0, n) or (..., m, 0) result. Computed in fp64 when any input is fp64, else fp32; parenthesised so
     that only q-by-w and q-by-v intermediates are formed.
     """
-    tensors = [t for t in (f_in, f_out, W, V) if t is not None]
-    acc = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    acc = math_dtype(f_in, f_out, W, V)
     batch, n, m = f_in.shape[:-2], f_in.shape[-1], f_out.shape[-2]
     fi, fo = f_in.to(acc), f_out.to(acc)
     if W is None:

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from . import _launch
+from .._numerics import math_dtype
 from .spd import _spd_solve_kernel, ridged_spd_solve
 
 OP = "adaprelora_solve"
@@ -71,7 +72,7 @@ def adaprelora_solve(
     out_dtype = A.dtype
     for t in (B, g_A, g_B, p, q):
         out_dtype = torch.promote_types(out_dtype, t.dtype)
-    acc = torch.float64 if out_dtype == torch.float64 else torch.float32
+    acc = math_dtype(out_dtype)
     r, n, m = A.shape[-2], A.shape[-1], B.shape[-2]
     if r == 0 or batch.numel() == 0 or (m == 0 and n == 0):
         return (torch.zeros(batch + (r, n), dtype=out_dtype, device=device),

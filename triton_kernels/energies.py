@@ -29,6 +29,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _launch
+from .._numerics import math_dtype
 
 OP = "row_col_energies"
 
@@ -78,7 +79,7 @@ def _energies_kernel(
 def plan(B: int, m: int, n: int, x_dtype: torch.dtype, s_dtype: torch.dtype,
          target: _launch.Target) -> _launch.LaunchPlan:
     """One program per BLOCK_M × BLOCK_N tile of G and batch element: grid (m_tiles · n_tiles, B)."""
-    acc = torch.float64 if torch.float64 in (x_dtype, s_dtype) else torch.float32
+    acc = math_dtype(x_dtype, s_dtype)
     if target.interpret:  # per-op overhead dominates: one tile for small problems
         block_m = min(64, max(16, triton.next_power_of_2(m)))
         block_n = min(64, max(16, triton.next_power_of_2(n)))
@@ -112,7 +113,7 @@ def row_col_energies(X: Tensor, S: Tensor, *, block_size: int = 256) -> tuple[Te
         raise ValueError(f"{OP}: X {tuple(X.shape)} is (..., T, n) and S {tuple(S.shape)} must be "
                          "(..., T, m) with the same batch shape and T")
     device = _launch.check_device(OP, _energies_kernel, X, S)
-    acc = torch.float64 if torch.float64 in (X.dtype, S.dtype) else torch.float32
+    acc = math_dtype(X, S)
     batch, T, n, m = X.shape[:-2], X.shape[-2], X.shape[-1], S.shape[-1]
     rows = torch.zeros(batch + (m,), dtype=acc, device=device)
     cols = torch.zeros(batch + (n,), dtype=acc, device=device)

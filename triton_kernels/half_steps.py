@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-from .. import reference
+from .. import _half_steps
 from .spd import spd_solve
 
 
@@ -30,8 +30,8 @@ def lorsum_update_in(
     lmbd,
     metrics: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
-    """LoRSum's A half-step (``reference.lorsum_update_in``), its r×r solve in Triton."""
-    return reference.lorsum_update_in(B_hat, anchor, pairs, coeffs, lmbd, metrics, solve=spd_solve)
+    """LoRSum's A half-step (``reference.lorsum_update_in``'s algebra), its r×r solve in Triton."""
+    return _half_steps.update_in(B_hat, anchor, pairs, coeffs, lmbd, metrics, solve=spd_solve)
 
 
 def lorsum_update_out(
@@ -42,5 +42,5 @@ def lorsum_update_out(
     lmbd,
     metrics: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
-    """LoRSum's B half-step (``reference.lorsum_update_out``), its r×r solve in Triton."""
-    return reference.lorsum_update_out(A_hat, anchor, pairs, coeffs, lmbd, metrics, solve=spd_solve)
+    """LoRSum's B half-step (``reference.lorsum_update_out``'s algebra), its r×r solve in Triton."""
+    return _half_steps.update_out(A_hat, anchor, pairs, coeffs, lmbd, metrics, solve=spd_solve)

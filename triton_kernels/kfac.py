@@ -30,6 +30,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _launch, sq_sums
+from .._numerics import math_dtype
 from ._launch import f64_from_bits
 
 OP = "kfac_metric_update"
@@ -88,7 +89,7 @@ def plan(B: int, T: int, n: int, acc: torch.dtype, target: _launch.Target,
 def _metric_step(x, v, beta, damping, power, scale, t_splits):
     """(v', M) for one (statistic source, state) pair."""
     device = x.device
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = math_dtype(x)
     T, n = x.shape[-2], x.shape[-1]
     new = torch.empty(v.shape, dtype=v.dtype, device=device)
     metric = torch.empty(v.shape, dtype=v.dtype, device=device)

@@ -37,6 +37,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _launch
+from .._numerics import math_dtype
 
 OP = "pair_products"
 
@@ -168,7 +169,7 @@ def pair_products(
     if V is not None and V.shape[-1] != n:
         raise ValueError(f"{OP}: V must be (..., v, n) with n = {n}, got shape {tuple(V.shape)}")
     device = _launch.check_device(OP, _chain_kernel, *(t for _, t in present))
-    acc = torch.float64 if any(t.dtype == torch.float64 for _, t in present) else torch.float32
+    acc = math_dtype(*(t for _, t in present))
 
     def batch_of(*ts: Tensor) -> torch.Size:
         try:

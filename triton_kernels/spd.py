@@ -36,7 +36,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .. import reference
+from .. import _numerics
+from .._numerics import math_dtype
 from . import _launch
 from ._launch import f64_from_bits
 
@@ -145,7 +146,7 @@ def plan(B: int, r: int, N: int, acc: torch.dtype, ridge_per_matrix: bool,
     return _launch.LaunchPlan(
         _spd_solve_kernel, (B, triton.cdiv(N, block_c)),
         {"ACC": _launch.acc_type(acc), "RIDGE_PER_MATRIX": ridge_per_matrix,
-         "FALLBACK_RIDGE": reference.FALLBACK_RIDGE[acc], "FLOOR": torch.finfo(acc).tiny ** 0.5,
+         "FALLBACK_RIDGE": _numerics.FALLBACK_RIDGE[acc], "FLOOR": torch.finfo(acc).tiny ** 0.5,
          "R": R, "BLOCK_C": block_c},
         num_warps=8 if R >= 64 else 4, num_stages=3,
     )
@@ -184,18 +185,18 @@ def ridged_spd_solve(gram: Tensor, rhs: Tensor, ridge, *, left: bool = True) -> 
         raise ValueError(f"{OP}: the batch dimensions of {what} do not broadcast") from e
     device = _launch.check_device(OP, _spd_solve_kernel, gram, rhs)
     out_dtype = torch.promote_types(gram.dtype, rhs.dtype)
-    acc = torch.float64 if out_dtype == torch.float64 else torch.float32
+    acc = math_dtype(out_dtype)
     out = torch.empty(batch + rhs.shape[-2:], dtype=out_dtype, device=device)
     if out.numel() == 0:
         return out
     if ridge is None:
-        ridge = reference.relative_ridge(acc)
+        ridge = _numerics.relative_ridge(acc)
     if per_matrix:
         # fp64 on the device, as the native schema takes it; a CPU tensor is copied there (no sync).
         ridge = ridge.to(device=device, dtype=torch.float64).expand(batch)
     if r > MAX_R:
         g = gram.to(acc).expand(batch + (r, r))
-        chol = reference.ridged_cholesky(g, ridge.to(acc) if per_matrix else ridge)
+        chol = _numerics.ridged_cholesky(g, ridge.to(acc) if per_matrix else ridge)
         b = rhs.to(acc).expand(out.shape)
         z = torch.cholesky_solve(b, chol) if left else torch.cholesky_solve(b.mT, chol).mT
         return z.to(out_dtype)

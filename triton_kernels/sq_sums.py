@@ -21,6 +21,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _launch
+from .._numerics import math_dtype
 
 OP = "col_sq_sums"
 
@@ -118,7 +119,7 @@ def _col_sq_sums(x: Tensor, t_splits: int | None) -> Tensor:
         raise ValueError(f"{OP}: x must have at least 2 dimensions (..., T, n), got shape {tuple(x.shape)}")
     _launch.check_float(OP, "x", x)
     device = _launch.check_device(OP, _col_sq_sums_kernel, x)
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = math_dtype(x)
     T, n = x.shape[-2], x.shape[-1]
     out = torch.empty(x.shape[:-2] + (n,), dtype=acc, device=device)
     if out.numel() == 0:

@@ -32,6 +32,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _launch
+from .._numerics import math_dtype
 
 OP = "tangent_energies"
 
@@ -161,7 +162,7 @@ def tangent_energies(B: Tensor, E: Tensor, F: Tensor, A: Tensor) -> tuple[Tensor
     out_dtype = B.dtype
     for t in (E, F, A):
         out_dtype = torch.promote_types(out_dtype, t.dtype)
-    acc = torch.float64 if out_dtype == torch.float64 else torch.float32
+    acc = math_dtype(out_dtype)
     m, n, R = B.shape[-2], E.shape[-1], B.shape[-1] + F.shape[-1]
     rows = torch.zeros(batch + (m,), dtype=acc, device=device)
     cols = torch.zeros(batch + (n,), dtype=acc, device=device)

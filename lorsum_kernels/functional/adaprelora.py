@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from ..reference import batch_scalar
+from .._numerics import batch_scalar
 from .lorsum import compute_dtype
 from .riemannian import adamw_update
 

@@ -22,6 +22,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
+from .._numerics import math_dtype
 from .lorsum import compute_dtype
 
 __all__ = [
@@ -63,7 +64,7 @@ def gaussian_test_matrix(
     Returns:
         Tensor of shape ``(*batch_shape, n, width)``.
     """
-    draw_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    draw_dtype = math_dtype(dtype)
     omega = torch.randn(*batch_shape, n, width, generator=generator, dtype=draw_dtype, device="cpu")
     return omega.to(device=device, dtype=dtype)
 

@@ -12,9 +12,8 @@ from typing import Callable, NamedTuple, Sequence
 import torch
 from torch import Tensor
 
-from .. import ops, reference
-from ..backends import resolve_backend
-from ..reference import batch_scalar
+from .. import ops
+from .._numerics import batch_scalar, math_dtype
 
 Pair = tuple[Tensor, Tensor]
 # Data-parallel mode: averages a list of tensors over ranks and returns the averages
@@ -37,17 +36,17 @@ __all__ = [
 ]
 
 
-def compute_dtype(*tensors: Tensor) -> torch.dtype:
-    """fp64 if any tensor is fp64, else fp32: the dtype of all optimizer math (DESIGN.md)."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+# fp64 if any tensor is fp64, else fp32: the dtype of all optimizer math (DESIGN.md; the rule's one home
+# is _numerics.math_dtype).
+compute_dtype = math_dtype
 
 
-def data_operand(t: Tensor, dt: torch.dtype, backend: str | None) -> Tensor:
+def data_operand(t: Tensor, dt: torch.dtype, backend) -> Tensor:
     """``t`` (a token-sized X or S) as the half-steps should receive it: the native kernels read bf16/fp16
     and convert in registers, so they get it as it is; the torch reference needs it in the math dtype
     (one copy, as large as the data itself)."""
     if dt == torch.float32 and t.dtype in (torch.bfloat16, torch.float16):
-        if resolve_backend(backend, t.device, "lorsum_update_in") == "native":
+        if ops.implementation(backend, t.device, "lorsum_update_in") == "native":
             return t
     return t.to(dt)
 
@@ -163,13 +162,9 @@ def low_rank_sums_over_ranks(
     def half_step(p: LoRSumProblem, side: str, hat: Tensor, product: Tensor) -> Tensor:
         """The A-step (``side="in"``, ``hat`` = B̂) or the B-step (``"out"``, ``hat`` = Â) of problem p, with
         the averaged token product in place of the local one (preconditioned as the reference does)."""
-        token_term = product * batch_scalar(p.coeffs[1], product)
-        if p.metrics is not None:
-            m_in, m_out = p.metrics
-            token_term = token_term / (m_in.unsqueeze(-2) if side == "in" else m_out.unsqueeze(-1))
-        update = reference.lorsum_update_in if side == "in" else reference.lorsum_update_out
-        return update(hat, p.anchor, p.replicated, [p.coeffs[0], *p.coeffs[2:]], p.lmbd, p.metrics,
-                      solve=_solve_adding(token_term, backend))
+        return ops.lorsum_update_with_token_product(
+            side, hat, p.anchor, p.replicated, [p.coeffs[0], *p.coeffs[2:]], p.lmbd, p.metrics,
+            product * batch_scalar(p.coeffs[1], product), backend=backend)
 
     if iters == 0:  # Jacobi: both half-steps from the anchors, so all products in one collective
         P, Q = averaged_products([p.anchor[1] for p in problems], [p.anchor[0] for p in problems])
@@ -182,12 +177,6 @@ def low_rank_sums_over_ranks(
         _, Q = averaged_products(None, A_hats)
         B_hats = [half_step(p, "out", A_hat, Qp) for p, A_hat, Qp in zip(problems, A_hats, Q)]
     return list(zip(A_hats, B_hats))
-
-
-def _solve_adding(token_term: Tensor, backend):
-    """The half-step's r×r solve with the averaged token term added to its right-hand side (the reference
-    half-steps sum the anchor and replicated terms and hand the result to ``solve``)."""
-    return lambda gram, rhs, left: ops.spd_solve(gram, rhs + token_term, left=left, backend=backend)
 
 
 def low_rank_sum(

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from ..reference import batch_scalar
+from .._numerics import batch_scalar
 from .lorsum import compute_dtype
 
 __all__ = ["adamw_update", "scaled_gd_direction", "scaled_gd_step", "scaled_adamw_step"]

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import torch
 
-from ..backends import check_backend
+from .. import ops
 from ..functional.adaprelora import MOMENTUM_MODES, adaprelora_step
-from .base import LoRAOptimizer, _check_positive
+from .base import LoRAOptimizer
+from .checks import check_positive
 
 __all__ = ["AdaPreLoRA"]
 
@@ -90,17 +91,17 @@ class AdaPreLoRA(LoRAOptimizer):
             raise ValueError(f"invalid betas[1]: {betas[1]} (must be None or in [0, 1))")
         if not 0.0 <= adam_beta2 < 1.0:
             raise ValueError(f"invalid adam_beta2: {adam_beta2} (must be in [0, 1))")
-        _check_positive("decay_rate", decay_rate)
-        _check_positive("eps1", eps1, allow_zero=True)
-        _check_positive("ridge", ridge, allow_zero=True)
-        _check_positive("eps", eps, allow_zero=True)
-        _check_positive("weight_decay", weight_decay, allow_zero=True)
+        check_positive("decay_rate", decay_rate)
+        check_positive("eps1", eps1, allow_zero=True)
+        check_positive("ridge", ridge, allow_zero=True)
+        check_positive("eps", eps, allow_zero=True)
+        check_positive("weight_decay", weight_decay, allow_zero=True)
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
         # Unknown names, and a forced backend lacking an op this configuration runs, raise now: before
         # the base class hooks the model, not at the first step.
         statistics_op = "row_col_energies" if statistics == "exact" else "tangent_energies"
-        check_backend(backend, model, ("adaprelora_solve", statistics_op))
+        ops.check(backend, model, ("adaprelora_solve", statistics_op))
         self.statistics = statistics
         # Instance attributes read by the base class: only the exact statistics hook the layers, and the
         # factor gradients are needed either way.
@@ -132,12 +133,12 @@ class AdaPreLoRA(LoRAOptimizer):
                     "statistics='surrogate' uses the factor gradients DDP already averages")
         return None
 
-    def _method_step(self, group, A, B, X, S, state, grads, reduce):
+    def _method_step(self, group, A, B, X, S, state, grads, reduce, backend):
         g_A, g_B = grads
         A_new, B_new, new_state = adaprelora_step(
             A, B, g_A, g_B, state, X=X, S=S, lr=group["lr"], betas=group["betas"],
             weight_decay=group["weight_decay"], momentum=group["momentum"], decay_rate=group["decay_rate"],
             eps1=group["eps1"], ridge=group["ridge"], adam_beta2=group["adam_beta2"], eps=group["eps"],
-            block_size=group["block_size"], backend=group["backend"],
+            block_size=group["block_size"], backend=backend,
         )
         return A_new, B_new, new_state

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from ..backends import check_backend
+from .. import ops
 from ..functional.psi_lora import psi_lora_step, scaled_psi_lora_step
-from .base import LoRAOptimizer, _check_positive
+from .base import LoRAOptimizer
+from .checks import check_positive
 
 # The ops a LoRSum step dispatches (the half-steps, the lock-step token products, the r×r solves), and
 # ScaledLoRSum's K-FAC statistics: a forced backend must have each on the model's devices.
@@ -109,13 +110,13 @@ class LoRSum(_MomentumFactors, LoRAOptimizer):
         seed: int = 0,
         **kwargs,
     ):
-        _check_positive("lmbd", lmbd, allow_zero=True)
+        check_positive("lmbd", lmbd, allow_zero=True)
         _check_iters(iters)
         _check_unit("momentum", momentum)
         _check_unit("dampening", dampening, closed=True)
         if momentum_rank is not None and (not isinstance(momentum_rank, int) or momentum_rank < 1):
             raise ValueError(f"momentum_rank must be a positive integer or None, got {momentum_rank!r}")
-        check_backend(backend, model, _LORSUM_OPS)  # unknown names, and a forced backend lacking an op, raise now
+        ops.check(backend, model, _LORSUM_OPS)  # unknown names, and a forced backend lacking an op, raise now
         defaults = dict(
             lr=lr, lmbd=lmbd, iters=iters, momentum=momentum, dampening=dampening, momentum_rank=momentum_rank,
             lmbd_momentum=lmbd if lmbd_momentum is None else lmbd_momentum, backend=backend,
@@ -131,11 +132,11 @@ class LoRSum(_MomentumFactors, LoRAOptimizer):
         # round's result, which depends on all of the step's tokens.
         return group["iters"] == 0
 
-    def _method_step(self, group, A, B, X, S, state, grads, reduce):
+    def _method_step(self, group, A, B, X, S, state, grads, reduce, backend):
         A, B, buffer = psi_lora_step(
             A, B, X, S, _momentum_of(state), lr=group["lr"], lmbd=group["lmbd"],
             lmbd_momentum=group["lmbd_momentum"], iters=group["iters"], momentum=group["momentum"],
-            dampening=group["dampening"], backend=group["backend"], reduce=reduce,
+            dampening=group["dampening"], backend=backend, reduce=reduce,
         )
         return A, B, _momentum_dict(buffer)
 
@@ -183,15 +184,15 @@ class ScaledLoRSum(_MomentumFactors, LoRAOptimizer):
         seed: int = 0,
         **kwargs,
     ):
-        _check_positive("lmbd", lmbd, allow_zero=True)
+        check_positive("lmbd", lmbd, allow_zero=True)
         _check_iters(iters)
         if not isinstance(beta2_warmup, bool):
             raise TypeError(f"beta2_warmup must be a bool, got {type(beta2_warmup).__name__}")
         _check_unit("betas[0]", betas[0])
         _check_unit("betas[1]", betas[1])
-        _check_positive("damping", damping, allow_zero=True)
-        _check_positive("min_lmbd", min_lmbd, allow_zero=True)
-        _check_positive("init_metric_scale", init_metric_scale)
+        check_positive("damping", damping, allow_zero=True)
+        check_positive("min_lmbd", min_lmbd, allow_zero=True)
+        check_positive("init_metric_scale", init_metric_scale)
         if metric not in ("kfac", "shampoo"):
             raise ValueError(f"metric must be 'kfac' or 'shampoo', got {metric!r}")
         if not 0.0 <= metric_power <= 1.0:
@@ -200,7 +201,7 @@ class ScaledLoRSum(_MomentumFactors, LoRAOptimizer):
             raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
         if momentum_rank is not None and (not isinstance(momentum_rank, int) or momentum_rank < 1):
             raise ValueError(f"momentum_rank must be a positive integer or None, got {momentum_rank!r}")
-        check_backend(backend, model, _SCALED_OPS)
+        ops.check(backend, model, _SCALED_OPS)
         defaults = dict(
             lr=lr, lmbd=lmbd, iters=iters, betas=tuple(betas), damping=damping, metric=metric,
             metric_power=metric_power, loss_reduction=loss_reduction, min_lmbd=min_lmbd,
@@ -232,7 +233,7 @@ class ScaledLoRSum(_MomentumFactors, LoRAOptimizer):
                     "sum over tokens); use metric='kfac'")
         return None
 
-    def _method_step(self, group, A, B, X, S, state, grads, reduce):
+    def _method_step(self, group, A, B, X, S, state, grads, reduce, backend):
         beta1, beta2 = group["betas"]
         extra = {}
         if "metric_updates" in state:  # β2 warm-up: one β2 per layer of the bucket, (L, 1) against (L, n)
@@ -243,7 +244,7 @@ class ScaledLoRSum(_MomentumFactors, LoRAOptimizer):
             A, B, X, S, (state["metric_in"], state["metric_out"]), _momentum_of(state),
             lr=group["lr"], lmbd=group["lmbd"], min_lmbd=group["min_lmbd"], iters=group["iters"],
             betas=(beta1, beta2), damping=group["damping"], metric=group["metric"],
-            metric_power=group["metric_power"], loss_reduction=group["loss_reduction"], backend=group["backend"],
+            metric_power=group["metric_power"], loss_reduction=group["loss_reduction"], backend=backend,
             reduce=reduce,
         )
         return A, B, {"metric_in": v_in, "metric_out": v_out, **_momentum_dict(buffer), **extra}

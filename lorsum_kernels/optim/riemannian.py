@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import torch
 
-from ..backends import check_backend
+from .. import ops
 from ..functional.riemannian import UPDATE_ORDERS, scaled_adamw_step, scaled_gd_step
-from .base import LoRAOptimizer, _check_positive
+from .base import LoRAOptimizer
+from .checks import check_positive
 
 __all__ = ["ScaledGD", "ScaledAdamW"]
 
@@ -66,18 +67,18 @@ class ScaledGD(LoRAOptimizer):
         backend: str = "auto",
         **kwargs,
     ):
-        _check_positive("reg", reg, allow_zero=True)
-        _check_positive("weight_decay", weight_decay, allow_zero=True)
+        check_positive("reg", reg, allow_zero=True)
+        check_positive("weight_decay", weight_decay, allow_zero=True)
         _check_order(update_order)
-        check_backend(backend, model, ("spd_solve",))  # unknown names, and a forced backend lacking it, raise now
+        ops.check(backend, model, ("spd_solve",))  # unknown names, and a forced backend lacking it, raise now
         defaults = dict(lr=lr, reg=reg, weight_decay=weight_decay, update_order=update_order, backend=backend)
         super().__init__(model, defaults, **kwargs)
 
-    def _method_step(self, group, A, B, X, S, state, grads, reduce):
+    def _method_step(self, group, A, B, X, S, state, grads, reduce, backend):
         g_A, g_B = grads
         A_new, B_new = scaled_gd_step(
             A, B, g_A, g_B, lr=group["lr"], reg=group["reg"], weight_decay=group["weight_decay"],
-            update_order=group["update_order"], backend=group["backend"],
+            update_order=group["update_order"], backend=backend,
         )
         return A_new, B_new, {}
 
@@ -121,11 +122,11 @@ class ScaledAdamW(LoRAOptimizer):
         **kwargs,
     ):
         _check_betas(betas)
-        _check_positive("eps", eps, allow_zero=True)
-        _check_positive("weight_decay", weight_decay, allow_zero=True)
-        _check_positive("reg", reg, allow_zero=True)
+        check_positive("eps", eps, allow_zero=True)
+        check_positive("weight_decay", weight_decay, allow_zero=True)
+        check_positive("reg", reg, allow_zero=True)
         _check_order(update_order)
-        check_backend(backend, model, ("spd_solve",))
+        ops.check(backend, model, ("spd_solve",))
         defaults = dict(
             lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, reg=reg,
             correct_bias=bool(correct_bias), update_order=update_order, backend=backend,
@@ -143,11 +144,11 @@ class ScaledAdamW(LoRAOptimizer):
             "exp_avg_sq_B": torch.zeros(m, r, **kw),
         }
 
-    def _method_step(self, group, A, B, X, S, state, grads, reduce):
+    def _method_step(self, group, A, B, X, S, state, grads, reduce, backend):
         g_A, g_B = grads
         A_new, B_new, new_state = scaled_adamw_step(
             A, B, g_A, g_B, state, lr=group["lr"], betas=group["betas"], eps=group["eps"],
             weight_decay=group["weight_decay"], reg=group["reg"], correct_bias=group["correct_bias"],
-            update_order=group["update_order"], backend=group["backend"],
+            update_order=group["update_order"], backend=backend,
         )
         return A_new, B_new, new_state

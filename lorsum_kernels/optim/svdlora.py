@@ -22,7 +22,7 @@ class SVDLoRA(LoRAOptimizer):
     def __init__(self, model, lr: float = 1e-3, **kwargs):
         super().__init__(model, dict(lr=lr), **kwargs)
 
-    def _method_step(self, group, A, B, X, S, state, grads, reduce):
+    def _method_step(self, group, A, B, X, S, state, grads, reduce, backend):
         G = S.to(A.dtype).mT @ X.to(A.dtype)
         if reduce is not None:  # data-parallel: the mean of the ranks' G (m×n numbers per layer)
             (G,) = reduce([G])

@@ -1,0 +1,37 @@
+"""Device-side flags of the step's guards: which layers may step (everything they read and would write is
+finite) and how skip flags combine. Nothing here reads a value on the host."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["either", "finite_once", "finite_rows"]
+
+
+def finite_rows(t: Tensor, rows: int) -> Tensor:
+    """(rows,) bool: whether each of the ``rows`` leading slices of ``t`` is entirely finite.
+
+    ``amax`` and ``amin`` propagate NaN and keep ±inf, so both are finite exactly when every element is:
+    two fast contiguous reductions instead of the three passes and the mask of ``isfinite().all()``
+    (about 10x faster on a 1024x384 fp32 tensor on the CPU; ``aminmax(dim=...)`` is the slowest of all).
+    Empty slices are finite.
+    """
+    flat = t.reshape(rows, -1)
+    if flat.shape[1] == 0:
+        return torch.ones(rows, dtype=torch.bool, device=t.device)
+    return flat.amax(1).isfinite() & flat.amin(1).isfinite()
+
+
+def finite_once(t: Tensor, cache: dict) -> Tensor:
+    """``finite_rows(t, 1)[0]``, computed once per step for tensors that several layers captured."""
+    key = (t.data_ptr(), t.shape, t.stride(), t.dtype, t.device)
+    if key not in cache:
+        cache[key] = finite_rows(t, 1)[0]
+    return cache[key]
+
+
+def either(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    if a is None or b is None:
+        return b if a is None else a
+    return a | b.to(a.device)
