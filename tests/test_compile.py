@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from lorsum_kernels import ops
-from lorsum_kernels.functional.psi_lora import psi_lora_step
+from lorsum_kernels.functional.lorsum_step import psi_lora_step
 
 
 def _step(A, B, X, S, A_m, B_m):

@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import lorsum_kernels as lk
-from lorsum_kernels.functional.psi_lora import scaled_psi_lora_step
+from lorsum_kernels.functional.lorsum_step import scaled_psi_lora_step
 
 from .conftest import rel_err
 

@@ -4,7 +4,7 @@ import sys
 
 import torch
 from torch.utils import benchmark
-from lorsum_kernels.functional.psi_lora import psi_lora_step, scaled_psi_lora_step
+from lorsum_kernels.functional.lorsum_step import psi_lora_step, scaled_psi_lora_step
 torch.set_num_threads(2)
 g = torch.Generator().manual_seed(0)
 T, r = 2048, 16

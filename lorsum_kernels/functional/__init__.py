@@ -1,9 +1,10 @@
 """Each method as pure functions of tensors: one step for a group of same-shape layers.
 
-``lorsum`` (LoRSum, Scaled LoRSum, metric statistics, SVDLoRA step), ``psi_lora`` (the PSI-LoRA optimizer
-steps), ``adaprelora`` (Adafactor statistics and the H-weighted factor solve), ``riemannian`` (ScaledGD,
+``low_rank_sum`` (the LoRSum primitive: the rank-r projection of an implicit sum, its scaled and
+data-parallel forms, the metric statistics, the clip norm, the SVDLoRA step), ``lorsum_step`` (the
+LoRSum / ScaledLoRSum optimizer step built on it: PSI-LoRA with momentum), ``adaprelora`` (Adafactor statistics and the H-weighted factor solve), ``riemannian`` (ScaledGD,
 Scaled AdamW), ``lora_one`` (randomized SVD pieces of LoRA-One / LoRA-GA). Imports only go down:
-``optim`` → ``functional`` → ``ops`` → backends and ``reference``.
+``optim`` → ``functional`` → ``ops`` → backends and ``reference``; the classes are in ``optim``.
 """
 
 from .adaprelora import (
@@ -26,7 +27,7 @@ from .lora_one import (
     subspace_iteration,
     truncated_svd,
 )
-from .lorsum import (
+from .low_rank_sum import (
     compute_dtype,
     effective_metric,
     ema,
@@ -37,7 +38,7 @@ from .lorsum import (
     shampoo_statistics,
     svdlora_step,
 )
-from .psi_lora import psi_lora_step, scaled_psi_lora_step
+from .lorsum_step import psi_lora_step, scaled_psi_lora_step
 from .riemannian import adamw_update, scaled_adamw_step, scaled_gd_direction, scaled_gd_step
 
 __all__ = [

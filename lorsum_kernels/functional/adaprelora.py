@@ -32,7 +32,7 @@ from torch import Tensor
 
 from .. import ops
 from .._numerics import batch_scalar
-from .lorsum import compute_dtype
+from .low_rank_sum import compute_dtype
 from .riemannian import adamw_update
 
 __all__ = [

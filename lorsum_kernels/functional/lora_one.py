@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .._numerics import math_dtype
-from .lorsum import compute_dtype
+from .low_rank_sum import compute_dtype
 
 __all__ = [
     "gaussian_test_matrix",

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from .. import ops
 from .._numerics import batch_scalar
-from .lorsum import compute_dtype
+from .low_rank_sum import compute_dtype
 
 __all__ = ["adamw_update", "scaled_gd_direction", "scaled_gd_step", "scaled_adamw_step"]
 

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ..fsdp import is_sharded, local_tensor
-from ..functional.lorsum import gradient_norm
+from ..functional.low_rank_sum import gradient_norm
 
 __all__ = ["clip_coefficient", "global_grad_norm", "grad_squares"]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .. import ops
-from ..functional.psi_lora import psi_lora_step, scaled_psi_lora_step
+from ..functional.lorsum_step import psi_lora_step, scaled_psi_lora_step
 from .base import LoRAOptimizer
 from .checks import check_positive
 

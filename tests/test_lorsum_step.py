@@ -1,4 +1,4 @@
-"""One PSI-LoRA / Scaled PSI-LoRA step (lorsum_kernels.functional.psi_lora) against fp64 closed forms.
+"""One PSI-LoRA / Scaled PSI-LoRA step (lorsum_kernels.functional.lorsum_step) against fp64 closed forms.
 
 spec/lorsum.md §5.1 (weight step with low-rank heavy-ball momentum, buffer step), §6.4 (scaled "normal"
 mode: metric EMA, λ floor, unpreconditioned buffer), §13 T12 (momentum exactness) and T14 (metric EMA).
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lorsum_kernels.functional import low_rank_sum
-from lorsum_kernels.functional.psi_lora import psi_lora_step, scaled_psi_lora_step
+from lorsum_kernels.functional.lorsum_step import psi_lora_step, scaled_psi_lora_step
 
 from .conftest import rel_err
 

@@ -1,4 +1,6 @@
-"""LoRSum, Scaled LoRSum and their statistics as pure functions of tensors (spec/lorsum.md §3–6, §9).
+"""The LoRSum primitive and its statistics as pure functions of tensors (spec/lorsum.md §3–6, §9): the
+rank-r projection of an implicit sum of factor pairs (``low_rank_sum``, scaled, over ranks), the diagonal
+metrics, the clip norm and the SVDLoRA step. The optimizer step built on them is ``lorsum_step``.
 
 Every tensor may carry leading batch dimensions (a group of same-shape layers). Math runs in fp32, or
 fp64 when any input factor is fp64; results come back in the dtype of pair 0. Nothing here reads a value

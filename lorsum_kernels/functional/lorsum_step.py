@@ -16,7 +16,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from .. import ops
-from .lorsum import (
+from .low_rank_sum import (
     LoRSumProblem,
     Reduce,
     data_operand,
