@@ -126,14 +126,22 @@ def use_cpu_path(monkeypatch, path: str) -> None:
 
 
 def with_cpu_paths(be: Backend, values: list) -> list:
-    """A grid's values, each with the CPU code paths to run it on: both on native-cpu, "-" elsewhere."""
+    """A grid's values (each a tuple of the test's arguments), each with the CPU code path to run it on as its
+    last argument: both paths on native-cpu, "-" elsewhere."""
     paths = CPU_PATHS if be is NATIVE_CPU else ("-",)
-    return [(*(v if isinstance(v, tuple) else (v,)), path) for v in values for path in paths]
+    return [(*v, path) for v in values for path in paths]
 
 
 @pytest.fixture(params=CPU_PATHS)
 def cpu_path(request, monkeypatch):
-    """Both CPU code paths of the native kernels (tests of native-cpu alone)."""
+    """Both CPU code paths of the native kernels; a test over several backends runs the other backends once
+    (the second path is skipped for them)."""
+    callspec = getattr(request.node, "callspec", None)
+    be = callspec.params.get("be") if callspec is not None else None
+    if be is not None and be is not NATIVE_CPU:
+        if request.param != CPU_PATHS[0]:
+            pytest.skip("the CPU code paths are native-cpu's")
+        return "-"
     use_cpu_path(monkeypatch, request.param)
     return request.param
 
@@ -193,6 +201,15 @@ def assert_independent_of_thread_count(fn):
         outs.append((out,) if isinstance(out, torch.Tensor) else tuple(out))
     for a, b in zip(*outs):
         assert torch.equal(a, b)
+
+
+def assert_layout_independent(be: Backend, a: torch.Tensor, b: torch.Tensor) -> None:
+    """a (from views) is b (from contiguous copies): bit for bit on the native kernels, whose summation order
+    depends on the shapes alone; within 1e-6 on Triton, whose loads may round differently per layout."""
+    if be.name == "native":
+        assert torch.equal(a, b)
+    else:
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
 
 
 def assert_same_training(run_a, run_b, tol: float = 1e-5):

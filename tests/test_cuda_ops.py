@@ -515,107 +515,11 @@ def test_adaprelora_solve_zero_grams_fallback_and_nan(dtype, monkeypatch):
     assert dA[[0, 2]].isfinite().all() and dB[[0, 2]].isfinite().all()
 
 
-# ---- tangent_energies ------------------------------------------------------------------------------------
-
-# (batch, m, n, r_B, r_F): the shape grid (odd m, n, r; 0-, 1- and 2-D batches), several 512-column chunks
-# per side, R = r_B + r_F = 128 (the kernel's largest), ranks that differ, and R = 160 (the ATen composition).
-TAN_SHAPES = [((), 5, 123, 3, 3), ((3,), 123, 5, 1, 1), ((2, 2), 256, 256, 16, 16), ((3,), 256, 123, 3, 3),
-              ((2,), 1100, 600, 40, 40), ((), 700, 1537, 64, 64), ((2,), 123, 77, 2, 5), ((2,), 300, 200, 80, 80)]
-TAN_IDS = [f"b{'x'.join(map(str, b)) or '0'}_m{m}_n{n}_rB{rb}_rF{rf}" for b, m, n, rb, rf in TAN_SHAPES]
-
-
-def _tan_problem(batch, m, n, r_B, r_F, *, dtype=torch.float32, seed=0):
-    """(B, E, F, A) on DEVICE, drawn in fp64 on the CPU: AdaPreLoRA's surrogate (E = BᵀG, F = GAᵀ) when the
-    ranks agree, else independent factors."""
-    g = _gen(seed)
-    B = torch.randn(*batch, m, r_B, generator=g, dtype=torch.float64) * 3 * m**-0.5
-    A = torch.randn(*batch, r_F, n, generator=g, dtype=torch.float64) * n**-0.5
-    if r_B == r_F:
-        G = torch.randn(*batch, m, n, generator=g, dtype=torch.float64)
-        E, F = B.mT @ G, G @ A.mT
-    else:
-        E = torch.randn(*batch, r_B, n, generator=g, dtype=torch.float64)
-        F = torch.randn(*batch, m, r_F, generator=g, dtype=torch.float64)
-    return [t.to(dtype).to(DEVICE) for t in (B, E, F, A)]
-
-
-def _tan(args):
-    return _ops().tangent_energies(*args)
-
-
-def _tan_ref(args, dtype=torch.float64, device="cpu"):
-    return reference.tangent_energies(*[t.detach().to(device=device, dtype=dtype) for t in args])
-
-
-def _tan_err(out, expected):
-    return max(rel_err(a, e) for a, e in zip(out, expected))
-
-
-@_needs("tangent_energies")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("shape", TAN_SHAPES, ids=TAN_IDS)
-def test_tangent_energies_matches_reference(shape, dtype):
-    batch, m, n = shape[:3]
-    args = _tan_problem(*shape, dtype=dtype)
-    out = _tan(args)
-    assert [t.shape for t in out] == [batch + (m,), batch + (n,)] and [t.dtype for t in out] == [dtype] * 2
-    assert _tan_err(out, _tan_ref(args)) < _fp32_tol(dtype)
-    _assert_deterministic(lambda: _tan(args))
-
-
-@_needs("tangent_energies")
-@pytest.mark.parametrize("shape", TAN_SHAPES[:4], ids=TAN_IDS[:4])
-def test_tangent_energies_bf16(shape):
-    # Everything bf16, the results too (as the reference returns them): within twice the error plain PyTorch
-    # makes in bf16 on the device.
-    args = _tan_problem(*shape, dtype=torch.bfloat16)
-    out = _tan(args)
-    assert [t.dtype for t in out] == [torch.bfloat16] * 2
-    torch_bf16 = _tan_ref(args, dtype=torch.bfloat16, device=DEVICE)
-    exact = _tan_ref(args)
-    for a, t, e in zip(out, torch_bf16, exact):
-        assert rel_err(a, e) <= 2 * rel_err(t, e)
-    # One bf16 input among fp32 ones: fp32 results at fp32 accuracy on the given values.
-    mixed = [args[0]] + [t.float() for t in args[1:]]
-    out = _tan(mixed)
-    assert [t.dtype for t in out] == [torch.float32] * 2 and _tan_err(out, _tan_ref(mixed)) < 1e-5
-
-
-@_needs("tangent_energies")
-def test_tangent_energies_views_zeros_and_nan():
-    B, E, F, A = _tan_problem((3,), 123, 256, 16, 16)
-    views = [B.mT.contiguous().mT, E.transpose(0, 1).contiguous().transpose(0, 1), F.mT.contiguous().mT,
-             torch.stack([A, A], -1)[..., 0]]
-    assert not any(v.is_contiguous() for v in views)
-    plain = _tan([B, E, F, A])
-    for a, b in zip(_tan(views), plain):
-        assert torch.equal(a, b)
-    expanded = [t[:1].expand(4, *t.shape[1:]) for t in (B, E, F, A)]
-    for a, b in zip(_tan(expanded), _tan([t[0] for t in (B, E, F, A)])):
-        assert torch.equal(a, b.expand_as(a))
-    # Zeros give exact zeros; B·E + (−B)·E = 0 cancels to rounding error, clamped at 0.
-    for a in _tan([torch.zeros_like(t) for t in (B, E, F, A)]):
-        assert torch.equal(a, torch.zeros_like(a))
-    for a in _tan([B, E, -B, E]):
-        assert a.isfinite().all() and (a >= 0).all()
-    # A NaN reaches the energies the reference's products carry it to, in its layer only.
-    for k in range(4):
-        args = [B, E, F, A]
-        args[k] = args[k].clone()
-        args[k][1].view(-1)[7] = float("nan")
-        for a, e in zip(_tan(args), _tan_ref(args)):
-            assert torch.equal(a.isnan().cpu(), e.isnan()) and a[[0, 2]].isfinite().all()
-    # An empty product (R = 0) gives zeros.
-    none = [B[..., :0], E[..., :0, :], F[..., :0], A[..., :0, :]]
-    for a in _tan(none):
-        assert torch.equal(a, torch.zeros_like(a))
-
-
 # ---- inputs on the wrong device, opcheck ---------------------------------------------------------------
 
 
 OPCHECK_OPS = ["spd_solve", "spd_solve", "pair_products", "lorsum_update_in",
-               "lorsum_update_out", "adaprelora_solve", "tangent_energies"]
+               "lorsum_update_out", "adaprelora_solve"]
 
 
 def _opcheck_cases():
@@ -632,7 +536,6 @@ def _opcheck_cases():
         ("lorsum_update_in", (B0, A0, B0, [X], [S.mT], coeffs, lmbd, m_in, m_out)),
         ("lorsum_update_out", (A0, A0, B0, [X], [S.mT], coeffs, lmbd, None, None)),
         ("adaprelora_solve", (A0, B0, A0.mT.contiguous().mT, B0, m_out, m_in, lmbd)),
-        ("tangent_energies", (B0, A0.mT.contiguous().mT, B0, A0)),
     ]
 
 
