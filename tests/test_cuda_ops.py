@@ -400,126 +400,11 @@ def test_half_step_zero_gram_no_pairs_and_nan():
         assert not out[1].isfinite().all() and out[0].isfinite().all() and out[2].isfinite().all()
 
 
-# ---- adaprelora_solve ------------------------------------------------------------------------------------
-
-# (batch, m, n, r): the shape grid (odd m, n, r; 0-, 1- and 2-D batches), several 512-column chunks per side
-# (the last two), r = 64 (the kernel's largest) and r = 80 (the ATen composition for r > 64).
-ADA_SHAPES = [((), 5, 123, 3), ((3,), 123, 5, 1), ((2, 2), 256, 256, 16), ((3,), 256, 123, 3), ((2,), 1100, 600, 40),
-              ((), 700, 1537, 64), ((2,), 300, 200, 80)]
-ADA_IDS = [f"b{'x'.join(map(str, b)) or '0'}_m{m}_n{n}_r{r}" for b, m, n, r in ADA_SHAPES]
-
-
-def _ada_problem(batch, m, n, r, *, dtype=torch.float32, seed=0):
-    """A, B, g_A = BᵀG, g_B = GAᵀ, p, q on DEVICE, drawn in fp64 on the CPU."""
-    g = _gen(seed)
-    A = torch.randn(*batch, r, n, generator=g, dtype=torch.float64) * n**-0.5
-    B = torch.randn(*batch, m, r, generator=g, dtype=torch.float64) * 3 * m**-0.5
-    G = torch.randn(*batch, m, n, generator=g, dtype=torch.float64)
-    p = torch.rand(*batch, m, generator=g, dtype=torch.float64) * 1.5 + 0.5
-    q = torch.rand(*batch, n, generator=g, dtype=torch.float64) * 1.5 + 0.5
-    return [t.to(dtype).to(DEVICE) for t in (A, B, B.mT @ G, G @ A.mT, p, q)]
-
-
-def _ada(args, ridge=1e-6):
-    rho = ridge if isinstance(ridge, torch.Tensor) else torch.tensor(ridge, dtype=torch.float64)
-    return _ops().adaprelora_solve(*args, rho)
-
-
-def _ada_ref(args, ridge=1e-6, dtype=torch.float64, device="cpu"):
-    ridge = ridge.to(device) if isinstance(ridge, torch.Tensor) else ridge
-    return reference.adaprelora_solve(*[t.detach().to(device=device, dtype=dtype) for t in args], ridge=ridge)
-
-
-def _ada_err(out, expected):
-    return max(rel_err(a, e) for a, e in zip(out, expected))
-
-
-@_needs("adaprelora_solve")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("shape", ADA_SHAPES, ids=ADA_IDS)
-def test_adaprelora_solve_matches_reference(shape, dtype):
-    batch, m, n, r = shape
-    args = _ada_problem(*shape, dtype=dtype)
-    out = _ada(args)
-    assert [t.shape for t in out] == [batch + (r, n), batch + (m, r)] and [t.dtype for t in out] == [dtype] * 2
-    assert _ada_err(out, _ada_ref(args)) < _fp32_tol(dtype) * (10 if dtype == torch.float64 else 1)
-    _assert_deterministic(lambda: _ada(args))
-
-
-@_needs("adaprelora_solve")
-@pytest.mark.parametrize("shape", ADA_SHAPES[:4], ids=ADA_IDS[:4])
-def test_adaprelora_solve_bf16(shape, monkeypatch):
-    # Everything bf16, the results too: within twice the error plain PyTorch makes in bf16 on the device (its
-    # r×r factor and solves in fp32, rounded back: torch has no bf16 Cholesky).
-    args = _ada_problem(*shape, dtype=torch.bfloat16)
-    out = _ada(args)
-    assert [t.dtype for t in out] == [torch.bfloat16] * 2
-    chol, solve = reference.ridged_cholesky, torch.cholesky_solve
-    monkeypatch.setattr(reference, "ridged_cholesky", lambda gram, ridge: chol(gram.float(), ridge).to(gram.dtype))
-    monkeypatch.setattr(torch, "cholesky_solve", lambda b, f: solve(b.float(), f.float()).to(b.dtype))
-    torch_bf16 = _ada_ref(args, dtype=torch.bfloat16, device=DEVICE)
-    monkeypatch.undo()
-    exact = _ada_ref(args)
-    for a, t, e in zip(out, torch_bf16, exact):
-        assert rel_err(a, e) <= 2 * rel_err(t, e)
-    # bf16 statistics with fp32 factors and gradients: fp32 results at fp32 accuracy.
-    mixed = [t.float() for t in args[:4]] + args[4:]
-    out = _ada(mixed)
-    assert [t.dtype for t in out] == [torch.float32] * 2 and _ada_err(out, _ada_ref(mixed)) < 1e-5
-
-
-@_needs("adaprelora_solve")
-def test_adaprelora_solve_views_and_ridges():
-    A, B, g_A, g_B, p, q = _ada_problem((3,), 123, 256, 16)
-    views = [A.mT.contiguous().mT, B.transpose(0, 1).contiguous().transpose(0, 1), g_A.mT.contiguous().mT,
-             g_B.mT.contiguous().mT, p.mT.contiguous().mT, torch.stack([q, q], -1)[..., 0]]
-    assert not any(v.is_contiguous() for v in views)
-    plain = _ada([A, B, g_A, g_B, p, q])
-    for a, b in zip(_ada(views), plain):
-        assert torch.equal(a, b)
-    # The ridge as a CPU number, a device scalar, or one value per layer on the CPU or the device.
-    per_layer = torch.tensor([0.0, 1e-6, 1e-2], dtype=torch.float64)
-    args = [A, B, g_A, g_B, p, q]
-    assert torch.equal(_ada(args, torch.tensor(1e-6, dtype=torch.float64, device=DEVICE))[0], plain[0])
-    for ridge in [per_layer, per_layer.to(DEVICE)]:
-        assert _ada_err(_ada(args, ridge), _ada_ref(args, per_layer)) < 1e-5
-
-
-@_needs("adaprelora_solve")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_adaprelora_solve_zero_grams_fallback_and_nan(dtype, monkeypatch):
-    A, B, _, g_B, p, q = _ada_problem((2,), 123, 5, 3, dtype=dtype)
-    tol = _fp32_tol(dtype) * (10 if dtype == torch.float64 else 1)
-    # B = 0 (the standard init): g_A = 0, so dA = 0 exactly and dB is finite and the reference's.
-    zero_B = [A, torch.zeros_like(B), torch.zeros_like(A), g_B, p, q]
-    dA, dB = _ada(zero_B, 0.0)
-    assert torch.equal(dA, torch.zeros_like(dA)) and rel_err(dB, _ada_ref(zero_B, 0.0)[1]) < tol
-    # A = B = 0 with gradients left over: both Grams zero, factored at the dtype's floored scale with the
-    # fallback ridge; huge but finite, and the reference's in the same dtype.
-    zero_both = [torch.zeros_like(A), torch.zeros_like(B), torch.full_like(A, 1e-6), g_B, p, q]
-    out = _ada(zero_both, 0.0)
-    assert all(t.isfinite().all() for t in out)
-    assert _ada_err(out, _ada_ref(zero_both, 0.0, dtype=dtype)) < tol
-    # A zero column of B with ridge 0: a zero pivot, the fallback ridge on that layer only (the fp64
-    # reference given the fallback ridge of the dtype under test).
-    monkeypatch.setitem(reference.FALLBACK_RIDGE, torch.float64, reference.FALLBACK_RIDGE[dtype])
-    args = _ada_problem((2,), 123, 256, 3, dtype=dtype)
-    args[1][0, :, 1] = 0
-    args[2][0, 1] = 0
-    assert _ada_err(_ada(args, 0.0), _ada_ref(args, 0.0)) < tol
-    # A NaN poisons its own layer only.
-    args = _ada_problem((3,), 123, 256, 3, dtype=dtype)
-    args[0][1, 2, 7] = float("nan")
-    dA, dB = _ada(args)
-    assert not (dA[1].isfinite().all() and dB[1].isfinite().all())
-    assert dA[[0, 2]].isfinite().all() and dB[[0, 2]].isfinite().all()
-
-
 # ---- inputs on the wrong device, opcheck ---------------------------------------------------------------
 
 
 OPCHECK_OPS = ["spd_solve", "spd_solve", "pair_products", "lorsum_update_in",
-               "lorsum_update_out", "adaprelora_solve"]
+               "lorsum_update_out"]
 
 
 def _opcheck_cases():
@@ -535,7 +420,6 @@ def _opcheck_cases():
         ("pair_products", (X, S.mT, B0, A0)),
         ("lorsum_update_in", (B0, A0, B0, [X], [S.mT], coeffs, lmbd, m_in, m_out)),
         ("lorsum_update_out", (A0, A0, B0, [X], [S.mT], coeffs, lmbd, None, None)),
-        ("adaprelora_solve", (A0, B0, A0.mT.contiguous().mT, B0, m_out, m_in, lmbd)),
     ]
 
 
