@@ -11,15 +11,15 @@ outputs included) and stated analytically next to it. Run:
 
     .venv/bin/python -m pytest bench/bench_adaprelora_statistics.py --benchmark-only
 
-Each test appends a JSON row (median, IQR, peak bytes, device, versions) to
-bench/results/adaprelora_statistics.jsonl.
+Each test appends a JSON row (median, IQR, peak bytes, and the device, threads, versions and commit of
+``lorsum_kernels.benchmark.env``) to bench/results/adaprelora_statistics.jsonl (or to the folder
+``$LORSUM_BENCH_RESULTS`` names, as for every benchmark).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
@@ -27,13 +27,15 @@ import pytest
 import torch
 
 from lorsum_kernels.backends import resolve_backend
+from lorsum_kernels.benchmark.env import environment
 from lorsum_kernels.benchmark.memory import tensor_peak_bytes
 from lorsum_kernels.functional import adaprelora_step, exact_statistics, surrogate_statistics
 
 M = N = 1024
 R = 16
 T = 2048
-RESULTS = Path(__file__).parent / "results" / "adaprelora_statistics.jsonl"
+RESULTS = Path(os.environ.get("LORSUM_BENCH_RESULTS") or Path(__file__).parent / "results")
+RESULTS = RESULTS / "adaprelora_statistics.jsonl"
 
 
 @pytest.fixture(scope="module")
@@ -63,13 +65,14 @@ def profiled_peak_bytes(fn) -> int:
 
 
 def _record(benchmark, name: str, peak: int, analytic: int | None, **extra) -> None:
+    if benchmark.disabled:  # --benchmark-disable: the call ran once, untimed; nothing to report
+        return
     stats = benchmark.stats.stats
     row = dict(
         bench=name, m=M, n=N, r=R, T=T, dtype="float32", median_s=stats.median, iqr_s=stats.iqr,
         rounds=stats.rounds, peak_transient_bytes_profiler=peak, transient_bytes_analytic=analytic,
-        backend=resolve_backend("auto", "cpu", "row_col_energies"),
-        device=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
-        torch=torch.__version__, time=time.strftime("%Y-%m-%dT%H:%M:%S"), **extra,
+        backend=resolve_backend("auto", "cpu", "row_col_energies"), **environment("cpu"),
+        time=time.strftime("%Y-%m-%dT%H:%M:%S"), **extra,
     )
     benchmark.extra_info.update(row)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

@@ -9,49 +9,41 @@ Only a formula with fewer flops can win, and the token-Gram form ``rows = diag(S
 
 This script measures, on one thread (the benchmark's setting): the fp32 GEMM throughput (the compute
 roof) and the copy bandwidth (the memory roof), then each backend's achieved GFLOP/s and its fraction of
-the roofline bound, and a torch.profiler table of the reference showing where its time goes. It writes
-the report to ``bench/results/row_col_energies_profile.txt``.
+the roofline bound, and a torch.profiler table of the reference showing where its time goes. Times are CPU
+time per call (median of ``torch.utils.benchmark`` blocks timed with ``time.process_time``: the shared
+``lorsum_kernels.benchmark.timing``), at the fp32 sizes of the shared case list
+(``lorsum_kernels.benchmark.ops_suite``, the ones bench/bench_ops.py and ``lorsum-bench`` time); the device
+and commit are ``lorsum_kernels.benchmark.env``'s. It writes the report to
+``bench/results/row_col_energies_profile.txt``.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/profile_row_col_energies.py
 """
 
 from __future__ import annotations
 
-import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
 import torch
 
 from lorsum_kernels import _native, ops
+from lorsum_kernels.benchmark.env import commit, device_name
+from lorsum_kernels.benchmark.ops_suite import case_list
+from lorsum_kernels.benchmark.timing import time_ms
 
-SIZES = [(1024, 512, 4), (1024, 4096, 1), (4096, 512, 1)]  # (m = n, T, L), as bench_native_ops.py
+CASES = case_list("full", [torch.float32], ["row_col_energies"])
 
 
 def _cpu_time(fn, rounds: int) -> float:
-    fn()
-    times = []
-    for _ in range(rounds):
-        start = time.process_time()
-        fn()
-        times.append(time.process_time() - start)
-    return statistics.median(times)
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except Exception:
-        return "unknown"
+    """Seconds of CPU time per call: the median of at least ``rounds`` blocks, after one untimed call."""
+    return statistics.median(time_ms(fn, "cpu", 1, rounds, timer=time.process_time).times_ms) / 1e3
 
 
 def main() -> str:
     torch.set_num_threads(1)
-    lines = [f"row_col_energies roofline, {platform.processor() or platform.machine()}, 1 thread, "
-             f"torch {torch.__version__}, commit {_commit()}", ""]
+    lines = [f"row_col_energies roofline, {device_name('cpu')}, 1 thread, torch {torch.__version__}, "
+             f"commit {commit()}", ""]
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
     gemm = 2 * 2048**3 / _cpu_time(lambda: a @ b, 5) / 1e9
     big = torch.randn(64 * 2**20 // 4)  # 64 MiB: out of cache
@@ -64,7 +56,8 @@ def main() -> str:
     lines += [header, "-" * len(header)]
     backends = ["torch"] + (["native"] if _native.has_native_op("row_col_energies", "cpu") else [])
     g = torch.Generator().manual_seed(0)
-    for d, T, L in SIZES:
+    for case in CASES:
+        d, T, L = case.shape.d, case.shape.T, case.shape.L
         X, S = torch.randn(L, T, d, generator=g), torch.randn(L, T, d, generator=g)
         flops = 2 * T * d * d * L
         bytes_read = 4 * L * T * 2 * d

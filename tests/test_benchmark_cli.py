@@ -4,13 +4,20 @@ tool, not the timings; DESIGN.md: no wall-clock assertions)."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from lorsum_kernels.benchmark import cli, real_model
-from lorsum_kernels.benchmark.ops_suite import OPS, OpCase
+from lorsum_kernels.benchmark.ops_suite import OPS, SPECS, case_list
+from lorsum_kernels.benchmark.results import SPEED_FIELDS, SPEED_FILE, speed_row
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _rows(path):
@@ -22,41 +29,44 @@ def test_speed_rows_cover_every_op_and_backend(tmp_path, capsys):
     cli.main(["--grid", "tiny", "--dtype", "float32", "--reps", "2", "--warmup", "1", "--no-plot",
               "--out", str(tmp_path)])
     rows = _rows(tmp_path / "lorsum_bench.csv")
-    ops = {r["op"] for r in rows}
-    assert ops == set(OPS)
-    for op in ops:
-        backends = {r["backend"] for r in rows if r["op"] == op}
-        assert "torch" in backends
-        assert backends == set(cli.available_backends(
-            next(c.dispatch_op for c in cli.cases(torch.device("cpu"), torch.float32, "tiny") if c.op == op),
-            torch.device("cpu")))
+    assert {r["op"] for r in rows} == set(OPS)
+    cpu = torch.device("cpu")
+    for case in case_list("tiny", [torch.float32]):
+        backends = [r["backend"] for r in rows if r["op"] == case.op and r["config"] == case.config]
+        assert backends == case.backends(cpu), case  # every backend present, the reference first
+        assert backends[0] == "torch"
     torch_rows = [r for r in rows if r["backend"] == "torch"]
     assert all(float(r["speedup_vs_torch"]) == 1.0 for r in torch_rows)
-    assert all(float(r["median_ms"]) > 0 and r["commit"] and r["device"] for r in rows)
+    assert all(float(r["speedup_vs_torch"]) > 0 and float(r["gbps"]) > 0 for r in rows)
+    assert all(float(r["median_ms"]) > 0 and r["commit"] and r["device"] and int(r["threads"]) > 0 for r in rows)
+    assert {r["timer"] for r in rows} == {"torch.utils.benchmark"}  # a library timer, not a hand-written loop
+    assert all(int(r["rounds"]) >= 2 for r in rows)  # at least --reps samples
     assert "lorsum_step" in capsys.readouterr().out
 
 
 def test_default_dtypes_include_bf16_and_complete(tmp_path):
     # The defaults time bf16 X and S with fp32 factors on every backend, the torch reference included: that
-    # raised in the reference (issue #11 item 7) and the run lost every row.
+    # raised in the reference (issue #11 item 7) and the run lost every row. The ops that read no X or S run
+    # once, on fp32 factors.
     cli.main(["--grid", "tiny", "--reps", "1", "--warmup", "0", "--no-plot", "--out", str(tmp_path)])
     rows = _rows(tmp_path / "lorsum_bench.csv")
     for op in OPS:
-        for dtype in ("float32", "bfloat16"):
+        for dtype in ("float32", "bfloat16") if SPECS[op].tokens else ("float32",):
             assert any(r["op"] == op and r["backend"] == "torch" and r["config"].endswith(dtype) for r in rows), (op,
                                                                                                               dtype)
+    assert {r["config"] for r in rows} == {c.config for c in case_list("tiny")}
 
 
 def test_rows_are_appended_as_each_case_finishes(tmp_path, monkeypatch):
     # A crash in the second case leaves the first case's rows on disk.
-    real = list(cli.iter_cases(torch.device("cpu"), torch.float32, "tiny"))
+    real = list(cli.iter_cases(torch.device("cpu"), [torch.float32], "tiny"))
 
     def broken(backend):
         raise RuntimeError("injected failure")
 
-    def two_cases(device, dtype, grid):
+    def two_cases(device, dtypes, grid, ops=None):
         yield real[0]
-        yield OpCase(real[1].op, real[1].config, broken, real[1].floor_bytes, real[1].dispatch_op)
+        yield dataclasses.replace(real[1], run=broken)
 
     monkeypatch.setattr(cli, "iter_cases", two_cases)
     with pytest.raises(RuntimeError, match="injected failure"):
@@ -64,7 +74,37 @@ def test_rows_are_appended_as_each_case_finishes(tmp_path, monkeypatch):
                   "--out", str(tmp_path)])
     rows = _rows(tmp_path / "lorsum_bench.csv")
     assert rows and {r["op"] for r in rows} == {real[0].op}
-    assert {r["backend"] for r in rows} == set(cli.available_backends(real[0].dispatch_op, torch.device("cpu")))
+    assert [r["backend"] for r in rows] == real[0].case.backends(torch.device("cpu"))
+
+
+def test_one_schema_for_lorsum_bench_and_bench(tmp_path):
+    # lorsum-bench's rows and bench/'s (conftest.record) come from one writer: the same header, the same file
+    # name, the same case configurations.
+    cli.main(["--grid", "tiny", "--dtype", "float32", "--ops", "col_sq_sums", "--reps", "1", "--warmup", "0",
+              "--no-plot", "--out", str(tmp_path)])
+    with (tmp_path / SPEED_FILE).open(newline="") as f:
+        assert next(csv.reader(f)) == SPEED_FIELDS
+    conftest = (ROOT / "bench" / "conftest.py").read_text()
+    assert "speed_row" in conftest and "SPEED_FIELDS" in conftest and "SPEED_FILE" in conftest
+    case = case_list("tiny", [torch.float32], ["col_sq_sums"])[0]
+    row = speed_row(case, "native", [2.0, 1.0, 3.0], dict(device="d"), "pytest-benchmark", floor_bytes=10**6,
+                    torch_median_ms=4.0)
+    assert set(row) == set(SPEED_FIELDS) - {"threads", "torch", "triton", "commit"}
+    assert (row["median_ms"], row["p20_ms"], row["p80_ms"], row["rounds"]) == (2.0, 1.0, 3.0, 3)
+    assert row["speedup_vs_torch"] == 2.0 and row["gbps"] == 0.5 and row["config"] == case.config
+
+
+def test_bench_runs_the_shared_case_list():
+    # bench/bench_ops.py collects one benchmark per op over the full grid's cases: the list lorsum-bench times.
+    out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                          str(ROOT / "bench" / "bench_ops.py")], capture_output=True, text=True, cwd=ROOT,
+                         timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    ids = [line for line in out.stdout.splitlines() if "::test_" in line]
+    assert {line.split("::test_")[1].split("[")[0] for line in ids} == set(OPS)
+    cpu = torch.device("cpu")
+    expected = {f"test_{c.op}[{c.id}-cpu-{b}]" for c in case_list("full") for b in c.backends(cpu, compile=True)}
+    assert expected <= {line.split("::")[1] for line in ids}
 
 
 def test_default_out_is_a_folder_in_the_current_directory(tmp_path, monkeypatch, capsys):

@@ -11,8 +11,10 @@ workspaces: torch.cuda.graphs' rule before a capture). Then both run forward + b
 the first steps eagerly, the second captures ``opt.step()`` in a ``torch.cuda.CUDAGraph`` and replays it
 once. The replay must give the first model's factors (max abs difference reported; the kernels are
 deterministic, so 0 is expected). Torch's AdamW is created with ``capturable=True``, which it needs to
-be captured. Each row also times an eager ``step()`` and a replay (CUDA events, median of 20): the host
-overhead a graph removes.
+be captured. Each row also times an eager ``step()`` (CUDA events, median of 20 steps, each after its own
+backward) and a replay (``lorsum_kernels.benchmark.timing``: ``triton.testing.do_bench``, else
+``torch.utils.benchmark``): the host overhead a graph removes. The device, versions and commit are
+``lorsum_kernels.benchmark.env``'s, as in every benchmark row.
 
 What the capture replays is the step on the data of the captured backward: the graph reads the tensors
 that step read, at their addresses. A training loop that replays it would have to refill those buffers
@@ -36,10 +38,13 @@ from pathlib import Path
 
 import torch
 
+from lorsum_kernels.benchmark.env import environment
+from lorsum_kernels.benchmark.timing import event_ms, time_ms
+
 DEFAULT_OPTIMIZERS = ["adamw", "lorsum", "scaled_lorsum", "adaprelora", "scaled_gd", "scaled_adamw",
                       "svdlora"]
 FIELDS = ["optimizer", "captured", "replay_matches_eager", "max_abs_diff", "eager_step_ms", "replay_ms",
-          "error", "device", "torch"]
+          "error", "device", "torch", "triton", "commit"]
 
 
 def _pair(name: str, dim: int, rank: int, layers: int, device: torch.device):
@@ -49,18 +54,6 @@ def _pair(name: str, dim: int, rank: int, layers: int, device: torch.device):
     kw = {"capturable": True} if name == "adamw" else {}
     models = [build(dim, rank, layers, device) for _ in range(2)]
     return models, [lk.create_optimizer(m, name, lr=1e-3, **kw) for m in models]
-
-
-def _time_ms(fn, reps: int = 20) -> float:
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def check_one(name: str, dim: int = 256, rank: int = 8, layers: int = 4, tokens: int = 512) -> dict:
@@ -82,7 +75,7 @@ def check_one(name: str, dim: int = 256, rank: int = 8, layers: int = 4, tokens:
     torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
 
-    row = dict(optimizer=name, device=torch.cuda.get_device_name(device), torch=torch.__version__, error="")
+    row = dict(optimizer=name, **environment(device), error="")
     fwd_bwd(m_eager)
     o_eager.step()
     fwd_bwd(m_graph)
@@ -99,15 +92,14 @@ def check_one(name: str, dim: int = 256, rank: int = 8, layers: int = 4, tokens:
     diff = max((a - b).abs().max().item() for a, b in zip(m_eager.parameters(), m_graph.parameters()))
     row.update(captured=True, max_abs_diff=diff, replay_matches_eager=diff == 0.0)
 
-    def eager_step():
-        o_eager.step()
-
     eager = []
     for _ in range(20):  # each eager step needs its own backward; only step() is timed
         o_eager.zero_grad(set_to_none=False)
         fwd_bwd(m_eager)
-        eager.append(_time_ms(eager_step, reps=1))
-    row.update(eager_step_ms=round(statistics.median(eager), 4), replay_ms=round(_time_ms(graph.replay), 4))
+        eager.append(event_ms(o_eager.step))
+    replay = time_ms(graph.replay, device, warmup=0, reps=20).times_ms
+    row.update(eager_step_ms=round(statistics.median(eager), 4),
+               replay_ms=round(statistics.median(replay), 4))
     return row
 
 

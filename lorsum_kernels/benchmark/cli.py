@@ -6,12 +6,16 @@
     lorsum-bench --memory --model smollm2 [--layers 30 --batch 4 --tokens 512] [--checkpointing none,non-reentrant]
                  [--optimizers adamw,lorsum] [--opt-kw capture=stream] [--profile]
 
-Speed: each (op, configuration, backend) is run ``--warmup`` times, then timed ``--reps`` times (CUDA
-events on a GPU, ``perf_counter`` on the CPU). The table gives median and p20/p80 in ms, the speedup
-over the torch reference of the same run, the achieved bandwidth over the op's memory-traffic floor and,
-on a GPU, that bandwidth as a fraction of the measured device-to-device copy bandwidth. Rows are appended
-to ``OUT/lorsum_bench.csv`` (device, versions, commit) as each case finishes, so an interrupted run keeps
-what it measured; one PNG per op is drawn next to it at the end when matplotlib is installed.
+Speed: the cases are ``ops_suite``'s, the list bench/bench_ops.py also runs (``--grid``: each op's sizes
+from the DESIGN.md targets, two shapes, or one tiny one). Each (case, backend) is run ``--warmup`` times,
+then timed by ``timing.time_ms``: ``triton.testing.do_bench`` on a GPU, ``torch.utils.benchmark``'s
+``Timer.blocked_autorange`` on the CPU (at the process's thread count), at least ``--reps`` samples. The
+table gives median and p20/p80 in ms, the speedup over the torch reference of the same run, the achieved
+bandwidth over the case's memory-traffic floor and, on a GPU, that bandwidth as a fraction of the measured
+device-to-device copy bandwidth. Rows (``results.SPEED_FIELDS``: the same schema as bench/'s, with the
+device, threads, versions and commit of ``env.py``) are appended to ``OUT/lorsum_bench.csv`` as each case
+finishes, so an interrupted run keeps what it measured; one PNG per op is drawn next to it at the end when
+matplotlib is installed.
 
 ``--memory`` measures one training step per optimizer, each in its own process, and appends to
 ``OUT/memory.csv``: on a synthetic stack of LoRA layers (``memory.py``), or with ``--model smollm2`` on
@@ -33,27 +37,23 @@ from __future__ import annotations
 
 import argparse
 import ast
-import csv
 import datetime
 import os
-import platform
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-from ..backends import BACKENDS, resolve_backend
 from . import memory, real_model
-from .ops_suite import GRIDS, OPS, cases, iter_cases  # noqa: F401  (cases: the grid, for callers and tests)
+from .env import environment, version
+from .ops_suite import GRIDS, OPS, available_backends, case_list, iter_cases  # noqa: F401  (for callers, tests)
+from .results import SPEED_FIELDS, SPEED_FILE, append as _append, speed_row
+from .timing import time_ms
 
 DEFAULT_OUT = "lorsum-bench-results"
-SPEED_FIELDS = ["timestamp", "op", "config", "backend", "median_ms", "p20_ms", "p80_ms", "speedup_vs_torch",
-                "gbps", "frac_copy_bw", "device", "torch", "triton", "commit"]
 MEMORY_FIELDS = ["timestamp", "optimizer", "config", "step_peak_mib", "vs_adamw", "state_mib",
-                 "process_peak_rss_mib", "cuda_max_allocated_mib", "measure", "device", "torch", "commit"]
+                 "process_peak_rss_mib", "cuda_max_allocated_mib", "measure", "device", "torch", "commit", "threads"]
 # --memory --model smollm2: the same file, more columns (_append widens an older header).
 REAL_MEMORY_FIELDS = ["timestamp", "model", "optimizer", "opt_kw", "config", "adapters", "checkpointing",
                       "step_peak_mib", "vs_adamw", "after_backward_mib", "after_step_mib", "live_before_mib",
@@ -69,109 +69,14 @@ def results_dir(out: str | None) -> Path:
     return Path(out or os.environ.get("LORSUM_BENCH_RESULTS") or Path.cwd() / DEFAULT_OUT).resolve()
 
 
-def environment(device: torch.device) -> dict:
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = platform.processor() or "cpu"
-        try:
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-        except OSError:
-            pass
-        name = f"{name} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except Exception:  # triton absent or broken: the benchmark still runs
-        triton_version = "none"
-    # The package's own checkout (not the current directory's), "+dirty" when its tracked files changed.
-    here = Path(__file__).resolve().parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                timeout=10, check=False, cwd=here).stdout.strip() or "unknown"
-        if commit != "unknown" and subprocess.run(
-                ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
-                timeout=10, check=False, cwd=here).stdout.strip():
-            commit += "+dirty"
-    except (OSError, subprocess.SubprocessError):
-        commit = "unknown"
-    return dict(device=name, torch=torch.__version__, triton=triton_version, commit=commit)
-
-
-def time_ms(fn, device: torch.device, warmup: int, reps: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(1e3 * (time.perf_counter() - t0))
-    return times
-
-
 def copy_bandwidth_gbps(device: torch.device) -> float | None:
     """Device-to-device copy bandwidth (read + write) of a 1 GiB buffer: the GPU's practical ceiling."""
     if device.type != "cuda":
         return None
     src = torch.empty(256 * 1024 * 1024, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
-    ms = statistics.median(time_ms(lambda: dst.copy_(src), device, 3, 10))
+    ms = statistics.median(time_ms(lambda: dst.copy_(src), device, 3, 10).times_ms)
     return 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
-
-
-def _quantile(data, q):
-    data = sorted(data)
-    return data[min(len(data) - 1, round(q * (len(data) - 1)))]
-
-
-def available_backends(op: str, device: torch.device) -> list[str]:
-    names = []
-    for name in BACKENDS:
-        try:
-            resolve_backend(name, device, op)
-        except RuntimeError:
-            continue
-        names.append(name)
-    return names
-
-
-def _append(path: Path, fields: list[str], rows: list[dict]) -> None:
-    """Append rows to a CSV file, writing the header first for a new file. A file whose header lacks some of
-    ``fields`` is rewritten once with the wider header (its rows unchanged, the new columns empty)."""
-    if not rows:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    header = list(fields)
-    if path.exists() and path.stat().st_size > 0:
-        with path.open(newline="") as f:
-            old_rows = list(csv.DictReader(f))
-        with path.open(newline="") as f:
-            old_header = next(csv.reader(f), [])
-        header = old_header + [name for name in fields if name not in old_header]
-        if header != old_header:
-            with path.open("w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=header)
-                writer.writeheader()
-                writer.writerows(old_rows)
-    new = not path.exists() or path.stat().st_size == 0
-    with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=header, extrasaction="ignore")
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
-        f.flush()
 
 
 def _progress(total: int, desc: str):
@@ -207,14 +112,15 @@ def _say(bar, line: str) -> None:
 
 
 def _speed_line(r: dict, copy_bw) -> str:
+    num = lambda key: float("nan") if r.get(key, "") == "" else float(r[key])  # noqa: E731  (empty: not measured)
     return (f"{r['op']:<20}{r['config']:<34}{r['backend']:<8}{r['median_ms']:>10.3f}{r['p20_ms']:>9.3f}"
-            f"{r['p80_ms']:>9.3f}{r.get('speedup_vs_torch', float('nan')):>9.2f}{r['gbps']:>8.1f}"
-            + (f"  {r['frac_copy_bw']:.2f}" if copy_bw else ""))
+            f"{r['p80_ms']:>9.3f}{num('speedup_vs_torch'):>9.2f}{num('gbps'):>8.1f}"
+            + (f"  {num('frac_copy_bw'):.2f}" if copy_bw else ""))
 
 
 def run_speed(args, device: torch.device) -> list[dict]:
     out_dir = results_dir(args.out)
-    path = out_dir / "lorsum_bench.csv"
+    path = out_dir / SPEED_FILE
     env = environment(device)
     copy_bw = copy_bandwidth_gbps(device)
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
@@ -225,31 +131,22 @@ def run_speed(args, device: torch.device) -> list[dict]:
     header = f"{'op':<20}{'config':<34}{'backend':<8}{'median ms':>10}{'p20':>9}{'p80':>9}{'vs torch':>9}{'GB/s':>8}"
     print(header + ("  frac copy" if copy_bw else ""), flush=True)
     rows = []
-    bar = _progress(len(args.dtype) * len(GRIDS[args.grid]) * len(ops), "lorsum-bench")
+    bar = _progress(len(case_list(args.grid, args.dtype, ops)), "lorsum-bench")
     try:
-        for dtype in args.dtype:
-            for case in iter_cases(device, dtype, args.grid):
-                if case.op not in ops:
-                    continue
-                bar.set_postfix_str(f"{case.op} {case.config}")
-                medians, case_rows = {}, []
-                for backend in available_backends(case.dispatch_op, device):
-                    t = time_ms(lambda b=backend: case.run(b), device, args.warmup, args.reps)
-                    med = statistics.median(t)
-                    medians[backend] = med
-                    gbps = case.floor_bytes / (med * 1e-3) / 1e9
-                    case_rows.append(dict(timestamp=now, op=case.op, config=case.config, backend=backend,
-                                          median_ms=round(med, 4), p20_ms=round(_quantile(t, 0.2), 4),
-                                          p80_ms=round(_quantile(t, 0.8), 4), gbps=round(gbps, 2),
-                                          frac_copy_bw=round(gbps / copy_bw, 3) if copy_bw else "", **env))
-                for row in case_rows:
-                    if "torch" in medians:
-                        row["speedup_vs_torch"] = round(medians["torch"] / row["median_ms"], 2)
-                _append(path, SPEED_FIELDS, case_rows)
-                rows += case_rows
-                for row in case_rows:
-                    _say(bar, _speed_line(row, copy_bw))
-                bar.update()
+        for case in iter_cases(device, args.dtype, args.grid, ops):
+            bar.set_postfix_str(f"{case.op} {case.config}")
+            torch_ms, case_rows = None, []
+            for backend in case.case.backends(device):  # the reference first: the others' speedup is over it
+                timing = time_ms(lambda b=backend: case(b), device, args.warmup, args.reps)
+                row = speed_row(case, backend, timing.times_ms, env, timing.timer, floor_bytes=case.floor_bytes,
+                                torch_median_ms=torch_ms, copy_gbps=copy_bw, timestamp=now)
+                torch_ms = row["median_ms"] if backend == "torch" else torch_ms
+                case_rows.append(row)
+            _append(path, SPEED_FIELDS, case_rows)
+            rows += case_rows
+            for row in case_rows:
+                _say(bar, _speed_line(row, copy_bw))
+            bar.update()
     finally:
         bar.close()
         print(f"results: {len(rows)} rows appended to {path}", flush=True)
@@ -320,13 +217,6 @@ def run_memory(args, device: torch.device) -> list[dict]:
     return out
 
 
-def _version(module: str) -> str:
-    try:
-        return __import__(module).__version__
-    except Exception:
-        return "none"
-
-
 def _mib(value) -> float | str:
     return "" if value is None else round(value / 2**20, 2)
 
@@ -341,7 +231,7 @@ def run_real_memory(args, device: torch.device) -> list[dict]:
     out_dir = results_dir(args.out)
     path = out_dir / "memory.csv"
     env = environment(device)
-    env.update(transformers=_version("transformers"), peft=_version("peft"))
+    env.update(transformers=version("transformers"), peft=version("peft"))
     smollm = args.model == "smollm2"
     layers = args.layers or (30 if smollm else 2)
     tokens = args.tokens or 512
@@ -442,7 +332,7 @@ def _csv(kind, choices=None):
     return parse
 
 
-def _dtypes(text: str) -> list[torch.dtype]:
+def _numerics(text: str) -> list[torch.dtype]:
     out = []
     for name in _csv("dtype")(text):
         dtype = getattr(torch, name, None)
@@ -469,16 +359,19 @@ def parser() -> argparse.ArgumentParser:
                         f"$LORSUM_BENCH_RESULTS, else ./{DEFAULT_OUT}")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     speed = p.add_argument_group("op speed (the default mode)")
-    speed.add_argument("--dtype", default="float32,bfloat16", type=_dtypes,
-                       help="comma-separated dtypes of X and S (the factors stay fp32)")
+    speed.add_argument("--dtype", default="float32,bfloat16", type=_numerics,
+                       help="comma-separated dtypes of X and S (the factors stay fp32; the ops that read no X or S, the "
+                            "solves and tangent_energies, run once on fp32 factors)")
     speed.add_argument("--ops", default="", type=_csv("op", OPS),
                        help=f"comma-separated ops to time (default: all of {', '.join(OPS)})")
     speed.add_argument("--grid", default="full", choices=list(GRIDS),
-                       help="shapes: full (the DESIGN.md targets), quick (two shapes), tiny (tests of the tool)")
+                       help="sizes: full (each op's, from the DESIGN.md targets: bench/bench_ops.py's), quick (two shapes "
+                            "for every op), tiny (tests of the tool)")
     speed.add_argument("--warmup", type=int, default=None,
                        help="untimed runs before timing (default 2; 1 warm-up step for --model smollm2)")
     speed.add_argument("--reps", type=int, default=None,
-                       help="timed runs, reported as median and p20/p80 (default 10; 3 steps for --model smollm2)")
+                       help="timed samples, at least, reported as median and p20/p80 (default 10; each sample is a block of "
+                            "calls on the CPU, one call on a GPU; 3 steps for --model smollm2)")
     speed.add_argument("--no-plot", action="store_true", help="do not draw the per-op PNGs")
     mem = p.add_argument_group("memory and step cost (--memory)")
     mem.add_argument("--memory", action="store_true",

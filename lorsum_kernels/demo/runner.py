@@ -28,6 +28,8 @@ from typing import Callable, Iterable, Iterator
 import torch
 from torch import nn
 
+from ..benchmark.env import versions as env_versions
+
 # Set before transformers (imported lazily, in the functions) reads them.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local: never reach for the hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the parent tokenizes before forking runs
@@ -217,8 +219,5 @@ def plot_losses(rows: list[dict], path: Path, title: str, legend: Callable[[dict
 
 
 def versions() -> str:
-    import peft
-    import transformers
-
-    return f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, " \
-           f"{torch.get_num_threads()} threads"
+    """The versions line of a demo's report (``lorsum_kernels.benchmark.env``: one helper for every report)."""
+    return env_versions("torch", "transformers", "peft")
