@@ -36,7 +36,7 @@ cuda-check:
 # Triton parameters unless it has a GPU.
 test: venv cuda-check
 	$(VENV_PY) -m pytest -q tests
-	TRITON_INTERPRET=1 $(VENV_PY) -m pytest -q tests/ops tests/triton_ops
+	TRITON_INTERPRET=1 $(VENV_PY) -m pytest -q tests/ops
 
 demo:
 	LORSUM_DEMO_DATA=1 PYTHON="$(PYTHON)" VENV="$(VENV)" bash tools/setup_env.sh

@@ -1,7 +1,7 @@
 """The lorsum_kernels.triton_kernels subpackage in the main test process (no interpreter): its registry,
 its import without triton, and its launchers' refusal of CPU tensors outside Triton's interpreter.
 
-The launchers' results are tested in tests/triton_ops/ (on a GPU, or in the interpreter's own process),
+The launchers' results are tested in tests/ops/ (on a GPU, or in the interpreter's own process),
 their compilation for real GPUs in tests/test_triton_compile.py.
 """
 
