@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lorsum_kernels.benchmark import cli, real_model
+from lorsum_kernels.benchmark import cli, env, real_model, timing
 from lorsum_kernels.benchmark.ops_suite import OPS, SPECS, case_list
 from lorsum_kernels.benchmark.results import SPEED_FIELDS, SPEED_FILE, speed_row
 
@@ -105,6 +105,42 @@ def test_bench_runs_the_shared_case_list():
     cpu = torch.device("cpu")
     expected = {f"test_{c.op}[{c.id}-cpu-{b}]" for c in case_list("full") for b in c.backends(cpu, compile=True)}
     assert expected <= {line.split("::")[1] for line in ids}
+
+
+def test_timing_uses_the_library_timers(monkeypatch):
+    # The CPU: torch.utils.benchmark blocks, at least `reps` samples, after `warmup` untimed calls.
+    calls = []
+    result = timing.time_ms(lambda: calls.append(1), "cpu", warmup=3, reps=4)
+    assert result.timer == "torch.utils.benchmark" and len(result.times_ms) >= 4 and len(calls) > 3 + 4
+    assert all(t > 0 for t in result.times_ms)
+    # A CUDA device: triton.testing.do_bench (a stand-in here), asked for more timed runs when its default
+    # 100 ms gave fewer than `reps` samples.
+    asked = []
+
+    def do_bench(fn, warmup=25, rep=100, return_mode="mean"):
+        asked.append((warmup, rep, return_mode))
+        fn()
+        return [60.0, 60.0] if len(asked) == 1 else [60.0] * 11
+
+    monkeypatch.setattr(timing, "_do_bench", lambda: do_bench)
+    result = timing.time_ms(lambda: None, "cuda", warmup=0, reps=10)
+    assert result.timer == "triton.testing.do_bench" and len(result.times_ms) == 11
+    assert asked[0] == (25, 100, "all") and asked[1][0] == 0 and asked[1][1] >= 10 * 60.0
+    assert timing.summary([3.0, 1.0, 2.0, 4.0, 5.0]) == dict(median_ms=3.0, p20_ms=2.0, p80_ms=4.0, rounds=5)
+
+
+def test_environment_is_written_once():
+    row = env.environment("cpu")
+    assert set(row) == {"device", "threads", "torch", "triton", "commit"}
+    assert row["device"].endswith(" cores)") and row["torch"] == torch.__version__ and row["threads"] >= 1
+    assert row["commit"] == "unknown" or row["commit"].split("+")[0].isalnum()
+    assert env.version("no_such_module_here") == "none"
+    assert env.versions("torch") == f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    # the tools and the demo take theirs from here, not from a copy
+    for path in ("tools/cuda_graph_check.py", "lorsum_kernels/demo/runner.py", "bench/conftest.py",
+                 "bench/profile_row_col_energies.py", "bench/bench_adaprelora_statistics.py"):
+        text = (ROOT / path).read_text()
+        assert "benchmark.env import" in text and "rev-parse" not in text and "get_device_name" not in text, path
 
 
 def test_default_out_is_a_folder_in_the_current_directory(tmp_path, monkeypatch, capsys):

@@ -53,7 +53,8 @@ from .timing import time_ms
 
 DEFAULT_OUT = "lorsum-bench-results"
 MEMORY_FIELDS = ["timestamp", "optimizer", "config", "step_peak_mib", "vs_adamw", "state_mib",
-                 "process_peak_rss_mib", "cuda_max_allocated_mib", "measure", "device", "torch", "commit", "threads"]
+                 "process_peak_rss_mib", "cuda_max_allocated_mib", "measure", "device", "torch", "commit",
+                 "threads"]
 # --memory --model smollm2: the same file, more columns (_append widens an older header).
 REAL_MEMORY_FIELDS = ["timestamp", "model", "optimizer", "opt_kw", "config", "adapters", "checkpointing",
                       "step_peak_mib", "vs_adamw", "after_backward_mib", "after_step_mib", "live_before_mib",

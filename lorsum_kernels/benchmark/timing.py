@@ -5,10 +5,11 @@ and the name of the timer that took them.
 
 * On a CUDA device, with triton importable: ``triton.testing.do_bench`` (CUDA events, the L2 cache flushed
   before each run; its default 100 ms of timed runs, more when that gives fewer than ``reps`` samples).
-* Otherwise (the CPU; a GPU without triton): ``torch.utils.benchmark.Timer.blocked_autorange`` with the
-  process's thread count (the Timer's default is one thread), synchronizing CUDA where present. A block
-  runs the call as many times as keeps the timer's overhead negligible, so each sample is the mean of one
-  block; blocks are collected for ``min_run_time`` seconds and until there are at least ``reps``.
+* Otherwise (the CPU; a GPU without a working triton): ``torch.utils.benchmark``'s
+  ``Timer.blocked_autorange`` at the process's thread count (the Timer's default is one thread),
+  synchronizing CUDA where present. A block runs the call as many times as keeps the timer's overhead
+  negligible, so each sample is the mean of one block; blocks are collected for ``min_run_time`` seconds
+  and until there are at least ``reps``.
   ``timer=time.process_time`` measures CPU time instead of wall time (the roofline profile's choice).
 
 ``warmup`` calls run untimed first (the first Triton launch compiles, ``torch.compile`` traces, the
@@ -54,10 +55,13 @@ def time_ms(fn: Callable[[], object], device: torch.device | str, warmup: int = 
         fn()
     do_bench = _do_bench() if device.type == "cuda" and timer is None else None
     if do_bench is not None:
-        times = do_bench(fn, return_mode="all")
-        if len(times) < reps:  # a slow call: give the timed runs the budget reps samples need
-            times = do_bench(fn, warmup=0, rep=1.2 * reps * statistics.median(times), return_mode="all")
-        return Timing(list(times), "triton.testing.do_bench")
+        try:
+            times = do_bench(fn, return_mode="all")
+            if len(times) < reps:  # a slow call: give the timed runs the budget reps samples need
+                times = do_bench(fn, warmup=0, rep=1.2 * reps * statistics.median(times), return_mode="all")
+            return Timing(list(times), "triton.testing.do_bench")
+        except Exception:  # triton's runtime unusable here: torch's timer serves (fn's own errors recur)
+            pass
     bench = Timer("fn()", globals={"fn": fn}, timer=timer or _default_timer,
                   num_threads=torch.get_num_threads())
     blocks = [bench.blocked_autorange(min_run_time=min_run_time)]
