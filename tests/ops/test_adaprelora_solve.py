@@ -63,6 +63,17 @@ def _triton(*args, ridge=RIDGE):
     return adaprelora.adaprelora_solve(*args, ridge=ridge)
 
 
+def _strided_views(A, B, g_A, g_B, p, q):
+    """Non-contiguous views of the inputs with their values: column-major, permuted batch, batch-fast storage,
+    strided columns."""
+    wide_q = torch.rand(*q.shape[:-1], 2 * q.shape[-1], device=q.device, dtype=q.dtype)
+    wide_q[..., ::2] = q
+    views = [A.mT.contiguous().mT, B.transpose(0, 1).contiguous().transpose(0, 1), g_A.mT.contiguous().mT,
+             g_B.mT.contiguous().mT, p.mT.contiguous().mT, wide_q[..., ::2]]
+    assert not any(v.is_contiguous() for v in views)
+    return views
+
+
 def _sid(shape):
     b, m, n, r = shape
     return f"b{'x'.join(map(str, b)) or '0'}_m{m}_n{n}_r{r}"
@@ -82,7 +93,7 @@ ACCURACY = {
 }
 
 
-# ---- accuracy: every backend -------------------------------------------------------------------------
+# ---- accuracy: every backend -------------------------------------------------------------------------------
 
 
 @per_backend(OP, "shape,momentum,dtype,path", ACCURACY,
@@ -174,7 +185,7 @@ def test_empty_shapes(be, batch, m, n, r):
     assert dA.shape == A.shape and dB.shape == B.shape and dA.dtype == dB.dtype == F32
 
 
-# ---- native CPU: dtypes -----------------------------------------------------------------------------
+# ---- native CPU: dtypes ------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("shape", LAYER_SHAPES[:7], ids=LAYER_SHAPE_IDS[:7])
@@ -210,23 +221,13 @@ def test_mixed_and_half_inputs(be, dtype):
     assert max_rel_err(half, _reference([t.half() for t in args])) < 2e-3
 
 
-# ---- native CPU: layouts, rank deficiency, NaN, threads -------------------------------------------------------------
+# ---- native CPU: layouts, rank deficiency, NaN, threads ----------------------------------------------------
 
 
 @over_backends(OP, NATIVE_CPU)
 def test_non_contiguous_inputs_give_identical_results(be):
     A, B, g_A, g_B, p, q = adaprelora_problem((3,), 123, 256, 16, dtype=torch.float32)
-    wide_q = torch.rand(3, 2 * 256)
-    wide_q[:, ::2] = q
-    views = [
-        A.mT.contiguous().mT,  # column-major
-        B.transpose(0, 1).contiguous().transpose(0, 1),  # permuted batch
-        g_A.mT.contiguous().mT,
-        g_B.mT.contiguous().mT,
-        p.mT.contiguous().mT,  # batch-fast storage
-        wide_q[:, ::2],  # strided columns
-    ]
-    assert not any(v.is_contiguous() for v in views)
+    views = _strided_views(A, B, g_A, g_B, p, q)
     plain = _native([A, B, g_A, g_B, p, q])
     for a, b in zip(_native(views), plain):
         assert torch.equal(a, b)
@@ -275,19 +276,10 @@ def test_nan_poisons_its_layer_only(be, where, cpu_path):
 @over_backends(OP, NATIVE_CPU)
 def test_independent_of_thread_count(be):
     args = adaprelora_problem((3,), 1100, 600, 16, dtype=torch.float32)
-    threads = torch.get_num_threads()
-    outs = []
-    for n in sorted({1, max(threads, 2)}):
-        torch.set_num_threads(n)
-        try:
-            outs.append(_native(args))
-        finally:
-            torch.set_num_threads(threads)
-    for a, b in zip(*outs):
-        assert torch.equal(a, b)
+    assert_independent_of_thread_count(lambda: _native(args))
 
 
-# ---- native CPU: input checks, opcheck, compile ------------------------------------------------------------------
+# ---- native CPU: input checks, opcheck, compile ------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -349,7 +341,7 @@ def test_fake_tensor_and_compile(be):
 
 
 
-# ---- CUDA: bf16, views and the ridge on the device, zero Grams, NaN ------------------------------------
+# ---- CUDA: bf16, views and the ridge on the device, zero Grams, NaN ----------------------------------------
 
 
 @pytest.mark.parametrize("shape", _CUDA[:4], ids=_sid)
@@ -425,7 +417,7 @@ def test_cuda_opcheck(be):
     torch.library.opcheck(torch.ops.lorsum.adaprelora_solve, (A, B, g_A.mT.contiguous().mT, g_B, p, q, rho))
 
 
-# ---- Triton: failed factorisations, layouts, dtypes, the ridged solve, input checks, dispatch ------------
+# ---- Triton: failed factorisations, layouts, dtypes, the ridged solve, input checks, dispatch --------------
 
 
 @FAILED_PIVOT
@@ -434,7 +426,7 @@ def test_nan_where_both_factorisations_fail(be):
     # A negative p (outside the contract) makes M_B negative definite: no ridge rescues it. That layer comes
     # out NaN, as from the native kernels (the reference goes on with LAPACK's partial factor); the
     # other layers are untouched.
-    args = adaprelora_problem((3,), 33, 5, 3, dtype=torch.float32, seed=6)
+    args = adaprelora_problem((3,), 33, 5, 3, dtype=torch.float32, seed=6, device=be.device)
     args[4][1] = -args[4][1]
     dA, dB = _triton(*args)
     assert dA[1].isnan().all() and dB[1].isnan().all()
@@ -447,7 +439,7 @@ def test_nan_where_both_factorisations_fail(be):
 @pytest.mark.parametrize("where", ["A", "B", "g_A", "g_B", "p", "q"])
 @over_backends(OP, TRITON)
 def test_nan_matches_the_reference_in_its_layer(be, where):
-    args = adaprelora_problem((3,), 5, 33, 3, dtype=torch.float32, seed=7)
+    args = adaprelora_problem((3,), 5, 33, 3, dtype=torch.float32, seed=7, device=be.device)
     k = ["A", "B", "g_A", "g_B", "p", "q"].index(where)
     args[k][1].view(-1)[2] = float("nan")
     dA, dB = _triton(*args)
@@ -463,18 +455,8 @@ def test_nan_matches_the_reference_in_its_layer(be, where):
 
 @over_backends(OP, TRITON)
 def test_non_contiguous_and_expanded_inputs(be):
-    A, B, g_A, g_B, p, q = adaprelora_problem((3,), 33, 5, 3, dtype=torch.float32, seed=8)
-    wide_q = torch.rand(3, 2 * 5, device=be.device)
-    wide_q[:, ::2] = q
-    views = [
-        A.mT.contiguous().mT,  # column-major
-        B.transpose(0, 1).contiguous().transpose(0, 1),  # permuted batch
-        g_A.mT.contiguous().mT,
-        g_B.mT.contiguous().mT,
-        p.mT.contiguous().mT,  # batch-fast storage
-        wide_q[:, ::2],  # strided columns
-    ]
-    assert not any(v.is_contiguous() for v in views)
+    A, B, g_A, g_B, p, q = adaprelora_problem((3,), 33, 5, 3, dtype=torch.float32, seed=8, device=be.device)
+    views = _strided_views(A, B, g_A, g_B, p, q)
     plain = _triton(A, B, g_A, g_B, p, q)
     for a, b in zip(_triton(*views), plain):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
@@ -490,7 +472,7 @@ def test_non_contiguous_and_expanded_inputs(be):
 
 @over_backends(OP, TRITON)
 def test_mixed_and_half_dtypes(be):
-    args = adaprelora_problem((2,), 33, 5, 3, seed=9)
+    args = adaprelora_problem((2,), 33, 5, 3, seed=9, device=be.device)
     # bf16 statistics with fp32 factors and gradients: fp32 results at fp32 accuracy on those values.
     mixed = [t.float() for t in args[:4]] + [t.bfloat16() for t in args[4:]]
     out = _triton(*mixed)
@@ -510,7 +492,7 @@ def test_rank_above_the_register_tile_uses_torch(be, monkeypatch):
     from lorsum_kernels.triton_kernels import spd
 
     monkeypatch.setattr(spd, "MAX_R", 2)
-    args = adaprelora_problem((2,), 5, 33, 3, seed=10)
+    args = adaprelora_problem((2,), 5, 33, 3, seed=10, device=be.device)
     ridge = torch.tensor([1e-6, 1e-2], dtype=torch.float64)
     assert max_rel_err(_triton(*args, ridge=ridge), _reference(args, ridge)) < 1e-12
 
@@ -554,7 +536,7 @@ def test_ridged_spd_solve_per_matrix(be):
 )
 @over_backends(OP, TRITON)
 def test_triton_rejects_bad_input(be, mutate, error, match):
-    A, B, g_A, g_B, p, q = adaprelora_problem((3,), 5, 7, 3, dtype=torch.float32)
+    A, B, g_A, g_B, p, q = adaprelora_problem((3,), 5, 7, 3, dtype=torch.float32, device=be.device)
     args = {"A": A, "B": B, "g_A": g_A, "g_B": g_B, "p": p, "q": q, "ridge": RIDGE}
     mutate(args)
     with pytest.raises(error, match=rf"adaprelora_solve: .*{match}"):
@@ -563,22 +545,15 @@ def test_triton_rejects_bad_input(be, mutate, error, match):
 
 @over_backends(OP, TRITON)
 def test_registered_and_dispatched(be, monkeypatch):
-    from lorsum_kernels import triton_kernels
     from lorsum_kernels.triton_kernels import adaprelora
 
     assert OP in backends.TRITON_OPS
-    args = adaprelora_problem((2,), 5, 7, 3, dtype=torch.float32)
+    args = adaprelora_problem((2,), 5, 7, 3, dtype=torch.float32, device=be.device)
     ridge = torch.tensor([1e-6, 1e-3])
-    calls = []
     real = adaprelora.adaprelora_solve
-
-    def spy(*a, **kw):
-        calls.append(kw)
-        return real(*a, **kw)
-
-    monkeypatch.setattr(triton_kernels, "adaprelora_solve", spy)
+    calls = spy_on_launcher(monkeypatch, OP, real)
     out = ops.adaprelora_solve(*args, ridge=ridge, backend="triton")
-    assert len(calls) == 1 and calls[0]["ridge"] is ridge
+    assert len(calls) == 1 and calls[0][1]["ridge"] is ridge
     for a, b in zip(out, real(*args, ridge=ridge)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
@@ -609,7 +584,7 @@ def test_optimizer_triton_equals_torch(be, statistics):
         assert rel_err(tri[key], ref[key]) < 1e-5, key
 
 
-# ---- native CPU: AdaPreLoRA, native against torch ----------------------------------------------------------------
+# ---- native CPU: AdaPreLoRA, native against torch ----------------------------------------------------------
 
 
 @over_backends(OP, NATIVE_CPU)

@@ -47,7 +47,7 @@ def _check(x: torch.Tensor, out: torch.Tensor) -> None:
     assert rel_err(out, reference.col_sq_sums(cpu64(x))) < (1e-12 if x.dtype == torch.float64 else 1e-6)
 
 
-# ---- accuracy, layouts, edge cases: every backend ---------------------------------------------------
+# ---- accuracy, layouts, edge cases: every backend ----------------------------------------------------------
 
 
 @per_backend(OP, "shape,dtype", GRIDS, ids=lambda v: f"{v[0]}-{v[1]}")
@@ -101,7 +101,7 @@ def test_nan_and_inf_propagate_like_reference(be):
     torch.testing.assert_close(out[finite], expected[finite], rtol=2e-6, atol=0)
 
 
-# ---- CUDA: opcheck -----------------------------------------------------------------------------------
+# ---- CUDA: opcheck -----------------------------------------------------------------------------------------
 
 
 @over_backends(OP, NATIVE_CUDA)
@@ -111,7 +111,7 @@ def test_cuda_opcheck(be):
     torch.library.opcheck(torch.ops.lorsum.col_sq_sums, (x,))
 
 
-# ---- native CPU: code paths, threads, the op's registration, input checks ---------------------------
+# ---- native CPU: code paths, threads, the op's registration, input checks ----------------------------------
 
 
 @over_backends(OP, NATIVE_CPU)
@@ -170,7 +170,7 @@ def test_native_rejects_non_float(be, dtype):
         be.run(OP, torch.ones(3, 4, dtype=dtype))
 
 
-# ---- Triton: the token-split pass, input checks, dispatch --------------------------------------------
+# ---- Triton: the token-split pass, input checks, dispatch --------------------------------------------------
 
 
 def _launcher():

@@ -70,7 +70,7 @@ def _id(v):
     return f"b{'x'.join(map(str, batch)) or '0'}_T{T}_n{n}_m{m}-{name(xd)}-state_{name(vd)}-p{power}"
 
 
-# ---- accuracy and the functional layer: every backend ------------------------------------------------
+# ---- accuracy and the functional layer: every backend ------------------------------------------------------
 
 
 @per_backend(OP, "shape,dtypes,damping,power", GRIDS, ids=_id)
@@ -124,7 +124,7 @@ def test_fp64_scalars_are_not_rounded_to_fp32(be):
     _assert_matches(be.run(OP, *args), args, 1e-14)
 
 
-# ---- layouts, NaN, inputs: every backend -------------------------------------------------------------
+# ---- layouts, NaN, inputs: every backend -------------------------------------------------------------------
 
 
 @over_backends(OP)
@@ -176,7 +176,7 @@ def test_inputs_are_not_modified(be):
         assert torch.equal(a, b)
 
 
-# ---- native CPU: input checks, opcheck ---------------------------------------------------------------
+# ---- native CPU: input checks, opcheck ---------------------------------------------------------------------
 
 
 @over_backends(OP, NATIVE_CPU)
@@ -204,7 +204,7 @@ def test_opcheck(be, make):
     torch.library.opcheck(torch.ops.lorsum.kfac_metric_update.default, make())
 
 
-# ---- CUDA: opcheck -----------------------------------------------------------------------------------
+# ---- CUDA: opcheck -----------------------------------------------------------------------------------------
 
 
 @over_backends(OP, NATIVE_CUDA)
@@ -215,7 +215,7 @@ def test_cuda_opcheck(be):
                           (X, S, v_in + 0.5, v_out + 0.5, 0.9, 1e-3, -0.5, 1.0, 1.0))
 
 
-# ---- Triton: the token-split path, input checks, dispatch --------------------------------------------
+# ---- Triton: the token-split path, input checks, dispatch --------------------------------------------------
 
 
 def _kfac():

@@ -42,7 +42,7 @@ SHAPES = [
 SHAPE_IDS = [f"L{L}_T{T}_m{m}_n{n}_r{r}" for L, T, m, n, r in SHAPES]
 
 
-# ---- native CPU: accuracy --------------------------------------------------------------------------------------
+# ---- native CPU: accuracy ----------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("side", ["in", "out"])
@@ -112,7 +112,7 @@ def test_native_low_rank_sum_matches_torch(be, iters):
             assert rel_err(a, b) < 1e-5
 
 
-# ---- native CPU: layouts, broadcasting, edge cases -------------------------------------------------------------
+# ---- native CPU: layouts, broadcasting, edge cases ---------------------------------------------------------
 
 
 @pytest.mark.parametrize("side", ["in", "out"])
@@ -208,16 +208,7 @@ def test_native_nan_propagates(be, side, where, cpu_path):
 @over_backends(OP, NATIVE_CPU)
 def test_native_independent_of_thread_count(be):
     p = cast_problem(lorsum_problem(3, 512, 256, 123, 16, metrics=True), torch.float32)
-    threads = torch.get_num_threads()
-    outs = []
-    for n in sorted({1, max(threads, 2)}):
-        torch.set_num_threads(n)
-        try:
-            outs.append((half_step("in", p, "native"), half_step("out", p, "native")))
-        finally:
-            torch.set_num_threads(threads)
-    for a, b in zip(*outs):
-        assert torch.equal(a, b)
+    assert_independent_of_thread_count(lambda: (half_step("in", p, "native"), half_step("out", p, "native")))
 
 
 @pytest.mark.parametrize(
@@ -245,7 +236,7 @@ def test_native_rejects_bad_input(be, mutate, match):
         torch.ops.lorsum.lorsum_update_in(**args)
 
 
-# ---- native CPU: opcheck, fake tensors, compile ----------------------------------------------------------------
+# ---- native CPU: opcheck, fake tensors, compile ------------------------------------------------------------
 
 
 def _opcheck_cases():
@@ -298,7 +289,7 @@ def test_native_fake_tensor_and_compile(be):
     assert rel_err(compiled(p["A0"], p["B0"], X, St.mT), expected) < 1e-5
 
 
-# ---- native CPU: the optimizers, native against torch ----------------------------------------------------------
+# ---- native CPU: the optimizers, native against torch ------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -321,7 +312,7 @@ def test_native_optimizer_equals_torch(be, opt_name, kw):
     assert any("momentum" in k[1] or "metric" in k[1] for k in state[1])
 
 
-# ---- CUDA --------------------------------------------------------------------------------
+# ---- CUDA --------------------------------------------------------------------------------------------------
 
 
 def _cuda_problem(L, T, m, n, r, *, dtype=torch.float32, **kw):
@@ -454,7 +445,7 @@ def test_cuda_opcheck(be, side):
                           (hat, p["A0"], p["B0"], [X], [St], coeffs, lmbd, m_in, m_out))
 
 
-# ---- Triton (torch products, Triton spd_solve) ------------------------------------------------------
+# ---- Triton (torch products, Triton spd_solve) -------------------------------------------------------------
 
 
 

@@ -38,7 +38,7 @@ def _launcher():
     return products
 
 
-# ---- native CPU ------------------------------------------------
+# ---- native CPU --------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
@@ -92,7 +92,7 @@ def test_cuda_opcheck(be):
     torch.library.opcheck(torch.ops.lorsum.pair_products, (X, S.mT, B0, A0))
 
 
-# ---- CUDA -------------------------------------------------------------------------------------
+# ---- CUDA --------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("wide", [False, True], ids=["w=r", "w=2r"])
@@ -150,7 +150,7 @@ def test_cuda_nan(be):
     assert P[1].isfinite().all() and Q[1].isfinite().all()
 
 
-# ---- Triton -----------------------------------------------------------------------------------------
+# ---- Triton ------------------------------------------------------------------------------------------------
 
 
 
@@ -313,18 +313,10 @@ def test_rejects_bad_shapes(be):
 
 @over_backends(OP, TRITON)
 def test_registered_and_dispatched(be, monkeypatch):
-    from lorsum_kernels import triton_kernels
-
-    assert "pair_products" in backends.TRITON_OPS
+    assert OP in backends.TRITON_OPS
     args = _gradient_pair((2,), 7, 5, 3, 2, 4, torch.float32)
-    calls = []
     real = _launcher().pair_products
-
-    def spy(*a, **kw):
-        calls.append(a)
-        return real(*a, **kw)
-
-    monkeypatch.setattr(triton_kernels, "pair_products", spy)
+    calls = spy_on_launcher(monkeypatch, OP, real)
     out = ops.pair_products(*args, backend="triton")
     assert len(calls) == 1
     for a, b in zip(out, real(*args)):

@@ -72,7 +72,7 @@ def _check(X, S, out):
         assert rel_err(rows, exact_rows) <= 2 * torch_err
 
 
-# ---- accuracy, layouts, edge cases: every backend ---------------------------------------------------
+# ---- accuracy, layouts, edge cases: every backend ----------------------------------------------------------
 
 
 @per_backend(OP, "shape,dtypes,path", GRIDS, ids=_id)
@@ -151,7 +151,7 @@ def test_nan_propagates_like_reference(be):
     assert out[0].isnan().sum() == 1 + 33 and out[1].isnan().sum() == 5 + 1
 
 
-# ---- native CPU: threads, the op's registration, input checks ----------------------------------------
+# ---- native CPU: threads, the op's registration, input checks ----------------------------------------------
 
 
 @over_backends(OP, NATIVE_CPU)
@@ -182,7 +182,7 @@ def test_opcheck(be, make):
     torch.library.opcheck(torch.ops.lorsum.row_col_energies.default, make())
 
 
-# ---- CUDA: the device of the inputs, opcheck ---------------------------------------------------------
+# ---- CUDA: the device of the inputs, opcheck ---------------------------------------------------------------
 
 
 @over_backends(OP, NATIVE_CUDA)
@@ -199,7 +199,7 @@ def test_cuda_opcheck(be):
     torch.library.opcheck(torch.ops.lorsum.row_col_energies, args)
 
 
-# ---- Triton: input checks, dispatch ------------------------------------------------------------------
+# ---- Triton: input checks, dispatch ------------------------------------------------------------------------
 
 
 def _launcher():

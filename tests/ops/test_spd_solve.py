@@ -50,7 +50,7 @@ def _launcher():
     return spd
 
 
-# ---- native CPU: the batched solve -----------------------------------------------------------------------------
+# ---- native CPU: the batched solve -------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("left", [True, False], ids=["left", "right"])
@@ -137,7 +137,7 @@ def test_native_opcheck(be, left):
     torch.library.opcheck(torch.ops.lorsum.spd_solve.default, args)
 
 
-# ---- CUDA: the batched solve -----------------------------------------------------------------------------------------
+# ---- CUDA: the batched solve -------------------------------------------------------------------------------
 
 
 def _solve_ref(gram, rhs, left):
@@ -242,7 +242,7 @@ def test_cuda_zero_gram_and_non_finite(be):
     assert out[0, :, :4].isfinite().all() and out[0, :, 5:].isfinite().all()
 
 
-# ---- Triton -----------------------------------------------------------------------------------------
+# ---- Triton ------------------------------------------------------------------------------------------------
 
 # A failed factorisation takes the square root of a non-positive pivot on purpose (numpy warns about it
 # in the interpreter).
@@ -419,17 +419,9 @@ def test_rejects_bad_shapes(be):
 
 @over_backends(OP, TRITON)
 def test_dispatch_reaches_the_triton_launcher(be, monkeypatch):
-    from lorsum_kernels import triton_kernels
-
     gram, rhs = _gram((2,), 3, torch.float32), _rhs((2, 4, 3), torch.float32)
-    calls = []
     real = _launcher().spd_solve
-
-    def spy(*args, **kwargs):
-        calls.append(kwargs)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(triton_kernels, "spd_solve", spy)
+    calls = spy_on_launcher(monkeypatch, OP, real)
     out = ops.spd_solve(gram, rhs, left=False, backend="triton")
-    assert calls == [{"left": False}]
+    assert [kw for _, kw in calls] == [{"left": False}]
     torch.testing.assert_close(out, real(gram, rhs, left=False), rtol=0, atol=0)

@@ -20,7 +20,7 @@ import torch
 
 from lorsum_kernels import backends, ops, reference
 
-from ..conftest import LAYER_SHAPE_IDS, LAYER_SHAPES, train_tiny
+from ..conftest import LAYER_SHAPES, train_tiny
 from ..problems import (NATIVE_CPU, NATIVE_CUDA, TRITON, assert_deterministic, assert_independent_of_thread_count,
                         assert_layout_independent,
                         assert_same_training, max_rel_err, on, over_backends, per_backend, rel_err,
@@ -60,7 +60,7 @@ BF16_SHAPES = {
 }
 
 
-# ---- accuracy and dtypes: every backend --------------------------------------------------------------
+# ---- accuracy and dtypes: every backend --------------------------------------------------------------------
 
 
 @per_backend(OP, "shape,surrogate,dtype,path", ACCURACY,
@@ -132,7 +132,7 @@ def test_ranks_of_the_two_products_may_differ(be, ranks, path, monkeypatch):
             assert torch.equal(a, torch.zeros_like(a))
 
 
-# ---- layouts, broadcasting, edge cases: every backend ------------------------------------------------
+# ---- layouts, broadcasting, edge cases: every backend ------------------------------------------------------
 
 
 @over_backends(OP)
@@ -219,7 +219,7 @@ def test_nan_propagates_as_in_the_reference(be, where, cpu_path):
         assert a[[0, 2]].isfinite().all()
 
 
-# ---- CUDA: opcheck -----------------------------------------------------------------------------------
+# ---- CUDA: opcheck -----------------------------------------------------------------------------------------
 
 
 @over_backends(OP, NATIVE_CUDA)
@@ -229,7 +229,7 @@ def test_cuda_opcheck(be):
     torch.library.opcheck(torch.ops.lorsum.tangent_energies, (B, E.mT.contiguous().mT, F, A))
 
 
-# ---- native CPU: threads, input checks, the op's registration, cost ---------------------------------
+# ---- native CPU: threads, input checks, the op's registration, cost ----------------------------------------
 
 
 @over_backends(OP, NATIVE_CPU)
@@ -311,7 +311,7 @@ def test_flop_count_is_the_kernels(be):
     assert torch_counter.get_total_flops() == 3 * 4 * R * R * (123 + 256)
 
 
-# ---- AdaPreLoRA with the surrogate statistics, native against torch ---------------------------------
+# ---- AdaPreLoRA with the surrogate statistics, native against torch ----------------------------------------
 
 
 @over_backends(OP, NATIVE_CPU)
@@ -343,7 +343,7 @@ def test_adaprelora_surrogate_native_equals_torch(be, kw):
     assert_same_training(train(be.name), train("torch"))
 
 
-# ---- Triton: input checks, registry and dispatch -----------------------------------------------------
+# ---- Triton: input checks, registry and dispatch -----------------------------------------------------------
 
 
 def _launcher():
