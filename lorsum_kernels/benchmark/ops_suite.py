@@ -56,7 +56,7 @@ class Shape(NamedTuple):
 class OpSpec:
     op: str
     dims: str  # the Shape fields the op reads, in the order of its `full` sizes
-    label: str  # the config column, formatted with the Shape's fields, `variant` and `dtype`
+    label: str  # the config column: formatted with the Shape's fields, w = 2r and `variant`; dtype appended
     build: Callable  # (shape, dtype, device, variant) -> (run(backend), floor_bytes)
     full: tuple  # the full grid's sizes, tuples in `dims` order
     tokens: bool = True  # X and S take the dtype under test
