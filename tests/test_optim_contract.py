@@ -391,3 +391,33 @@ def test_a_forced_backend_is_checked_on_the_models_devices(monkeypatch):
             opt.remove_hooks()
     with pytest.raises(ValueError, match="unknown backend"):
         lk.LoRSum(model, backend="cuda")
+
+
+@pytest.mark.parametrize("name", ["lorsum", "scaled_lorsum", "adaprelora", "scaled_adamw"])
+def test_write_paths_agree(name, monkeypatch):
+    """The bucket-wide foreach write (accelerators) and the per-layer write (CPU) write the same bits,
+    skipped layers (and their state and counters) untouched by both."""
+    from lorsum_kernels.optim import base
+
+    results = []
+    for foreach in (False, True):
+        monkeypatch.setattr(base, "_foreach_write", lambda device, foreach=foreach: foreach)
+        torch.manual_seed(0)
+        model = TinyLoRAMLP()
+        opt = lk.create_optimizer(model, name, lr=0.05)
+        layers = opt._layers[1:]  # l2 and l3: one shape
+        g = torch.Generator().manual_seed(3)
+        A_new = torch.stack([layer.A.detach() for layer in layers]) + torch.randn(2, *layers[0].A.shape, generator=g)
+        B_new = torch.stack([layer.B.detach() for layer in layers]) + torch.randn(2, *layers[0].B.shape, generator=g)
+        state = {k: torch.stack([opt.state[layer.A][k] for layer in layers]) + 1.0
+                 for k in opt.state[layers[0].A] if k not in ("step", "skipped_steps")}
+        with torch.no_grad():
+            skipped = opt._write_bucket(layers, A_new, B_new, state, torch.tensor([False, True]))
+        assert bool(skipped)
+        results.append([t.clone() for layer in layers
+                        for t in (layer.A, layer.B, opt.state[layer.A]["skipped_steps"], *opt.state[layer.A].values())])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    first, second = results[1][: len(results[1]) // 2], results[1][len(results[1]) // 2:]
+    assert int(first[2]) == 1 and int(second[2]) == 0  # skipped_steps: the first layer was skipped
+    torch.testing.assert_close(second[0], A_new[1])  # the second layer took its new A

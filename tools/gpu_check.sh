@@ -13,8 +13,8 @@
 #   build      pip install --no-build-isolation --no-deps -e . : the extension with its CUDA kernels,
 #              for this GPU's architecture (torch's default without TORCH_CUDA_ARCH_LIST); fails when
 #              setup.py fell back to a CPU-only build
-#   tests      pytest -m "cuda or triton": tests/test_cuda_ops.py (the CUDA kernels against the reference),
-#              the Triton launchers compiled on this GPU (tests/triton_ops), the CUDA memory figures of
+#   tests      pytest -m "cuda or triton": the native-cuda parameters of tests/ops (the CUDA kernels against
+#              the reference), its triton parameters compiled on this GPU, the CUDA memory figures of
 #              lorsum-bench; JUnit XML in $OUT. test_triton_compile.py is left out: it compiles for GPUs
 #              other than this one, and `make test` runs it on any machine
 #   bench      lorsum-bench --grid quick (every op, every backend, fp32 and bf16): $OUT/bench/lorsum_bench.csv

@@ -632,29 +632,38 @@ class LoRAOptimizer(CheckpointMixin, ReshardingMixin, torch.optim.Optimizer):
         """Writes the layers whose ``finite`` flag is set (and not ``skip_all``), parameters in their dtype;
         returns a device flag, true when any layer was skipped.
 
-        Bucket-wide: one ``torch.where`` per stacked tensor keeps a skipped layer's old values, and one
-        ``torch._foreach_copy_`` writes every layer's slice (a loop over the layers cost a where and a
-        copy per tensor and layer: ~8 small launches per layer, 210 layers on SmolLM2)."""
+        On an accelerator bucket-wide, as torch.optim's foreach paths: one ``torch.where`` per stacked
+        tensor keeps a skipped layer's old values and one ``torch._foreach_copy_`` writes every layer's
+        slice (a where and a copy per tensor and layer would be ~8 small launches per layer). On the CPU,
+        where a foreach op is a loop and the stacking costs more than it saves (measured: 60 against 40 µs
+        for one 576×576 r=16 layer, 180 against 160 µs for four), layer by layer, as torch.optim defaults
+        to foreach only for CUDA tensors."""
         pdt = layers[0].A.dtype
         if skip_all is not None:
             finite = finite & ~skip_all.to(finite.device)
         states = [self.state[layer.A] for layer in layers]
+        sharded = self._sharded is not None and any(is_sharded(layer.A) or is_sharded(layer.B) for layer in layers)
+        if sharded or not _foreach_write(A_new.device):
+            for i, layer in enumerate(layers):  # under FSDP2 each rank writes its shard of the full new value
+                ok = finite[i]
+                self._write_param(layer.A, A_new[i].to(pdt), ok)
+                self._write_param(layer.B, B_new[i].to(pdt), ok)
+                st = states[i]
+                for key, value in new_state.items():
+                    st[key].copy_(torch.where(ok, value[i], st[key]))
+                st["step"] += ok
+                st["skipped_steps"] += ~ok
+            return ~finite.all()
         targets, values = [], []
-        if self._sharded is not None and any(is_sharded(layer.A) or is_sharded(layer.B) for layer in layers):
-            for i, layer in enumerate(layers):  # each rank writes its shard of the full new value
-                self._write_param(layer.A, A_new[i].to(pdt), finite[i])
-                self._write_param(layer.B, B_new[i].to(pdt), finite[i])
-        else:
-            for side, new in (("A", A_new), ("B", B_new)):
-                params = [getattr(layer, side) for layer in layers]
-                targets += params
-                values += _kept_where_skipped(new.to(pdt), torch.stack(params), finite).unbind(0)
+        for side, new in (("A", A_new), ("B", B_new)):
+            params = [getattr(layer, side) for layer in layers]
+            targets += params
+            values += _kept_where_skipped(new.to(pdt), torch.stack(params), finite).unbind(0)
         for key, new in new_state.items():
             old = [st[key] for st in states]
             targets += old
             values += _kept_where_skipped(new, torch.stack(old), finite).unbind(0)
-        if targets:
-            torch._foreach_copy_(targets, values)
+        torch._foreach_copy_(targets, values)
         steps = finite.to(torch.int64)
         torch._foreach_add_([st["step"] for st in states], steps.unbind(0))
         torch._foreach_add_([st["skipped_steps"] for st in states], (1 - steps).unbind(0))
@@ -680,3 +689,8 @@ def _grad_or_zeros(p: Tensor) -> Tensor:
 def _kept_where_skipped(new: Tensor, old: Tensor, ok: Tensor) -> Tensor:
     """``new`` where the layer's ``ok`` flag (L,) holds, else ``old`` (both stacked over the L layers)."""
     return torch.where(ok.view(-1, *([1] * (new.ndim - 1))), new, old)
+
+
+def _foreach_write(device: torch.device) -> bool:
+    """Whether ``_write_bucket`` writes bucket-wide with foreach ops (accelerators) or layer by layer (CPU)."""
+    return device.type != "cpu"
