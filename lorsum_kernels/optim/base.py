@@ -24,6 +24,10 @@ methods act on (A, B) pairs and on each layer's X and S:
   ``.grad``; the other groups' ``.grad``), and every one of them is scaled by
   ``min(1, max_grad_norm / (norm + 1e-6))`` as torch's ``clip_grad_norm_`` does. The pre-clip norm is
   ``optimizer.grad_norm`` (a device tensor, for logging). No host synchronisation: the factor is a tensor.
+* ``max_update_norm`` clips the step itself (``update_clip``): every layer's result exists before
+  ``step()`` writes, in every capture mode (the streamed one included), so the global norm of the merged
+  updates over the lr is known then, and all layers move by one factor ``min(1, max_update_norm / norm)``
+  of their step; ``optimizer.update_norm`` keeps the norm.
 * ``torch.amp.GradScaler``: ``scaler.step(opt)`` passes the loss scale and its inf flag to ``step()``
   (``_step_supports_amp_scaling``), which unscales the captured S, the factor and other gradients and the
   clip norm, and skips every update on the flag; ``scaler.unscale_(opt)`` first cannot reach S and is
@@ -75,6 +79,7 @@ from .guards import either, finite_once, finite_rows
 from .other_adamw import step_other
 from .resharding import ReshardingMixin, parameter_owners
 from .streaming import StreamedStep, check_capture_options, check_stream_groups
+from .update_clip import merged_update_bound, moved_by
 
 __all__ = ["LoRAOptimizer"]
 
@@ -100,6 +105,7 @@ class LoRAOptimizer(CheckpointMixin, ReshardingMixin, torch.optim.Optimizer):
         other_eps: float = 1e-8,
         other_weight_decay: float = 0.0,
         max_grad_norm: float | None = None,
+        max_update_norm: float | None = None,
         seed: int = 0,
         process_group=None,
         capture: str = "auto",
@@ -114,6 +120,8 @@ class LoRAOptimizer(CheckpointMixin, ReshardingMixin, torch.optim.Optimizer):
         check_positive("other_lr", other_lr, allow_zero=True)
         if max_grad_norm is not None:
             check_positive("max_grad_norm", max_grad_norm)
+        if max_update_norm is not None:
+            check_positive("max_update_norm", max_update_norm)
         check_capture_options(capture, accumulation_steps, max_grad_norm)
         # Averages token sums over ranks (None: single process); raises now if distributed is not set up.
         # Under FSDP2 the device mesh of the sharded parameters decides (lorsum_kernels.fsdp).
@@ -154,6 +162,8 @@ class LoRAOptimizer(CheckpointMixin, ReshardingMixin, torch.optim.Optimizer):
         self._seed = seed
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self.grad_norm: Tensor | None = None  # the last step's pre-clip norm when max_grad_norm is set
+        self.max_update_norm = None if max_update_norm is None else float(max_update_norm)
+        self.update_norm: Tensor | None = None  # the last step's update norm when max_update_norm is set
         super().__init__(groups, defaults)
         if self._reduce is not None:  # before any state is made and before the model is hooked
             for group in self._lora_groups():
@@ -397,14 +407,20 @@ class LoRAOptimizer(CheckpointMixin, ReshardingMixin, torch.optim.Optimizer):
             factor = clip if factor is None else factor * clip
         checked_inputs: dict = {}  # one finiteness check per captured tensor (q, k and v share their X)
         skipped = []  # device flags: whether a bucket or an other group skipped anything
+        # Every layer's result before any write (max_update_norm scales them all by one factor):
+        # (group, layers, A_new, B_new, new_state, finite, skip) per bucket.
+        results = []
         for group, buckets in plan:
             skip = either(scaler_found_inf, lr_skip[id(group)])
             for layers, data in buckets:
-                skipped.append(self._step_bucket(group, layers, data, factor, checked_inputs,
-                                                 inv_scale is not None, skip))
-        if self._streamed is not None:  # the steps computed in backward
+                results.append((group, layers, *self._compute_bucket(group, layers, data, factor, checked_inputs,
+                                                                     inv_scale is not None), skip))
+        if self._streamed is not None:  # the steps computed in backward (or from their running sums)
             pairs = [self._capture.pairs(layer) for layer in self._layers]
-            skipped += self._streamed.write(lambda group: either(scaler_found_inf, lr_skip[id(group)]))
+            results += self._streamed.collect(lambda group: either(scaler_found_inf, lr_skip[id(group)]))
+        alpha = self._update_clip(results) if self.max_update_norm is not None else None
+        for group, layers, A_new, B_new, new_state, finite, skip in results:
+            skipped.append(self._write_bucket(layers, A_new, B_new, new_state, finite, skip, alpha))
         for group in self.param_groups:
             if group["kind"] == "other":
                 flag = self._step_other(group, factor, either(scaler_found_inf, lr_skip[id(group)]))
@@ -515,16 +531,25 @@ class LoRAOptimizer(CheckpointMixin, ReshardingMixin, torch.optim.Optimizer):
         self.grad_norm = total
         return clip_coefficient(self.max_grad_norm, total)
 
-    def _step_bucket(self, group: dict, layers: list[LoRALayer], data: list, clip: Tensor | None = None,
-                     checked_inputs: dict | None = None, loss_scaled: bool = False,
-                     skip_all: Tensor | None = None) -> Tensor:
-        """Steps one bucket; returns a device flag, true when any of its layers was skipped.
-
-        ``clip``: the factor every gradient is multiplied by (clip coefficient and/or inverse loss scale);
-        ``loss_scaled``: S is unscaled in the state dtype (an fp16 S would underflow in its own);
-        ``skip_all``: a device flag that skips every layer (GradScaler's found_inf)."""
-        result = self._compute_bucket(group, layers, data, clip, checked_inputs, loss_scaled)
-        return self._write_bucket(layers, *result, skip_all)
+    def _update_clip(self, results) -> Tensor:
+        """``max_update_norm``'s factor α (a 0-d device tensor) for this step's results (optim/update_clip.py);
+        the step's update norm N goes to ``self.update_norm``."""
+        squares = []
+        for group, layers, A_new, B_new, _, finite, skip in results:
+            A_old, B_old, _ = self._factor_values(layers)
+            dt = A_new.dtype
+            root = torch.tensor([layer.scale for layer in layers], dtype=dt, device=A_new.device).sqrt().view(-1, 1, 1)
+            bound = merged_update_bound(torch.stack(A_old).to(dt) * root, torch.stack(B_old).to(dt) * root,
+                                        A_new * root, B_new * root)
+            counted = finite if skip is None else finite & ~skip.to(finite.device)
+            lr = group["lr"]
+            lr = lr.to(dt) if isinstance(lr, Tensor) else torch.tensor(float(lr), dtype=dt, device=bound.device)
+            per_lr = torch.where(counted & (lr > 0), bound / torch.where(lr > 0, lr, 1), 0)
+            squares.append(per_lr.square().sum())
+        device = self._layers[0].A.device
+        norm = torch.stack([s.to(device) for s in squares]).sum().sqrt() if squares else torch.zeros((), device=device)
+        self.update_norm = norm
+        return (self.max_update_norm / norm).clamp(max=1.0)  # N = 0: inf, clamped to 1
 
     def _compute_bucket(self, group: dict, layers: list[LoRALayer], data: list, clip: Tensor | None = None,
                         checked_inputs: dict | None = None, loss_scaled: bool = False,
@@ -628,9 +653,10 @@ class LoRAOptimizer(CheckpointMixin, ReshardingMixin, torch.optim.Optimizer):
             p.copy_(torch.where(ok, value, p))
 
     def _write_bucket(self, layers: list[LoRALayer], A_new: Tensor, B_new: Tensor, new_state: dict,
-                      finite: Tensor, skip_all: Tensor | None = None) -> Tensor:
+                      finite: Tensor, skip_all: Tensor | None = None, alpha: Tensor | None = None) -> Tensor:
         """Writes the layers whose ``finite`` flag is set (and not ``skip_all``), parameters in their dtype;
-        returns a device flag, true when any layer was skipped.
+        returns a device flag, true when any layer was skipped. ``alpha`` (``max_update_norm``): the
+        factors move by that fraction of their step (``update_clip.moved_by``).
 
         On an accelerator bucket-wide, as torch.optim's foreach paths: one ``torch.where`` per stacked
         tensor keeps a skipped layer's old values and one ``torch._foreach_copy_`` writes every layer's
@@ -641,6 +667,11 @@ class LoRAOptimizer(CheckpointMixin, ReshardingMixin, torch.optim.Optimizer):
         pdt = layers[0].A.dtype
         if skip_all is not None:
             finite = finite & ~skip_all.to(finite.device)
+        if alpha is not None:
+            A_old, B_old, _ = self._factor_values(layers)
+            alpha = alpha.to(A_new.device)
+            A_new = moved_by(torch.stack(A_old).to(A_new.dtype), A_new, alpha)
+            B_new = moved_by(torch.stack(B_old).to(B_new.dtype), B_new, alpha)
         states = [self.state[layer.A] for layer in layers]
         sharded = self._sharded is not None and any(is_sharded(layer.A) or is_sharded(layer.B) for layer in layers)
         if sharded or not _foreach_write(A_new.device):

@@ -81,7 +81,12 @@ class LoRSum(_MomentumFactors, LoRAOptimizer):
             parameters (heads, biases). (Default: 1e-4, (0.9, 0.999), 1e-8, 0)
         max_grad_norm (float, optional): clip the global gradient norm inside the step (``.grad`` clipping
             does not reach the captured data this method steps from); the pre-clip norm is
-            ``optimizer.grad_norm``. None: no clipping. (Default: None)
+            ``optimizer.grad_norm``. Needs the cached step. None: no clipping. (Default: None)
+        max_update_norm (float, optional): clip the step itself, in every capture mode (the streamed
+            step included): all layers move by ``min(1, max_update_norm / N)`` of their step, N being the
+            global norm of the merged-weight updates over the lr (at most the global norm of the gradient
+            a step of this method follows, so 1.0 is the analogue of the official ``max_grad_norm=1.0``);
+            N is ``optimizer.update_norm`` (optim/update_clip.py). None: no clipping. (Default: 1.0)
         process_group (optional): data-parallel training (DDP): None (single process), ``"default"``
             (torch.distributed's default group) or a ``ProcessGroup``; the token products are averaged
             over its ranks each half-step (``lorsum_kernels.distributed``). (Default: None)
@@ -108,6 +113,7 @@ class LoRSum(_MomentumFactors, LoRAOptimizer):
         lmbd_momentum: float | None = None,
         backend: str = "auto",
         seed: int = 0,
+        max_update_norm: float | None = 1.0,
         **kwargs,
     ):
         check_positive("lmbd", lmbd, allow_zero=True)
@@ -121,7 +127,7 @@ class LoRSum(_MomentumFactors, LoRAOptimizer):
             lr=lr, lmbd=lmbd, iters=iters, momentum=momentum, dampening=dampening, momentum_rank=momentum_rank,
             lmbd_momentum=lmbd if lmbd_momentum is None else lmbd_momentum, backend=backend,
         )
-        super().__init__(model, defaults, seed=seed, **kwargs)
+        super().__init__(model, defaults, seed=seed, max_update_norm=max_update_norm, **kwargs)
 
     def _init_layer_state(self, layer, group, generator):
         return self._momentum_state(layer, group, generator, group["momentum"])
@@ -145,7 +151,8 @@ class ScaledLoRSum(_MomentumFactors, LoRAOptimizer):
     """Scaled PSI-LoRA: LoRSum in a diagonal K-FAC or Shampoo metric with a fractional power.
 
     Args:
-        model, lr, lmbd, iters, momentum_rank, backend, seed, param_groups, other_*: as in ``LoRSum``;
+        model, lr, lmbd, iters, momentum_rank, backend, seed, max_update_norm, param_groups, other_*: as in
+            ``LoRSum``;
             the proximal weight is λ = max(η·λ0, min_lmbd). ``process_group`` as in ``LoRSum``
             (``metric="kfac"`` only; the K-FAC statistics are averaged over ranks too).
         betas (tuple[float, float]): β1 of the momentum buffer (0 keeps none) and β2 of the metric EMA.
@@ -182,6 +189,7 @@ class ScaledLoRSum(_MomentumFactors, LoRAOptimizer):
         momentum_rank: int | None = None,
         backend: str = "auto",
         seed: int = 0,
+        max_update_norm: float | None = 1.0,
         **kwargs,
     ):
         check_positive("lmbd", lmbd, allow_zero=True)
@@ -208,7 +216,7 @@ class ScaledLoRSum(_MomentumFactors, LoRAOptimizer):
             init_metric_scale=init_metric_scale, beta2_warmup=beta2_warmup, momentum_rank=momentum_rank,
             backend=backend,
         )
-        super().__init__(model, defaults, seed=seed, **kwargs)
+        super().__init__(model, defaults, seed=seed, max_update_norm=max_update_norm, **kwargs)
 
     def _init_layer_state(self, layer, group, generator):
         dt, dev = self._state_dtype(layer), layer.A.device

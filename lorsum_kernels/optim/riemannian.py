@@ -52,6 +52,8 @@ class ScaledGD(LoRAOptimizer):
         backend (str): "auto", "native", "triton" or "torch" for the r×r solves. (Default: "auto")
         param_groups, other_lr, other_betas, other_eps, other_weight_decay, max_grad_norm, seed: as in
             ``LoRSum``.
+        max_update_norm (float, optional): as in ``LoRSum`` (a gradient step: N is at most the norm of
+            the projected gradient it follows). (Default: 1.0)
     """
 
     needs_capture = False
@@ -65,6 +67,7 @@ class ScaledGD(LoRAOptimizer):
         weight_decay: float = 0.0,
         update_order: str = "jacobi",
         backend: str = "auto",
+        max_update_norm: float | None = 1.0,
         **kwargs,
     ):
         check_positive("reg", reg, allow_zero=True)
@@ -72,7 +75,7 @@ class ScaledGD(LoRAOptimizer):
         _check_order(update_order)
         ops.check(backend, model, ("spd_solve",))  # unknown names, and a forced backend lacking it, raise now
         defaults = dict(lr=lr, reg=reg, weight_decay=weight_decay, update_order=update_order, backend=backend)
-        super().__init__(model, defaults, **kwargs)
+        super().__init__(model, defaults, max_update_norm=max_update_norm, **kwargs)
 
     def _method_step(self, group, A, B, X, S, state, grads, reduce, backend):
         g_A, g_B = grads

@@ -26,8 +26,9 @@ Contract (the optimizers' ``capture=`` and ``accumulation_steps=`` arguments):
 
 * ``capture="cache"``: X and S are kept until ``step()`` (everything works; the memory is the cache's).
 * ``capture="auto"`` (default): the first step caches; from the next step on token-sum layers stream, and
-  whole-step layers stream when that step had exactly one backward per layer on every rank. No clipping,
-  no GradScaler. ``accumulation_steps=N > 1`` says up front that whole-step layers never stream: they are
+  whole-step layers stream when that step had exactly one backward per layer on every rank. No
+  ``max_grad_norm``, no GradScaler (``max_update_norm`` clips the streamed step: it scales results, which
+  all exist before ``step()`` writes). ``accumulation_steps=N > 1`` says up front that whole-step layers never stream: they are
   cached, the token-sum layers streamed.
 * Never a silently wrong step: a second backward reaching a streamed whole-step layer before ``step()``
   raises in that backward, drops the step's streamed results, and ``step()`` then refuses; ``auto`` caches
@@ -231,7 +232,7 @@ class StreamedStep:
         """Raises, before anything changes, when this step's streamed results cannot be written."""
         opt = self.optimizer
         if opt._reduce is not None and self.active and self._token_sum_groups():
-            # write() recomputes the token-sum layers' steps with collectives per bucket: every rank must
+            # collect() recomputes the token-sum layers' steps with collectives per bucket: every rank must
             # have the same layers. One with a backward on some rank but not here takes part with zero
             # sums (zero tokens), as the cached step's layers do (one collective; same condition on all).
             has = torch.tensor([id(layer) in self.sums for layer in opt._layers], dtype=torch.int32,
@@ -260,19 +261,21 @@ class StreamedStep:
                     "was streamed, and step(): step the LR scheduler after optimizer.step(), as torch expects"
                 )
 
-    def write(self, skip_of) -> list[Tensor]:
-        """Writes every result; ``skip_of(group)`` is the group's device skip flag. Returns skip flags."""
+    def collect(self, skip_of) -> list[tuple]:
+        """Every streamed layer's result, for the optimizer to write: ``(group, layers, A_new, B_new,
+        new_state, finite, skip)`` per bucket, ``skip_of(group)`` being the group's device skip flag. The
+        token-sum layers' steps are computed here, from their running sums; the results are dropped."""
         opt = self.optimizer
-        flags = self._write_from_sums(skip_of) if self.sums else []
+        out = self._from_sums(skip_of) if self.sums else []
         for layer, group, _, A, B, state, finite in self.results.values():
             if opt._uses_grads():  # a non-finite .grad skips the layer, as in the cached step
                 finite = finite & opt._factor_grads_finite([layer]).to(finite.device)
-            flags.append(opt._write_bucket([layer], A, B, state, finite, skip_of(group)))
+            out.append((group, [layer], A, B, state, finite, skip_of(group)))
         self.results.clear()
         self.sums.clear()
-        return flags
+        return out
 
-    def _write_from_sums(self, skip_of) -> list[Tensor]:
+    def _from_sums(self, skip_of) -> list[tuple]:
         """The token-sum layers' steps from their running sums (rank-averaged under data parallelism),
         batched by bucket in the optimizer's layer order (the same on every rank)."""
         opt = self.optimizer
@@ -282,7 +285,7 @@ class StreamedStep:
             if entry is not None:
                 key = (id(entry.group), tuple(layer.A.shape), tuple(layer.B.shape), layer.A.dtype)
                 buckets.setdefault(key, []).append(entry)
-        flags = []
+        out = []
         for entries in buckets.values():
             layers, group = [e.layer for e in entries], entries[0].group
             with torch.no_grad():
@@ -292,8 +295,8 @@ class StreamedStep:
             finite = finite & torch.cat([e.finite for e in entries])
             if opt._reduce is not None:
                 finite = opt._reduce.all_ranks(finite)
-            flags.append(opt._write_bucket(layers, A, B, state, finite, skip_of(group)))
-        return flags
+            out.append((group, layers, A, B, state, finite, skip_of(group)))
+        return out
 
     def after_cached_step(self, pairs_per_layer: list[int], loss_scaled: bool) -> None:
         """``auto``: after a cached step, token-sum layers stream from the next step on; whole-step layers

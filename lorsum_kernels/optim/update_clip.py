@@ -1,0 +1,46 @@
+"""``max_update_norm``: global clipping of the step itself, the safeguard that works with the streamed step.
+
+``max_grad_norm`` clips the gradient before the step, so it needs every layer's gradient norm before any
+layer steps, which the step inside backward (optim/streaming.py) does not have. Every layer's *result*,
+however, exists before ``step()`` writes anything, in every capture mode. So this clips what the step does
+to the merged weights W = W0 + s·B·A, measured in gradient units: with ΔW_l the change of layer l's
+merged weight and η_l its group's lr,
+
+    N = sqrt(Σ_l ‖ΔW_l‖_F² / η_l²),      every layer moves by α = min(1, max_update_norm / N) of its step.
+
+For a LoRSum step ΔW ≈ −η·[G]_r, the rank-r part of the gradient, so N is (at most) the global norm of the
+gradient that ``max_grad_norm`` would clip, and the official recipe's ``max_grad_norm=1.0`` has this as
+its analogue: ``max_update_norm=1.0`` bounds the step by η (Frobenius, over all layers).
+
+The factors move by α of their step (``A + α·δA``, ``B + α·δB``), which moves W by
+``α·(δB·A + B·δA) + α²·δB·δA``; ``‖ΔW_l‖`` is taken as the bound ``‖δB·A + B·δA‖ + ‖δB·δA‖`` (computed
+from r×r Grams, no m×n product), so the clipped step moves the weights by at most ``α·N`` in these units.
+With α = 1 nothing changes, bit for bit. Method state (momentum, metrics) is not scaled. Layers that are
+skipped (non-finite) do not count. ``optimizer.update_norm`` keeps the last step's N (a device tensor).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["merged_update_bound", "moved_by"]
+
+
+def merged_update_bound(A: Tensor, B: Tensor, A_new: Tensor, B_new: Tensor) -> Tensor:
+    """(L,) bound on ``‖B_new·A_new − B·A‖_F`` of a bucket of balanced factors (A (L,r,n), B (L,m,r)):
+    ``‖δB·A + B·δA‖_F + ‖δB·δA‖_F``, from r×r Grams."""
+    dA, dB = A_new - A, B_new - B
+    dB_dB = dB.mT @ dB
+    dA_dA = dA @ dA.mT
+    dims = (-2, -1)
+    # ‖δB·A + B·δA‖² = ⟨δBᵀδB, AAᵀ⟩ + ⟨BᵀB, δAδAᵀ⟩ + 2⟨δBᵀB, A·δAᵀ⟩ and ‖δB·δA‖² = ⟨δBᵀδB, δAδAᵀ⟩.
+    first = ((dB_dB * (A @ A.mT)).sum(dims) + ((B.mT @ B) * dA_dA).sum(dims)
+             + 2 * ((dB.mT @ B) * (A @ dA.mT)).sum(dims))
+    second = (dB_dB * dA_dA).sum(dims)
+    return first.clamp_min(0).sqrt() + second.clamp_min(0).sqrt()
+
+
+def moved_by(old: Tensor, new: Tensor, alpha: Tensor) -> Tensor:
+    """``old + α·(new − old)`` where α < 1, else ``new`` exactly (α a 0-d tensor)."""
+    return torch.where(alpha < 1, old + alpha.to(old.dtype) * (new - old), new)
