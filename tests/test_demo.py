@@ -7,7 +7,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-
 from pathlib import Path
 
 import pytest
@@ -189,3 +188,38 @@ def test_bbc_corpus_is_the_documented_set():
     assert len(articles.classes) == 5 and int(articles.labels.bincount().min()) > 300
     train, val, test = bbc.split(articles.labels, seed=0)
     assert (len(train), len(val), len(test)) == (1337, 444, 444)
+
+
+def _sweep_tool():
+    path = Path(__file__).parents[1] / "tools" / "defaults_sweep.py"
+    spec = importlib.util.spec_from_file_location("defaults_sweep", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_defaults_sweep_picks_the_setting_whose_worst_task_is_closest(tmp_path, capsys):
+    # lr 0.1 is best on bbc, 0.3 is best on lm by far: 0.3's worst gap (0.5 point on bbc) beats 0.1's (5% ppl).
+    rows = [dict(task="bbc", method="lorsum", lr=0.1, seed=0, metric=95.0),
+            dict(task="bbc", method="lorsum", lr=0.3, seed=0, metric=94.5),
+            dict(task="lm", method="lorsum", lr=0.1, seed=0, metric=21.0),
+            dict(task="lm", method="lorsum", lr=0.3, seed=0, metric=20.0)]
+    path = tmp_path / "sweep.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _sweep_tool().main(["report", str(path)])
+    out = capsys.readouterr().out
+    assert "| lorsum | 0.3 | 94.50 (1) | 20.00 (1) | 0.50 **chosen** |" in out
+    assert "| lorsum | 0.1 | 95.00 (1) | 21.00 (1) | 2.50 |" in out
+    assert "| lorsum | 0.1, 0.3 | 0.3 |" in out  # lr sensitivity: within 1 point on bbc, 2% on lm
+
+
+def test_fortunes_quotes_are_five_topics_without_shared_quotes():
+    from lorsum_kernels.demo import fortunes
+
+    try:
+        quotes = fortunes.load_quotes()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    assert quotes.classes == sorted(fortunes.CLASSES) and len(set(quotes.texts)) == len(quotes.texts)
+    assert sorted(set(quotes.labels.tolist())) == [0, 1, 2, 3, 4]
+    assert all(20 <= len(t) <= 600 and "\n" not in t for t in quotes.texts)

@@ -147,12 +147,19 @@ def build_model(seed: int, num_labels: int) -> MeanPoolClassifier:
     return MeanPoolClassifier(encoder, base.config.hidden_size, num_labels)
 
 
-def prepare_data(max_len: int, seed: int = 0) -> dict:
-    """Tokenized train/val/test tensors of the fixed split, and the class names."""
+def prepare_data(max_len: int, seed: int = 0, corpus: str = "bbc") -> dict:
+    """Tokenized train/val/test tensors of the fixed split, and the class names. ``corpus``: "bbc" (the
+    demo's BBC News topics) or "fortunes" (Debian's fortunes by topic, ``fortunes.py``: the defaults
+    sweep's third task)."""
     from transformers import AutoTokenizer
 
+    from . import fortunes
+
     quiet_transformers()
-    articles = bbc.load_articles()
+    loaders = {"bbc": bbc.load_articles, "fortunes": fortunes.load_quotes}
+    if corpus not in loaders:
+        raise ValueError(f"corpus must be one of {sorted(loaders)}, got {corpus!r}")
+    articles = loaders[corpus]()
     tokenizer = AutoTokenizer.from_pretrained(model_path())
     # Only the first max_len tokens are kept; cutting the text first saves tokenizing whole articles.
     texts = [t[: 12 * max_len] for t in articles.texts]

@@ -36,7 +36,7 @@ from . import bbc
 from .runner import Method, Runner, batch_indices, plot_losses, quiet_transformers, results_table
 from .runner import train_steps, versions
 
-__all__ = ["METHODS", "gguf_path", "load_model", "load_tokenizer", "main", "prepare_data", "token_blocks",
+__all__ = ["ALL_LINEAR", "METHODS", "gguf_path", "load_model", "load_tokenizer", "main", "prepare_data", "token_blocks",
            "train_run"]
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -65,6 +65,14 @@ class LMConfig:
     max_len: int = 128
     seed: int = 0
     baseline: bool = False  # also measure the untrained model's validation perplexity
+    lr: float | None = None  # None: METHODS[optimizer].lr
+    kwargs: dict | None = None  # overrides of METHODS[optimizer].kwargs (the defaults sweep)
+    rank: int = RANK
+    targets: tuple = tuple(TARGET_MODULES)  # ALL_LINEAR: the seven linear modules of every block
+
+
+# LoRA on every linear module of a block (the defaults sweep's LM task, issue #17).
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def gguf_path() -> Path:
@@ -136,11 +144,12 @@ def perplexity(model, blocks: torch.Tensor, batch_size: int = 8) -> float:
     return math.exp(total / count)
 
 
-def make_optimizer(model, name: str):
+def make_optimizer(model, name: str, lr: float | None = None, overrides: dict | None = None):
     from lorsum_kernels import create_optimizer
 
     method = METHODS[name]
-    return create_optimizer(model, name, lr=method.lr, **method.kwargs)
+    kwargs = {**method.kwargs, **(overrides or {})}
+    return create_optimizer(model, name, lr=method.lr if lr is None else lr, **kwargs)
 
 
 def train_run(cfg: LMConfig, data: dict) -> dict:
@@ -153,17 +162,18 @@ def train_run(cfg: LMConfig, data: dict) -> dict:
     load_s = time.perf_counter() - start
     base_ppl = perplexity(base, data["val"]) if cfg.baseline else None
     torch.manual_seed(cfg.seed)  # LoRA A's initialisation
-    lora = LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=TARGET_MODULES,
-                      task_type="CAUSAL_LM")
+    lora = LoraConfig(r=cfg.rank, lora_alpha=ALPHA * cfg.rank // RANK, lora_dropout=0.0,
+                      target_modules=list(cfg.targets), task_type="CAUSAL_LM")
     model = get_peft_model(base, lora)
     model.train()
-    opt = make_optimizer(model, cfg.optimizer)
+    opt = make_optimizer(model, cfg.optimizer, cfg.lr, cfg.kwargs)
     blocks = data["train"]
     batches = (blocks[idx] for idx in batch_indices(len(blocks), cfg.batch_size, cfg.steps, cfg.seed))
     log = train_steps(model, opt, batches, cfg.steps, lambda m, ids: m(input_ids=ids, labels=ids).loss,
                       f"{label:<16}")
     return dict(
-        label=label, optimizer=cfg.optimizer, lr=METHODS[cfg.optimizer].lr, steps=cfg.steps,
+        label=label, optimizer=cfg.optimizer, lr=METHODS[cfg.optimizer].lr if cfg.lr is None else cfg.lr,
+        steps=cfg.steps,
         val_ppl=perplexity(model, data["val"]), base_ppl=base_ppl, final_loss=log.final_loss,
         losses=log.losses, step_ms=log.step_ms, load_s=load_s, peak_rss_mb=log.peak_rss_mb,
         train_delta_mb=log.train_delta_mb,
