@@ -39,8 +39,8 @@ from concurrent.futures import ThreadPoolExecutor
 # initialisation followed by AdaPreLoRA at its lr (classification tasks).
 GRID: dict[str, dict] = {
     "adamw": {"lrs": [1e-3, 3e-3, 1e-2], "kwargs": {"weight_decay": 0.0}},
-    "lorsum": {"lrs": [0.03, 0.1, 0.3], "kwargs": {}},
-    "scaled_lorsum": {"lrs": [0.1, 0.3, 1.0], "kwargs": {"beta2_warmup": True}},
+    "lorsum": {"lrs": [0.03, 0.1, 0.3, 1.0], "kwargs": {}},
+    "scaled_lorsum": {"lrs": [0.1, 0.3, 1.0, 3.0], "kwargs": {"beta2_warmup": True}},
     "adaprelora": {"lrs": [3e-4, 1e-3, 3e-3], "kwargs": {}},
     "scaled_adamw": {"lrs": [1e-3, 3e-3, 1e-2], "kwargs": {}},
     "lora_one": {"lrs": [3e-4, 1e-3, 3e-3], "kwargs": {}},
