@@ -418,9 +418,11 @@ class LoRAOptimizer(CheckpointMixin, ReshardingMixin, torch.optim.Optimizer):
         if self._streamed is not None:  # the steps computed in backward (or from their running sums)
             pairs = [self._capture.pairs(layer) for layer in self._layers]
             results += self._streamed.collect(lambda group: either(scaler_found_inf, lr_skip[id(group)]))
-        alpha = self._update_clip(results) if self.max_update_norm is not None else None
-        for group, layers, A_new, B_new, new_state, finite, skip in results:
-            skipped.append(self._write_bucket(layers, A_new, B_new, new_state, finite, skip, alpha))
+        alpha, olds = None, [None] * len(results)
+        if self.max_update_norm is not None:
+            alpha, olds = self._update_clip(results)
+        for (group, layers, A_new, B_new, new_state, finite, skip), old in zip(results, olds):
+            skipped.append(self._write_bucket(layers, A_new, B_new, new_state, finite, skip, alpha, old))
         for group in self.param_groups:
             if group["kind"] == "other":
                 flag = self._step_other(group, factor, either(scaler_found_inf, lr_skip[id(group)]))
@@ -531,16 +533,18 @@ class LoRAOptimizer(CheckpointMixin, ReshardingMixin, torch.optim.Optimizer):
         self.grad_norm = total
         return clip_coefficient(self.max_grad_norm, total)
 
-    def _update_clip(self, results) -> Tensor:
-        """``max_update_norm``'s factor α (a 0-d device tensor) for this step's results (optim/update_clip.py);
-        the step's update norm N goes to ``self.update_norm``."""
-        squares = []
+    def _update_clip(self, results) -> tuple[Tensor, list]:
+        """``max_update_norm``'s factor α (a 0-d device tensor) for this step's results (optim/update_clip.py),
+        and each result's old factors, stacked (the write moves from them: gathered once under FSDP2); the
+        step's update norm N goes to ``self.update_norm``."""
+        squares, olds = [], []
         for group, layers, A_new, B_new, _, finite, skip in results:
             A_old, B_old, _ = self._factor_values(layers)
             dt = A_new.dtype
+            A_old, B_old = torch.stack(A_old).to(dt), torch.stack(B_old).to(dt)
+            olds.append((A_old, B_old))
             root = torch.tensor([layer.scale for layer in layers], dtype=dt, device=A_new.device).sqrt().view(-1, 1, 1)
-            bound = merged_update_bound(torch.stack(A_old).to(dt) * root, torch.stack(B_old).to(dt) * root,
-                                        A_new * root, B_new * root)
+            bound = merged_update_bound(A_old * root, B_old * root, A_new * root, B_new * root)
             counted = finite if skip is None else finite & ~skip.to(finite.device)
             lr = group["lr"]
             lr = lr.to(dt) if isinstance(lr, Tensor) else torch.tensor(float(lr), dtype=dt, device=bound.device)
@@ -549,7 +553,7 @@ class LoRAOptimizer(CheckpointMixin, ReshardingMixin, torch.optim.Optimizer):
         device = self._layers[0].A.device
         norm = torch.stack([s.to(device) for s in squares]).sum().sqrt() if squares else torch.zeros((), device=device)
         self.update_norm = norm
-        return (self.max_update_norm / norm).clamp(max=1.0)  # N = 0: inf, clamped to 1
+        return (self.max_update_norm / norm).clamp(max=1.0), olds  # N = 0: inf, clamped to 1
 
     def _compute_bucket(self, group: dict, layers: list[LoRALayer], data: list, clip: Tensor | None = None,
                         checked_inputs: dict | None = None, loss_scaled: bool = False,
@@ -653,10 +657,12 @@ class LoRAOptimizer(CheckpointMixin, ReshardingMixin, torch.optim.Optimizer):
             p.copy_(torch.where(ok, value, p))
 
     def _write_bucket(self, layers: list[LoRALayer], A_new: Tensor, B_new: Tensor, new_state: dict,
-                      finite: Tensor, skip_all: Tensor | None = None, alpha: Tensor | None = None) -> Tensor:
+                      finite: Tensor, skip_all: Tensor | None = None, alpha: Tensor | None = None,
+                      old: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """Writes the layers whose ``finite`` flag is set (and not ``skip_all``), parameters in their dtype;
         returns a device flag, true when any layer was skipped. ``alpha`` (``max_update_norm``): the
-        factors move by that fraction of their step (``update_clip.moved_by``).
+        factors move by that fraction of their step (``update_clip.moved_by``) from ``old`` (the stacked
+        factors ``_update_clip`` read).
 
         On an accelerator bucket-wide, as torch.optim's foreach paths: one ``torch.where`` per stacked
         tensor keeps a skipped layer's old values and one ``torch._foreach_copy_`` writes every layer's
@@ -668,10 +674,9 @@ class LoRAOptimizer(CheckpointMixin, ReshardingMixin, torch.optim.Optimizer):
         if skip_all is not None:
             finite = finite & ~skip_all.to(finite.device)
         if alpha is not None:
-            A_old, B_old, _ = self._factor_values(layers)
+            A_old, B_old = old
             alpha = alpha.to(A_new.device)
-            A_new = moved_by(torch.stack(A_old).to(A_new.dtype), A_new, alpha)
-            B_new = moved_by(torch.stack(B_old).to(B_new.dtype), B_new, alpha)
+            A_new, B_new = moved_by(A_old, A_new, alpha), moved_by(B_old, B_new, alpha)
         states = [self.state[layer.A] for layer in layers]
         sharded = self._sharded is not None and any(is_sharded(layer.A) or is_sharded(layer.B) for layer in layers)
         if sharded or not _foreach_write(A_new.device):
