@@ -43,12 +43,12 @@ from peft import LoraConfig, get_peft_model  # noqa: E402
 from transformers import Trainer, TrainingArguments, get_linear_schedule_with_warmup  # noqa: E402
 
 from lorsum_kernels import create_optimizer  # noqa: E402
+from lorsum_kernels.optim import OPTIMIZERS  # noqa: E402
 
-# Learning rates per optimizer for this example: the Adam-like methods at AdamW's usual LoRA lr, the
-# SGD-like ones (they step the merged weight as W - lr*G) at the values tuned on the MiniLM demo
-# (docs/demo_tuning.md); LoRSum at lr 1 diverges on SmolLM2. Not tuned for this model.
-LR = {"lorsum": 0.1, "scaled_lorsum": 1.0, "adaprelora": 1e-3, "scaled_adamw": 1e-3, "scaled_gd": 0.1,
-      "svdlora": 0.1, "adamw": 1e-3}
+# Every package optimizer runs at its class defaults, the recommended settings (docs/defaults_sweep.md);
+# LoRA + torch AdamW at the lr the same sweep chose for it (torch's default is 1e-3).
+ADAMW_LR = 3e-3
+NAMES = sorted([*OPTIMIZERS, "adamw"])
 
 
 def smollm_model_and_data(max_len: int):
@@ -78,8 +78,8 @@ def tiny_model_and_data(max_len: int):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--optimizer", default="lorsum", choices=sorted(LR))
-    parser.add_argument("--lr", type=float, default=None, help="default: LR[optimizer]")
+    parser.add_argument("--optimizer", default="lorsum", choices=NAMES)
+    parser.add_argument("--lr", type=float, default=None, help="default: the class default (AdamW: 3e-3)")
     parser.add_argument("--max-steps", type=int, default=20)
     parser.add_argument("--max-len", type=int, default=128)
     parser.add_argument("--tiny", action="store_true", help="a random tiny Llama on a toy task")
@@ -95,7 +95,8 @@ def main(argv=None):
 
     # The two lines: the optimizer is built from the (PEFT) model, which it hooks; the Trainer gets both.
     clip = {} if args.optimizer == "adamw" else {"max_grad_norm": 1.0}  # torch AdamW has no such option
-    optimizer = create_optimizer(model, args.optimizer, lr=args.lr or LR[args.optimizer], **clip)
+    lr = args.lr or (ADAMW_LR if args.optimizer == "adamw" else None)
+    optimizer = create_optimizer(model, args.optimizer, **({} if lr is None else {"lr": lr}), **clip)
     scheduler = get_linear_schedule_with_warmup(optimizer, num_warmup_steps=args.max_steps // 10,
                                                 num_training_steps=args.max_steps)
 

@@ -11,7 +11,7 @@ the optimizer itself, through ``create_optimizer``. ``LoRAOptimizerMixin`` overr
         pass
 
     trainer = LoRATrainer(model=peft_model, args=args, train_dataset=data,
-                          lora_optimizer="lorsum", lora_optimizer_kwargs=dict(lr=0.1, momentum=0.9))
+                          lora_optimizer="scaled_lorsum")
 
 What ``create_optimizer`` adds to ``lora_optimizer_kwargs`` (anything given there wins):
 

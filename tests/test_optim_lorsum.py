@@ -324,7 +324,7 @@ def test_scaled_lorsum_beta2_warmup_metric_follows_the_data():
         assert rel_err(state["metric_in"], expected) < 1e-5, t
         assert state["metric_updates"].item() == t + 1
     hook.remove()
-    plain = lk.ScaledLoRSum(model)
+    plain = lk.ScaledLoRSum(model, beta2_warmup=False)  # the official code's EMA: no count kept
     assert "metric_updates" not in plain.state[model.l2.lora_A.weight]
     with pytest.raises(TypeError, match="beta2_warmup"):
         lk.ScaledLoRSum(model, beta2_warmup=1)

@@ -40,7 +40,8 @@ OPTIMIZERS = {
     "lorsum": ("lorsum", dict(lr=5.0, iters=1)),
     "lorsum_k0_momentum": ("lorsum", dict(lr=5.0, iters=0, momentum=0.9)),
     "scaled_lorsum_kfac": ("scaled_lorsum", dict(lr=2.0, betas=(0.9, 0.9), damping=1e-4)),
-    "scaled_lorsum_shampoo": ("scaled_lorsum", dict(lr=2.0, betas=(0.0, 0.9), metric="shampoo", damping=1e-4)),
+    "scaled_lorsum_shampoo": ("scaled_lorsum", dict(lr=2.0, betas=(0.0, 0.9), metric="shampoo", damping=1e-4,
+                                                    beta2_warmup=False, max_update_norm=1.0)),
     "svdlora": ("svdlora", dict(lr=10.0)),
 }
 

@@ -1,6 +1,9 @@
 """``max_update_norm`` (optim/update_clip.py): the step clipped by the global norm of its merged-weight
-updates over the lr, in every capture mode; on by default for the gradient-step methods (LoRSum,
-ScaledLoRSum, ScaledGD, SVDLoRA), so that a sharp problem does not make their loss rise where AdamW's falls.
+updates over the lr, in every capture mode; on by default for the gradient-step methods (LoRSum, ScaledGD,
+SVDLoRA), so that a sharp problem does not make their loss rise where AdamW's falls. ScaledLoRSum's default
+metric (δ = 1e-5) makes its step invariant to the loss's scale, as AdamW's is, and it does not clip by
+default; with the official code's δ = 0.1 (``GRADIENT_SCALED``) it is a gradient step and the clip tests
+run it so.
 """
 
 from __future__ import annotations
@@ -34,6 +37,11 @@ def test_bound_is_the_sum_of_the_first_and_second_order_norms(L, m, n, r):
     assert torch.equal(moved_by(A, A2, torch.tensor(1.0, dtype=D)), A2)  # α = 1: the step, bit for bit
 
 
+# ScaledLoRSum with the official code's class defaults: the output side of the metric is δ, the step scales
+# with the gradient.
+GRADIENT_SCALED = {"scaled_lorsum": dict(damping=0.1, betas=(0.9, 0.999), beta2_warmup=False)}
+
+
 def _sharp_run(name, steps=6, scale=1e5, capture=None, **kw):
     """Seeded steps of a small regression whose loss is multiplied by ``scale``: a sharp problem, whose
     gradient is ``scale`` times larger than the loss it descends. Returns the unscaled losses, the merged
@@ -61,21 +69,23 @@ def _sharp_run(name, steps=6, scale=1e5, capture=None, **kw):
 
 @pytest.mark.parametrize("name", ["lorsum", "scaled_lorsum", "scaled_gd", "svdlora"])
 def test_update_norm_is_bounded(name):
-    lr, cap = 0.5, 0.7
-    _, merged, opt = _sharp_run(name, steps=3, lr=lr, max_update_norm=cap)
+    lr, cap, kw = 0.5, 0.7, GRADIENT_SCALED.get(name, {})
+    _, merged, opt = _sharp_run(name, steps=3, lr=lr, max_update_norm=cap, **kw)
     for before, after in zip(merged, merged[1:]):
         norm = torch.stack([(a - b).norm() for a, b in zip(after, before)]).norm() / lr
         assert norm <= cap * (1 + 1e-9), norm
     assert float(opt.update_norm) > cap  # the cap bound: the unclipped step was larger
-    _, free, opt = _sharp_run(name, steps=1, lr=lr, max_update_norm=None)
+    _, free, opt = _sharp_run(name, steps=1, lr=lr, max_update_norm=None, **kw)
     norm = torch.stack([(a - b).norm() for a, b in zip(free[1], free[0])]).norm() / lr
     assert norm > 10 * cap and opt.update_norm is None
 
 
 @pytest.mark.parametrize("name", ["lorsum", "scaled_lorsum", "svdlora"])
 def test_streamed_and_cached_clip_alike(name):
-    _, streamed, _ = _sharp_run(name, steps=3, lr=0.5, capture="stream")
-    _, cached, _ = _sharp_run(name, steps=3, lr=0.5, capture="cache")
+    kw = dict(GRADIENT_SCALED.get(name, {}), max_update_norm=1.0)
+    _, streamed, opt = _sharp_run(name, steps=3, lr=0.5, capture="stream", **kw)
+    assert float(opt.update_norm) > 1.0  # the clip binds
+    _, cached, _ = _sharp_run(name, steps=3, lr=0.5, capture="cache", **kw)
     for a, b in zip(streamed[-1], cached[-1]):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
@@ -83,8 +93,9 @@ def test_streamed_and_cached_clip_alike(name):
 @pytest.mark.parametrize("name", ["adamw", "lorsum", "scaled_lorsum", "adaprelora", "scaled_adamw", "scaled_gd",
                                   "svdlora"])
 def test_every_method_at_its_defaults_descends_a_sharp_problem(name):
-    # AdamW is invariant to the loss scale; the gradient-step methods are not, and descend only because
-    # max_update_norm bounds their step by the lr (the loss rose to 3.5x without it for ScaledGD).
+    # AdamW (and AdaPreLoRA, Scaled AdamW, ScaledLoRSum at δ = 1e-5) are invariant to the loss scale; the
+    # gradient-step methods are not, and descend only because max_update_norm bounds their step by the lr
+    # (the loss rose to 3.5x without it for ScaledGD).
     losses, _, _ = _sharp_run(name, steps=6)
     assert all(b <= a for a, b in zip(losses, losses[1:])), losses
     assert losses[-1] < losses[0]

@@ -61,9 +61,9 @@ from .memory import check_cuda_snapshot, cuda_memory_history
 
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 CHECKPOINTING = ["none", "non-reentrant", "reentrant"]
-# Learning rates: the demo's (docs/demo_tuning.md) where it has one, else 1e-3. Their values do not change
-# what is measured unless a step diverges, which the row reports (final_loss, skipped_steps).
-DEFAULT_LR = 1e-3
+# Learning rates: the class defaults (docs/defaults_sweep.md), and the `--lm` demo's 3e-3 for torch's AdamW.
+# Their values do not change what is measured unless a step diverges, which the row reports (final_loss,
+# skipped_steps).
 
 _MARK_BACKWARD = "lorsum_bench::forward_backward"
 _MARK_STEP = "lorsum_bench::step"
@@ -89,12 +89,13 @@ def available(model: str = "smollm2") -> bool:
     return True
 
 
-def learning_rate(name: str) -> float:
+def learning_rate(name: str) -> float | None:
+    """The lr a run of ``name`` takes: the ``--lm`` demo's (None: the class default)."""
     try:
         from ..demo.smollm import METHODS
     except ImportError:
-        return DEFAULT_LR
-    return METHODS[name].lr if name in METHODS else DEFAULT_LR
+        return None
+    return METHODS[name].lr if name in METHODS else None
 
 
 def build(layers: int, rank: int, checkpointing: str, device: torch.device, model: str = "smollm2",
@@ -205,7 +206,8 @@ def measure_one(name: str, *, layers: int, rank: int, batch: int, tokens: int, c
     model = build(layers, rank, checkpointing, device, model_name, tokens)
     n_adapters = sum(1 for n, _ in model.named_modules() if n.endswith(".lora_A"))
     lr = learning_rate(name) if lr is None else lr
-    opt = create_optimizer(model, name, lr=lr, **opt_kw)
+    opt = create_optimizer(model, name, **({} if lr is None else {"lr": lr}), **opt_kw)
+    lr = opt.defaults["lr"]
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (batch, tokens), generator=torch.Generator().manual_seed(0)).to(device)
     cuda = device.type == "cuda"

@@ -46,7 +46,7 @@ __all__ = [
 @dataclass(frozen=True)
 class Method:
     label: str
-    lr: float  # the LoRA factors' learning rate, tuned once (docs/demo_tuning.md)
+    lr: float | None  # the LoRA factors' learning rate; None: the optimizer class's default
     kwargs: dict = field(default_factory=dict)  # set on top of the class defaults
     grid: tuple = ()  # the points tried: dicts of lr and keyword overrides
 

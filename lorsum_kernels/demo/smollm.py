@@ -13,9 +13,8 @@ What one run is (``train_run``), identical for every optimizer except the optimi
 * Measured: validation perplexity ``exp(mean next-token NLL)`` over the validation blocks (the base model's
   is printed first), the mean train loss over the last 10 steps, the median step time, and peak RSS
   per run process (as in ``minilm.py``).
-* Optimizers: LoRA + AdamW and the package optimizer that did best on the MiniLM task, each at the
-  learning rate in ``METHODS`` (a one-seed sweep on validation blocks the demo does not report;
-  docs/demo_tuning.md), linear warm-up over 10% of the steps and linear decay.
+* Optimizers: LoRA + AdamW, ScaledLoRSum and AdaPreLoRA (``--optimizers`` picks others), the package's at their class defaults (``METHODS``: the defaults sweep's choice,
+  docs/defaults_sweep.md), linear warm-up over 10% of the steps and linear decay.
 
 Not part of ``make demo``'s 10-minute budget: a step is ~0.1 TFLOP per 128-token sequence on a CPU.
 Run: ``python -m lorsum_kernels.demo --lm [--steps N] [--long] [--optimizers adamw,adaprelora]``.
@@ -44,17 +43,18 @@ RANK, ALPHA = 8, 16
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
 VAL_BLOCKS = 32
 
-# From a one-seed lr sweep at the default run length, scored on validation blocks the demo does not report
-# (docs/demo_tuning.md, "SmolLM2"); Scaled AdamW was not swept.
+# The package methods at their class defaults (lr None): the settings of the three-task defaults sweep
+# (docs/defaults_sweep.md); LoRA + AdamW is torch's AdamW at the sweep's lr. docs/demo_tuning.md ("SmolLM2")
+# has this task's own one-seed lr sweep.
 METHODS: dict[str, Method] = {
     "adamw": Method("LoRA + AdamW", 3e-3, {"weight_decay": 0.0}),
-    "adaprelora": Method("AdaPreLoRA", 3e-3, {}),
-    "scaled_adamw": Method("Scaled AdamW", 1e-3, {}),
-    "lorsum": Method("LoRSum", 0.3, {}),
-    "scaled_lorsum": Method("ScaledLoRSum", 3.0, {"beta2_warmup": True}),
+    "adaprelora": Method("AdaPreLoRA", None),
+    "scaled_adamw": Method("Scaled AdamW", None),
+    "lorsum": Method("LoRSum", None),
+    "scaled_lorsum": Method("ScaledLoRSum", None),
 }
-DEFAULT = dict(steps=30, batch_size=4, max_len=128, optimizers=["adamw", "adaprelora"])
-LONG = dict(steps=150, batch_size=8, max_len=256, optimizers=["adamw", "adaprelora"])
+DEFAULT = dict(steps=30, batch_size=4, max_len=128, optimizers=["adamw", "scaled_lorsum", "adaprelora"])
+LONG = dict(steps=150, batch_size=8, max_len=256, optimizers=["adamw", "scaled_lorsum", "adaprelora"])
 
 
 @dataclass
@@ -69,6 +69,8 @@ class LMConfig:
     kwargs: dict | None = None  # overrides of METHODS[optimizer].kwargs (the defaults sweep)
     rank: int = RANK
     targets: tuple = tuple(TARGET_MODULES)  # ALL_LINEAR: the seven linear modules of every block
+    lora_one: bool = False  # LoRA-One's initialisation on the first ``init_batches`` training batches
+    init_batches: int = 2
 
 
 # LoRA on every linear module of a block (the defaults sweep's LM task, issue #17).
@@ -145,11 +147,15 @@ def perplexity(model, blocks: torch.Tensor, batch_size: int = 8) -> float:
 
 
 def make_optimizer(model, name: str, lr: float | None = None, overrides: dict | None = None):
+    """``name``'s optimizer at ``lr`` (None: METHODS' lr, and where that is None the class default)."""
     from lorsum_kernels import create_optimizer
 
     method = METHODS[name]
     kwargs = {**method.kwargs, **(overrides or {})}
-    return create_optimizer(model, name, lr=method.lr if lr is None else lr, **kwargs)
+    lr = method.lr if lr is None else lr
+    if lr is not None:
+        kwargs["lr"] = lr
+    return create_optimizer(model, name, **kwargs)
 
 
 def train_run(cfg: LMConfig, data: dict) -> dict:
@@ -166,14 +172,19 @@ def train_run(cfg: LMConfig, data: dict) -> dict:
                       target_modules=list(cfg.targets), task_type="CAUSAL_LM")
     model = get_peft_model(base, lora)
     model.train()
-    opt = make_optimizer(model, cfg.optimizer, cfg.lr, cfg.kwargs)
     blocks = data["train"]
+    loss_fn = lambda m, ids: m(input_ids=ids, labels=ids).loss  # noqa: E731
+    if cfg.lora_one:  # as minilm.train_run: the first training batches, power_iters=2
+        from lorsum_kernels import lora_one_init
+
+        init = [blocks[idx] for idx in batch_indices(len(blocks), cfg.batch_size, cfg.init_batches, cfg.seed)]
+        lora_one_init(model, init, loss_fn=loss_fn, power_iters=2, seed=cfg.seed)
+        label = f"LoRA-One + {label}"
+    opt = make_optimizer(model, cfg.optimizer, cfg.lr, cfg.kwargs)
     batches = (blocks[idx] for idx in batch_indices(len(blocks), cfg.batch_size, cfg.steps, cfg.seed))
-    log = train_steps(model, opt, batches, cfg.steps, lambda m, ids: m(input_ids=ids, labels=ids).loss,
-                      f"{label:<16}")
+    log = train_steps(model, opt, batches, cfg.steps, loss_fn, f"{label:<16}")
     return dict(
-        label=label, optimizer=cfg.optimizer, lr=METHODS[cfg.optimizer].lr if cfg.lr is None else cfg.lr,
-        steps=cfg.steps,
+        label=label, optimizer=cfg.optimizer, lr=opt.defaults["lr"], steps=cfg.steps, lora_one=cfg.lora_one,
         val_ppl=perplexity(model, data["val"]), base_ppl=base_ppl, final_loss=log.final_loss,
         losses=log.losses, step_ms=log.step_ms, load_s=load_s, peak_rss_mb=log.peak_rss_mb,
         train_delta_mb=log.train_delta_mb,

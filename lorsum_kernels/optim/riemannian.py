@@ -44,7 +44,8 @@ class ScaledGD(LoRAOptimizer):
     Args:
         model (nn.Module): the model holding the LoRA layers (PEFT, ``LoRALinear`` or any module with
             ``lora_A``/``lora_B`` Linear children).
-        lr (float): η, read from the param group at every step. (Default: 1e-2)
+        lr (float): η, read from the param group at every step. Not swept: to first order the merged
+            weight moves as LoRSum's does, so LoRSum's default (docs/defaults_sweep.md). (Default: 1.0)
         reg (float): δ, the absolute damping added to both r×r Grams of the balanced factors. (Default: 1e-6)
         weight_decay (float): decoupled: ``p ← p(1 − η·wd)``. (Default: 0)
         update_order (str): "jacobi" (both preconditioners from the pre-step factors, the official
@@ -61,7 +62,7 @@ class ScaledGD(LoRAOptimizer):
     def __init__(
         self,
         model,
-        lr: float = 1e-2,
+        lr: float = 1.0,
         *,
         reg: float = 1e-6,
         weight_decay: float = 0.0,
@@ -95,7 +96,7 @@ class ScaledAdamW(LoRAOptimizer):
 
     Args:
         model (nn.Module): the model holding the LoRA layers.
-        lr (float): η. (Default: 1e-3)
+        lr (float): η; the defaults sweep's choice (docs/defaults_sweep.md). (Default: 3e-3)
         betas (tuple[float, float]): Adam's (β1, β2). (Default: (0.9, 0.999))
         eps (float): Adam's ε. (Default: 1e-8)
         weight_decay (float): decoupled, applied before the Adam step as torch AdamW does. (Default: 0)
@@ -113,7 +114,7 @@ class ScaledAdamW(LoRAOptimizer):
     def __init__(
         self,
         model,
-        lr: float = 1e-3,
+        lr: float = 3e-3,
         *,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
