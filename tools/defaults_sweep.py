@@ -61,28 +61,33 @@ MARGIN = {"bbc": 1.0, "fortunes": 1.0, "lm": 2.0}  # points of accuracy; % of pe
 TIE = 0.05  # margins: worst gaps closer than this are tied, and the smaller mean gap over the tasks wins
 
 
+def _use_setting(methods: dict, optimizer: str, lr: float, kwargs: dict) -> None:
+    """Make a demo's ``METHODS[optimizer]`` the point: the class defaults plus ``kwargs`` at ``lr`` (the
+    demo's own per-task settings are replaced)."""
+    from lorsum_kernels.demo.runner import Method
+
+    label = methods[optimizer].label if optimizer in methods else optimizer
+    methods[optimizer] = Method(label, lr, dict(kwargs))
+
+
 def run_point(task: str, method: str, lr: float, seed: int) -> dict:
     """One training run in this process; returns its JSON row."""
     import torch
 
     from lorsum_kernels.demo import bbc, minilm, smollm
-    from lorsum_kernels.demo.runner import Method
 
     torch.set_num_threads(int(os.environ.get("LORSUM_SWEEP_THREADS", "1")))
     entry = GRID[method]
     optimizer, kwargs, lora_one = entry.get("optimizer", method), entry["kwargs"], entry.get("lora_one", False)
     start = time.perf_counter()
     if task in ("bbc", "fortunes"):
-        # the class defaults plus the grid's arguments: the demo's per-task settings are replaced
-        label = minilm.METHODS[optimizer].label if optimizer in minilm.METHODS else optimizer
-        minilm.METHODS[optimizer] = Method(label, lr, dict(kwargs))
+        _use_setting(minilm.METHODS, optimizer, lr, kwargs)
         data = minilm.prepare_data(64, 0, corpus=task)
         row = minilm.train_run(minilm.RunConfig(optimizer, seed=seed, eval_split="val", lora_one=lora_one), data,
                                progress=False)
         metric = 100 * row["accuracy"]
     else:
-        label = smollm.METHODS[optimizer].label if optimizer in smollm.METHODS else optimizer
-        smollm.METHODS[optimizer] = Method(label, lr, dict(kwargs))
+        _use_setting(smollm.METHODS, optimizer, lr, kwargs)
         data = smollm.prepare_data(128, 0)
         articles = bbc.load_articles()
         _, val, _ = bbc.split(articles.labels, 0)
