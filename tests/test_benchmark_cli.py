@@ -233,6 +233,9 @@ def test_real_model_memory_mode_on_one_block(tmp_path, capsys):
     for key in ("fwd_bwd_ms", "step_ms", "total_ms", "live_before_mib", "process_peak_rss_mib"):
         assert float(row[key]) > 0, key
     assert math.isfinite(float(row["final_loss"]))
+    # the warm-up step cached (capture="auto"), the timed one streamed: its work ran in backward, in the sink
+    assert float(row["streamed_ms"]) > 0
+    assert float(row["work_ms"]) == pytest.approx(float(row["streamed_ms"]) + float(row["step_ms"]), abs=0.02)
     assert row["transformers"] and row["peft"] and row["device"] and row["commit"]
     assert (tmp_path / "profiles" / "lorsum-non-reentrant.txt").read_text().count("aten::") > 3
     assert str(tmp_path / "memory.csv") in capsys.readouterr().out

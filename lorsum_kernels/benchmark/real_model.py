@@ -11,7 +11,9 @@ for 30 blocks), a batch of ``batch`` sequences of ``tokens`` random token ids (l
 ``none``, ``non-reentrant`` or ``reentrant`` (transformers' ``gradient_checkpointing_enable``).
 
 Each row also carries the method's token-work flops per step (``step_flops.py``) and this machine's rate
-on the model's square product (``torch.utils.benchmark``), whose ratio is the flop bound of the step work.
+on the model's square product (``torch.utils.benchmark``), whose ratio is the flop bound of the step work,
+and ``streamed_ms``: the time a streamed method's step work took inside backward (in the capture's sink,
+per step, median), which with ``step_ms`` is the method's whole step cost, to set against that bound.
 
 Each (optimizer, checkpointing) pair runs in its own process (``python -m
 lorsum_kernels.benchmark.real_model``), so allocator state and thread pools do not mix. The loop is the one
@@ -239,8 +241,14 @@ def measure_one(name: str, *, layers: int, rank: int, batch: int, tokens: int, c
 
     for _ in range(warmup):
         step()
-    fb, st, total = [], [], []
+    # A streamed method does its work inside backward, in the capture's sink: timed there, per step.
+    streamed = {"s": 0.0}
+    capture = getattr(opt, "_capture", None)
+    if capture is not None and capture.sink is not None:
+        capture.sink = _timed_sink(capture.sink, streamed, sync)
+    fb, st, total, work = [], [], [], []
     for _ in range(reps):
+        streamed["s"] = 0.0
         sync()
         t0 = time.perf_counter()
         forward_backward()
@@ -252,6 +260,7 @@ def measure_one(name: str, *, layers: int, rank: int, batch: int, tokens: int, c
         fb.append(1e3 * (t1 - t0))
         st.append(1e3 * (t2 - t1))
         total.append(1e3 * (t2 - t0))
+        work.append(1e3 * streamed["s"])
 
     gc.collect()
     live_before = live_tensor_bytes(device)
@@ -292,7 +301,7 @@ def measure_one(name: str, *, layers: int, rank: int, batch: int, tokens: int, c
     fb_med, fb_20, fb_80 = _quantiles(fb)
     st_med, st_20, st_80 = _quantiles(st)
     tot_med, tot_20, tot_80 = _quantiles(total)
-    row.update(fwd_bwd_ms=fb_med, fwd_bwd_p20_ms=fb_20, fwd_bwd_p80_ms=fb_80, step_ms=st_med, step_p20_ms=st_20,
+    row.update(streamed_ms=statistics.median(work), fwd_bwd_ms=fb_med, fwd_bwd_p20_ms=fb_20, fwd_bwd_p80_ms=fb_80, step_ms=st_med, step_p20_ms=st_20,
                step_p80_ms=st_80, total_ms=tot_med, total_p20_ms=tot_20, total_p80_ms=tot_80,
                final_loss=loss, skipped_steps=_skipped(opt), threads=torch.get_num_threads(),
                process_peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
@@ -303,6 +312,22 @@ def measure_one(name: str, *, layers: int, rank: int, batch: int, tokens: int, c
                gemm_flops_per_s=gemm_flops_per_second(batch // accumulation * tokens, hidden, hidden,
                                                       device=device))
     return row
+
+
+def _timed_sink(sink, total: dict, sync):
+    """``sink`` with the seconds it runs added to ``total["s"]`` (after a device synchronisation on both
+    sides, so on a GPU the time is the work's, not its launch's)."""
+
+    def timed(layer, X, S):
+        sync()
+        start = time.perf_counter()
+        try:
+            return sink(layer, X, S)
+        finally:
+            sync()
+            total["s"] += time.perf_counter() - start
+
+    return timed
 
 
 def run_one_subprocess(name: str, *, layers: int, rank: int, batch: int, tokens: int, checkpointing: str,
