@@ -11,7 +11,7 @@ from torch import nn
 
 import lorsum_kernels as lk
 from lorsum_kernels.functional import low_rank_sum, svdlora_step
-from lorsum_kernels.optim.guards import finite_rows
+from lorsum_kernels.optim.guards import finite_data, finite_rows
 
 from .conftest import TinyLoRAMLP, rel_err
 
@@ -383,6 +383,21 @@ def test_finite_rows_matches_isfinite(dtype, shape):
     expected = t.reshape(shape[0], -1).isfinite().all(1)
     assert torch.equal(finite_rows(t, shape[0]), expected)
     assert torch.equal(finite_rows(t.transpose(0, -1), 1), expected.all().view(1))  # a non-contiguous view
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), None])
+def test_finite_data_matches_isfinite(dtype, bad):
+    g = torch.Generator().manual_seed(1)
+    t = torch.randn(37, 1031, generator=g).to(dtype)
+    if bad is not None:
+        t[torch.randint(37, (1,), generator=g), torch.randint(1031, (1,), generator=g)] = bad
+    assert finite_data(t).item() == t.isfinite().all().item()
+    assert finite_data(t.mT).item() == t.isfinite().all().item()  # a non-contiguous view
+    assert finite_data(t[:0]).item()  # no tokens
+    # Finite elements whose sum overflows (fp16 at 65504; any dtype near its largest value): still finite.
+    big = torch.full((64, 33), torch.finfo(dtype).max / 4, dtype=dtype)
+    assert not big.sum().isfinite() and finite_data(big).item()
 
 
 class SharedInputLoRA(nn.Module):

@@ -1,12 +1,13 @@
 """Device-side flags of the step's guards: which layers may step (everything they read and would write is
-finite) and how skip flags combine. Nothing here reads a value on the host."""
+finite) and how skip flags combine. Nothing here reads a value on the host, except on the CPU, where the
+tensor is the host's (``finite_data``)."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-__all__ = ["either", "finite_once", "finite_rows"]
+__all__ = ["either", "finite_data", "finite_once", "finite_rows"]
 
 
 def finite_rows(t: Tensor, rows: int) -> Tensor:
@@ -23,11 +24,26 @@ def finite_rows(t: Tensor, rows: int) -> Tensor:
     return flat.amax(1).isfinite() & flat.amin(1).isfinite()
 
 
+def finite_data(t: Tensor) -> Tensor:
+    """0-d bool: whether every element of a captured X or S is finite, as ``finite_rows(t, 1)[0]``.
+
+    On the CPU in one pass instead of two (these are the step's largest tensors, read once per layer in
+    the streamed step): a sum is finite only if every element is (±inf and NaN propagate, and inf − inf is
+    NaN), so a finite sum settles it; a non-finite one may also be an overflow of finite elements (fp16's
+    range is reached by a sum of moderate values), which the exact two-reduction check then settles.
+    """
+    if t.device.type != "cpu" or t.numel() == 0:
+        return finite_rows(t, 1)[0]
+    if bool(t.sum().isfinite()):
+        return torch.ones((), dtype=torch.bool)
+    return finite_rows(t, 1)[0]
+
+
 def finite_once(t: Tensor, cache: dict) -> Tensor:
-    """``finite_rows(t, 1)[0]``, computed once per step for tensors that several layers captured."""
+    """``finite_data(t)``, computed once per step for tensors that several layers captured."""
     key = (t.data_ptr(), t.shape, t.stride(), t.dtype, t.device)
     if key not in cache:
-        cache[key] = finite_rows(t, 1)[0]
+        cache[key] = finite_data(t)
     return cache[key]
 
 
