@@ -211,7 +211,10 @@ def report(args) -> None:
             cells = [f"{s['cells'][lr, t][0]:.2f} ({s['cells'][lr, t][1]})" if (lr, t) in s["cells"] else ""
                      for t in tasks]
             mark = " **chosen**" if lr == s["chosen"] else ""
-            print(f"| {method} | {lr:g} | " + " | ".join(cells) + f" | {s['worst'][lr]:.2f}{mark} |")
+            worst = f"{s['worst'][lr]:.2f}"
+            if worst == "inf" and s["worst_present"][lr] != float("inf"):  # pruned: not run on every task
+                worst = f"≥ {s['worst_present'][lr]:.2f} (not run on every task)"
+            print(f"| {method} | {lr:g} | " + " | ".join(cells) + f" | {worst}{mark} |")
     print("\nlr sensitivity: the lrs of the grid within 1 point (accuracy) or 2% (perplexity) of the method's "
           "best on each task.\n")
     print("| method | " + " | ".join(tasks) + " |")
