@@ -234,7 +234,7 @@ def test_real_model_memory_mode_on_one_block(tmp_path, capsys):
         assert float(row[key]) > 0, key
     assert math.isfinite(float(row["final_loss"]))
     # the warm-up step cached (capture="auto"), the timed one streamed: its work ran in backward, in the sink
-    assert float(row["streamed_ms"]) > 0
+    assert float(row["streamed_ms"]) > 0 and float(row["skinny_gflops"]) > 0
     assert float(row["work_ms"]) == pytest.approx(float(row["streamed_ms"]) + float(row["step_ms"]), abs=0.02)
     assert row["transformers"] and row["peft"] and row["device"] and row["commit"]
     assert (tmp_path / "profiles" / "lorsum-non-reentrant.txt").read_text().count("aten::") > 3
@@ -256,4 +256,7 @@ def test_llama7b_blocks_with_accumulation_report_the_flop_bound(tmp_path):
     widths = [4096 + 4096] * 4 + [4096 + 11008] * 3
     assert float(lorsum["step_gflop"]) == round(sum(4 * 32 * 16 * w for w in widths) / 1e9, 2)
     assert float(lorsum["gemm_gflops"]) > 0 and float(lorsum["flop_bound_ms"]) >= 0
+    assert float(lorsum["skinny_gflops"]) > 0
+    assert float(lorsum["skinny_bound_ms"]) == pytest.approx(
+        1e3 * float(lorsum["step_gflop"]) / float(lorsum["skinny_gflops"]), rel=0.05, abs=0.2)
     assert math.isfinite(float(lorsum["final_loss"])) and int(lorsum["skipped_steps"]) == 0

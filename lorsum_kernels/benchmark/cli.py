@@ -62,7 +62,8 @@ REAL_MEMORY_FIELDS = ["timestamp", "model", "optimizer", "opt_kw", "config", "ad
                       "fwd_bwd_p80_ms", "step_ms", "step_p20_ms", "step_p80_ms", "total_ms", "total_p20_ms",
                       "total_p80_ms", "steps", "final_loss", "skipped_steps", "measure", "device", "threads", "torch",
                       "transformers", "peft", "commit", "accumulation", "step_gflop", "gemm_gflops", "flop_bound_ms",
-                      "over_adamw_ms", "streamed_ms", "work_ms", "work_over_bound"]
+                      "over_adamw_ms", "streamed_ms", "work_ms", "work_over_bound", "skinny_gflops",
+                      "skinny_bound_ms", "work_over_skinny_bound"]
 
 
 def results_dir(out: str | None) -> Path:
@@ -249,7 +250,7 @@ def run_real_memory(args, device: torch.device) -> list[dict]:
     print(f"results: appended to {path} as each run finishes", flush=True)
     head = (f"{'optimizer':<14}{'ckpt':<15}{'peak MiB':>9}{'vs adamw':>9}{'bwd MiB':>9}{'step MiB':>9}"
             f"{'fwd+bwd ms':>11}{'step ms':>9}{'total ms':>10}{'GFLOP':>7}{'bound ms':>9}{'work ms':>9}"
-            f"{'/bound':>7}{'+adamw ms':>10}")
+            f"{'/bound':>7}{'skinny':>8}{'/skinny':>8}{'+adamw ms':>10}")
     rows = []
     runs = [(ckpt, name) for ckpt in args.checkpointing for name in args.optimizers]
     bar = _progress(len(runs), "lorsum-bench --memory")
@@ -290,12 +291,18 @@ def run_real_memory(args, device: torch.device) -> list[dict]:
             row.update(streamed_ms=round(r["streamed_ms"], 2), work_ms=round(r["streamed_ms"] + r["step_ms"], 2))
             row["work_over_bound"] = (round(row["work_ms"] / row["flop_bound_ms"], 2) if row["flop_bound_ms"]
                                       else "")
+            # The same flops at torch's rate on a tokens × hidden by hidden × r product (LoRSum's shape).
+            row.update(skinny_gflops=round(r["skinny_flops_per_s"] / 1e9, 1),
+                       skinny_bound_ms=round(1e3 * r["step_flops"] / r["skinny_flops_per_s"], 1))
+            row["work_over_skinny_bound"] = (round(row["work_ms"] / row["skinny_bound_ms"], 2)
+                                             if row["skinny_bound_ms"] else "")
             _append(path, REAL_MEMORY_FIELDS, [row])
             rows.append(row)
             _say(bar, f"{name:<14}{ckpt:<15}{row['step_peak_mib']:>9.1f}{row['vs_adamw'] or float('nan'):>9.3f}"
                       f"{row['after_backward_mib']:>9.1f}{row['after_step_mib']:>9.1f}{row['fwd_bwd_ms']:>11.1f}"
                       f"{row['step_ms']:>9.1f}{row['total_ms']:>10.1f}{row['step_gflop']:>7.1f}"
                       f"{row['flop_bound_ms']:>9.1f}{row['work_ms']:>9.1f}{row['work_over_bound'] or float('nan'):>7.2f}"
+                      f"{row['skinny_bound_ms']:>8.1f}{row['work_over_skinny_bound'] or float('nan'):>8.2f}"
                       f"{row['over_adamw_ms'] if base else float('nan'):>10.1f}")
             bar.update()
     finally:

@@ -11,7 +11,9 @@ for 30 blocks), a batch of ``batch`` sequences of ``tokens`` random token ids (l
 ``none``, ``non-reentrant`` or ``reentrant`` (transformers' ``gradient_checkpointing_enable``).
 
 Each row also carries the method's token-work flops per step (``step_flops.py``) and this machine's rate
-on the model's square product (``torch.utils.benchmark``), whose ratio is the flop bound of the step work,
+on the model's square product (``torch.utils.benchmark``), whose ratio is the flop bound of the step work
+(and the rate of a tokens × hidden by hidden × r product, the shape of LoRSum's token products, a second
+bound at what torch's own GEMM does on that shape),
 and ``streamed_ms``: the time a streamed method's step work took inside backward (in the capture's sink,
 per step, median), which with ``step_ms`` is the method's whole step cost, to set against that bound.
 
@@ -307,10 +309,13 @@ def measure_one(name: str, *, layers: int, rank: int, batch: int, tokens: int, c
                process_peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     # The flop bound of the method's token work (benchmark/step_flops.py) at this machine's rate on the
     # model's own square product (a micro-batch's tokens × hidden × hidden), timed after everything else.
+    # And at the rate of the products LoRSum's rounds are made of, tall and skinny (tokens × hidden by
+    # hidden × r): a bandwidth-bound shape that no GEMM runs at the square product's rate.
     hidden = model.config.hidden_size
+    T = batch // accumulation * tokens
     row.update(model=model_name, accumulation=accumulation, step_flops=step_flops(opt, batch * tokens),
-               gemm_flops_per_s=gemm_flops_per_second(batch // accumulation * tokens, hidden, hidden,
-                                                      device=device))
+               gemm_flops_per_s=gemm_flops_per_second(T, hidden, hidden, device=device),
+               skinny_flops_per_s=gemm_flops_per_second(T, rank, hidden, device=device))
     return row
 
 
