@@ -288,14 +288,12 @@ def run_real_memory(args, device: torch.device) -> list[dict]:
                        over_adamw_ms=round(row["total_ms"] - base["total_ms"], 1) if base else "")
             # The method's own step cost: its work streamed in backward plus step() (which for a cached
             # method holds all of it), against the bound.
-            row.update(streamed_ms=round(r["streamed_ms"], 2), work_ms=round(r["streamed_ms"] + r["step_ms"], 2))
-            row["work_over_bound"] = (round(row["work_ms"] / row["flop_bound_ms"], 2) if row["flop_bound_ms"]
-                                      else "")
             # The same flops at torch's rate on a tokens × hidden by hidden × r product (LoRSum's shape).
-            row.update(skinny_gflops=round(r["skinny_flops_per_s"] / 1e9, 1),
+            row.update(streamed_ms=round(r["streamed_ms"], 2), work_ms=round(r["streamed_ms"] + r["step_ms"], 2),
+                       skinny_gflops=round(r["skinny_flops_per_s"] / 1e9, 1),
                        skinny_bound_ms=round(1e3 * r["step_flops"] / r["skinny_flops_per_s"], 1))
-            row["work_over_skinny_bound"] = (round(row["work_ms"] / row["skinny_bound_ms"], 2)
-                                             if row["skinny_bound_ms"] else "")
+            for bound, ratio in (("flop_bound_ms", "work_over_bound"), ("skinny_bound_ms", "work_over_skinny_bound")):
+                row[ratio] = round(row["work_ms"] / row[bound], 2) if row[bound] else ""
             _append(path, REAL_MEMORY_FIELDS, [row])
             rows.append(row)
             _say(bar, f"{name:<14}{ckpt:<15}{row['step_peak_mib']:>9.1f}{row['vs_adamw'] or float('nan'):>9.3f}"

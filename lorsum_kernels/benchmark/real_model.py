@@ -11,11 +11,11 @@ for 30 blocks), a batch of ``batch`` sequences of ``tokens`` random token ids (l
 ``none``, ``non-reentrant`` or ``reentrant`` (transformers' ``gradient_checkpointing_enable``).
 
 Each row also carries the method's token-work flops per step (``step_flops.py``) and this machine's rate
-on the model's square product (``torch.utils.benchmark``), whose ratio is the flop bound of the step work
-(and the rate of a tokens × hidden by hidden × r product, the shape of LoRSum's token products, a second
-bound at what torch's own GEMM does on that shape),
-and ``streamed_ms``: the time a streamed method's step work took inside backward (in the capture's sink,
-per step, median), which with ``step_ms`` is the method's whole step cost, to set against that bound.
+on the model's square product (``torch.utils.benchmark``), whose ratio is the flop bound of the step work;
+its rate on a tokens × hidden by hidden × r product, the shape of LoRSum's token products (a second bound:
+what torch's own GEMM does on that shape); and ``streamed_ms``, the time a streamed method's step work took
+inside backward (in the capture's sink, per step, median), which with ``step_ms`` is the method's whole
+step cost, to set against those bounds.
 
 Each (optimizer, checkpointing) pair runs in its own process (``python -m
 lorsum_kernels.benchmark.real_model``), so allocator state and thread pools do not mix. The loop is the one
@@ -303,8 +303,8 @@ def measure_one(name: str, *, layers: int, rank: int, batch: int, tokens: int, c
     fb_med, fb_20, fb_80 = _quantiles(fb)
     st_med, st_20, st_80 = _quantiles(st)
     tot_med, tot_20, tot_80 = _quantiles(total)
-    row.update(streamed_ms=statistics.median(work), fwd_bwd_ms=fb_med, fwd_bwd_p20_ms=fb_20, fwd_bwd_p80_ms=fb_80, step_ms=st_med, step_p20_ms=st_20,
-               step_p80_ms=st_80, total_ms=tot_med, total_p20_ms=tot_20, total_p80_ms=tot_80,
+    row.update(streamed_ms=statistics.median(work), fwd_bwd_ms=fb_med, fwd_bwd_p20_ms=fb_20,
+               fwd_bwd_p80_ms=fb_80, step_ms=st_med, step_p20_ms=st_20, step_p80_ms=st_80, total_ms=tot_med, total_p20_ms=tot_20, total_p80_ms=tot_80,
                final_loss=loss, skipped_steps=_skipped(opt), threads=torch.get_num_threads(),
                process_peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     # The flop bound of the method's token work (benchmark/step_flops.py) at this machine's rate on the
