@@ -245,6 +245,8 @@ def kfac_metric_update(
 def _per_layer(values: Sequence, batch: torch.Size) -> Tensor:
     """Scalars (numbers, 0-d tensors, or tensors broadcastable to ``batch``) as one float64 tensor:
     (len(values),) when every value is shared by the batch, else (len(values), prod(batch))."""
+    if all(isinstance(v, (int, float)) for v in values):  # the common case, in one tensor construction
+        return torch.tensor([float(v) for v in values], dtype=torch.float64)
     ts = [torch.as_tensor(v, dtype=torch.float64) for v in values]
     if all(t.ndim == 0 for t in ts):
         return torch.stack(ts) if ts else torch.empty(0, dtype=torch.float64)
@@ -263,9 +265,10 @@ def _half_step_args(hat, anchor, pairs, coeffs, lmbd, metrics) -> tuple:
     batch = shapes[0] if all(shape == shapes[0] for shape in shapes) else torch.broadcast_shapes(*shapes)
 
     def expand(t: Tensor, trailing: int) -> Tensor:
-        return t.expand(batch + t.shape[t.ndim - trailing :])
+        return t if t.shape[: t.ndim - trailing] == batch else t.expand(batch + t.shape[t.ndim - trailing :])
 
-    lam = torch.as_tensor(lmbd, dtype=torch.float64)
+    lam = torch.tensor(float(lmbd), dtype=torch.float64) if isinstance(lmbd, (int, float)) else \
+        torch.as_tensor(lmbd, dtype=torch.float64)
     if lam.ndim > 0:
         lam = lam.expand(batch).reshape(-1)
     m_in = m_out = None

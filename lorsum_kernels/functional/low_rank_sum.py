@@ -77,6 +77,8 @@ def _check_pairs(pairs: Sequence[Pair], coeffs: Sequence, iters: int) -> None:
 
 def _check_batch_shapes(shapes, what: str) -> None:
     """Leading (layer) dimensions must broadcast; say so here rather than deep inside a matmul."""
+    if all(shape == shapes[0] for shape in shapes[1:]):
+        return  # the optimizers' case: nothing to broadcast (torch.broadcast_shapes costs ~25 us)
     try:
         torch.broadcast_shapes(*shapes)
     except RuntimeError:

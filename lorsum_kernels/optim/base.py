@@ -75,7 +75,7 @@ from ..lora import LoRALayer, find_lora_layers
 from .checkpoint import LAYER_COUNTERS, CheckpointMixin
 from .checks import check_lr, check_positive
 from .clipping import clip_coefficient, global_grad_norm
-from .guards import either, finite_once, finite_rows
+from .guards import either, finite_once, finite_rows, finite_rows_of
 from .other_adamw import step_other
 from .resharding import ReshardingMixin, parameter_owners
 from .streaming import StreamedStep, check_capture_options, check_stream_groups
@@ -536,18 +536,31 @@ class LoRAOptimizer(CheckpointMixin, ReshardingMixin, torch.optim.Optimizer):
     def _update_clip(self, results) -> tuple[Tensor, list]:
         """``max_update_norm``'s factor α (a 0-d device tensor) for this step's results (optim/update_clip.py),
         and each result's old factors, stacked (the write moves from them: gathered once under FSDP2); the
-        step's update norm N goes to ``self.update_norm``."""
-        squares, olds = [], []
+        step's update norm N goes to ``self.update_norm``. The bounds are computed once per factor shape, over
+        all the results of that shape (the streamed step hands over one result per layer: ~15 small ops
+        each would be the step's largest cost)."""
+        olds, batches = [], {}
         for group, layers, A_new, B_new, _, finite, skip in results:
             A_old, B_old, _ = self._factor_values(layers)
             dt = A_new.dtype
-            A_old, B_old = torch.stack(A_old).to(dt), torch.stack(B_old).to(dt)
+            A_old, B_old = _stacked(A_old).to(dt), _stacked(B_old).to(dt)
             olds.append((A_old, B_old))
-            root = torch.tensor([layer.scale for layer in layers], dtype=dt, device=A_new.device).sqrt().view(-1, 1, 1)
-            bound = merged_update_bound(A_old * root, B_old * root, A_new * root, B_new * root)
             counted = finite if skip is None else finite & ~skip.to(finite.device)
             lr = group["lr"]
-            lr = lr.to(dt) if isinstance(lr, Tensor) else torch.tensor(float(lr), dtype=dt, device=bound.device)
+            lr = lr.to(dt).expand(len(layers)) if isinstance(lr, Tensor) else [float(lr)] * len(layers)
+            key = (tuple(A_new.shape[1:]), tuple(B_new.shape[1:]), dt, A_new.device)
+            batch = batches.setdefault(key, ([], [], [], [], [], [], []))
+            for part, value in zip(batch, (A_old, B_old, A_new, B_new, [layer.scale for layer in layers],
+                                           lr, counted)):
+                part.append(value)
+        squares = []
+        for (_, _, dt, device), (A_old, B_old, A_new, B_new, scales, lrs, counted) in batches.items():
+            root = torch.tensor([s for part in scales for s in part], dtype=dt, device=device).sqrt().view(-1, 1, 1)
+            A_old, B_old, A_new, B_new = (torch.cat(t) * root for t in (A_old, B_old, A_new, B_new))
+            bound = merged_update_bound(A_old, B_old, A_new, B_new)
+            lr = torch.cat([v.to(device) if isinstance(v, Tensor) else torch.tensor(v, dtype=dt, device=device)
+                            for v in lrs])
+            counted = torch.cat([c.to(device) for c in counted])
             per_lr = torch.where(counted & (lr > 0), bound / torch.where(lr > 0, lr, 1), 0)
             squares.append(per_lr.square().sum())
         device = self._layers[0].A.device
@@ -570,12 +583,12 @@ class LoRAOptimizer(CheckpointMixin, ReshardingMixin, torch.optim.Optimizer):
         dt = self._state_dtype(layers[0])
         root = torch.tensor([layer.scale for layer in layers], dtype=dt, device=dev).sqrt().view(-1, 1, 1)
         A_list, B_list, grad_lists = self._factor_values(layers)
-        A = torch.stack(A_list).to(dt) * root
-        B = torch.stack(B_list).to(dt) * root
+        A = _stacked(A_list).to(dt) * root
+        B = _stacked(B_list).to(dt) * root
         X = S = None
         if self.needs_capture:
-            X = torch.stack([d[0] for d in data]) if len(data) > 1 else data[0][0].unsqueeze(0)
-            S = torch.stack([d[1] for d in data]) if len(data) > 1 else data[0][1].unsqueeze(0)
+            X = _stacked([d[0] for d in data])
+            S = _stacked([d[1] for d in data])
             if clip is not None:
                 # G = Sᵀ·X is linear in S. Out of place: the captured tensors may be shared (one X feeds
                 # q, k and v; autograd can hand two layers the same output-gradient tensor). In S's own
@@ -606,7 +619,7 @@ class LoRAOptimizer(CheckpointMixin, ReshardingMixin, torch.optim.Optimizer):
         checked = [A_new, B_new, *new_state.values(), *(grads or ())]
         if clip is not None:
             checked.append(clip.expand(len(layers)))
-        finite = torch.stack([finite_rows(t, len(layers)) for t in checked])
+        finite = finite_rows_of(checked, len(layers)).unsqueeze(0)
         if data and data[0] is not None:
             cache = {} if checked_inputs is None else checked_inputs
             inputs = [torch.stack([finite_once(d[side], cache) for d in data]) for side in (0, 1)]
@@ -716,6 +729,11 @@ class LoRAOptimizer(CheckpointMixin, ReshardingMixin, torch.optim.Optimizer):
         if self._capture is not None:
             self._capture.remove()
             self._streamed.clear()
+
+
+def _stacked(tensors: list[Tensor]) -> Tensor:
+    """The tensors stacked along a new leading dimension; one tensor as a view of itself."""
+    return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
 
 
 def _grad_or_zeros(p: Tensor) -> Tensor:
