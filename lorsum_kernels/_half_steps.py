@@ -51,8 +51,7 @@ def update_in(
     A0, B0 = anchor
     weighted_B = B_hat if metrics is None else B_hat * metrics[1].unsqueeze(-1)
     lam = batch_scalar(lmbd, A0)
-    gram = weighted_B.mT @ B_hat
-    gram = gram + lam * torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    gram = _plus_ridge(weighted_B.mT @ B_hat, lam)
     # Solved for the change from the anchor: the right side minus gram·A0 is B̂ᵀM_out(c0·B0 − B̂)·A0 plus
     # the data terms, so the ridge pulls toward the prox anchor (not toward 0) and a first A-step from
     # B̂ = B0 with c0 = 1 sees the data terms alone.
@@ -88,8 +87,7 @@ def update_out(
     A0, B0 = anchor
     weighted_A = A_hat if metrics is None else A_hat * metrics[0].unsqueeze(-2)
     lam = batch_scalar(lmbd, B0)
-    gram = weighted_A @ A_hat.mT
-    gram = gram + lam * torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    gram = _plus_ridge(weighted_A @ A_hat.mT, lam)
     # Solved for the change from the anchor, as in update_in: B0·(c0·A0 − Â)·M_in·Âᵀ + data terms.
     residual = B0 @ ((A0 * batch_scalar(coeffs[0], A0) - A_hat) @ weighted_A.mT)
     data = extra
@@ -101,11 +99,24 @@ def update_out(
     return (B0 + solve(gram, residual, left=False)).to(out_dtype)
 
 
+def _plus_ridge(gram: Tensor, lam) -> Tensor:
+    """``gram + λI`` (λ a number, or a tensor shaped by ``batch_scalar``), added to the fresh ``gram``'s
+    diagonal in place: the same numbers as adding ``λ·eye`` without building it."""
+    if isinstance(lam, Tensor) and lam.ndim > 0:
+        if lam.shape[:-2] != gram.shape[:-2]:  # λ per layer of factors shared by the layers: broadcast
+            return gram + lam * torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+        lam = lam.squeeze(-1)
+    gram.diagonal(dim1=-2, dim2=-1).add_(lam)
+    return gram
+
+
 def _half_step_in_math_dtype(hat, anchor, pairs, metrics):
     """The half-steps' tensors in their arithmetic dtype (``math_dtype`` of all of them); no copy of a
     tensor that already has it."""
     tensors = [hat, *anchor, *(t for pair in pairs for t in pair), *(metrics or ())]
     acc = math_dtype(*tensors)
+    if all(t.dtype == acc for t in tensors):
+        return hat, anchor, pairs, metrics
     hat = hat.to(acc)
     anchor = (anchor[0].to(acc), anchor[1].to(acc))
     pairs = [(f_in.to(acc), f_out.to(acc)) for f_in, f_out in pairs]

@@ -294,7 +294,8 @@ def test_scaled_psi_lambda_floor():
 @pytest.mark.parametrize("backend", ["torch", "auto"])
 def test_scaled_psi_kfac_runs_the_fused_metric_op_and_equals_the_composite(loss_reduction, backend, monkeypatch):
     """ScaledLoRSum's K-FAC metric goes through the fused ``kfac_metric_update`` (issue #12 item 3) and gives
-    what statistics + EMA + damping + power give; a per-layer β2 (the warm-up) takes the composite path."""
+    what statistics + EMA + damping + power give; a per-layer β2 (the warm-up) takes it too when all layers
+    share one value on the CPU, and the composite path when they differ."""
     from lorsum_kernels import ops
     from lorsum_kernels.functional import effective_metric, ema, kfac_statistics
 
@@ -314,7 +315,13 @@ def test_scaled_psi_kfac_runs_the_fused_metric_op_and_equals_the_composite(loss_
     assert rel_err(v_in, ema(v[0], stat_in, 0.9)) < 1e-13
     assert rel_err(v_out, ema(v[1], stat_out, 0.9)) < 1e-13
     A_f, B_f, *_ = scaled_psi_lora_step(A, B, X, S, v, None, betas=(0.0, 0.9), **kw)
-    A_c, B_c, *_ = scaled_psi_lora_step(A, B, X, S, v, None, betas=(0.0, torch.full((L, 1), 0.9, dtype=torch.float64)), **kw)
-    assert calls == [1, 1]  # the tensor β2 did not call it
-    assert rel_err(A_f, A_c) < 1e-12 and rel_err(B_f, B_c) < 1e-12
+    assert calls == [1, 1]
+    A_s, B_s, *_ = scaled_psi_lora_step(A, B, X, S, v, None, betas=(0.0, torch.full((L, 1), 0.9, dtype=torch.float64)), **kw)
+    assert calls == [1, 1, 1]  # one β2 shared by the layers: the fused op, with the same result
+    assert torch.equal(A_f, A_s) and torch.equal(B_f, B_s)
+    per_layer = torch.tensor([[0.9], [0.5]], dtype=torch.float64)
+    _, _, (w_in, w_out), _ = scaled_psi_lora_step(A, B, X, S, v, None, betas=(0.0, per_layer), **kw)
+    assert calls == [1, 1, 1]  # differing β2: the composite
+    assert rel_err(w_in, ema(v[0], stat_in, per_layer)) < 1e-13
+    assert rel_err(w_out, ema(v[1], stat_out, per_layer)) < 1e-13
     assert effective_metric(v_in, 0.1, 0.5).shape == (L, n)

@@ -112,7 +112,8 @@ def scaled_psi_lora_step(
         )
     beta1, beta2 = betas
     X, S = data_operand(X, A.dtype, backend), data_operand(S, A.dtype, backend)  # once, not per LoRSum
-    if metric == "kfac" and reduce is None and not isinstance(beta2, Tensor):
+    fused_beta2 = _one_host_value(beta2)
+    if metric == "kfac" and reduce is None and fused_beta2 is not None:
         # The design's fused diagonal-metric op: statistics, EMA, damping and power in one pass over X
         # and S (one kernel per side instead of five launches and four n- or m-vectors per layer).
         if loss_reduction not in ("mean", "sum"):
@@ -120,7 +121,7 @@ def scaled_psi_lora_step(
         T = X.shape[-2]
         scale_out = T if loss_reduction == "mean" else 1.0 / max(T, 1)
         v_in, v_out, *metrics = ops.kfac_metric_update(
-            X, S, metric_state[0], metric_state[1], beta2, damping, metric_power, 1.0 / max(T, 1), scale_out,
+            X, S, metric_state[0], metric_state[1], fused_beta2, damping, metric_power, 1.0 / max(T, 1), scale_out,
             backend=backend)
         metrics = tuple(metrics)
     else:
@@ -146,6 +147,18 @@ def scaled_psi_lora_step(
     A_new, B_new = scaled_low_rank_sum([(A, B), grad_pair], [1.0, -lr * (1 - beta1)], metrics, lmbd=lam,
                                        iters=iters, backend=backend)
     return A_new, B_new, (v_in, v_out), None
+
+
+def _one_host_value(beta):
+    """β2 as the number the fused metric op takes: a number as it is; a per-layer tensor (the β2 warm-up)
+    on the CPU whose layers all share one value (they do unless some skipped a step) as that value. None
+    otherwise: per-layer values, or an accelerator tensor, whose value the host would have to wait for."""
+    if not isinstance(beta, Tensor):
+        return beta
+    if beta.device.type != "cpu" or beta.numel() == 0:
+        return None
+    flat = beta.reshape(-1)
+    return float(flat[0]) if bool((flat == flat[0]).all()) else None
 
 
 def _one_process(tensors):
