@@ -214,7 +214,7 @@ inline HalfStepSizes check_half_step(const char* op, bool in_side, const at::Ten
                                      const at::Tensor& B0, at::TensorList f_in, at::TensorList f_out,
                                      const at::Tensor& coeffs, const at::Tensor& lmbd,
                                      const std::optional<at::Tensor>& m_in, const std::optional<at::Tensor>& m_out,
-                                     const std::optional<at::Tensor>& extra, c10::DeviceType type) {
+                                     c10::DeviceType type) {
   const char* hat_name = in_side ? "B_hat" : "A_hat";
   // A0, not the schema's first argument (the hat), fixes the device: it is the anchor every call has.
   const at::Device device = op_device(A0, type);
@@ -275,14 +275,6 @@ inline HalfStepSizes check_half_step(const char* op, bool in_side, const at::Ten
     TORCH_CHECK(m_out->size(-1) == h.m && batch_shape(*m_out, 1) == batch, op, ": m_out must be (..., m) = ", batch,
                 " + (", h.m, ",), got shape ", m_out->sizes());
     h.any_fp64 = h.any_fp64 || m_in->scalar_type() == at::kDouble || m_out->scalar_type() == at::kDouble;
-  }
-  if (extra.has_value()) {
-    check_input(*extra, op, "extra", 2, device);
-    const int64_t rows = in_side ? h.r : h.m, cols = in_side ? h.n : h.r;
-    TORCH_CHECK(extra->size(-2) == rows && extra->size(-1) == cols && batch_shape(*extra, 2) == batch, op,
-                ": extra must be ", batch, " + (", rows, ", ", cols, ") (", in_side ? "r, n" : "m, r",
-                "), got shape ", extra->sizes());
-    h.any_fp64 = h.any_fp64 || extra->scalar_type() == at::kDouble;
   }
   return h;
 }

@@ -56,17 +56,14 @@ TORCH_LIBRARY(lorsum, m) {
   // (A0, B0) is pair 0 (anchor and warm start); f_in[j] (..., q_j, n) and f_out[j] (..., m, q_j) are the
   // other pairs (the gradient pair is (X, S.mT)). coeffs is (J+1,) or (J+1, L): c0 for the anchor, then
   // one per pair, shared or per layer; lmbd is 0-d or (L,). m_in (..., n) and m_out (..., m) are the
-  // effective diagonal metrics, both or neither. extra is a data term already summed over tokens and
-  // weighted (e.g. c·(S·B̂)ᵀX averaged over ranks, or another LoRSum's share of one read of X and S):
-  // (..., r, n) for the A-step, (..., m, r) for the B-step, added to the pairs' terms before the metric.
-  // All leading batch dimensions are equal. Arithmetic in fp32 (fp64 if any input is fp64), bf16/fp16
-  // inputs read as they are; the result has A0's dtype.
+  // effective diagonal metrics, both or neither. All leading batch dimensions are equal. Arithmetic in
+  // fp32 (fp64 if any input is fp64), bf16/fp16 inputs read as they are; the result has A0's dtype.
   m.def(
       "lorsum_update_in(Tensor B_hat, Tensor A0, Tensor B0, Tensor[] f_in, Tensor[] f_out, Tensor coeffs, "
-      "Tensor lmbd, Tensor? m_in=None, Tensor? m_out=None, Tensor? extra=None) -> Tensor");
+      "Tensor lmbd, Tensor? m_in=None, Tensor? m_out=None) -> Tensor");
   m.def(
       "lorsum_update_out(Tensor A_hat, Tensor A0, Tensor B0, Tensor[] f_in, Tensor[] f_out, Tensor coeffs, "
-      "Tensor lmbd, Tensor? m_in=None, Tensor? m_out=None, Tensor? extra=None) -> Tensor");
+      "Tensor lmbd, Tensor? m_in=None, Tensor? m_out=None) -> Tensor");
 
   // The token products of a factor pair (f_in (..., q, n), f_out (..., m, q)) with wide factors, one read
   // of each operand per product: (Wᵀ·f_out·f_in (..., w, n), f_out·f_in·Vᵀ (..., m, v)). For the gradient

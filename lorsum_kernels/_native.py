@@ -157,7 +157,7 @@ if NATIVE_AVAILABLE and _op_defined("lorsum_update_in"):
     # Fakes of the block power iteration, the batched solve, the energies and the fused K-FAC metric
     # step: shapes and dtypes as the CPU kernels in csrc/cpu/ produce them (contiguous outputs).
 
-    def _check_half_step(op, in_side, hat, A0, B0, f_in, f_out, m_in, m_out, extra=None):
+    def _check_half_step(op, in_side, hat, A0, B0, f_in, f_out, m_in, m_out):
         hat_name = "B_hat" if in_side else "A_hat"
         torch._check(
             A0.dim() >= 2 and B0.dim() >= 2 and hat.dim() >= 2,
@@ -180,21 +180,15 @@ if NATIVE_AVAILABLE and _op_defined("lorsum_update_in"):
                 f"not stand for an {m}x{n} matrix f_out @ f_in",
             )
         torch._check((m_in is None) == (m_out is None), lambda: f"{op}: give both metrics (m_in and m_out) or neither")
-        if extra is not None:
-            want_extra = (r, n) if in_side else (m, r)
-            torch._check(
-                extra.shape[:-2] == batch and tuple(extra.shape[-2:]) == want_extra,
-                lambda: f"{op}: extra must be {tuple(batch) + want_extra}, got {tuple(extra.shape)}",
-            )
 
     @torch.library.register_fake("lorsum::lorsum_update_in")
-    def _lorsum_update_in_fake(B_hat, A0, B0, f_in, f_out, coeffs, lmbd, m_in=None, m_out=None, extra=None):
-        _check_half_step("lorsum_update_in", True, B_hat, A0, B0, f_in, f_out, m_in, m_out, extra)
+    def _lorsum_update_in_fake(B_hat, A0, B0, f_in, f_out, coeffs, lmbd, m_in=None, m_out=None):
+        _check_half_step("lorsum_update_in", True, B_hat, A0, B0, f_in, f_out, m_in, m_out)
         return A0.new_empty(A0.shape)
 
     @torch.library.register_fake("lorsum::lorsum_update_out")
-    def _lorsum_update_out_fake(A_hat, A0, B0, f_in, f_out, coeffs, lmbd, m_in=None, m_out=None, extra=None):
-        _check_half_step("lorsum_update_out", False, A_hat, A0, B0, f_in, f_out, m_in, m_out, extra)
+    def _lorsum_update_out_fake(A_hat, A0, B0, f_in, f_out, coeffs, lmbd, m_in=None, m_out=None):
+        _check_half_step("lorsum_update_out", False, A_hat, A0, B0, f_in, f_out, m_in, m_out)
         return A0.new_empty(B0.shape)
 
     @torch.library.register_fake("lorsum::pair_products")

@@ -186,17 +186,8 @@ def lorsum_update_with_token_product(
     its coefficient: ``c·(S·B̂)ᵀX`` (r×n) or ``c·Sᵀ(X·Âᵀ)`` (m×r), e.g. averaged over data-parallel ranks.
     ``pairs`` and ``coeffs`` are the other terms, as for ``lorsum_update_in``.
 
-    The native backend takes the product as its half-step's ``extra`` term (one call, the r-wide algebra in
-    C++); the others compose the reference's half-step algebra around their r×r solve (``spd_solve``)."""
-    if side not in ("in", "out"):
-        raise ValueError(f"side must be 'in' or 'out', got {side!r}")
-    if implementation(backend, hat.device, f"lorsum_update_{side}") == "native":
-        args = _half_step_args(hat, anchor, pairs, coeffs, lmbd, metrics)
-        op = torch.ops.lorsum.lorsum_update_in if side == "in" else torch.ops.lorsum.lorsum_update_out
-        batch = args[1].shape[:-2]
-        extra = token_product if token_product.shape[:-2] == batch else token_product.expand(
-            batch + token_product.shape[-2:])
-        return op(*args, extra=extra)
+    A composite: the half-step algebra of the reference around the backend's r×r solve (``spd_solve``);
+    no backend has a kernel that takes the product in place of the pair."""
     update = {"in": _half_steps.update_in, "out": _half_steps.update_out}[side]
     return update(hat, anchor, pairs, coeffs, lmbd, metrics, extra=token_product,
                   solve=lambda gram, rhs, left: spd_solve(gram, rhs, left=left, backend=backend))

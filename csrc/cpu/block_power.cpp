@@ -151,7 +151,7 @@ struct HalfStep {
   std::vector<int64_t> batch;
   at::ScalarType acc = at::kFloat;
   at::ScalarType out_dtype = at::kFloat;
-  at::Tensor hat, A0, B0, m_in, m_out, extra;  // (L, ...) views, still in their own dtypes
+  at::Tensor hat, A0, B0, m_in, m_out;  // (L, ...) views, still in their own dtypes
   std::vector<at::Tensor> f_in, f_out;  // (L, q_j, n) and (L, m, q_j)
   std::vector<std::vector<double>> coef;  // J + 1 rows of L values
   std::vector<double> lmbd;               // L values
@@ -162,9 +162,8 @@ struct HalfStep {
 HalfStep parse_half_step(const char* op, bool in_side, const at::Tensor& hat, const at::Tensor& A0,
                          const at::Tensor& B0, at::TensorList f_in, at::TensorList f_out, const at::Tensor& coeffs,
                          const at::Tensor& lmbd, const std::optional<at::Tensor>& m_in,
-                         const std::optional<at::Tensor>& m_out, const std::optional<at::Tensor>& extra) {
-  const HalfStepSizes sz =
-      check_half_step(op, in_side, hat, A0, B0, f_in, f_out, coeffs, lmbd, m_in, m_out, extra, at::kCPU);
+                         const std::optional<at::Tensor>& m_out) {
+  const HalfStepSizes sz = check_half_step(op, in_side, hat, A0, B0, f_in, f_out, coeffs, lmbd, m_in, m_out, at::kCPU);
   HalfStep h;
   h.L = sz.L;
   h.m = sz.m;
@@ -191,9 +190,6 @@ HalfStep parse_half_step(const char* op, bool in_side, const at::Tensor& hat, co
   if (m_in.has_value()) {
     h.m_in = m_in->reshape({h.L, h.n});
     h.m_out = m_out->reshape({h.L, h.m});
-  }
-  if (extra.has_value()) {
-    h.extra = extra->reshape({h.L, extra->size(-2), extra->size(-1)});
   }
   h.hat = hat.reshape({h.L, hat.size(-2), hat.size(-1)});
   h.A0 = A0.reshape({h.L, h.r, h.n});
@@ -234,10 +230,6 @@ at::Tensor run_half_step(const HalfStep& h, bool in_side) {
     const at::Tensor gram = (at::matmul(BwT, hat) + lam * eye).contiguous();
     const at::Tensor residual = at::matmul(at::matmul(BwT, B0 * c0 - hat), A0).contiguous();
     add_data_term(residual, hat.mT().contiguous(), rows_S, rows_X, data_coef, m_in);
-    if (h.extra.defined()) {
-      const at::Tensor extra = h.extra.to(h.acc);
-      residual.add_(m_in.defined() ? extra / m_in.unsqueeze(-2) : extra);
-    }
     cpu::solve_spd_batched_(gram, residual);
     return residual.add_(A0).to(h.out_dtype).view(with_matrix(h.batch, h.r, h.n));
   }
@@ -247,10 +239,6 @@ at::Tensor run_half_step(const HalfStep& h, bool in_side) {
   const at::Tensor gram = (at::matmul(Aw, hat.mT()) + lam * eye).contiguous();
   const at::Tensor residualT = at::matmul(at::matmul(A0 * c0 - hat, Aw.mT()).mT(), B0.mT()).contiguous();
   add_data_term(residualT, hat.contiguous(), rows_X, rows_S, data_coef, m_out);
-  if (h.extra.defined()) {
-    const at::Tensor extra = h.extra.to(h.acc);
-    residualT.add_((m_out.defined() ? extra / m_out.unsqueeze(-1) : extra).mT());
-  }
   cpu::solve_spd_batched_(gram, residualT);
   at::Tensor out = at::empty(with_matrix(h.batch, h.m, h.r), opts.dtype(h.out_dtype));
   out.view({h.L, h.m, h.r}).copy_(B0 + residualT.mT());
@@ -260,18 +248,18 @@ at::Tensor run_half_step(const HalfStep& h, bool in_side) {
 at::Tensor lorsum_update_in_cpu(const at::Tensor& B_hat, const at::Tensor& A0, const at::Tensor& B0,
                                 at::TensorList f_in, at::TensorList f_out, const at::Tensor& coeffs,
                                 const at::Tensor& lmbd, const std::optional<at::Tensor>& m_in,
-                                const std::optional<at::Tensor>& m_out, const std::optional<at::Tensor>& extra) {
-  const HalfStep h = parse_half_step("lorsum_update_in", true, B_hat, A0, B0, f_in, f_out, coeffs,
-                                     lmbd, m_in, m_out, extra);
+                                const std::optional<at::Tensor>& m_out) {
+  const HalfStep h =
+      parse_half_step("lorsum_update_in", true, B_hat, A0, B0, f_in, f_out, coeffs, lmbd, m_in, m_out);
   return run_half_step(h, true);
 }
 
 at::Tensor lorsum_update_out_cpu(const at::Tensor& A_hat, const at::Tensor& A0, const at::Tensor& B0,
                                  at::TensorList f_in, at::TensorList f_out, const at::Tensor& coeffs,
                                  const at::Tensor& lmbd, const std::optional<at::Tensor>& m_in,
-                                 const std::optional<at::Tensor>& m_out, const std::optional<at::Tensor>& extra) {
-  const HalfStep h = parse_half_step("lorsum_update_out", false, A_hat, A0, B0, f_in, f_out, coeffs,
-                                     lmbd, m_in, m_out, extra);
+                                 const std::optional<at::Tensor>& m_out) {
+  const HalfStep h =
+      parse_half_step("lorsum_update_out", false, A_hat, A0, B0, f_in, f_out, coeffs, lmbd, m_in, m_out);
   return run_half_step(h, false);
 }
 

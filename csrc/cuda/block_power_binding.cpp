@@ -118,7 +118,6 @@ struct HalfStep {
   std::vector<int64_t> batch;
   at::ScalarType acc = at::kFloat;
   at::Tensor hat, A0, B0, m_in, m_out;   // (L, ...) in acc
-  at::Tensor extra;                      // (L, r, n) or (L, m, r) in acc, or undefined
   std::vector<at::Tensor> f_in, f_out;   // (L, q_j, n), (L, m, q_j) in their own dtypes
   std::vector<Coef> coef;                // c0, c1, ..., cJ
   Coef lmbd;
@@ -127,9 +126,8 @@ struct HalfStep {
 HalfStep parse_half_step(const char* op, bool in_side, const at::Tensor& hat, const at::Tensor& A0,
                          const at::Tensor& B0, at::TensorList f_in, at::TensorList f_out, const at::Tensor& coeffs,
                          const at::Tensor& lmbd, const std::optional<at::Tensor>& m_in,
-                         const std::optional<at::Tensor>& m_out, const std::optional<at::Tensor>& extra) {
-  const HalfStepSizes sz =
-      check_half_step(op, in_side, hat, A0, B0, f_in, f_out, coeffs, lmbd, m_in, m_out, extra, at::kCUDA);
+                         const std::optional<at::Tensor>& m_out) {
+  const HalfStepSizes sz = check_half_step(op, in_side, hat, A0, B0, f_in, f_out, coeffs, lmbd, m_in, m_out, at::kCUDA);
   const auto device = A0.device();
   HalfStep h;
   h.L = sz.L;
@@ -155,9 +153,6 @@ HalfStep parse_half_step(const char* op, bool in_side, const at::Tensor& hat, co
     h.m_in = m_in->reshape({h.L, h.n}).to(h.acc);
     h.m_out = m_out->reshape({h.L, h.m}).to(h.acc);
   }
-  if (extra.has_value()) {
-    h.extra = extra->reshape({h.L, extra->size(-2), extra->size(-1)}).to(h.acc);
-  }
   h.hat = hat.reshape({h.L, hat.size(-2), hat.size(-1)}).to(h.acc);
   h.A0 = A0.reshape({h.L, h.r, h.n}).to(h.acc);
   h.B0 = B0.reshape({h.L, h.m, h.r}).to(h.acc);
@@ -168,10 +163,9 @@ HalfStep parse_half_step(const char* op, bool in_side, const at::Tensor& hat, co
 at::Tensor lorsum_update_in_cuda(const at::Tensor& B_hat, const at::Tensor& A0, const at::Tensor& B0,
                                  at::TensorList f_in, at::TensorList f_out, const at::Tensor& coeffs,
                                  const at::Tensor& lmbd, const std::optional<at::Tensor>& m_in,
-                                 const std::optional<at::Tensor>& m_out, const std::optional<at::Tensor>& extra) {
+                                 const std::optional<at::Tensor>& m_out) {
   constexpr const char* op = "lorsum_update_in";
-  const HalfStep h = parse_half_step(op, true, B_hat, A0, B0, f_in, f_out, coeffs, lmbd, m_in, m_out,
-                                     extra);
+  const HalfStep h = parse_half_step(op, true, B_hat, A0, B0, f_in, f_out, coeffs, lmbd, m_in, m_out);
   const c10::cuda::CUDAGuard guard(A0.device());
   const auto opts = h.A0.options();
   const at::Tensor out = at::empty(with_trailing(h.batch, {h.r, h.n}), A0.options());
@@ -181,8 +175,8 @@ at::Tensor lorsum_update_in_cuda(const at::Tensor& B_hat, const at::Tensor& A0, 
   const at::Tensor BwT = (h.m_out.defined() ? h.hat * h.m_out.unsqueeze(-1) : h.hat).mT();
   const at::Tensor gram = at::matmul(BwT, h.hat) + h.lmbd.mul(at::eye(h.r, opts));
   at::Tensor residual = at::matmul(at::matmul(BwT, h.coef[0].mul(h.B0) - h.hat), h.A0);
-  if (!h.f_in.empty() || h.extra.defined()) {
-    at::Tensor data = h.extra;
+  if (!h.f_in.empty()) {
+    at::Tensor data;
     for (size_t j = 0; j < h.f_in.size(); ++j) {
       const at::Tensor P = pair_products_flat(op, h.f_in[j], h.f_out[j], h.hat, at::Tensor(), h.acc).first;
       const at::Tensor term = h.coef[j + 1].mul(P);
@@ -199,10 +193,9 @@ at::Tensor lorsum_update_in_cuda(const at::Tensor& B_hat, const at::Tensor& A0, 
 at::Tensor lorsum_update_out_cuda(const at::Tensor& A_hat, const at::Tensor& A0, const at::Tensor& B0,
                                   at::TensorList f_in, at::TensorList f_out, const at::Tensor& coeffs,
                                   const at::Tensor& lmbd, const std::optional<at::Tensor>& m_in,
-                                  const std::optional<at::Tensor>& m_out, const std::optional<at::Tensor>& extra) {
+                                  const std::optional<at::Tensor>& m_out) {
   constexpr const char* op = "lorsum_update_out";
-  const HalfStep h = parse_half_step(op, false, A_hat, A0, B0, f_in, f_out, coeffs, lmbd, m_in, m_out,
-                                     extra);
+  const HalfStep h = parse_half_step(op, false, A_hat, A0, B0, f_in, f_out, coeffs, lmbd, m_in, m_out);
   const c10::cuda::CUDAGuard guard(A0.device());
   const auto opts = h.A0.options();
   const at::Tensor out = at::empty(with_trailing(h.batch, {h.m, h.r}), A0.options());
@@ -212,8 +205,8 @@ at::Tensor lorsum_update_out_cuda(const at::Tensor& A_hat, const at::Tensor& A0,
   const at::Tensor Aw = h.m_in.defined() ? h.hat * h.m_in.unsqueeze(-2) : h.hat;
   const at::Tensor gram = at::matmul(Aw, h.hat.mT()) + h.lmbd.mul(at::eye(h.r, opts));
   at::Tensor residual = at::matmul(h.B0, at::matmul(h.coef[0].mul(h.A0) - h.hat, Aw.mT()));
-  if (!h.f_in.empty() || h.extra.defined()) {
-    at::Tensor data = h.extra;
+  if (!h.f_in.empty()) {
+    at::Tensor data;
     for (size_t j = 0; j < h.f_in.size(); ++j) {
       const at::Tensor Q = pair_products_flat(op, h.f_in[j], h.f_out[j], at::Tensor(), h.hat, h.acc).second;
       const at::Tensor term = h.coef[j + 1].mul(Q);

@@ -236,59 +236,6 @@ def test_native_rejects_bad_input(be, mutate, match):
         torch.ops.lorsum.lorsum_update_in(**args)
 
 
-# ---- native: the token pair given by its product (``extra``) ----------------------------------------------
-
-
-def _with_token_product(side: str, p: dict, hat):
-    """The problem's half-step arguments with the gradient pair (X, Sᵀ) replaced by its weighted token
-    product, as the data-parallel and lock-step LoRSums pass it: c·(S·B̂)ᵀX (in) or c·Sᵀ(X·Âᵀ) (out)."""
-    (X, St), *rest = p["pairs"]
-    c = torch.as_tensor(p["coeffs"][1], dtype=X.dtype)
-    c = c.reshape(-1, 1, 1) if c.ndim else c
-    product = (hat.mT @ St) @ X if side == "in" else St @ (X @ hat.mT)
-    return rest, [p["coeffs"][0], *p["coeffs"][2:]], c * product
-
-
-@pytest.mark.parametrize("side", ["in", "out"])
-@pytest.mark.parametrize("metrics", [False, True], ids=["plain", "scaled"])
-@pytest.mark.parametrize("shape", SHAPES[:5], ids=SHAPE_IDS[:5])
-@over_backends(OP, NATIVE_CPU, NATIVE_CUDA)
-def test_native_token_product_as_extra(be, shape, metrics, side):
-    """The native half-step with ``extra`` (ops.lorsum_update_with_token_product) is the half-step with the
-    pair the product stands for (fp64: to rounding; fp32: within 1e-5 of fp64), and the composite of the
-    other backends computes the same."""
-    for dtype, tol in ((torch.float64, 1e-11), (torch.float32, 1e-5)):
-        p = cast_problem(lorsum_problem(*shape, metrics=metrics, per_layer=metrics, hats=True, device=be.device),
-                         dtype)
-        hat = p["B_hat"] if side == "in" else p["A_hat"]
-        exact = half_step(side, cast_problem(p, torch.float64), "torch", hat=hat.double())
-        rest, coeffs, extra = _with_token_product(side, p, hat)
-        out = ops.lorsum_update_with_token_product(side, hat, (p["A0"], p["B0"]), rest, coeffs, p["lmbd"],
-                                                   p["metrics"], extra, backend="native")
-        assert out.dtype == dtype and out.shape == exact.shape
-        assert rel_err(out, exact) < tol
-        composite = ops.lorsum_update_with_token_product(side, hat, (p["A0"], p["B0"]), rest, coeffs, p["lmbd"],
-                                                         p["metrics"], extra, backend="torch")
-        assert rel_err(out, composite) < tol
-
-
-@pytest.mark.parametrize("side", ["in", "out"])
-@over_backends(OP, NATIVE_CPU)
-def test_native_extra_checked_and_opcheck(be, side):
-    p = cast_problem(lorsum_problem(2, 9, 7, 5, 3, metrics=True, hats=True), torch.float32)
-    hat = p["B_hat"] if side == "in" else p["A_hat"]
-    rest, coeffs, extra = _with_token_product(side, p, hat)
-    op = getattr(torch.ops.lorsum, f"lorsum_update_{side}")
-    args = (hat, p["A0"], p["B0"], [q[0] for q in rest], [q[1] for q in rest],
-            torch.tensor(coeffs, dtype=torch.float64), torch.tensor(1e-2, dtype=torch.float64), *p["metrics"])
-    torch.library.opcheck(op.default, args, {"extra": extra})
-    want = "r, n" if side == "in" else "m, r"
-    with pytest.raises(RuntimeError, match=rf"lorsum_update_{side}: extra must be .* \({want}\)"):
-        op(*args, extra=extra[..., :-1])
-    with pytest.raises(RuntimeError, match=rf"lorsum_update_{side}: extra must be"):
-        op(*args, extra=extra[:1])
-
-
 # ---- native CPU: opcheck, fake tensors, compile ------------------------------------------------------------
 
 
