@@ -1,0 +1,79 @@
+"""Where a streamed optimizer's step work goes inside backward, on the real-model benchmark's SmolLM2 model
+(issue #16; ``benchmark/real_model.build``: LoRA r=16 on all seven linear modules, 4 × 512 random tokens).
+
+The capture sink (the whole per-layer step in backward) and the native ops it calls are wrapped with
+``time.perf_counter``; per step it prints the forward + backward time, ``step()`` and each wrapped part's
+total over the 210 layers (ms), and at the end the median of the work (sink + ``step()``). The wrappers
+cost some time of their own, and the host drifts ±10–20% between processes here: compare two versions of
+the code by alternating them in one process, not by two runs of this tool.
+
+    python tools/streamed_work_breakdown.py lorsum [--kwargs '{"momentum": 0.9}'] [--steps 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import statistics
+import time
+
+import torch
+
+from lorsum_kernels import create_optimizer, ops
+from lorsum_kernels.benchmark import real_model
+from lorsum_kernels.optim import base, guards
+
+TIMED_OPS = ("lorsum_update_in", "lorsum_update_out", "lorsum_update_with_token_product", "pair_products",
+             "kfac_metric_update")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("name")
+    parser.add_argument("--kwargs", default="{}", help="JSON keyword arguments of the optimizer")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps, after 2 warm-up steps")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model = real_model.build(30, 16, "none", torch.device("cpu"))
+    opt = create_optimizer(model, args.name, **json.loads(args.kwargs))
+    spent = collections.defaultdict(float)
+
+    def timed(fn, key):
+        def wrapper(*a, **k):
+            start = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[key] += time.perf_counter() - start
+        return wrapper
+
+    for name in TIMED_OPS:
+        setattr(ops, name, timed(getattr(ops, name), name))
+    # The optimizers check the data and the results through these names in optim.base.
+    base.finite_once = timed(guards.finite_once, "finite checks of X and S")
+    base.finite_rows_of = timed(guards.finite_rows_of, "finite checks of the results")
+    ids = torch.randint(0, model.config.vocab_size, (4, 512), generator=torch.Generator().manual_seed(0))
+    work = []
+    for i in range(2 + args.steps):
+        capture = getattr(opt, "_capture", None)
+        if i == 2 and capture is not None and capture.sink is not None:  # capture="auto" streams from step 2 on
+            capture.sink = timed(capture.sink, "sink (the whole streamed step)")
+        spent.clear()
+        t0 = time.perf_counter()
+        model(input_ids=ids, labels=ids).loss.backward()
+        t1 = time.perf_counter()
+        opt.step()
+        opt.zero_grad()
+        t2 = time.perf_counter()
+        parts = "  ".join(f"{k} {1e3 * v:.0f}" for k, v in sorted(spent.items()))
+        print(f"step {i}: fwd+bwd {t1 - t0:.2f} s, step() {1e3 * (t2 - t1):.0f} ms; {parts}", flush=True)
+        if i >= 2:
+            work.append(1e3 * (spent["sink (the whole streamed step)"] + t2 - t1))
+    if work:
+        print(f"work (sink + step()): median {statistics.median(work):.0f} ms over {len(work)} steps")
+
+
+if __name__ == "__main__":
+    main()
