@@ -11,7 +11,7 @@ from torch import nn
 
 import lorsum_kernels as lk
 from lorsum_kernels.functional import low_rank_sum, svdlora_step
-from lorsum_kernels.optim.guards import finite_data, finite_rows
+from lorsum_kernels.optim.guards import finite_data, finite_rows, finite_rows_of
 
 from .conftest import TinyLoRAMLP, rel_err
 
@@ -383,6 +383,25 @@ def test_finite_rows_matches_isfinite(dtype, shape):
     expected = t.reshape(shape[0], -1).isfinite().all(1)
     assert torch.equal(finite_rows(t, shape[0]), expected)
     assert torch.equal(finite_rows(t.transpose(0, -1), 1), expected.all().view(1))  # a non-contiguous view
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), None])
+def test_finite_rows_of_matches_isfinite(dtype, bad):
+    """The step's check of its results: per layer (leading row), finite in every tensor; the sum shortcut
+    agrees with the exact check, including a non-finite value in one tensor of one layer only, and finite
+    values whose sum overflows."""
+    g = torch.Generator().manual_seed(2)
+    L = 3
+    tensors = [torch.randn(L, 4, 9, generator=g).to(dtype), torch.randn(L, 11, 4, generator=g).to(dtype),
+               torch.randn(L, 0, generator=g).to(dtype), torch.arange(L)]  # an empty and an integer state
+    if bad is not None:
+        tensors[1][1, torch.randint(11, (1,), generator=g), 2] = bad
+    expected = torch.stack([t.reshape(L, -1).isfinite().all(1) for t in tensors]).all(0)
+    assert torch.equal(finite_rows_of(tensors, L), expected)
+    assert expected.all().item() == (bad is None)
+    big = [torch.full((L, 64, 33), torch.finfo(dtype).max / 4, dtype=dtype)]
+    assert not big[0].sum().isfinite() and finite_rows_of(big, L).all().item()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
