@@ -23,8 +23,12 @@
 #              optimizer) with allocator snapshots: $OUT/bench/memory.csv, $OUT/snapshots/*.pickle
 #   graph      tools/cuda_graph_check.py: which optimizers' step() a CUDA graph captures, and whether a
 #              replay equals an eager step: $OUT/cuda_graph.csv
+#   step       the training step at 7B shapes on the GPU (issue #16): lorsum-bench --memory --model
+#              llama7b-blocks (two Llama blocks, hidden 4096, MLP 11008, random weights, no download) for
+#              LoRA + AdamW, LoRSum, ScaledLoRSum and AdaPreLoRA (surrogate), 4 × 512 tokens: end to end
+#              against AdamW and each method's work against its flop bound, $OUT/step_cost/memory.csv
 #
-# The stage limits add up to 8 minutes (override one with LIMIT_<STAGE>=seconds, e.g. LIMIT_BUILD=400);
+# The stage limits add up to 9.5 minutes (override one with LIMIT_<STAGE>=seconds, e.g. LIMIT_BUILD=400);
 # they are estimates for a 16-core H100/H200 machine, not yet measured on one. The summary (one line per
 # stage) is printed at the end and kept in $OUT/summary.txt. Without a GPU it stops at `env` with one line
 # saying why, and exit status 2.
@@ -138,6 +142,11 @@ stage memory 35 "$PYTHON" -m lorsum_kernels.benchmark --memory --device cuda --o
 
 # ---- CUDA graph capture ----------------------------------------------------------------------------------
 stage graph 45 "$PYTHON" tools/cuda_graph_check.py --out "$OUT"
+
+# ---- the training step at 7B shapes (issue #16) ------------------------------------------------------------
+stage step 90 "$PYTHON" -m lorsum_kernels.benchmark --memory --model llama7b-blocks --device cuda \
+    --optimizers adamw,lorsum,scaled_lorsum,adaprelora --opt-kw adaprelora:statistics=surrogate \
+    --checkpointing none --batch 4 --warmup 2 --reps 5 --out "$OUT/step_cost"
 
 echo "==== gpu_check: $(($(date +%s) - t0))s in all; results in $OUT" | tee -a "$SUMMARY"
 cat "$SUMMARY"
