@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
 import torch
 
@@ -59,16 +58,11 @@ def main(argv=None) -> None:
                     capture.sink = real_model._timed_sink(capture.sink, total, lambda: None)
         for model, opt, total, (fb, st, work) in zip(models, opts, streamed, times):
             total["s"] = 0.0
-            t0 = time.perf_counter()
-            model(input_ids=ids, labels=ids).loss.backward()
-            t1 = time.perf_counter()
-            opt.step()
-            opt.zero_grad()
-            t2 = time.perf_counter()
+            fwd_bwd, step = real_model.timed_train_step(model, opt, ids)
             if i >= 2:
-                fb.append(t1 - t0)
-                st.append(t2 - t1)
-                work.append(total["s"] + t2 - t1)
+                fb.append(fwd_bwd)
+                st.append(step)
+                work.append(total["s"] + step)
     for (label, _, _), (fb, st, work) in zip(runs, times):
         print(f"{label}: fwd+bwd {[round(x, 2) for x in fb]} s (median {statistics.median(fb):.2f}), "
               f"step median {1e3 * statistics.median(st):.0f} ms, work (streamed + step) median "

@@ -319,6 +319,18 @@ def measure_one(name: str, *, layers: int, rank: int, batch: int, tokens: int, c
     return row
 
 
+def timed_train_step(model, opt, input_ids) -> tuple[float, float]:
+    """One language-model training step on the CPU, ``(forward + backward, step() + zero_grad())`` in seconds:
+    the split the tools comparing optimizers in one process report (``tools/interleaved_step_time.py``,
+    ``tools/streamed_work_breakdown.py``)."""
+    t0 = time.perf_counter()
+    model(input_ids=input_ids, labels=input_ids).loss.backward()
+    t1 = time.perf_counter()
+    opt.step()
+    opt.zero_grad()
+    return t1 - t0, time.perf_counter() - t1
+
+
 def _timed_sink(sink, total: dict, sync):
     """``sink`` with the seconds it runs added to ``total["s"]`` (after a device synchronisation on both
     sides, so on a GPU the time is the work's, not its launch's)."""

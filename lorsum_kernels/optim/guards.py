@@ -29,10 +29,10 @@ def finite_rows_of(tensors: list[Tensor], rows: int) -> Tensor:
     tensor's leading dimension is ``rows``).
 
     On the CPU, where a host check costs nothing, one sum per tensor settles the common case: a finite
-    total is finite only if every element is (as ``finite_data``); otherwise, or on an accelerator (no host
-    synchronisation in the step), each tensor gets the exact ``finite_rows`` check. The step checks a
-    handful of r-wide tensors per bucket: this is one reduction each instead of two plus the flags'
-    arithmetic.
+    total is finite only if every element is (±inf and NaN propagate, and inf − inf is NaN); a non-finite
+    total may also be an overflow of finite elements, which the exact ``finite_rows`` check then settles,
+    as it does every check on an accelerator (no host synchronisation in the step). One reduction per
+    tensor instead of two plus the flags' arithmetic.
     """
     if tensors and all(t.device.type == "cpu" for t in tensors):
         total = sum(t.sum() for t in tensors)
@@ -45,13 +45,10 @@ def finite_data(t: Tensor) -> Tensor:
     """0-d bool: whether every element of a captured X or S is finite, as ``finite_rows(t, 1)[0]``.
 
     On the CPU in one pass instead of two (these are the step's largest tensors, read once per layer in
-    the streamed step): a sum is finite only if every element is (±inf and NaN propagate, and inf − inf is
-    NaN), so a finite sum settles it; a non-finite one may also be an overflow of finite elements (fp16's
-    range is reached by a sum of moderate values), which the exact two-reduction check then settles.
+    the streamed step), by ``finite_rows_of``'s sum (fp16's range is reached by a sum of moderate values:
+    the exact check then settles it).
     """
-    if t.device.type == "cpu" and bool(t.sum().isfinite()):
-        return torch.ones((), dtype=torch.bool)
-    return finite_rows(t, 1)[0]
+    return finite_rows_of([t], 1)[0]
 
 
 def finite_once(t: Tensor, cache: dict) -> Tensor:

@@ -1,0 +1,97 @@
+"""One-layer timings behind docs/step_cost.md (issue #16), each an in-process comparison (this host drifts
+±10–20% between processes), one LoRA layer at SmolLM2's shapes, T = 2048 tokens, r = 16:
+
+* ``kernels``: the native half-steps (ops.lorsum_update_in / _out) with X and S in cache against evicted
+  first (96 MiB written between calls), next to their flop bound at torch's square-GEMM rate.
+* ``metric``: a ScaledLoRSum layer step at its defaults with the fused ``kfac_metric_update`` against the
+  composite path (statistics, EMA, power) that a per-layer β2 tensor takes, alternated in rounds.
+* ``sb0``: the A-step from a given T×r product ``S·B0`` (what autograd hands the layer's ``lora_A``
+  output) with torch's ``Gᵀ·X`` and the composite half-step, against the native A-step, data evicted.
+
+    python tools/layer_step_ab.py kernels|metric|sb0
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+
+import torch
+
+import lorsum_kernels as lk
+from lorsum_kernels import ops
+from lorsum_kernels.benchmark.step_flops import gemm_flops_per_second
+from lorsum_kernels.lora import LoRALinear
+
+SHAPES = [(576, 576), (1536, 576), (576, 1536)]  # (m, n): q/o, gate/up, down
+T, R = 2048, 16
+
+
+def _median_ms(fn, rounds: int, evict: torch.Tensor | None = None) -> float:
+    times = []
+    for i in range(rounds):
+        if evict is not None:
+            evict.add_(1.0)
+        start = time.perf_counter()
+        fn(i)
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def kernels() -> None:
+    evict = torch.randn(96 * 2**20 // 4)
+    rate = gemm_flops_per_second(2048, 2048, 2048, device=torch.device("cpu"))
+    for m, n in SHAPES:
+        X, S = [torch.randn(1, T, n) for _ in range(4)], [torch.randn(1, T, m) for _ in range(4)]
+        A, B = torch.randn(1, R, n) * 0.01, torch.randn(1, m, R) * 0.01
+        for side, op, hat in (("in", ops.lorsum_update_in, B), ("out", ops.lorsum_update_out, A)):
+            def run(i):
+                op(hat, (A, B), [(X[i % 4], S[i % 4].mT)], [1.0, -0.1], 0.01)
+            warm, cold = _median_ms(run, 25), _median_ms(run, 25, evict)
+            print(f"{m}x{n} {side}-step: in cache {warm:.2f} ms, evicted {cold:.2f} ms, "
+                  f"flop bound {1e3 * 2 * T * R * (m + n) / rate:.2f} ms")
+
+
+def metric() -> None:
+    step_module = sys.modules["lorsum_kernels.functional.lorsum_step"]
+    fused = step_module._one_host_value
+    paths = {"fused": fused, "composite": lambda beta: None if isinstance(beta, torch.Tensor) else beta}
+    for m, n in SHAPES:
+        model = torch.nn.Sequential(LoRALinear(torch.nn.Linear(n, m, bias=False), r=R))
+        opt = lk.ScaledLoRSum(model)
+        layer = opt._layers[0]
+        group = opt._group_of(layer)
+        X, S = torch.randn(T, n), torch.randn(T, m) * 1e-3
+        out = {name: [] for name in paths}
+        for rnd in range(12):
+            name = "fused" if rnd % 2 == 0 else "composite"
+            step_module._one_host_value = paths[name]
+            with torch.no_grad():
+                out[name].append(_median_ms(
+                    lambda i: opt._compute_bucket(group, [layer], [(X, S)], grads_from_data=True), 20))
+        step_module._one_host_value = fused
+        print(f"{m}x{n} ScaledLoRSum layer step: " + ", ".join(
+            f"{name} {statistics.median(v):.2f} ms" for name, v in out.items()))
+
+
+def sb0() -> None:
+    evict = torch.randn(96 * 2**20 // 4)
+    for m, n in SHAPES:
+        X, S = [torch.randn(1, T, n) for _ in range(4)], [torch.randn(1, T, m) for _ in range(4)]
+        A, B = torch.randn(1, R, n) * 0.01, torch.randn(1, m, R) * 0.01
+        G = [s @ B for s in S]
+
+        def native(i):
+            ops.lorsum_update_in(B, (A, B), [(X[i % 4], S[i % 4].mT)], [1.0, -0.1], 0.01)
+
+        def from_sb0(i):
+            ops.lorsum_update_with_token_product("in", B, (A, B), [], [1.0], 0.01, None,
+                                                 -0.1 * (G[i % 4].mT @ X[i % 4]))
+        print(f"{m}x{n} A-step, data evicted: native {_median_ms(native, 21, evict):.2f} ms, "
+              f"from S·B0 {_median_ms(from_sb0, 21, evict):.2f} ms")
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(2)
+    {"kernels": kernels, "metric": metric, "sb0": sb0}[sys.argv[1]]()
