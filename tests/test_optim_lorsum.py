@@ -12,6 +12,8 @@ from torch import nn
 import lorsum_kernels as lk
 from lorsum_kernels.functional import low_rank_sum, svdlora_step
 from lorsum_kernels.optim.guards import finite_data, finite_rows, finite_rows_of
+from lorsum_kernels._native import has_native_op
+from lorsum_kernels.optim import base, guards
 
 from .conftest import TinyLoRAMLP, rel_err
 
@@ -443,14 +445,12 @@ def _replace_captured_x(opt, module, x):
     records[0] = (x, records[0][1], x._version)
 
 
-@pytest.mark.parametrize("poison", ["X_q", "X_shared", "S_q", "S_k", "none"])
-def test_captured_inputs_are_checked_once_per_tensor_and_per_layer(poison, monkeypatch):
-    """A non-finite value in captured data skips exactly the layers that read it, even when the method's
-    outputs stay finite; an X shared by q and k (one check for both) skips both."""
-    torch.manual_seed(0)
-    model = SharedInputLoRA()
-    opt = lk.LoRSum(model, lr=0.1)
-    monkeypatch.setattr(lk.LoRSum, "_method_step", _finite_method_step)
+POISONS = ["X_q", "X_shared", "S_q", "S_k", "none"]
+
+
+def _step_with_poisoned_capture(model: SharedInputLoRA, opt, poison: str) -> None:
+    """One backward, a non-finite value put into the captured data named by ``poison``, one step; then
+    exactly the layers that read it (both q and k for their shared X) were skipped and counted."""
     model(torch.randn(2, 4, 12)).pow(2).sum().backward()
     (xq, sq), (xk, sk) = opt._capture.get(model.q), opt._capture.get(model.k)
     assert xq.data_ptr() == xk.data_ptr()
@@ -473,6 +473,40 @@ def test_captured_inputs_are_checked_once_per_tensor_and_per_layer(poison, monke
         assert torch.equal(A, A0) == (name in skipped), name
         assert opt.state[A]["skipped_steps"].item() == int(name in skipped)
     assert opt.state["skipped_steps"].item() == int(bool(skipped))  # steps that skipped anything
+
+
+@pytest.mark.parametrize("poison", POISONS)
+def test_captured_inputs_are_checked_once_per_tensor_and_per_layer(poison, monkeypatch):
+    """A non-finite value in captured data skips exactly the layers that read it, even when the method's
+    outputs stay finite; an X shared by q and k (one check for both) skips both. On the torch backend, whose
+    results are not assumed to carry the data's NaN (the native one's are: next test)."""
+    torch.manual_seed(0)
+    model = SharedInputLoRA()
+    opt = lk.LoRSum(model, lr=0.1, backend="torch")
+    monkeypatch.setattr(lk.LoRSum, "_method_step", _finite_method_step)
+    _step_with_poisoned_capture(model, opt, poison)
+
+
+@pytest.mark.skipif(not has_native_op("lorsum_update_in", "cpu"), reason="the native CPU ops are not built")
+@pytest.mark.parametrize("poison", POISONS)
+@pytest.mark.parametrize("make", [
+    lambda m: lk.LoRSum(m, lr=0.1),
+    lambda m: lk.LoRSum(m, lr=0.1, iters=0),
+    lambda m: lk.LoRSum(m, lr=0.1, momentum=0.9),
+    lambda m: lk.ScaledLoRSum(m),
+    lambda m: lk.ScaledLoRSum(m, metric="shampoo", betas=(0.0, 0.99)),
+], ids=["lorsum", "k0", "momentum", "scaled", "shampoo"])
+def test_native_results_carry_bad_captured_data(make, poison, monkeypatch):
+    """On the native CPU ops the separate pass over X and S is skipped (it would cost as much as a token
+    product) and the results' check catches bad data instead: the same layers skip as in the test above,
+    with the real method step, and the data are never checked on their own."""
+    torch.manual_seed(0)
+    model = SharedInputLoRA()
+    opt = make(model)
+    checked = []
+    monkeypatch.setattr(base, "finite_once", lambda t, cache: checked.append(t) or guards.finite_once(t, cache))
+    _step_with_poisoned_capture(model, opt, poison)
+    assert checked == []
 
 
 def test_non_finite_other_params_are_skipped():

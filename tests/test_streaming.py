@@ -347,7 +347,10 @@ def test_accumulation_streams_token_sum_steps_exactly(name):
     cls, kw = TOKEN_SUMS[name]
     streamed = _train(cls, dict(kw, accumulation_steps=3), "stream", micro=3)
     assert streamed[1]._capture.sink is not None
-    _assert_same_training(streamed, _train(cls, kw, "cache", micro=3))
+    # fp64 rounding apart: the streamed step solves from the token sums with the composite half-step, the
+    # cached one with the native half-step, whose r-wide algebra sums in another order (a few 1e-12
+    # relative after several steps of the sum-reduced loss); a lost micro-batch would be off by O(1).
+    _assert_same_training(streamed, _train(cls, kw, "cache", micro=3), rtol=1e-10, atol=1e-11)
 
 
 @pytest.mark.parametrize("name", ["lorsum_k0_momentum_rank", "scaled_k0_kfac_momentum_warmup"])

@@ -20,13 +20,17 @@
 //   D  += tmpᵀ · F_in_j           outer_accumulate over the rows of X  parallel over (layer, column block)
 //
 // No scaled copy of X or S, no m×n matrix. Every sum runs in an order fixed by the shapes alone, so the
-// result does not depend on the number of threads. The r-wide terms (Grams, anchor products) are small
-// batched ATen products; the r×r systems go to the batched ridged Cholesky of spd_solve.cpp.
+// result does not depend on the number of threads. The r-wide terms (Grams, anchor products, transposes)
+// are the plain loops of r_wide.h and the r×r systems the ridged Cholesky of small_spd.h, per layer, with
+// no ATen call between them: in the streamed step these run in backward right after the layer's GEMMs,
+// where each ATen call cost tens of µs cold (r_wide.h).
 //
 // The same two passes with several factors side by side (a wide B̂, e.g. [B̂ | B̂_m] for the weight and
 // momentum steps of PSI-LoRA, spec §9 H2) are exposed as the op pair_products.
 
 #include "common.h"
+#include "r_wide.h"
+#include "small_spd.h"
 #include "tiles.h"
 
 #include <torch/library.h>
@@ -206,43 +210,161 @@ std::vector<int64_t> with_matrix(const std::vector<int64_t>& batch, int64_t rows
   return shape;
 }
 
-at::Tensor run_half_step(const HalfStep& h, bool in_side) {
-  const auto opts = at::TensorOptions().dtype(h.acc);
-  const at::Tensor c0 = per_layer(h.coef[0], h.acc);
-  const at::Tensor lam = per_layer(h.lmbd, h.acc);
-  const at::Tensor eye = at::eye(h.r, opts);
-  const at::Tensor A0 = h.A0.to(h.acc);
-  const at::Tensor B0 = h.B0.to(h.acc);
-  const at::Tensor hat = h.hat.to(h.acc);
-  const at::Tensor m_in = h.m_in.defined() ? h.m_in.to(h.acc) : at::Tensor();
-  const at::Tensor m_out = h.m_out.defined() ? h.m_out.to(h.acc) : at::Tensor();
-  const std::vector<std::vector<double>> data_coef(h.coef.begin() + 1, h.coef.end());
+// t in the accumulation dtype, contiguous: t itself when it already is (no ATen call).
+at::Tensor as_acc(const at::Tensor& t, at::ScalarType acc) {
+  const at::Tensor u = t.scalar_type() == acc ? t : t.to(acc);
+  return u.is_contiguous() ? u : u.contiguous();
+}
+
+// A scratch buffer of at least `count` numbers, owned by the calling thread and reused across calls (the
+// half-steps' r-wide temporaries: no allocation per layer).
+template <typename acc_t>
+acc_t* scratch(int64_t count) {
+  thread_local std::vector<acc_t> buffer;
+  if (static_cast<int64_t>(buffer.size()) < count) {
+    buffer.resize(count);
+  }
+  return buffer.data();
+}
+
+// Solves gram · Z = rhs in place for one layer (gram r×r, rhs r×N, both row-major), with the ridged
+// Cholesky of small_spd.h; chol is r×r scratch.
+template <typename acc_t>
+void solve_one(bool vectorised, const acc_t* gram, int64_t r, acc_t* rhs, int64_t N, acc_t* chol) {
+  cpu::ridged_cholesky(gram, r, r, chol);
+  for (int64_t c0 = 0; c0 < N; c0 += cpu::kSolveColBlock) {
+    const int64_t nc = std::min(cpu::kSolveColBlock, N - c0);
+    if (vectorised) {
+      cpu::cholesky_solve_block_avx512<acc_t>(chol, r, rhs + c0, N, nc);
+    } else {
+      cpu::cholesky_solve_block_generic<acc_t>(chol, r, rhs + c0, N, nc);
+    }
+  }
+}
+
+// One half-step for every layer of h, in acc_t arithmetic: the r-wide algebra as the loops of r_wide.h,
+// the token products as add_data_term's passes, the r×r solve as small_spd.h's; ATen only to convert
+// inputs that are not already contiguous in acc_t and to allocate the result.
+template <typename acc_t>
+at::Tensor run_half_step_typed(const HalfStep& h, bool in_side) {
+  const bool vectorised = avx512_enabled();
+  const int64_t L = h.L, m = h.m, n = h.n, r = h.r;
+  const at::Tensor A0 = as_acc(h.A0, h.acc), B0 = as_acc(h.B0, h.acc), hat = as_acc(h.hat, h.acc);
+  const bool scaled = h.m_in.defined();
+  const at::Tensor m_in = scaled ? as_acc(h.m_in, h.acc) : at::Tensor();
+  const at::Tensor m_out = scaled ? as_acc(h.m_out, h.acc) : at::Tensor();
+  const acc_t* a0_p = A0.const_data_ptr<acc_t>();
+  const acc_t* b0_p = B0.const_data_ptr<acc_t>();
+  const acc_t* hat_p = hat.const_data_ptr<acc_t>();
+  const acc_t* mi_p = scaled ? m_in.const_data_ptr<acc_t>() : nullptr;
+  const acc_t* mo_p = scaled ? m_out.const_data_ptr<acc_t>() : nullptr;
+
+  const int64_t N = in_side ? n : m;  // columns of the system's right-hand side
+  const int64_t K = in_side ? m : n;  // rows the Grams sum over
+  // Scratch, one region per quantity, each holding all L layers contiguously (the token passes take the
+  // right-hand sides and Z as (L, r, N) and (L, r, K) arrays).
+  const int64_t rr = r * r;
+  acc_t* work = scratch<acc_t>(L * (4 * rr + 3 * K * r + r * N + r * m));
+  acc_t* const grams = work;
+  acc_t* const chols = grams + L * rr;
+  acc_t* const smalls = chols + L * rr;
+  acc_t* const smalls_t = smalls + L * rr;
+  acc_t* const Ps = smalls_t + L * rr;
+  acc_t* const Qs = Ps + L * K * r;
+  acc_t* const Zs = Qs + L * K * r;
+  acc_t* const rhss = Zs + L * r * K;
+  acc_t* const B0ts = rhss + L * r * N;
+
+  // 1. Per layer: the Gram (with λ on its diagonal), the anchor term of the right-hand side, and Z, the
+  //    r-wide operand of the token products.
+  cpu::parallel_tasks(L, 4 * K * r * r + r * r * N, [&](int64_t b) {
+    const acc_t c0 = static_cast<acc_t>(h.coef[0][b]);
+    const acc_t lam = static_cast<acc_t>(h.lmbd[b]);
+    const acc_t* A0b = a0_p + b * r * n;
+    const acc_t* B0b = b0_p + b * m * r;
+    acc_t* gram = grams + b * rr;
+    acc_t* small = smalls + b * rr;
+    acc_t* P = Ps + b * K * r;
+    acc_t* Q = Qs + b * K * r;
+    acc_t* Z = Zs + b * r * K;
+    acc_t* rhs = rhss + b * r * N;
+    if (in_side) {
+      // gram = B̂ᵀM_outB̂ + λI;  rhs = B̂ᵀM_out(c0·B0 − B̂)·A0;  Z = B̂ᵀ.
+      const acc_t* Bh = hat_p + b * m * r;
+      const acc_t* mo = scaled ? mo_p + b * m : nullptr;
+      for (int64_t i = 0; i < m * r; ++i) {
+        Q[i] = B0b[i] * c0 - Bh[i];
+      }
+      cpu::r_wide::weighted_outer_sum(vectorised, m, r, Bh, r, Bh, r, mo, lam, gram);
+      cpu::r_wide::weighted_outer_sum(vectorised, m, r, Bh, r, Q, r, mo, acc_t(0), small);
+      cpu::r_wide::rows_times(vectorised, r, r, n, small, r, A0b, n, rhs, n);
+      cpu::r_wide::transpose(m, r, Bh, r, Z);
+    } else {
+      // gram = ÂM_inÂᵀ + λI;  E = (c0·A0 − Â)·M_in·Âᵀ;  rhsᵀ = Eᵀ·B0ᵀ (the B-step in transposed form);
+      // Z = Â. The sums over n run over the rows of Âᵀ and (c0·A0 − Â)ᵀ.
+      const acc_t* Ah = hat_p + b * r * n;
+      const acc_t* mi = scaled ? mi_p + b * n : nullptr;
+      cpu::r_wide::transpose(r, n, Ah, n, P);  // Âᵀ (n×r)
+      for (int64_t i = 0; i < r; ++i) {
+        for (int64_t c = 0; c < n; ++c) {
+          Q[c * r + i] = A0b[i * n + c] * c0 - Ah[i * n + c];
+        }
+      }
+      cpu::r_wide::weighted_outer_sum(vectorised, n, r, P, r, P, r, mi, lam, gram);
+      cpu::r_wide::weighted_outer_sum(vectorised, n, r, Q, r, P, r, mi, acc_t(0), small);
+      acc_t* small_t = smalls_t + b * rr;
+      cpu::r_wide::transpose(r, r, small, r, small_t);
+      acc_t* B0t = B0ts + b * r * m;
+      cpu::r_wide::transpose(m, r, B0b, r, B0t);
+      cpu::r_wide::rows_times(vectorised, r, r, m, small_t, r, B0t, m, rhs, m);
+      std::copy(Ah, Ah + r * n, Z);
+    }
+  });
+
+  // 2. The data terms, added to every layer's right-hand side by the token passes.
   std::vector<at::Tensor> rows_S, rows_X;  // F_out_jᵀ (L, q, m) and F_in_j (L, q, n)
   for (size_t j = 0; j < h.f_in.size(); ++j) {
-    rows_S.push_back(cpu::rows_view(h.f_out[j].mT(), h.L));
+    rows_S.push_back(cpu::rows_view(h.f_out[j].mT(), L));
     rows_X.push_back(h.f_in[j]);
   }
-
-  if (in_side) {
-    // Â = A0 + (B̂ᵀM_outB̂ + λI)⁻¹ [B̂ᵀM_out(c0·B0 − B̂)·A0 + D·M_in⁻¹],  D = Σ_j c_j (B̂ᵀF_out_j)F_in_j:
-    // the reference's solve for the change from the anchor.
-    const at::Tensor BwT = (m_out.defined() ? hat * m_out.unsqueeze(-1) : hat).mT();
-    const at::Tensor gram = (at::matmul(BwT, hat) + lam * eye).contiguous();
-    const at::Tensor residual = at::matmul(at::matmul(BwT, B0 * c0 - hat), A0).contiguous();
-    add_data_term(residual, hat.mT().contiguous(), rows_S, rows_X, data_coef, m_in);
-    cpu::solve_spd_batched_(gram, residual);
-    return residual.add_(A0).to(h.out_dtype).view(with_matrix(h.batch, h.r, h.n));
+  if (!rows_S.empty()) {
+    const auto opts = at::TensorOptions().dtype(h.acc);
+    const at::Tensor rhs_all = at::from_blob(rhss, {L, r, N}, opts);
+    const at::Tensor z_all = at::from_blob(Zs, {L, r, K}, opts);
+    const std::vector<std::vector<double>> data_coef(h.coef.begin() + 1, h.coef.end());
+    add_data_term(rhs_all, z_all, in_side ? rows_S : rows_X, in_side ? rows_X : rows_S, data_coef,
+                  in_side ? m_in : m_out);
   }
-  // B̂ = B0 + [B0·(c0·A0 − Â)·M_inÂᵀ + M_out⁻¹·D] (ÂM_inÂᵀ + λI)⁻¹,  D = Σ_j c_j F_out_j(F_in_jÂᵀ), solved in
-  // transposed form: (ÂM_inÂᵀ + λI)·Δᵀ = residualᵀ, with Dᵀ = Σ_j c_j (F_in_jÂᵀ)ᵀF_out_jᵀ.
-  const at::Tensor Aw = m_in.defined() ? hat * m_in.unsqueeze(-2) : hat;
-  const at::Tensor gram = (at::matmul(Aw, hat.mT()) + lam * eye).contiguous();
-  const at::Tensor residualT = at::matmul(at::matmul(A0 * c0 - hat, Aw.mT()).mT(), B0.mT()).contiguous();
-  add_data_term(residualT, hat.contiguous(), rows_X, rows_S, data_coef, m_out);
-  cpu::solve_spd_batched_(gram, residualT);
-  at::Tensor out = at::empty(with_matrix(h.batch, h.m, h.r), opts.dtype(h.out_dtype));
-  out.view({h.L, h.m, h.r}).copy_(B0 + residualT.mT());
-  return out;
+
+  // 3. Per layer: solve, and add the anchor.
+  const bool direct = h.out_dtype == h.acc;
+  at::Tensor out = at::empty(with_matrix(h.batch, in_side ? r : m, in_side ? n : r),
+                             at::TensorOptions().dtype(direct ? h.out_dtype : h.acc));
+  acc_t* out_p = out.mutable_data_ptr<acc_t>();
+  cpu::parallel_tasks(L, r * r * N, [&](int64_t b) {
+    acc_t* rhs = rhss + b * r * N;
+    solve_one(vectorised, grams + b * rr, r, rhs, N, chols + b * rr);
+    if (in_side) {
+      const acc_t* A0b = a0_p + b * r * n;
+      acc_t* ob = out_p + b * r * n;
+      for (int64_t i = 0; i < r * n; ++i) {
+        ob[i] = A0b[i] + rhs[i];
+      }
+    } else {
+      const acc_t* B0b = b0_p + b * m * r;
+      acc_t* ob = out_p + b * m * r;
+      for (int64_t k = 0; k < m; ++k) {
+        for (int64_t j = 0; j < r; ++j) {
+          ob[k * r + j] = B0b[k * r + j] + rhs[j * m + k];
+        }
+      }
+    }
+  });
+  return direct ? out : out.to(h.out_dtype);
+}
+
+at::Tensor run_half_step(const HalfStep& h, bool in_side) {
+  return h.acc == at::kDouble ? run_half_step_typed<double>(h, in_side) : run_half_step_typed<float>(h, in_side);
 }
 
 at::Tensor lorsum_update_in_cpu(const at::Tensor& B_hat, const at::Tensor& A0, const at::Tensor& B0,

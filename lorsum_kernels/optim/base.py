@@ -327,6 +327,23 @@ class LoRAOptimizer(CheckpointMixin, ReshardingMixin, torch.optim.Optimizer):
         kernels parallelise within a layer and the torch reference runs the same products per layer."""
         return device.type == "cpu" or self._backend(group, device).of(self._data_op) == "torch"
 
+    # The ops through which the method's step reads the captured X and S (empty: some of it goes through
+    # torch). See _results_carry_bad_data.
+    _data_ops: tuple[str, ...] = ()
+
+    def _results_carry_bad_data(self, group: dict, device: torch.device) -> bool:
+        """Whether a non-finite value anywhere in a layer's X or S provably makes that layer's step results
+        non-finite, so that checking the results checks the data too and the separate pass over X and S
+        (the step's largest tensors) can be skipped. True when every op of ``_data_ops`` runs natively on
+        the CPU: those kernels multiply every element of X and S into every result it feeds in plain IEEE
+        arithmetic (no fast-math, no skipped zeros: NaN·0 is NaN), and the r×r solves turn a non-finite
+        right-hand side or Gram into a non-finite solution (tests/ops: ``*nan*``). Not assumed of torch's
+        BLAS, which may skip zeros, nor of the GPU kernels until they have run on one."""
+        if device.type != "cpu" or not self._data_ops:
+            return False
+        backend = self._backend(group, device)
+        return all(backend.of(op) == "native" for op in self._data_ops)
+
     def _backend(self, group: dict, device: torch.device) -> ops.Backend:
         """The group's ``backend`` on ``device``, resolved once per step (``ops.resolve``: each op looked up
         once) and passed down to every op of the step; dropped when the step ends, so a change of the
@@ -614,13 +631,14 @@ class LoRAOptimizer(CheckpointMixin, ReshardingMixin, torch.optim.Optimizer):
                                                     self._backend(group, dev))
         A_new, B_new = A_new / root, B_new / root
         # A layer steps only if everything it read and everything it would write is finite: a NaN input
-        # almost always reaches the outputs, but not provably (a clamp, a zero weight), so both count.
-        # The captured X and S are checked as captured (before the clip factor, checked on its own).
+        # almost always reaches the outputs, but not provably (a clamp, a zero weight), so both count,
+        # except where the method's native ops make it provable (_results_carry_bad_data). The captured
+        # X and S are checked as captured (before the clip factor, checked on its own).
         checked = [A_new, B_new, *new_state.values(), *(grads or ())]
         if clip is not None:
             checked.append(clip.expand(len(layers)))
         finite = finite_rows_of(checked, len(layers)).unsqueeze(0)
-        if data and data[0] is not None:
+        if data and data[0] is not None and not self._results_carry_bad_data(group, dev):
             cache = {} if checked_inputs is None else checked_inputs
             inputs = [torch.stack([finite_once(d[side], cache) for d in data]) for side in (0, 1)]
             finite = torch.cat([finite, torch.stack(inputs)])

@@ -101,6 +101,9 @@ class LoRSum(_MomentumFactors, LoRAOptimizer):
             (Default: None)
     """
 
+    # Every read of X and S goes through these (psi_lora_step: the half-steps, or the lock-step products).
+    _data_ops = ("lorsum_update_in", "lorsum_update_out", "pair_products")
+
     def __init__(
         self,
         model,
@@ -178,6 +181,9 @@ class ScaledLoRSum(_MomentumFactors, LoRAOptimizer):
             official code). Adds a per-layer update count ``metric_updates`` to the state.
             (Default: True)
     """
+
+    # LoRSum's, plus the metric statistics (fused, or the composite's sums of squares and Shampoo energies).
+    _data_ops = LoRSum._data_ops + ("kfac_metric_update", "col_sq_sums", "row_col_energies")
 
     def __init__(
         self,
