@@ -7,8 +7,11 @@
   composite path (statistics, EMA, power) that a per-layer β2 tensor takes, alternated in rounds.
 * ``sb0``: the A-step from a given T×r product ``S·B0`` (what autograd hands the layer's ``lora_A``
   output) with torch's ``Gᵀ·X`` and the composite half-step, against the native A-step, data evicted.
+* ``after_gemm``: what a call costs where the streamed step runs it, right after a layer's GEMM (a
+  2048×576 by 576×1536 fp32 product, as gate/up's backward): the first tiny torch op, and the native
+  A-step at T = 1, 32 and 2048 (first, second and third call after the GEMM, and warm), per call.
 
-    python tools/layer_step_ab.py kernels|metric|sb0
+    python tools/layer_step_ab.py kernels|metric|sb0|after_gemm
 """
 
 from __future__ import annotations
@@ -92,6 +95,35 @@ def sb0() -> None:
               f"from S·B0 {_median_ms(from_sb0, 21, evict):.2f} ms")
 
 
+def after_gemm() -> None:
+    a, b, out = torch.randn(2048, 576), torch.randn(576, 1536), torch.empty(2048, 1536)
+    m = n = 576
+    tiny = torch.randn(16)
+
+    def calls_after_gemm(fn, calls: int, rounds: int = 60) -> list[float]:
+        times = [[] for _ in range(calls + 1)]
+        for _ in range(rounds):
+            torch.matmul(a, b, out=out)
+            for k in range(calls):
+                start = time.perf_counter()
+                fn()
+                times[k].append(time.perf_counter() - start)
+        for _ in range(rounds):
+            start = time.perf_counter()
+            fn()
+            times[calls].append(time.perf_counter() - start)
+        return [1e6 * statistics.median(t) for t in times]
+
+    first, *_, warm = calls_after_gemm(lambda: tiny.mul(2), 2)
+    print(f"a 16-element torch op: first after the GEMM {first:.0f} us, warm {warm:.0f} us")
+    for tokens in (1, 32, 2048):
+        X, S = torch.randn(1, tokens, n), torch.randn(1, tokens, m)
+        A, B = torch.randn(1, R, n) * 0.01, torch.randn(1, m, R) * 0.01
+        t = calls_after_gemm(lambda: ops.lorsum_update_in(B, (A, B), [(X, S.mT)], [1.0, -0.1], 0.01), 3)
+        print(f"native A-step 576x576, T = {tokens}: after the GEMM 1st {t[0]:.0f}, 2nd {t[1]:.0f}, "
+              f"3rd {t[2]:.0f} us; warm {t[3]:.0f} us")
+
+
 if __name__ == "__main__":
     torch.set_num_threads(2)
-    {"kernels": kernels, "metric": metric, "sb0": sb0}[sys.argv[1]]()
+    {"kernels": kernels, "metric": metric, "sb0": sb0, "after_gemm": after_gemm}[sys.argv[1]]()
