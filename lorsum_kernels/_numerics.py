@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["FALLBACK_RIDGE", "RELATIVE_RIDGE", "batch_scalar", "math_dtype", "promoted_dtype", "relative_ridge",
+__all__ = ["FALLBACK_RIDGE", "RELATIVE_RIDGE", "as_dtype", "batch_scalar", "math_dtype", "promoted_dtype", "relative_ridge",
            "ridged_cholesky"]
 
 # Ridge added to every r×r Gram before its Cholesky factorisation, relative to its mean diagonal, per
@@ -34,6 +34,12 @@ def math_dtype(*items: Tensor | torch.dtype | None) -> torch.dtype:
         if item is not None and (item if isinstance(item, torch.dtype) else item.dtype) == torch.float64:
             return torch.float64
     return torch.float32
+
+
+def as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t.to(dtype)``, without the call when ``t`` already has it (the step's per-layer path runs in
+    backward, where every torch call costs tens of µs cold)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def promoted_dtype(*tensors: Tensor) -> torch.dtype:

@@ -242,11 +242,29 @@ def kfac_metric_update(
     return reference.kfac_metric_update(*args)
 
 
+# float64 tensors of plain numbers the half-steps are called with, by value (the native ops only read them):
+# the optimizers call them with the same coefficients and λ for every layer, ~4 constructions per layer
+# and round otherwise. Bounded: a schedule's new lr adds entries, and a full table starts over.
+_SCALAR_TENSORS: dict = {}
+
+
+def _float64_tensor(value: float | tuple[float, ...]) -> Tensor:
+    """``torch.tensor(value, dtype=torch.float64)``, built once per value (keyed by ``float.hex``, which tells
+    -0.0 from 0.0 and keeps NaN); read-only: the ops never write their scalar arguments."""
+    key = value.hex() if isinstance(value, float) else tuple(v.hex() for v in value)
+    t = _SCALAR_TENSORS.get(key)
+    if t is None:
+        if len(_SCALAR_TENSORS) >= 64:
+            _SCALAR_TENSORS.clear()
+        t = _SCALAR_TENSORS[key] = torch.tensor(value, dtype=torch.float64)
+    return t
+
+
 def _per_layer(values: Sequence, batch: torch.Size) -> Tensor:
     """Scalars (numbers, 0-d tensors, or tensors broadcastable to ``batch``) as one float64 tensor:
     (len(values),) when every value is shared by the batch, else (len(values), prod(batch))."""
     if all(isinstance(v, (int, float)) for v in values):  # the common case, in one tensor construction
-        return torch.tensor([float(v) for v in values], dtype=torch.float64)
+        return _float64_tensor(tuple(float(v) for v in values))
     ts = [torch.as_tensor(v, dtype=torch.float64) for v in values]
     if all(t.ndim == 0 for t in ts):
         return torch.stack(ts) if ts else torch.empty(0, dtype=torch.float64)
@@ -267,7 +285,7 @@ def _half_step_args(hat, anchor, pairs, coeffs, lmbd, metrics) -> tuple:
     def expand(t: Tensor, trailing: int) -> Tensor:
         return t if t.shape[: t.ndim - trailing] == batch else t.expand(batch + t.shape[t.ndim - trailing :])
 
-    lam = torch.tensor(float(lmbd), dtype=torch.float64) if isinstance(lmbd, (int, float)) else \
+    lam = _float64_tensor(float(lmbd)) if isinstance(lmbd, (int, float)) else \
         torch.as_tensor(lmbd, dtype=torch.float64)
     if lam.ndim > 0:
         lam = lam.expand(batch).reshape(-1)

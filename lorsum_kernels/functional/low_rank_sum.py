@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from .._numerics import batch_scalar, math_dtype
+from .._numerics import as_dtype, batch_scalar, math_dtype
 
 Pair = tuple[Tensor, Tensor]
 # Data-parallel mode: averages a list of tensors over ranks and returns the averages
@@ -50,7 +50,7 @@ def data_operand(t: Tensor, dt: torch.dtype, backend) -> Tensor:
     if dt == torch.float32 and t.dtype in (torch.bfloat16, torch.float16):
         if ops.implementation(backend, t.device, "lorsum_update_in") == "native":
             return t
-    return t.to(dt)
+    return as_dtype(t, dt)
 
 
 def _check_pairs(pairs: Sequence[Pair], coeffs: Sequence, iters: int) -> None:
@@ -93,10 +93,10 @@ def _lorsum(pairs, coeffs, metrics, lmbd, iters, backend, reduce=None) -> Pair:
         raise ValueError("with reduce, pairs[1] must be this rank's token pair (X, S.mT)")
     out_dtype = pairs[0][0].dtype
     dt = compute_dtype(*(t for pair in pairs for t in pair))
-    cast = [(pairs[0][0].to(dt), pairs[0][1].to(dt))]
+    cast = [(as_dtype(pairs[0][0], dt), as_dtype(pairs[0][1], dt))]
     cast += [(data_operand(f_in, dt, backend), data_operand(f_out, dt, backend)) for f_in, f_out in pairs[1:]]
     if metrics is not None:
-        metrics = (metrics[0].to(dt), metrics[1].to(dt))
+        metrics = (as_dtype(metrics[0], dt), as_dtype(metrics[1], dt))
     anchor, rest = cast[0], cast[1:]
     if reduce is not None:
         problem = LoRSumProblem(anchor, rest[1:], list(coeffs), metrics, lmbd)
@@ -115,7 +115,7 @@ def _lorsum(pairs, coeffs, metrics, lmbd, iters, backend, reduce=None) -> Pair:
         for _ in range(iters):
             A_new = ops.lorsum_update_in(B_new, anchor, rest, coeffs, lmbd, metrics, **kw)
             B_new = ops.lorsum_update_out(A_new, anchor, rest, coeffs, lmbd, metrics, **kw)
-    return A_new.to(out_dtype), B_new.to(out_dtype)
+    return as_dtype(A_new, out_dtype), as_dtype(B_new, out_dtype)
 
 
 class LoRSumProblem(NamedTuple):

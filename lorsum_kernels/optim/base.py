@@ -67,7 +67,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from .._numerics import math_dtype
+from .._numerics import as_dtype, math_dtype
 from ..capture import ActivationCapture
 from ..distributed import resolve_data_parallel
 from ..fsdp import is_sharded, local_tensor
@@ -183,6 +183,7 @@ class LoRAOptimizer(CheckpointMixin, ReshardingMixin, torch.optim.Optimizer):
         self._owners = parameter_owners(model)
         self._rehook_pending = False
         self._resolved: dict = {}  # (id(group), device) -> ops.Backend, for one step (_backend)
+        self._roots: dict = {}  # (scales, dtype, device) -> √s of a bucket (_scale_root)
         self._capture = ActivationCapture(self._layers) if self.needs_capture else None
         # The step inside backward (optim/streaming.py): None for the methods that step from .grad.
         self._streamed = None if self._capture is None else StreamedStep(self, capture, accumulation_steps)
@@ -437,7 +438,12 @@ class LoRAOptimizer(CheckpointMixin, ReshardingMixin, torch.optim.Optimizer):
             results += self._streamed.collect(lambda group: either(scaler_found_inf, lr_skip[id(group)]))
         alpha, olds = None, [None] * len(results)
         if self.max_update_norm is not None:
-            alpha, olds = self._update_clip(results)
+            alpha, old_factors = self._update_clip(results)
+            if alpha.device.type == "cpu" and bool(alpha >= 1):
+                alpha = None  # the clip moves nothing (moved_by would return every result as it is)
+            else:
+                olds = [(_stacked(A_old).to(r[2].dtype), _stacked(B_old).to(r[2].dtype))
+                        for (A_old, B_old), r in zip(old_factors, results)]
         for (group, layers, A_new, B_new, new_state, finite, skip), old in zip(results, olds):
             skipped.append(self._write_bucket(layers, A_new, B_new, new_state, finite, skip, alpha, old))
         for group in self.param_groups:
@@ -552,16 +558,16 @@ class LoRAOptimizer(CheckpointMixin, ReshardingMixin, torch.optim.Optimizer):
 
     def _update_clip(self, results) -> tuple[Tensor, list]:
         """``max_update_norm``'s factor α (a 0-d device tensor) for this step's results (optim/update_clip.py),
-        and each result's old factors, stacked (the write moves from them: gathered once under FSDP2); the
-        step's update norm N goes to ``self.update_norm``. The bounds are computed once per factor shape, over
-        all the results of that shape (the streamed step hands over one result per layer: ~15 small ops
-        each would be the step's largest cost)."""
+        and each result's old factors as lists of full tensors (the write moves from them where α < 1:
+        gathered once under FSDP2); the step's update norm N goes to ``self.update_norm``. The bounds are
+        computed once per factor shape, over all the results of that shape (the streamed step hands over one
+        result per layer: ~15 small ops each would be the step's largest cost), the old factors stacked
+        once per shape."""
         olds, batches = [], {}
         for group, layers, A_new, B_new, _, finite, skip in results:
             A_old, B_old, _ = self._factor_values(layers)
-            dt = A_new.dtype
-            A_old, B_old = _stacked(A_old).to(dt), _stacked(B_old).to(dt)
             olds.append((A_old, B_old))
+            dt = A_new.dtype
             counted = finite if skip is None else finite & ~skip.to(finite.device)
             lr = group["lr"]
             lr = lr.to(dt).expand(len(layers)) if isinstance(lr, Tensor) else [float(lr)] * len(layers)
@@ -573,11 +579,15 @@ class LoRAOptimizer(CheckpointMixin, ReshardingMixin, torch.optim.Optimizer):
         squares = []
         for (_, _, dt, device), (A_old, B_old, A_new, B_new, scales, lrs, counted) in batches.items():
             root = torch.tensor([s for part in scales for s in part], dtype=dt, device=device).sqrt().view(-1, 1, 1)
-            A_old, B_old, A_new, B_new = (torch.cat(t) * root for t in (A_old, B_old, A_new, B_new))
+            A_old, B_old = (torch.stack([p for part in t for p in part]).to(dt) * root for t in (A_old, B_old))
+            A_new, B_new = (torch.cat(t) * root for t in (A_new, B_new))
             bound = merged_update_bound(A_old, B_old, A_new, B_new)
-            lr = torch.cat([v.to(device) if isinstance(v, Tensor) else torch.tensor(v, dtype=dt, device=device)
-                            for v in lrs])
-            counted = torch.cat([c.to(device) for c in counted])
+            if any(isinstance(v, Tensor) for v in lrs):
+                lr = torch.cat([v.to(device) if isinstance(v, Tensor) else torch.tensor(v, dtype=dt, device=device)
+                                for v in lrs])
+            else:  # plain numbers (the usual case): one tensor for the whole batch
+                lr = torch.tensor([x for v in lrs for x in v], dtype=dt, device=device)
+            counted = torch.cat([c if c.device == device else c.to(device) for c in counted])
             per_lr = torch.where(counted & (lr > 0), bound / torch.where(lr > 0, lr, 1), 0)
             squares.append(per_lr.square().sum())
         device = self._layers[0].A.device
@@ -598,10 +608,10 @@ class LoRAOptimizer(CheckpointMixin, ReshardingMixin, torch.optim.Optimizer):
             reduce = self._reduce
         dev = layers[0].A.device
         dt = self._state_dtype(layers[0])
-        root = torch.tensor([layer.scale for layer in layers], dtype=dt, device=dev).sqrt().view(-1, 1, 1)
+        root = self._scale_root([layer.scale for layer in layers], dt, dev)
         A_list, B_list, grad_lists = self._factor_values(layers)
-        A = _stacked(A_list).to(dt) * root
-        B = _stacked(B_list).to(dt) * root
+        A = as_dtype(_stacked(A_list), dt) * root
+        B = as_dtype(_stacked(B_list), dt) * root
         X = S = None
         if self.needs_capture:
             X = _stacked([d[0] for d in data])
@@ -649,6 +659,17 @@ class LoRAOptimizer(CheckpointMixin, ReshardingMixin, torch.optim.Optimizer):
             # The local X and S were checked: step on all ranks or on none.
             finite = self._reduce.all_ranks(finite)
         return A_new, B_new, new_state, finite
+
+    def _scale_root(self, scales: list[float], dt: torch.dtype, dev: torch.device) -> Tensor:
+        """(L, 1, 1) ``√s`` of a bucket's layers, built once per distinct list of scales (a bucket's layers
+        and their scales do not change from step to step: no tensor construction per step and layer)."""
+        key = (tuple(scales), dt, dev)
+        root = self._roots.get(key)
+        if root is None:
+            if len(self._roots) > 4 * len(self._layers) + 16:  # scales changed many times: start over
+                self._roots.clear()
+            root = self._roots[key] = torch.tensor(scales, dtype=dt, device=dev).sqrt().view(-1, 1, 1)
+        return root
 
     def _factor_grads_finite(self, layers: list[LoRALayer]) -> Tensor:
         """(L,) bool: the autograd gradients of each layer's factors are finite (absent ones are); under

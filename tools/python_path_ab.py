@@ -1,0 +1,96 @@
+"""The streamed step's work with this tree's Python against a commit's, in one process (issue #16).
+
+Host drift between processes (±10–20% here) hides changes of a few percent, so this swaps the step's
+Python functions between the working tree's and ``--against``'s, step by step, on the real-model
+benchmark's SmolLM2 model (``benchmark/real_model.build``: LoRA r=16 on the 210 linear modules, 4 × 512
+random tokens), and reports each side's work per step (the capture's sink, i.e. the work inside backward,
+plus ``step()``). Only Python is swapped: both sides run the same native extension (the one built from
+the working tree). The swapped functions: ``LoRAOptimizer.step``, ``._update_clip`` and
+``._compute_bucket`` (optim/base.py), ``functional.low_rank_sum._lorsum`` and ``ops._half_step_args``.
+
+    python tools/python_path_ab.py lorsum --against HEAD~1 [--steps 6] [--kwargs '{"momentum": 0.9}']
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from lorsum_kernels import create_optimizer, ops
+from lorsum_kernels.benchmark import real_model
+from lorsum_kernels.optim import base
+
+ROOT = Path(__file__).resolve().parents[1]
+low_rank_sum = importlib.import_module("lorsum_kernels.functional.low_rank_sum")
+
+
+def _module_at(commit: str, path: str, package: str) -> dict:
+    """The namespace of ``path`` (a module of ``package``) as it was at ``commit``, executed anew."""
+    source = subprocess.run(["git", "show", f"{commit}:{path}"], cwd=ROOT, check=True, capture_output=True,
+                            text=True).stdout
+    namespace = {"__name__": f"{package}._ab_{Path(path).stem}", "__package__": package}
+    exec(compile(source, f"{commit}:{path}", "exec"), namespace)
+    return namespace
+
+
+def _sides(commit: str) -> dict:
+    old_base = _module_at(commit, "lorsum_kernels/optim/base.py", "lorsum_kernels.optim")["LoRAOptimizer"]
+    old_lrs = _module_at(commit, "lorsum_kernels/functional/low_rank_sum.py", "lorsum_kernels.functional")
+    old_ops = _module_at(commit, "lorsum_kernels/ops.py", "lorsum_kernels")
+    targets = [(base.LoRAOptimizer, "step"), (base.LoRAOptimizer, "_update_clip"),
+               (base.LoRAOptimizer, "_compute_bucket"), (low_rank_sum, "_lorsum"), (ops, "_half_step_args")]
+    old = [old_base.__dict__["step"], old_base.__dict__["_update_clip"], old_base.__dict__["_compute_bucket"],
+           old_lrs["_lorsum"], old_ops["_half_step_args"]]
+    new = [base.LoRAOptimizer.__dict__["step"], base.LoRAOptimizer.__dict__["_update_clip"],
+           base.LoRAOptimizer.__dict__["_compute_bucket"], low_rank_sum._lorsum, ops._half_step_args]
+    return {"tree": list(zip(targets, new)), commit: list(zip(targets, old))}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("name")
+    parser.add_argument("--against", required=True, help="the commit whose Python the tree is compared with")
+    parser.add_argument("--kwargs", default="{}", help="JSON keyword arguments of the optimizer")
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per side, after 2 warm-up steps")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(2)
+    sides = _sides(args.against)
+    model = real_model.build(30, 16, "none", torch.device("cpu"))
+    opt = create_optimizer(model, args.name, **json.loads(args.kwargs))
+    ids = torch.randint(0, model.config.vocab_size, (4, 512), generator=torch.Generator().manual_seed(0))
+    for _ in range(2):
+        real_model.timed_train_step(model, opt, ids)
+    capture = opt._capture
+    sink, spent = capture.sink, [0.0]
+
+    def timed_sink(*a):
+        start = time.perf_counter()
+        try:
+            return sink(*a)
+        finally:
+            spent[0] += time.perf_counter() - start
+
+    capture.sink = timed_sink
+    work = {side: [] for side in sides}
+    names = list(sides)
+    for i in range(args.steps):
+        for side in names if i % 2 == 0 else names[::-1]:
+            for (owner, attr), fn in sides[side]:
+                setattr(owner, attr, fn)
+            spent[0] = 0.0
+            _, step = real_model.timed_train_step(model, opt, ids)
+            work[side].append(1e3 * (spent[0] + step))
+    for side, values in work.items():
+        print(f"{side}: work per step median {statistics.median(values):.1f} ms "
+              f"(each step: {' '.join(f'{v:.0f}' for v in values)})")
+
+
+if __name__ == "__main__":
+    main()
