@@ -6,7 +6,8 @@ benchmark's SmolLM2 model (``benchmark/real_model.build``: LoRA r=16 on the 210 
 random tokens), and reports each side's work per step (the capture's sink, i.e. the work inside backward,
 plus ``step()``). Only Python is swapped: both sides run the same native extension (the one built from
 the working tree). The swapped functions: ``LoRAOptimizer.step``, ``._update_clip`` and
-``._compute_bucket`` (optim/base.py), ``functional.low_rank_sum._lorsum`` and ``ops._half_step_args``.
+``._compute_bucket`` (optim/base.py), ``StreamedStep.take`` and ``.collect`` (optim/streaming.py),
+``functional.low_rank_sum._lorsum`` and ``ops._half_step_args``.
 
     python tools/python_path_ab.py lorsum --against HEAD~1 [--steps 6] [--kwargs '{"momentum": 0.9}']
 """
@@ -25,7 +26,7 @@ import torch
 
 from lorsum_kernels import create_optimizer, ops
 from lorsum_kernels.benchmark import real_model
-from lorsum_kernels.optim import base
+from lorsum_kernels.optim import base, streaming
 
 ROOT = Path(__file__).resolve().parents[1]
 low_rank_sum = importlib.import_module("lorsum_kernels.functional.low_rank_sum")
@@ -40,16 +41,21 @@ def _module_at(commit: str, path: str, package: str) -> dict:
     return namespace
 
 
-def _sides(commit: str) -> dict:
+def _sides(commit: str, cls: type) -> dict:
+    """Per side, (owner, attribute) -> function. ``step`` is set on the optimizer's own class ``cls``, where
+    torch.optim's profiling wrapper put the inherited step at construction."""
     old_base = _module_at(commit, "lorsum_kernels/optim/base.py", "lorsum_kernels.optim")["LoRAOptimizer"]
+    old_streamed = _module_at(commit, "lorsum_kernels/optim/streaming.py", "lorsum_kernels.optim")["StreamedStep"]
     old_lrs = _module_at(commit, "lorsum_kernels/functional/low_rank_sum.py", "lorsum_kernels.functional")
     old_ops = _module_at(commit, "lorsum_kernels/ops.py", "lorsum_kernels")
-    targets = [(base.LoRAOptimizer, "step"), (base.LoRAOptimizer, "_update_clip"),
-               (base.LoRAOptimizer, "_compute_bucket"), (low_rank_sum, "_lorsum"), (ops, "_half_step_args")]
+    targets = [(cls, "step"), (base.LoRAOptimizer, "_update_clip"),
+               (base.LoRAOptimizer, "_compute_bucket"), (streaming.StreamedStep, "take"),
+               (streaming.StreamedStep, "collect"), (low_rank_sum, "_lorsum"), (ops, "_half_step_args")]
     old = [old_base.__dict__["step"], old_base.__dict__["_update_clip"], old_base.__dict__["_compute_bucket"],
-           old_lrs["_lorsum"], old_ops["_half_step_args"]]
-    new = [base.LoRAOptimizer.__dict__["step"], base.LoRAOptimizer.__dict__["_update_clip"],
-           base.LoRAOptimizer.__dict__["_compute_bucket"], low_rank_sum._lorsum, ops._half_step_args]
+           old_streamed.__dict__["take"], old_streamed.__dict__["collect"], old_lrs["_lorsum"],
+           old_ops["_half_step_args"]]
+    new = [base.LoRAOptimizer.__dict__["step"]]
+    new += [getattr(owner, attr) if isinstance(owner, type(ops)) else owner.__dict__[attr] for owner, attr in targets[1:]]
     return {"tree": list(zip(targets, new)), commit: list(zip(targets, old))}
 
 
@@ -61,19 +67,18 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=6, help="timed steps per side, after 2 warm-up steps")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
-    sides = _sides(args.against)
     model = real_model.build(30, 16, "none", torch.device("cpu"))
     opt = create_optimizer(model, args.name, **json.loads(args.kwargs))
+    sides = _sides(args.against, type(opt))
     ids = torch.randint(0, model.config.vocab_size, (4, 512), generator=torch.Generator().manual_seed(0))
     for _ in range(2):
         real_model.timed_train_step(model, opt, ids)
-    capture = opt._capture
-    sink, spent = capture.sink, [0.0]
+    capture, spent = opt._capture, [0.0]
 
-    def timed_sink(*a):
+    def timed_sink(*a):  # looks the sink (StreamedStep.take) up at each call: the swap reaches it
         start = time.perf_counter()
         try:
-            return sink(*a)
+            return opt._streamed.take(*a)
         finally:
             spent[0] += time.perf_counter() - start
 

@@ -597,12 +597,14 @@ class LoRAOptimizer(CheckpointMixin, ReshardingMixin, torch.optim.Optimizer):
 
     def _compute_bucket(self, group: dict, layers: list[LoRALayer], data: list, clip: Tensor | None = None,
                         checked_inputs: dict | None = None, loss_scaled: bool = False,
-                        grads_from_data: bool = False, reduce=_RANK_AVERAGE) -> tuple:
+                        grads_from_data: bool = False, reduce=_RANK_AVERAGE, check_results: bool = True) -> tuple:
         """The bucket's new factors and state, and the (L,) device flag of the layers that may step (all
         they read and would write is finite; agreed over ranks when ``reduce`` is the rank average).
         Changes nothing. ``grads_from_data``: the factor gradients are computed from the captured data
         instead of read from ``.grad`` (the streamed step runs in backward, before autograd has accumulated
-        them). ``reduce``: see ``_method_step``; by default ``self._reduce``."""
+        them). ``reduce``: see ``_method_step``; by default ``self._reduce``. ``check_results=False``: the
+        flag leaves out the results (new factors and state), which the caller then checks itself, and is
+        None when nothing else needed a check."""
         agree = reduce is _RANK_AVERAGE
         if agree:
             reduce = self._reduce
@@ -647,13 +649,19 @@ class LoRAOptimizer(CheckpointMixin, ReshardingMixin, torch.optim.Optimizer):
         checked = [A_new, B_new, *new_state.values(), *(grads or ())]
         if clip is not None:
             checked.append(clip.expand(len(layers)))
-        finite = finite_rows_of(checked, len(layers)).unsqueeze(0)
+        # check_results=False (the streamed step in one process): the caller checks the results later, in
+        # step(), where the sums run warm instead of right after the layer's GEMMs; only what it cannot
+        # check later (the captured data, freed after backward) is checked here.
+        finite = finite_rows_of(checked, len(layers)).unsqueeze(0) if check_results else None
         if data and data[0] is not None and not self._results_carry_bad_data(group, dev):
             cache = {} if checked_inputs is None else checked_inputs
-            inputs = [torch.stack([finite_once(d[side], cache) for d in data]) for side in (0, 1)]
-            finite = torch.cat([finite, torch.stack(inputs)])
+            inputs = torch.stack([torch.stack([finite_once(d[side], cache) for d in data]) for side in (0, 1)])
+            finite = inputs if finite is None else torch.cat([finite, inputs])
         if self._uses_grads() and self.needs_capture and not grads_from_data:
-            finite = torch.cat([finite, self._factor_grads_finite(layers).unsqueeze(0)])
+            grads_ok = self._factor_grads_finite(layers).unsqueeze(0)
+            finite = grads_ok if finite is None else torch.cat([finite, grads_ok])
+        if finite is None:
+            return A_new, B_new, new_state, None
         finite = finite.all(0)  # (L,)
         if agree and self._reduce is not None and X is not None:
             # The local X and S were checked: step on all ranks or on none.

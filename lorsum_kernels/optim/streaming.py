@@ -45,6 +45,7 @@ import torch
 from torch import Tensor
 
 from ..lora import LoRALayer
+from .guards import finite_rows_of
 
 if TYPE_CHECKING:
     from .base import LoRAOptimizer
@@ -145,7 +146,7 @@ class StreamedStep:
     def __init__(self, optimizer: "LoRAOptimizer", mode: str, accumulation_steps: int | None):
         self.optimizer = optimizer
         self.mode = mode
-        # id(layer) -> (layer, group, options, A, B, state, finite): whole-step layers' results
+        # id(layer) -> (layer, group, options, A, B, state, finite, results_unchecked): whole-step results
         self.results: dict[int, tuple] = {}
         self.sums: dict[int, _LayerSums] = {}  # id(layer) -> running token sums (token-sum layers)
         self.refusal: str | None = None  # why the step's streamed results were dropped
@@ -199,9 +200,14 @@ class StreamedStep:
                     self.stop()
                     self.auto_off = True
             raise RuntimeError(self.refusal)
+        # In one process the results' finiteness is checked in step() (collect), warm, rather than here
+        # right after the layer's GEMMs; under data parallelism the ranks agree on it here, in backward
+        # order. Methods that compute factor gradients from the data check those here (they are not kept).
+        results_unchecked = opt._reduce is None and not opt._uses_grads()
         with torch.no_grad():
-            A, B, state, finite = opt._compute_bucket(group, [layer], [(X, S)], grads_from_data=True)
-        self.results[id(layer)] = (layer, group, _options(group), A, B, state, finite)
+            A, B, state, finite = opt._compute_bucket(group, [layer], [(X, S)], grads_from_data=True,
+                                                      check_results=not results_unchecked)
+        self.results[id(layer)] = (layer, group, _options(group), A, B, state, finite, results_unchecked)
         return True
 
     def _add_token_sums(self, layer: LoRALayer, group: dict, X: Tensor, S: Tensor) -> bool:
@@ -267,7 +273,10 @@ class StreamedStep:
         token-sum layers' steps are computed here, from their running sums; the results are dropped."""
         opt = self.optimizer
         out = self._from_sums(skip_of) if self.sums else []
-        for layer, group, _, A, B, state, finite in self.results.values():
+        for layer, group, _, A, B, state, finite, results_unchecked in self.results.values():
+            if results_unchecked:  # the results' check that take() left for here
+                results_ok = finite_rows_of([A, B, *state.values()], 1)
+                finite = results_ok if finite is None else finite & results_ok
             if opt._uses_grads():  # a non-finite .grad skips the layer, as in the cached step
                 finite = finite & opt._factor_grads_finite([layer]).to(finite.device)
             out.append((group, [layer], A, B, state, finite, skip_of(group)))
