@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["FALLBACK_RIDGE", "RELATIVE_RIDGE", "as_dtype", "batch_scalar", "math_dtype", "promoted_dtype", "relative_ridge",
-           "ridged_cholesky"]
+__all__ = ["FALLBACK_RIDGE", "RELATIVE_RIDGE", "as_dtype", "batch_scalar", "math_dtype", "promoted_dtype",
+           "relative_ridge", "ridged_cholesky"]
 
 # Ridge added to every r×r Gram before its Cholesky factorisation, relative to its mean diagonal, per
 # math dtype: small enough to leave results unchanged at that dtype's working accuracy, large enough to

@@ -44,8 +44,9 @@ def _module_at(commit: str, path: str, package: str) -> dict:
 def _sides(commit: str, cls: type) -> dict:
     """Per side, (owner, attribute) -> function. ``step`` is set on the optimizer's own class ``cls``, where
     torch.optim's profiling wrapper put the inherited step at construction."""
-    old_base = _module_at(commit, "lorsum_kernels/optim/base.py", "lorsum_kernels.optim")["LoRAOptimizer"]
-    old_streamed = _module_at(commit, "lorsum_kernels/optim/streaming.py", "lorsum_kernels.optim")["StreamedStep"]
+    optim = "lorsum_kernels.optim"
+    old_base = _module_at(commit, "lorsum_kernels/optim/base.py", optim)["LoRAOptimizer"]
+    old_streamed = _module_at(commit, "lorsum_kernels/optim/streaming.py", optim)["StreamedStep"]
     old_lrs = _module_at(commit, "lorsum_kernels/functional/low_rank_sum.py", "lorsum_kernels.functional")
     old_ops = _module_at(commit, "lorsum_kernels/ops.py", "lorsum_kernels")
     targets = [(cls, "step"), (base.LoRAOptimizer, "_update_clip"),
@@ -54,8 +55,9 @@ def _sides(commit: str, cls: type) -> dict:
     old = [old_base.__dict__["step"], old_base.__dict__["_update_clip"], old_base.__dict__["_compute_bucket"],
            old_streamed.__dict__["take"], old_streamed.__dict__["collect"], old_lrs["_lorsum"],
            old_ops["_half_step_args"]]
+    # The tree's: the unwrapped step, the classes' own methods, the modules' functions.
     new = [base.LoRAOptimizer.__dict__["step"]]
-    new += [getattr(owner, attr) if isinstance(owner, type(ops)) else owner.__dict__[attr] for owner, attr in targets[1:]]
+    new += [owner.__dict__[attr] if isinstance(owner, type) else getattr(owner, attr) for owner, attr in targets[1:]]
     return {"tree": list(zip(targets, new)), commit: list(zip(targets, old))}
 
 

@@ -442,7 +442,7 @@ class LoRAOptimizer(CheckpointMixin, ReshardingMixin, torch.optim.Optimizer):
             if alpha.device.type == "cpu" and bool(alpha >= 1):
                 alpha = None  # the clip moves nothing (moved_by would return every result as it is)
             else:
-                olds = [(_stacked(A_old).to(r[2].dtype), _stacked(B_old).to(r[2].dtype))
+                olds = [(as_dtype(_stacked(A_old), r[2].dtype), as_dtype(_stacked(B_old), r[2].dtype))
                         for (A_old, B_old), r in zip(old_factors, results)]
         for (group, layers, A_new, B_new, new_state, finite, skip), old in zip(results, olds):
             skipped.append(self._write_bucket(layers, A_new, B_new, new_state, finite, skip, alpha, old))
@@ -579,12 +579,13 @@ class LoRAOptimizer(CheckpointMixin, ReshardingMixin, torch.optim.Optimizer):
         squares = []
         for (_, _, dt, device), (A_old, B_old, A_new, B_new, scales, lrs, counted) in batches.items():
             root = torch.tensor([s for part in scales for s in part], dtype=dt, device=device).sqrt().view(-1, 1, 1)
-            A_old, B_old = (torch.stack([p for part in t for p in part]).to(dt) * root for t in (A_old, B_old))
+            A_old, B_old = (as_dtype(torch.stack([p for part in t for p in part]), dt) * root
+                            for t in (A_old, B_old))
             A_new, B_new = (torch.cat(t) * root for t in (A_new, B_new))
             bound = merged_update_bound(A_old, B_old, A_new, B_new)
             if any(isinstance(v, Tensor) for v in lrs):
-                lr = torch.cat([v.to(device) if isinstance(v, Tensor) else torch.tensor(v, dtype=dt, device=device)
-                                for v in lrs])
+                lr = torch.cat([v.to(device) if isinstance(v, Tensor)
+                                else torch.tensor(v, dtype=dt, device=device) for v in lrs])
             else:  # plain numbers (the usual case): one tensor for the whole batch
                 lr = torch.tensor([x for v in lrs for x in v], dtype=dt, device=device)
             counted = torch.cat([c if c.device == device else c.to(device) for c in counted])
@@ -597,7 +598,8 @@ class LoRAOptimizer(CheckpointMixin, ReshardingMixin, torch.optim.Optimizer):
 
     def _compute_bucket(self, group: dict, layers: list[LoRALayer], data: list, clip: Tensor | None = None,
                         checked_inputs: dict | None = None, loss_scaled: bool = False,
-                        grads_from_data: bool = False, reduce=_RANK_AVERAGE, check_results: bool = True) -> tuple:
+                        grads_from_data: bool = False, reduce=_RANK_AVERAGE,
+                        check_results: bool = True) -> tuple:
         """The bucket's new factors and state, and the (L,) device flag of the layers that may step (all
         they read and would write is finite; agreed over ranks when ``reduce`` is the rank average).
         Changes nothing. ``grads_from_data``: the factor gradients are computed from the captured data
@@ -655,7 +657,8 @@ class LoRAOptimizer(CheckpointMixin, ReshardingMixin, torch.optim.Optimizer):
         finite = finite_rows_of(checked, len(layers)).unsqueeze(0) if check_results else None
         if data and data[0] is not None and not self._results_carry_bad_data(group, dev):
             cache = {} if checked_inputs is None else checked_inputs
-            inputs = torch.stack([torch.stack([finite_once(d[side], cache) for d in data]) for side in (0, 1)])
+            inputs = torch.stack([torch.stack([finite_once(d[side], cache) for d in data])
+                                  for side in (0, 1)])
             finite = inputs if finite is None else torch.cat([finite, inputs])
         if self._uses_grads() and self.needs_capture and not grads_from_data:
             grads_ok = self._factor_grads_finite(layers).unsqueeze(0)
