@@ -51,6 +51,10 @@ GRID: dict[str, dict] = {
     # is then invariant to the loss scale as Adam's is, so it needs no step clip; 0.2 is those experiments' lr
     "scaled_lorsum_adaptive": {"lrs": [0.03, 0.1, 0.2, 0.3], "optimizer": "scaled_lorsum", "kwargs": {
         "beta2_warmup": True, "damping": 1e-5, "betas": (0.9, 0.99), "max_update_norm": None}},
+    # LoRSum with each layer's step scaled to RMS lr per entry (optim/step_normalization.py): the lr is then
+    # the merged weight's step size itself, not a multiple of the gradient (no step clip: it is in those units)
+    "lorsum_normalized": {"lrs": [1e-4, 2e-4, 4e-4], "optimizer": "lorsum", "kwargs": {
+        "normalize_step": True, "max_update_norm": None}},
     "adaprelora": {"lrs": [3e-4, 1e-3, 3e-3], "kwargs": {}},
     "scaled_adamw": {"lrs": [1e-3, 3e-3, 1e-2], "kwargs": {}},
     # after LoRA-One the factors' tangent space holds the gradient's top subspace, so a step at AdaPreLoRA's lr

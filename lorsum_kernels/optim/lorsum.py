@@ -13,6 +13,8 @@ from .. import ops
 from ..functional.lorsum_step import psi_lora_step, scaled_psi_lora_step
 from .base import LoRAOptimizer
 from .checks import check_positive
+from .step_normalization import initial_state as _normalization_state
+from .step_normalization import layer_normalized_step
 
 # The ops a LoRSum step dispatches (the half-steps, the lock-step token products, the r×r solves), and
 # ScaledLoRSum's K-FAC statistics: a forced backend must have each on the model's devices.
@@ -118,10 +120,13 @@ class LoRSum(_MomentumFactors, LoRAOptimizer):
         backend: str = "auto",
         seed: int = 0,
         max_update_norm: float | None = 1.0,
+        normalize_step: bool = False,
+        normalize_beta: float = 0.999,
         **kwargs,
     ):
         check_positive("lmbd", lmbd, allow_zero=True)
         _check_iters(iters)
+        _check_unit("normalize_beta", normalize_beta)
         _check_unit("momentum", momentum)
         _check_unit("dampening", dampening, closed=True)
         if momentum_rank is not None and (not isinstance(momentum_rank, int) or momentum_rank < 1):
@@ -130,25 +135,38 @@ class LoRSum(_MomentumFactors, LoRAOptimizer):
         defaults = dict(
             lr=lr, lmbd=lmbd, iters=iters, momentum=momentum, dampening=dampening, momentum_rank=momentum_rank,
             lmbd_momentum=lmbd if lmbd_momentum is None else lmbd_momentum, backend=backend,
+            normalize_step=bool(normalize_step), normalize_beta=normalize_beta,
         )
         super().__init__(model, defaults, seed=seed, max_update_norm=max_update_norm, **kwargs)
 
     def _init_layer_state(self, layer, group, generator):
-        return self._momentum_state(layer, group, generator, group["momentum"])
+        state = self._momentum_state(layer, group, generator, group["momentum"])
+        if group["normalize_step"]:
+            state.update(_normalization_state(self._state_dtype(layer), layer.A.device))
+        return state
 
     def _steps_from_token_sums(self, group):
         # k = 0 is one Jacobi round from the anchors: the only token sums are the products of X and S with
         # the factors and momentum factors, fixed during backward. k ≥ 1 rounds multiply by the previous
         # round's result, which depends on all of the step's tokens.
-        return group["iters"] == 0
+        # The normalised step (normalize_step) computes a layer's first step twice: a whole step.
+        return group["iters"] == 0 and not group["normalize_step"]
 
     def _method_step(self, group, A, B, X, S, state, grads, reduce, backend):
-        A, B, buffer = psi_lora_step(
-            A, B, X, S, _momentum_of(state), lr=group["lr"], lmbd=group["lmbd"],
-            lmbd_momentum=group["lmbd_momentum"], iters=group["iters"], momentum=group["momentum"],
-            dampening=group["dampening"], backend=backend, reduce=reduce,
-        )
-        return A, B, _momentum_dict(buffer)
+        def step_at(lr):
+            A_new, B_new, buffer = psi_lora_step(
+                A, B, X, S, _momentum_of(state), lr=lr, lmbd=group["lmbd"],
+                lmbd_momentum=group["lmbd_momentum"], iters=group["iters"], momentum=group["momentum"],
+                dampening=group["dampening"], backend=backend, reduce=reduce,
+            )
+            return A_new, B_new, _momentum_dict(buffer)
+
+        if not group["normalize_step"]:
+            return step_at(group["lr"])
+        if "step_norm_sq" not in state:
+            raise ValueError("normalize_step was turned on after the optimizer was built; pass it to the "
+                             "constructor (its statistics are part of each layer's state)")
+        return layer_normalized_step(step_at, A, B, group["lr"], state, group["normalize_beta"])
 
 
 class ScaledLoRSum(_MomentumFactors, LoRAOptimizer):
