@@ -21,6 +21,7 @@ OPTIMIZERS = {
     "lorsum": dict(lr=0.3, iters=1),
     "lorsum_momentum": dict(lr=0.3, iters=2, momentum=0.9, dampening=0.1),
     "lorsum_k0": dict(lr=0.3, iters=0, momentum=0.5),
+    "lorsum_normalized": dict(lr=1e-2, iters=1, momentum=0.5, normalize_step=True, max_update_norm=None),
     "scaled_kfac": dict(lr=0.3, metric="kfac"),
     "scaled_shampoo": dict(lr=0.3, metric="shampoo", betas=(0.0, 0.9)),
     "scaled_warmup": dict(lr=0.3, metric="kfac", beta2_warmup=True),

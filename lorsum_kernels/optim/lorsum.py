@@ -154,9 +154,12 @@ class LoRSum(_MomentumFactors, LoRAOptimizer):
 
     def _method_step(self, group, A, B, X, S, state, grads, reduce, backend):
         def step_at(lr):
+            # The proximal weight stays η·λ0 at a layer's own lr (normalize_step): tied to that lr, it would
+            # grow with it and cap the step of a layer with small gradients at ~G/λ0.
+            ridge = 1.0 if lr is group["lr"] else group["lr"] / lr
             A_new, B_new, buffer = psi_lora_step(
-                A, B, X, S, _momentum_of(state), lr=lr, lmbd=group["lmbd"],
-                lmbd_momentum=group["lmbd_momentum"], iters=group["iters"], momentum=group["momentum"],
+                A, B, X, S, _momentum_of(state), lr=lr, lmbd=group["lmbd"] * ridge,
+                lmbd_momentum=group["lmbd_momentum"] * ridge, iters=group["iters"], momentum=group["momentum"],
                 dampening=group["dampening"], backend=backend, reduce=reduce,
             )
             return A_new, B_new, _momentum_dict(buffer)

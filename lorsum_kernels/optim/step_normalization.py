@@ -14,9 +14,13 @@ computes, so the direction (the rank-r projection) is unchanged:
 u_t is known only once the step is computed. So the step runs at the lr of the statistics so far,
 ``η/√v̂_{t−1}``, and is then shrunk (never grown) to ``η/√v̂_t``: the factors move by α ≤ 1 of their step
 (``A + α·δA``, ``B + α·δB``, as ``max_update_norm`` does). A step whose gradient grew is cut to its
-bound; one whose gradient shrank stays the smaller, lagged step, as a conservative Adam would take it. On
-a layer's first step (or while all its steps were zero) there are no statistics: the step is computed at η to measure u_1, then again at
-η/u_1 (twice the work, once). ‖ΔW‖ is the bound of ``update_clip.merged_update_bound`` (r×r Grams).
+bound; one whose gradient shrank stays the smaller, lagged step, as a conservative Adam would take it. The
+proximal weight stays ``η·λ0`` (the method's, at the group's lr η) whatever the layer's lr: tied to the layer
+lr it would grow with it and cap the step of a layer with small gradients near ``G/λ0``, so the step would
+no longer be invariant to the gradient's scale. On
+a layer's first step (or while all its steps were zero) there are no statistics: the step is computed at η
+to measure u_1, then at η/u_1, until the lr reproduces itself within 5% (twice the work, three times when
+the gradient is large against the weight; once). ‖ΔW‖ is the bound of ``update_clip.merged_update_bound`` (r×r Grams).
 
 The statistics live in the layer's state (``step_norm_sq`` = v, ``step_norm_count`` = t, 0-d) and are
 computed from the step's results, which are identical on every rank under data parallelism.
@@ -34,6 +38,7 @@ from .update_clip import merged_update_bound
 __all__ = ["STATE_KEYS", "initial_state", "layer_normalized_step"]
 
 STATE_KEYS = ("step_norm_sq", "step_norm_count")
+_FIRST_STEP_TRIES = 4
 
 
 def initial_state(dtype: torch.dtype, device: torch.device) -> dict:
@@ -55,19 +60,23 @@ def layer_normalized_step(
         dt = A_new.dtype
         return (merged_update_bound(A.to(dt), B.to(dt), A_new, B_new) / (lrs * entries ** 0.5)).to(v.dtype)
 
-    def second_moment(u):  # v̂ with this step's u: (L,)
-        return (v * beta + (1 - beta) * u * u) / (1 - beta ** (t + 1))
-
-    fresh = (t == 0) | (v == 0)  # no statistics yet (or only zero steps): measure the step first
+    lagged_lr = lr / (v / (1 - beta ** t).clamp_min(1e-30)).sqrt().clamp_min(1e-30)
+    fresh = (t == 0) | (v == 0)  # no statistics yet (or only zero steps): find the lr by measuring
     if bool(fresh.any()):
-        A_probe, B_probe, _ = step_at(lr)
-        lagged = torch.where(fresh, second_moment(size(A_probe, B_probe, lr)),
-                             v / (1 - beta ** t).clamp_min(1e-30))
+        # At t = 1 the layer's lr is η/u_1, u_1 measured at that lr; the step is linear in the lr only while
+        # it is small against the weight, so iterate from η until the lr reproduces itself (2–3 steps).
+        layer_lr = torch.where(fresh, torch.full_like(v, float(lr)), lagged_lr)
+        for attempt in range(_FIRST_STEP_TRIES):
+            A_new, B_new, new_state = step_at(layer_lr.to(A.dtype))
+            u = size(A_new, B_new, layer_lr.to(A_new.dtype))
+            target = torch.where(fresh, lr / u.clamp_min(1e-30), layer_lr)
+            if attempt + 1 == _FIRST_STEP_TRIES or bool(((target / layer_lr - 1).abs() <= 0.05).all()):
+                break  # (the step computed is the one at layer_lr; the shrink below bounds it)
+            layer_lr = target
     else:
-        lagged = v / (1 - beta ** t)
-    layer_lr = lr / lagged.sqrt().clamp_min(1e-30)
-    A_new, B_new, new_state = step_at(layer_lr.to(A.dtype))
-    u = size(A_new, B_new, layer_lr.to(A_new.dtype))
+        layer_lr = lagged_lr
+        A_new, B_new, new_state = step_at(layer_lr.to(A.dtype))
+        u = size(A_new, B_new, layer_lr.to(A_new.dtype))
     v_new = v * beta + (1 - beta) * u * u
     wanted = lr / (v_new / (1 - beta ** (t + 1))).sqrt().clamp_min(1e-30)
     alpha = (wanted / layer_lr).clamp(max=1.0).to(A_new.dtype).view(-1, 1, 1)

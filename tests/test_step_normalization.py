@@ -1,0 +1,99 @@
+"""LoRSum(normalize_step=True) (optim/step_normalization.py): each layer's merged-weight step has RMS lr per
+entry at its first step, never more than its statistics allow later, and the same in every capture mode."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import lorsum_kernels as lk
+
+from .conftest import TinyLoRAMLP
+
+
+def _layers(model):
+    return [m for m in model.modules() if isinstance(m, lk.LoRALinear)]
+
+
+def _merged(layer):
+    return (layer.scaling * layer.lora_B.weight @ layer.lora_A.weight).detach().clone()
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(lk.LoRALinear(nn.Linear(37, 23), r=3, alpha=6), nn.Tanh(),
+                          lk.LoRALinear(nn.Linear(23, 11), r=2, alpha=8)).double()
+    for layer in _layers(model):  # B ≠ 0, so both half-steps move the weight
+        nn.init.normal_(layer.lora_B.weight, std=0.1)
+    return model
+
+
+def _step_rms(model, opt, x, y, loss_scale=1.0):
+    before = [_merged(layer) for layer in _layers(model)]
+    opt.zero_grad()
+    (loss_scale * ((model(x) - y) ** 2).mean()).backward()
+    opt.step()
+    return [float((_merged(l) - b).norm() / math.sqrt(b.numel())) for l, b in zip(_layers(model), before)]
+
+
+@pytest.mark.parametrize("loss_scale", [1e-4, 1.0, 1e4])
+def test_first_step_has_rms_lr_per_entry_whatever_the_gradient_scale(loss_scale):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 37, generator=g, dtype=torch.float64)
+    y = torch.randn(64, 11, generator=g, dtype=torch.float64)
+    model = _model()
+    opt = lk.LoRSum(model, lr=1e-3, normalize_step=True, max_update_norm=None)
+    rms = _step_rms(model, opt, x, y, loss_scale)
+    # ‖ΔW‖ is measured by its bound (first + second order), so the step is at most lr and close to it
+    assert all(0.9e-3 < r <= 1e-3 * (1 + 1e-9) for r in rms), rms
+
+
+def test_a_growing_gradient_is_cut_to_its_statistics():
+    """The step runs at the lagged lr; when the gradient jumps 100× the step is shrunk to what v̂ with the
+    new size allows (β = 0.999: √(t·(1−β)/(1−β^t))-ish above lr at most), never the lagged lr's 100×."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(64, 37, generator=g, dtype=torch.float64)
+    y = torch.randn(64, 11, generator=g, dtype=torch.float64)
+    model = _model()
+    beta = 0.999
+    opt = lk.LoRSum(model, lr=1e-3, normalize_step=True, normalize_beta=beta, max_update_norm=None)
+    for _ in range(3):
+        _step_rms(model, opt, x, y)
+    rms = _step_rms(model, opt, x, y, loss_scale=100.0)
+    t = 4  # u jumps ~100×: v̂ ≈ (1−β)·u²/(1−β^t) so the step is at most lr·√((1−β^t)/(1−β)) ≈ 2·lr
+    bound = 1e-3 * math.sqrt((1 - beta ** t) / (1 - beta))
+    assert all(r <= bound * 1.01 for r in rms), (rms, bound)
+    assert all(r > 0.5e-3 for r in rms), rms  # cut, not collapsed (the large step is not linear in the lr)
+
+
+def test_normalized_state_is_per_layer_and_counts_steps():
+    model = TinyLoRAMLP()
+    opt = lk.LoRSum(model, lr=1e-3, normalize_step=True, max_update_norm=None)
+    x = torch.randn(2, 7, 12)
+    for _ in range(2):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+    for layer in (model.l1, model.l2, model.l3):
+        state = opt.state[layer.lora_A.weight]
+        assert state["step_norm_count"].item() == 2
+        assert state["step_norm_sq"].item() > 0
+
+
+def test_plain_lorsum_keeps_no_normalization_state_and_bad_beta_raises():
+    model = TinyLoRAMLP()
+    opt = lk.LoRSum(model)
+    assert all("step_norm_sq" not in opt.state[layer.lora_A.weight] for layer in (model.l1, model.l2, model.l3))
+    with pytest.raises(ValueError, match="normalize_beta"):
+        lk.LoRSum(TinyLoRAMLP(), normalize_step=True, normalize_beta=1.0)
+
+
+def test_k0_normalized_is_a_whole_step():
+    """The first step is computed twice (probe, then at the normalised lr): not a token-sum step."""
+    normalized = lk.LoRSum(TinyLoRAMLP(), iters=0, normalize_step=True, max_update_norm=None)
+    plain = lk.LoRSum(TinyLoRAMLP(), iters=0)
+    assert not normalized._steps_from_token_sums(normalized.param_groups[0])
+    assert plain._steps_from_token_sums(plain.param_groups[0])
