@@ -79,6 +79,7 @@ from .guards import either, finite_once, finite_rows, finite_rows_of
 from .other_adamw import step_other
 from .resharding import ReshardingMixin, parameter_owners
 from .streaming import StreamedStep, check_capture_options, check_stream_groups
+from . import step_normalization
 from .update_clip import merged_update_bound, moved_by
 
 __all__ = ["LoRAOptimizer"]
@@ -436,6 +437,8 @@ class LoRAOptimizer(CheckpointMixin, ReshardingMixin, torch.optim.Optimizer):
         if self._streamed is not None:  # the steps computed in backward (or from their running sums)
             pairs = [self._capture.pairs(layer) for layer in self._layers]
             results += self._streamed.collect(lambda group: either(scaler_found_inf, lr_skip[id(group)]))
+        if any(group.get("normalize_step") for group in self.param_groups):
+            results = [self._finish_normalized(r) if r[0].get("normalize_step") else r for r in results]
         alpha, olds = None, [None] * len(results)
         if self.max_update_norm is not None:
             alpha, old_factors = self._update_clip(results)
@@ -555,6 +558,19 @@ class LoRAOptimizer(CheckpointMixin, ReshardingMixin, torch.optim.Optimizer):
             total = total * inv_scale.to(total.device)
         self.grad_norm = total
         return clip_coefficient(self.max_grad_norm, total)
+
+    def _finish_normalized(self, result) -> tuple:
+        """``normalize_step``'s statistics and shrink for one bucket's result, in ``step()`` where the code runs
+        warm (optim/step_normalization.py); the layers' state before the step is still in ``self.state``."""
+        group, layers, A_new, B_new, new_state, finite, skip = result
+        A_old, B_old, _ = self._factor_values(layers)
+        dt = A_new.dtype
+        root = self._scale_root([layer.scale for layer in layers], dt, A_new.device)
+        old_state = {k: _stacked([self.state[layer.A][k] for layer in layers]) for k in step_normalization.STATE_KEYS}
+        A_new, B_new, new_state = step_normalization.finish(
+            as_dtype(_stacked(A_old), dt), as_dtype(_stacked(B_old), dt), A_new, B_new, root, group["lr"],
+            group["normalize_beta"], old_state, new_state)
+        return group, layers, A_new, B_new, new_state, finite, skip
 
     def _update_clip(self, results) -> tuple[Tensor, list]:
         """``max_update_norm``'s factor α (a 0-d device tensor) for this step's results (optim/update_clip.py),

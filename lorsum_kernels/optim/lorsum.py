@@ -13,8 +13,7 @@ from .. import ops
 from ..functional.lorsum_step import psi_lora_step, scaled_psi_lora_step
 from .base import LoRAOptimizer
 from .checks import check_positive
-from .step_normalization import initial_state as _normalization_state
-from .step_normalization import layer_normalized_step
+from . import step_normalization
 
 # The ops a LoRSum step dispatches (the half-steps, the lock-step token products, the r×r solves), and
 # ScaledLoRSum's K-FAC statistics: a forced backend must have each on the model's devices.
@@ -142,7 +141,7 @@ class LoRSum(_MomentumFactors, LoRAOptimizer):
     def _init_layer_state(self, layer, group, generator):
         state = self._momentum_state(layer, group, generator, group["momentum"])
         if group["normalize_step"]:
-            state.update(_normalization_state(self._state_dtype(layer), layer.A.device))
+            state.update(step_normalization.initial_state(self._state_dtype(layer), layer.A.device))
         return state
 
     def _steps_from_token_sums(self, group):
@@ -169,7 +168,7 @@ class LoRSum(_MomentumFactors, LoRAOptimizer):
         if "step_norm_sq" not in state:
             raise ValueError("normalize_step was turned on after the optimizer was built; pass it to the "
                              "constructor (its statistics are part of each layer's state)")
-        return layer_normalized_step(step_at, A, B, group["lr"], state, group["normalize_beta"])
+        return step_normalization.step_at_layer_lr(step_at, A, B, group["lr"], state)
 
 
 class ScaledLoRSum(_MomentumFactors, LoRAOptimizer):

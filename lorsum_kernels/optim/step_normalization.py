@@ -2,28 +2,31 @@
 
 A LoRSum step moves the merged weight by ``ΔW ≈ −η·[G]_r``, the rank-r part of the gradient in its
 Frobenius geometry: a layer moves in proportion to its gradient's size, and the lr that suits one task's
-gradients is 5–12% off AdamW's perplexity on a language model at every lr (docs/defaults_sweep.md). Much
+gradients was 5–12% off AdamW's perplexity on a language model at every lr (docs/defaults_sweep.md). Much
 of what Adam brings to transformers is a scale per block of parameters (Adam-mini, Zhang et al. 2024,
 keeps a single second moment per block). This gives each layer one such scale, on the step LoRSum already
 computes, so the direction (the rank-r projection) is unchanged:
 
-    u_t = ‖ΔW_t‖_F / (η_t·√(m·n))            the step's size per unit lr, per entry (η_t the lr it ran at)
+    u_t = ‖ΔW_t‖_F / (ℓ_t·√(m·n))            the step's size per unit lr, per entry (ℓ_t the lr it ran at)
     v_t = β·v_{t−1} + (1−β)·u_t²,  v̂_t = v_t / (1 − β^t)
-    the layer steps at the lr η/√v̂_t, so its merged step has RMS ≈ η·u_t/√v̂_t (η exactly at t = 1).
+    the layer's lr is η/√v̂_t, so its merged step has RMS ≈ η·u_t/√v̂_t (η exactly at t = 1).
 
 u_t is known only once the step is computed. So the step runs at the lr of the statistics so far,
-``η/√v̂_{t−1}``, and is then shrunk (never grown) to ``η/√v̂_t``: the factors move by α ≤ 1 of their step
-(``A + α·δA``, ``B + α·δB``, as ``max_update_norm`` does). A step whose gradient grew is cut to its
-bound; one whose gradient shrank stays the smaller, lagged step, as a conservative Adam would take it. The
-proximal weight stays ``η·λ0`` (the method's, at the group's lr η) whatever the layer's lr: tied to the layer
-lr it would grow with it and cap the step of a layer with small gradients near ``G/λ0``, so the step would
-no longer be invariant to the gradient's scale. On
-a layer's first step (or while all its steps were zero) there are no statistics: the step is computed at η
+``ℓ_t = η/√v̂_{t−1}`` (the layer's step, in backward when streamed, reads it from the state), and
+``step()`` then shrinks it (never grows it) to ``η/√v̂_t``: the factors move by α ≤ 1 of their step
+(``A + α·δA``, ``B + α·δB``, as ``max_update_norm`` does). A step whose gradient grew is cut to its bound;
+one whose gradient shrank stays the smaller, lagged step, as a conservative Adam would take it. On a
+layer's first step (or while all its steps were zero) there are no statistics: the step is computed at η
 to measure u_1, then at η/u_1, until the lr reproduces itself within 5% (twice the work, three times when
-the gradient is large against the weight; once). ‖ΔW‖ is the bound of ``update_clip.merged_update_bound`` (r×r Grams).
+the gradient is large against the weight; once).
 
-The statistics live in the layer's state (``step_norm_sq`` = v, ``step_norm_count`` = t, 0-d) and are
-computed from the step's results, which are identical on every rank under data parallelism.
+The proximal weight stays ``η·λ0`` (the method's, at the group's lr) whatever the layer's lr: tied to the
+layer's lr it would grow with it and cap the step of a layer with small gradients near ``G/λ0``, and the
+step would no longer be invariant to the gradient's scale. ‖ΔW‖ is the bound of
+``update_clip.merged_update_bound`` (r×r Grams). The statistics live in the layer's state (0-d each:
+``step_norm_sq`` = v, ``step_norm_count`` = t, ``step_norm_scale`` = 1/√v̂ for the next step,
+``step_norm_lr`` = the lr the step ran at) and come from the step's results, identical on every rank
+under data parallelism; ``step()`` finishes them for every result at once, warm, after backward.
 """
 
 from __future__ import annotations
@@ -35,9 +38,9 @@ from torch import Tensor
 
 from .update_clip import merged_update_bound
 
-__all__ = ["STATE_KEYS", "initial_state", "layer_normalized_step"]
+__all__ = ["STATE_KEYS", "finish", "initial_state", "step_at_layer_lr"]
 
-STATE_KEYS = ("step_norm_sq", "step_norm_count")
+STATE_KEYS = ("step_norm_sq", "step_norm_count", "step_norm_scale", "step_norm_lr")
 _FIRST_STEP_TRIES = 4
 
 
@@ -45,43 +48,49 @@ def initial_state(dtype: torch.dtype, device: torch.device) -> dict:
     return {key: torch.zeros((), dtype=dtype, device=device) for key in STATE_KEYS}
 
 
-def layer_normalized_step(
-    step_at: Callable[[object], tuple], A: Tensor, B: Tensor, lr: float, state: dict, beta: float,
-) -> tuple:
-    """The normalised step of a bucket of L layers (balanced factors A (L,r,n), B (L,m,r)).
-
-    ``step_at(lr)`` runs the method's step at ``lr`` (a number, or an (L,) tensor: one lr per layer) and
-    returns ``(A_new, B_new, new_state)``; ``state`` holds the stacked ``STATE_KEYS`` (L,). Returns the
-    same triple, with the statistics' new values in the state."""
-    v, t = state["step_norm_sq"].reshape(-1), state["step_norm_count"].reshape(-1)
+def _size(A: Tensor, B: Tensor, A_new: Tensor, B_new: Tensor, lrs: Tensor) -> Tensor:
+    """u: the merged step's RMS per entry and unit lr, (L,), for balanced factors."""
+    dt = A_new.dtype
     entries = A.shape[-1] * B.shape[-2]
+    return merged_update_bound(A.to(dt), B.to(dt), A_new, B_new) / (lrs.to(dt) * entries ** 0.5)
 
-    def size(A_new, B_new, lrs):  # u: the step's RMS per entry and unit lr, (L,)
-        dt = A_new.dtype
-        return (merged_update_bound(A.to(dt), B.to(dt), A_new, B_new) / (lrs * entries ** 0.5)).to(v.dtype)
 
-    lagged_lr = lr / (v / (1 - beta ** t).clamp_min(1e-30)).sqrt().clamp_min(1e-30)
-    fresh = (t == 0) | (v == 0)  # no statistics yet (or only zero steps): find the lr by measuring
+def step_at_layer_lr(step_at: Callable[[Tensor], tuple], A: Tensor, B: Tensor, lr, state: dict) -> tuple:
+    """The method's step of a bucket (balanced A (L,r,n), B (L,m,r)) at each layer's lr: ``η·step_norm_scale``
+    where the layer has statistics, found by measuring where it has none. ``step_at(lrs)`` runs the step at
+    an (L,) lr. Returns ``(A_new, B_new, new_state)`` with ``step_norm_lr`` set; ``finish`` does the rest."""
+    v = state["step_norm_sq"].reshape(-1)
+    layer_lr = float(lr) * state["step_norm_scale"].reshape(-1)
+    fresh = (state["step_norm_count"].reshape(-1) == 0) | (v == 0)
     if bool(fresh.any()):
-        # At t = 1 the layer's lr is η/u_1, u_1 measured at that lr; the step is linear in the lr only while
-        # it is small against the weight, so iterate from η until the lr reproduces itself (2–3 steps).
-        layer_lr = torch.where(fresh, torch.full_like(v, float(lr)), lagged_lr)
+        # At t = 1 the lr is η/u_1, u_1 measured at that lr; the step is linear in the lr only while it is
+        # small against the weight, so iterate from η until the lr reproduces itself.
+        layer_lr = torch.where(fresh, torch.full_like(v, float(lr)), layer_lr)
         for attempt in range(_FIRST_STEP_TRIES):
             A_new, B_new, new_state = step_at(layer_lr.to(A.dtype))
-            u = size(A_new, B_new, layer_lr.to(A_new.dtype))
-            target = torch.where(fresh, lr / u.clamp_min(1e-30), layer_lr)
+            target = torch.where(fresh, float(lr) / _size(A, B, A_new, B_new, layer_lr).to(v.dtype)
+                                 .clamp_min(1e-30), layer_lr)
             if attempt + 1 == _FIRST_STEP_TRIES or bool(((target / layer_lr - 1).abs() <= 0.05).all()):
-                break  # (the step computed is the one at layer_lr; the shrink below bounds it)
+                break  # the step computed is the one at layer_lr; finish() bounds it
             layer_lr = target
     else:
-        layer_lr = lagged_lr
         A_new, B_new, new_state = step_at(layer_lr.to(A.dtype))
-        u = size(A_new, B_new, layer_lr.to(A_new.dtype))
-    v_new = v * beta + (1 - beta) * u * u
-    wanted = lr / (v_new / (1 - beta ** (t + 1))).sqrt().clamp_min(1e-30)
-    alpha = (wanted / layer_lr).clamp(max=1.0).to(A_new.dtype).view(-1, 1, 1)
-    A0, B0 = A.to(A_new.dtype), B.to(B_new.dtype)
-    A_new, B_new = A0 + alpha * (A_new - A0), B0 + alpha * (B_new - B0)
-    new_state = {**new_state, "step_norm_sq": v_new.reshape(state["step_norm_sq"].shape),
-                 "step_norm_count": (t + 1).reshape(state["step_norm_count"].shape)}
-    return A_new, B_new, new_state
+    return A_new, B_new, {**new_state, "step_norm_lr": layer_lr.reshape(state["step_norm_lr"].shape)}
+
+
+def finish(A_old: Tensor, B_old: Tensor, A_new: Tensor, B_new: Tensor, root: Tensor, lr, beta: float,
+           old_state: dict, new_state: dict) -> tuple:
+    """The statistics' update and the shrink of one bucket's results (unbalanced factors, ``root`` = √s
+    (L,1,1); ``old_state`` the layers' stacked ``STATE_KEYS`` before the step, ``new_state`` the step's).
+    Returns ``(A_new, B_new, new_state)``."""
+    v, t = old_state["step_norm_sq"].reshape(-1), old_state["step_norm_count"].reshape(-1)
+    layer_lr = new_state["step_norm_lr"].reshape(-1)
+    dt = A_new.dtype
+    u = _size(A_old.to(dt) * root, B_old.to(dt) * root, A_new * root, B_new * root, layer_lr).to(v.dtype)
+    v_new, t_new = v * beta + (1 - beta) * u * u, t + 1
+    scale = (v_new / (1 - beta ** t_new)).sqrt().clamp_min(1e-30).reciprocal()  # 1/√v̂_t
+    alpha = (float(lr) * scale / layer_lr).clamp(max=1.0).to(dt).view(-1, 1, 1)
+    A_old, B_old = A_old.to(dt), B_old.to(dt)
+    A_new, B_new = A_old + alpha * (A_new - A_old), B_old + alpha * (B_new - B_old)
+    shaped = {"step_norm_sq": v_new, "step_norm_count": t_new, "step_norm_scale": scale}
+    return A_new, B_new, {**new_state, **{k: x.reshape(old_state[k].shape) for k, x in shaped.items()}}
