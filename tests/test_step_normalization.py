@@ -88,7 +88,9 @@ def test_plain_lorsum_keeps_no_normalization_state_and_bad_beta_raises():
     opt = lk.LoRSum(model)
     assert all("step_norm_sq" not in opt.state[layer.lora_A.weight] for layer in (model.l1, model.l2, model.l3))
     with pytest.raises(ValueError, match="normalize_beta"):
-        lk.LoRSum(TinyLoRAMLP(), normalize_step=True, normalize_beta=1.0)
+        lk.LoRSum(TinyLoRAMLP(), normalize_step=True, normalize_beta=1.0, max_update_norm=None)
+    with pytest.raises(ValueError, match="max_update_norm=None"):
+        lk.LoRSum(TinyLoRAMLP(), normalize_step=True, max_update_norm=1.0)
 
 
 def test_k0_normalized_is_a_whole_step():

@@ -19,7 +19,8 @@ import lorsum_kernels as lk
 CAPTURING = {
     "lorsum_k1_momentum": (lk.LoRSum, dict(lr=0.3, iters=1, momentum=0.9)),
     "lorsum_k0": (lk.LoRSum, dict(lr=0.3, iters=0)),
-    "lorsum_normalized_momentum": (lk.LoRSum, dict(lr=1e-2, iters=1, momentum=0.9, normalize_step=True)),
+    "lorsum_normalized_momentum": (lk.LoRSum, dict(lr=1e-2, iters=1, momentum=0.9, normalize_step=True,
+                                                   max_update_norm=None)),
     "lorsum_k2_momentum_rank": (lk.LoRSum, dict(lr=0.3, iters=2, momentum=0.8, momentum_rank=2, dampening=0.1)),
     "scaled_kfac_momentum": (lk.ScaledLoRSum, dict(lr=0.3, iters=1, betas=(0.9, 0.9), beta2_warmup=True)),
     "scaled_shampoo": (lk.ScaledLoRSum, dict(lr=0.3, iters=1, metric="shampoo", betas=(0.5, 0.99))),

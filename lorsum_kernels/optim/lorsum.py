@@ -126,6 +126,11 @@ class LoRSum(_MomentumFactors, LoRAOptimizer):
         check_positive("lmbd", lmbd, allow_zero=True)
         _check_iters(iters)
         _check_unit("normalize_beta", normalize_beta)
+        if normalize_step and max_update_norm is not None:
+            raise ValueError(
+                "normalize_step bounds each layer's step itself (RMS lr per entry), while max_update_norm "
+                "measures steps in units of the gradient and would cut the normalised step to a fraction of "
+                "it: pass max_update_norm=None with normalize_step=True")
         _check_unit("momentum", momentum)
         _check_unit("dampening", dampening, closed=True)
         if momentum_rank is not None and (not isinstance(momentum_rank, int) or momentum_rank < 1):
