@@ -58,9 +58,9 @@ class TwoLoRA(nn.Module):
 # (the first ones under DDP.no_sync), "uneven" (rank r has 11 − 2r tokens and rank 1 skips the second
 # layer: the single process then accumulates the per-shard means / R, the objective DDP optimises).
 CASES = {
-    "lorsum_k1": (lambda m, pg: lk.LoRSum(m, lr=0.5, iters=1, process_group=pg), {}),
-    "lorsum_k0_momentum": (lambda m, pg: lk.LoRSum(m, lr=0.5, iters=0, momentum=0.9, dampening=0.1,
-                                                   process_group=pg), {}),
+    "lorsum_k1": (lambda m, pg: lk.LoRSum(m, lr=1e-2, iters=1, process_group=pg), {}),  # normalised (default)
+    "lorsum_k0_momentum": (lambda m, pg: lk.LoRSum(m, lr=0.5, normalize_step=False, iters=0, momentum=0.9,
+                                                   dampening=0.1, process_group=pg), {}),
     "lorsum_k2_momentum_clipped": (
         lambda m, pg: lk.LoRSum(m, lr=0.5, iters=2, momentum=0.9, momentum_rank=4, max_grad_norm=0.05,
                                 process_group=pg), {}),
@@ -87,13 +87,14 @@ CASES = {
                                                  process_group=pg), {}),
     # Token-sum steps (iters=0; kfac): running sums over micro-batches in backward, averaged over ranks in
     # step(); auto streams them under accumulation and with a layer some rank skips.
-    "lorsum_k0_accumulation": (lambda m, pg: lk.LoRSum(m, lr=0.5, iters=0, momentum=0.9, momentum_rank=4,
-                                                       process_group=pg), {"micro": 2}),
+    "lorsum_k0_accumulation": (lambda m, pg: lk.LoRSum(m, lr=0.5, normalize_step=False, iters=0, momentum=0.9,
+                                                       momentum_rank=4, process_group=pg), {"micro": 2}),
     "scaled_k0_accumulation_stream": (
         lambda m, pg: lk.ScaledLoRSum(m, lr=0.5, iters=0, betas=(0.9, 0.9), beta2_warmup=True,
                                       capture="stream", accumulation_steps=2, process_group=pg), {"micro": 2}),
-    "lorsum_k0_uneven_shards": (lambda m, pg: lk.LoRSum(m, lr=0.5, iters=0, momentum=0.9, process_group=pg),
-                                {"uneven": True}),
+    "lorsum_k0_uneven_shards": (
+        lambda m, pg: lk.LoRSum(m, lr=0.5, normalize_step=False, iters=0, momentum=0.9, process_group=pg),
+        {"uneven": True}),
     # Factor-gradient methods: DDP's averaged .grad is all they read (with or without process_group).
     "scaled_gd": (lambda m, pg: lk.ScaledGD(m, lr=0.1), {}),
     "scaled_adamw_clipped": (lambda m, pg: lk.ScaledAdamW(m, lr=0.01, max_grad_norm=0.05,

@@ -25,7 +25,8 @@ def _merged(layer):
 def _model(seed=0):
     torch.manual_seed(seed)
     model = nn.Sequential(lk.LoRALinear(nn.Linear(37, 23), r=3, alpha=6), nn.Tanh(),
-                          lk.LoRALinear(nn.Linear(23, 11), r=2, alpha=8)).double()
+                          lk.LoRALinear(nn.Linear(23, 11), r=2, alpha=8))
+    model = model.double()
     for layer in _layers(model):  # B ≠ 0, so both half-steps move the weight
         nn.init.normal_(layer.lora_B.weight, std=0.1)
     return model
@@ -85,8 +86,9 @@ def test_normalized_state_is_per_layer_and_counts_steps():
 
 def test_plain_lorsum_keeps_no_normalization_state_and_bad_beta_raises():
     model = TinyLoRAMLP()
-    opt = lk.LoRSum(model)
-    assert all("step_norm_sq" not in opt.state[layer.lora_A.weight] for layer in (model.l1, model.l2, model.l3))
+    opt = lk.LoRSum(model, normalize_step=False)
+    for layer in (model.l1, model.l2, model.l3):
+        assert "step_norm_sq" not in opt.state[layer.lora_A.weight]
     with pytest.raises(ValueError, match="normalize_beta"):
         lk.LoRSum(TinyLoRAMLP(), normalize_step=True, normalize_beta=1.0, max_update_norm=None)
     with pytest.raises(ValueError, match="max_update_norm=None"):
@@ -96,6 +98,6 @@ def test_plain_lorsum_keeps_no_normalization_state_and_bad_beta_raises():
 def test_k0_normalized_is_a_whole_step():
     """The first step is computed twice (probe, then at the normalised lr): not a token-sum step."""
     normalized = lk.LoRSum(TinyLoRAMLP(), iters=0, normalize_step=True, max_update_norm=None)
-    plain = lk.LoRSum(TinyLoRAMLP(), iters=0)
+    plain = lk.LoRSum(TinyLoRAMLP(), iters=0, normalize_step=False)
     assert not normalized._steps_from_token_sums(normalized.param_groups[0])
     assert plain._steps_from_token_sums(plain.param_groups[0])

@@ -325,8 +325,10 @@ def test_resume_in_auto_mode_continues_streaming_bit_identically():
 # Gradient accumulation: the steps that read X and S only through token sums (iters=0; ScaledLoRSum with
 # metric="kfac") add those sums over micro-batches in backward, exactly; the others are cached.
 TOKEN_SUMS = {
-    "lorsum_k0": (lk.LoRSum, dict(lr=0.3, iters=0)),
-    "lorsum_k0_momentum_rank": (lk.LoRSum, dict(lr=0.3, iters=0, momentum=0.8, momentum_rank=2, dampening=0.1)),
+    # the plain step (normalize_step=False): the normalised one measures a layer's first step, a whole step
+    "lorsum_k0": (lk.LoRSum, dict(lr=0.3, iters=0, normalize_step=False)),
+    "lorsum_k0_momentum_rank": (lk.LoRSum, dict(lr=0.3, iters=0, momentum=0.8, momentum_rank=2, dampening=0.1,
+                                                normalize_step=False)),
     "scaled_k0_kfac_momentum_warmup": (lk.ScaledLoRSum, dict(lr=0.3, iters=0, betas=(0.9, 0.9),
                                                               beta2_warmup=True)),
     "scaled_k0_kfac_sum_loss": (lk.ScaledLoRSum, dict(lr=0.3, iters=0, betas=(0.0, 0.99),
@@ -408,7 +410,8 @@ def test_auto_with_accumulation_streams_token_sum_groups_and_caches_the_others(d
                    "iters": 0},
                   {"params": [p for l in (model.l3, model.l4) for p in (l.lora_A.weight, l.lora_B.weight)]}]
         kw = dict(accumulation_steps=2) if declared else {}
-        opt = lk.LoRSum(model, lr=0.3, iters=1, momentum=0.9, param_groups=groups, capture=capture, **kw)
+        opt = lk.LoRSum(model, lr=0.3, iters=1, momentum=0.9, param_groups=groups, capture=capture,
+                        normalize_step=False, **kw)
         data = _batches(6)
         rows = []
         for step in range(3):
@@ -429,7 +432,7 @@ def test_auto_with_accumulation_streams_token_sum_groups_and_caches_the_others(d
 
 def test_stream_with_accumulation_needs_token_sum_steps():
     model = OddNet()
-    lk.LoRSum(model, iters=0, capture="stream", accumulation_steps=4).remove_hooks()
+    lk.LoRSum(model, iters=0, capture="stream", accumulation_steps=4, normalize_step=False).remove_hooks()
     lk.ScaledLoRSum(model, iters=0, capture="stream", accumulation_steps=4).remove_hooks()
     with pytest.raises(ValueError, match="iters=0"):
         lk.ScaledLoRSum(model, iters=0, metric="shampoo", capture="stream", accumulation_steps=4)
@@ -461,14 +464,16 @@ def test_resume_streaming_token_sums_only():
                          "iters": 0},
                         {"params": [p for l in (m.l3, m.l4) for p in (l.lora_A.weight, l.lora_B.weight)]}]
     model = OddNet()
-    opt = lk.LoRSum(model, lr=0.3, momentum=0.9, param_groups=groups(model), accumulation_steps=2)
+    opt = lk.LoRSum(model, lr=0.3, momentum=0.9, param_groups=groups(model), accumulation_steps=2,
+                    normalize_step=False)
     for batch in _batches(2):
         (_loss(model, batch) / 2).backward()
     opt.step()
     opt.zero_grad()
     twin = OddNet()
     twin.load_state_dict(model.state_dict())
-    opt2 = lk.LoRSum(twin, lr=0.3, momentum=0.9, param_groups=groups(twin), accumulation_steps=2)
+    opt2 = lk.LoRSum(twin, lr=0.3, momentum=0.9, param_groups=groups(twin), accumulation_steps=2,
+                     normalize_step=False)
     opt2.load_state_dict(opt.state_dict())
     assert opt2._streamed.saved_mode() == "token_sums"
     for batch in _batches(2, seed=5):

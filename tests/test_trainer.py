@@ -49,9 +49,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 VOCAB, SEQ = 48, 12
 
 # Per-optimizer settings that make a dozen steps of this toy task learn something; everything else is
-# the class default. LoRSum, SVDLoRA and ScaledGD are SGD-like on the merged weight: large lr.
+# the class default. SVDLoRA and ScaledGD are SGD-like on the merged weight: large lr.
 SETTINGS = {
-    "lorsum": dict(lr=2.0),
+    "lorsum": dict(lr=3e-2),  # its step normalised per layer (the default): RMS lr per entry, Adam-like
     "scaled_lorsum": dict(lr=3e-2),
     "svdlora": dict(lr=2.0),
     "adaprelora": dict(lr=3e-2),

@@ -39,7 +39,9 @@ def test_bound_is_the_sum_of_the_first_and_second_order_norms(L, m, n, r):
 
 # ScaledLoRSum with the official code's class defaults: the output side of the metric is δ, the step scales
 # with the gradient.
-GRADIENT_SCALED = {"scaled_lorsum": dict(damping=0.1, betas=(0.9, 0.999), beta2_warmup=False)}
+# LoRSum's plain step: its default, normalised step (optim/step_normalization.py) is bounded by the lr itself.
+GRADIENT_SCALED = {"scaled_lorsum": dict(damping=0.1, betas=(0.9, 0.999), beta2_warmup=False),
+                   "lorsum": dict(normalize_step=False)}
 
 
 def _sharp_run(name, steps=6, scale=1e5, capture=None, **kw):
@@ -93,9 +95,9 @@ def test_streamed_and_cached_clip_alike(name):
 @pytest.mark.parametrize("name", ["adamw", "lorsum", "scaled_lorsum", "adaprelora", "scaled_adamw", "scaled_gd",
                                   "svdlora"])
 def test_every_method_at_its_defaults_descends_a_sharp_problem(name):
-    # AdamW (and AdaPreLoRA, Scaled AdamW, ScaledLoRSum at δ = 1e-5) are invariant to the loss scale; the
-    # gradient-step methods are not, and descend only because max_update_norm bounds their step by the lr
-    # (the loss rose to 3.5x without it for ScaledGD).
+    # AdamW (and AdaPreLoRA, Scaled AdamW, ScaledLoRSum at δ = 1e-5, LoRSum's normalised step) are invariant
+    # to the loss scale; the gradient-step methods are not, and descend only because max_update_norm bounds
+    # their step by the lr (the loss rose to 3.5x without it for ScaledGD).
     losses, _, _ = _sharp_run(name, steps=6)
     assert all(b <= a for a, b in zip(losses, losses[1:])), losses
     assert losses[-1] < losses[0]

@@ -62,14 +62,22 @@ def _momentum_dict(buffer) -> dict:
 
 
 class LoRSum(_MomentumFactors, LoRAOptimizer):
-    """PSI-LoRA: each step is the rank-r LoRSum of ``s·B·A − η·(momentum direction)``.
+    """PSI-LoRA: each step is the rank-r LoRSum of ``s·B·A − η_l·(momentum direction)``.
+
+    By default each layer's step is normalised (``normalize_step``, optim/step_normalization.py): the layer
+    steps at its own lr ``η_l`` such that its merged-weight step has RMS ``lr`` per entry, from a per-layer
+    second moment of the step's size (Adam-mini's block scale on LoRSum's step), so ``lr`` is a step size,
+    Adam-like in magnitude. ``normalize_step=False`` is the published method, a gradient step (``η_l = lr``),
+    whose lr is a multiple of the gradient: ``lr=1.0, max_update_norm=1.0`` was its recommended setting.
 
     Args:
         model (nn.Module): the model holding the LoRA layers (PEFT, ``LoRALinear`` or any module with
             ``lora_A``/``lora_B`` Linear children).
         lr (float): η, read from the param group at every step (schedulers work); the default is the
-            defaults sweep's choice (docs/defaults_sweep.md). (Default: 1.0)
-        lmbd (float): λ0; the proximal weight is λ = η·λ0. (Default: 1e-2)
+            defaults sweep's choice (docs/defaults_sweep.md). With ``normalize_step`` the RMS per entry of each
+            layer's merged-weight step; without, the multiple of the gradient. (Default: 1e-4)
+        lmbd (float): λ0; the proximal weight is λ = η·λ0 (the group's η, also with ``normalize_step``).
+            (Default: 1e-2)
         iters (int): k ALS rounds; 0 is one Jacobi round, the Riemannian-preconditioned step. (Default: 1)
         momentum (float): β of the low-rank heavy-ball buffer; 0 keeps no buffer. (Default: 0)
         dampening (float): d, as in torch SGD. (Default: 0)
@@ -88,7 +96,11 @@ class LoRSum(_MomentumFactors, LoRAOptimizer):
             step included): all layers move by ``min(1, max_update_norm / N)`` of their step, N being the
             global norm of the merged-weight updates over the lr (at most the global norm of the gradient
             a step of this method follows, so 1.0 is the analogue of the official ``max_grad_norm=1.0``);
-            N is ``optimizer.update_norm`` (optim/update_clip.py). None: no clipping. (Default: 1.0)
+            N is ``optimizer.update_norm`` (optim/update_clip.py). None: no clipping. Only without
+            ``normalize_step`` (which bounds each layer's step itself). (Default: None)
+        normalize_step (bool): scale each layer's step to RMS lr per entry (above). Its first step per layer
+            is computed three times (measuring the step's size); a whole step, also at k = 0. (Default: True)
+        normalize_beta (float): β of the per-layer second moment of the step's size. (Default: 0.999)
         process_group (optional): data-parallel training (DDP): None (single process), ``"default"``
             (torch.distributed's default group) or a ``ProcessGroup``; the token products are averaged
             over its ranks each half-step (``lorsum_kernels.distributed``). (Default: None)
@@ -108,7 +120,7 @@ class LoRSum(_MomentumFactors, LoRAOptimizer):
     def __init__(
         self,
         model,
-        lr: float = 1.0,
+        lr: float = 1e-4,
         *,
         lmbd: float = 1e-2,
         iters: int = 1,
@@ -118,8 +130,8 @@ class LoRSum(_MomentumFactors, LoRAOptimizer):
         lmbd_momentum: float | None = None,
         backend: str = "auto",
         seed: int = 0,
-        max_update_norm: float | None = 1.0,
-        normalize_step: bool = False,
+        max_update_norm: float | None = None,
+        normalize_step: bool = True,
         normalize_beta: float = 0.999,
         **kwargs,
     ):
