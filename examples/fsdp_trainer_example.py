@@ -86,7 +86,8 @@ def smollm_model_and_data(max_len: int = 128):
 def main(argv=None) -> Trainer:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--optimizer", default="lorsum", help="a name of lorsum_kernels.optim.OPTIMIZERS")
-    parser.add_argument("--lr", type=float, default=0.5)
+    parser.add_argument("--lr", type=float, default=1e-2,
+                        help="LoRSum's default step is normalised per layer: RMS lr per entry (Adam-like)")
     parser.add_argument("--momentum", type=float, default=0.9, help="LoRSum's low-rank momentum")
     parser.add_argument("--max-steps", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=8, help="global batch (split over the ranks)")
