@@ -172,7 +172,7 @@ class LoRSum(_MomentumFactors, LoRAOptimizer):
         def step_at(lr):
             # The proximal weight stays η·λ0 at a layer's own lr (normalize_step): tied to that lr, it would
             # grow with it and cap the step of a layer with small gradients at ~G/λ0.
-            ridge = 1.0 if lr is group["lr"] else group["lr"] / lr
+            ridge = 1.0 if lr is group["lr"] else float(group["lr"]) / lr
             A_new, B_new, buffer = psi_lora_step(
                 A, B, X, S, _momentum_of(state), lr=lr, lmbd=group["lmbd"] * ridge,
                 lmbd_momentum=group["lmbd_momentum"] * ridge, iters=group["iters"], momentum=group["momentum"],

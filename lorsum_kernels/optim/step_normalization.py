@@ -24,8 +24,8 @@ The proximal weight stays ``η·λ0`` (the method's, at the group's lr) whatever
 layer's lr it would grow with it and cap the step of a layer with small gradients near ``G/λ0``, and the
 step would no longer be invariant to the gradient's scale. ‖ΔW‖ is the bound of
 ``update_clip.merged_update_bound`` (r×r Grams). The statistics live in the layer's state (0-d each:
-``step_norm_sq`` = v, ``step_norm_count`` = t, ``step_norm_scale`` = 1/√v̂ for the next step,
-``step_norm_lr`` = the lr the step ran at) and come from the step's results, identical on every rank
+``step_norm_sq`` = v, ``step_norm_count`` = t, ``step_norm_scale`` = 1/√v̂ for the next step (0: none
+yet), ``step_norm_lr`` = the lr a measured first step ran at) and come from the step's results, identical on every rank
 under data parallelism; ``step()`` finishes them for every result at once, warm, after backward.
 """
 
@@ -55,26 +55,31 @@ def _size(A: Tensor, B: Tensor, A_new: Tensor, B_new: Tensor, lrs: Tensor) -> Te
     return merged_update_bound(A.to(dt), B.to(dt), A_new, B_new) / (lrs.to(dt) * entries ** 0.5)
 
 
-def step_at_layer_lr(step_at: Callable[[Tensor], tuple], A: Tensor, B: Tensor, lr, state: dict) -> tuple:
+def step_at_layer_lr(step_at: Callable[[object], tuple], A: Tensor, B: Tensor, lr, state: dict) -> tuple:
     """The method's step of a bucket (balanced A (L,r,n), B (L,m,r)) at each layer's lr: ``η·step_norm_scale``
-    where the layer has statistics, found by measuring where it has none. ``step_at(lrs)`` runs the step at
-    an (L,) lr. Returns ``(A_new, B_new, new_state)`` with ``step_norm_lr`` set; ``finish`` does the rest."""
-    v = state["step_norm_sq"].reshape(-1)
-    layer_lr = float(lr) * state["step_norm_scale"].reshape(-1)
-    fresh = (state["step_norm_count"].reshape(-1) == 0) | (v == 0)
-    if bool(fresh.any()):
-        # At t = 1 the lr is η/u_1, u_1 measured at that lr; the step is linear in the lr only while it is
-        # small against the weight, so iterate from η until the lr reproduces itself.
-        layer_lr = torch.where(fresh, torch.full_like(v, float(lr)), layer_lr)
-        for attempt in range(_FIRST_STEP_TRIES):
-            A_new, B_new, new_state = step_at(layer_lr.to(A.dtype))
-            target = torch.where(fresh, float(lr) / _size(A, B, A_new, B_new, layer_lr).to(v.dtype)
-                                 .clamp_min(1e-30), layer_lr)
-            if attempt + 1 == _FIRST_STEP_TRIES or bool(((target / layer_lr - 1).abs() <= 0.05).all()):
-                break  # the step computed is the one at layer_lr; finish() bounds it
-            layer_lr = target
-    else:
+    where the layer has statistics (scale > 0), found by measuring where it has none. ``step_at(lr)`` runs
+    the step at a number or an (L,) tensor. Returns ``(A_new, B_new, new_state)``, with ``step_norm_lr``
+    (the lr it ran at) where a layer had no statistics; ``finish`` does the rest."""
+    scale = state["step_norm_scale"].reshape(-1)
+    if scale.device.type == "cpu" and scale.numel() == 1:
+        # One layer on the CPU (every streamed step): the lr as a number, so the step builds no tensors
+        # for it (each op costs ~0.1 ms there, right after the layer's GEMMs; docs/step_cost.md).
+        known = float(scale)
+        if known > 0:
+            return step_at(float(lr) * known)
+    elif not bool((scale == 0).any()):
+        return step_at((float(lr) * scale).to(A.dtype))
+    # At t = 1 the lr is η/u_1, u_1 measured at that lr; the step is linear in the lr only while it is small
+    # against the weight, so iterate from η until the lr reproduces itself (finish() cuts an overshoot).
+    fresh = scale == 0
+    layer_lr = torch.where(fresh, torch.full_like(scale, float(lr)), float(lr) * scale)
+    for attempt in range(_FIRST_STEP_TRIES):
         A_new, B_new, new_state = step_at(layer_lr.to(A.dtype))
+        target = torch.where(fresh, float(lr) / _size(A, B, A_new, B_new, layer_lr).to(scale.dtype)
+                             .clamp_min(1e-30), layer_lr)
+        if attempt + 1 == _FIRST_STEP_TRIES or bool(((target / layer_lr - 1).abs() <= 0.05).all()):
+            break  # the step computed is the one at layer_lr
+        layer_lr = target
     return A_new, B_new, {**new_state, "step_norm_lr": layer_lr.reshape(state["step_norm_lr"].shape)}
 
 
@@ -84,11 +89,15 @@ def finish(A_old: Tensor, B_old: Tensor, A_new: Tensor, B_new: Tensor, root: Ten
     (L,1,1); ``old_state`` the layers' stacked ``STATE_KEYS`` before the step, ``new_state`` the step's).
     Returns ``(A_new, B_new, new_state)``."""
     v, t = old_state["step_norm_sq"].reshape(-1), old_state["step_norm_count"].reshape(-1)
-    layer_lr = new_state["step_norm_lr"].reshape(-1)
+    if "step_norm_lr" in new_state:  # a layer without statistics: the lr was measured
+        layer_lr = new_state["step_norm_lr"].reshape(-1)
+    else:  # the lr the step read (a scheduler cannot change it in between: the optimizers check)
+        layer_lr = float(lr) * old_state["step_norm_scale"].reshape(-1)
     dt = A_new.dtype
     u = _size(A_old.to(dt) * root, B_old.to(dt) * root, A_new * root, B_new * root, layer_lr).to(v.dtype)
     v_new, t_new = v * beta + (1 - beta) * u * u, t + 1
-    scale = (v_new / (1 - beta ** t_new)).sqrt().clamp_min(1e-30).reciprocal()  # 1/√v̂_t
+    # 1/√v̂_t; 0 while every step was zero (v = 0): the next one is measured again
+    scale = torch.where(v_new > 0, (v_new / (1 - beta ** t_new)).sqrt().clamp_min(1e-30).reciprocal(), 0)
     alpha = (float(lr) * scale / layer_lr).clamp(max=1.0).to(dt).view(-1, 1, 1)
     A_old, B_old = A_old.to(dt), B_old.to(dt)
     A_new, B_new = A_old + alpha * (A_new - A_old), B_old + alpha * (B_new - B_old)
