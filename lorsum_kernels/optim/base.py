@@ -371,6 +371,10 @@ class LoRAOptimizer(CheckpointMixin, ReshardingMixin, torch.optim.Optimizer):
         that step from the captured X and S must average their token sums over ``self._reduce``."""
         return None
 
+    # State keys the method step does not read (step() updates them from the results, e.g. normalize_step's
+    # statistics): not stacked for it, which in backward costs an op per key and layer.
+    _state_for_step: tuple = ()
+
     def _method_step(self, group: dict, A: Tensor, B: Tensor, X, S, state: dict, grads, reduce,
                      backend: ops.Backend) -> tuple:
         """One step for a bucket of L layers. A (L,r,n) and B (L,m,r) are balanced factors in fp32
@@ -655,8 +659,8 @@ class LoRAOptimizer(CheckpointMixin, ReshardingMixin, torch.optim.Optimizer):
             grads = tuple(torch.stack(g).to(dt) / root for g in grad_lists)
             if clip is not None:
                 grads = tuple(g * clip.to(dt) for g in grads)
-        keys = [k for k in self.state[layers[0].A] if k not in LAYER_COUNTERS]
-        state = {k: torch.stack([self.state[layer.A][k] for layer in layers]) for k in keys}
+        keys = [k for k in self.state[layers[0].A] if k not in LAYER_COUNTERS and k not in self._state_for_step]
+        state = {k: torch.stack([self.state[layer.A][k] for layer in layers]) for k in keys}  # copies
         A_new, B_new, new_state = self._method_step(group, A, B, X, S, state, grads, reduce,
                                                     self._backend(group, dev))
         A_new, B_new = A_new / root, B_new / root

@@ -116,6 +116,7 @@ class LoRSum(_MomentumFactors, LoRAOptimizer):
 
     # Every read of X and S goes through these (psi_lora_step: the half-steps, or the lock-step products).
     _data_ops = ("lorsum_update_in", "lorsum_update_out", "pair_products")
+    _state_for_step = step_normalization.FINISHED_IN_STEP
 
     def __init__(
         self,
@@ -182,7 +183,7 @@ class LoRSum(_MomentumFactors, LoRAOptimizer):
 
         if not group["normalize_step"]:
             return step_at(group["lr"])
-        if "step_norm_sq" not in state:
+        if "step_norm_scale" not in state:
             raise ValueError("normalize_step was turned on after the optimizer was built; pass it to the "
                              "constructor (its statistics are part of each layer's state)")
         return step_normalization.step_at_layer_lr(step_at, A, B, group["lr"], state)

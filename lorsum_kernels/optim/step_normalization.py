@@ -41,6 +41,7 @@ from .update_clip import merged_update_bound
 __all__ = ["STATE_KEYS", "finish", "initial_state", "step_at_layer_lr"]
 
 STATE_KEYS = ("step_norm_sq", "step_norm_count", "step_norm_scale", "step_norm_lr")
+FINISHED_IN_STEP = ("step_norm_sq", "step_norm_count", "step_norm_lr")  # the layer's step reads only the scale
 _FIRST_STEP_TRIES = 4
 
 
@@ -80,7 +81,7 @@ def step_at_layer_lr(step_at: Callable[[object], tuple], A: Tensor, B: Tensor, l
         if attempt + 1 == _FIRST_STEP_TRIES or bool(((target / layer_lr - 1).abs() <= 0.05).all()):
             break  # the step computed is the one at layer_lr
         layer_lr = target
-    return A_new, B_new, {**new_state, "step_norm_lr": layer_lr.reshape(state["step_norm_lr"].shape)}
+    return A_new, B_new, {**new_state, "step_norm_lr": layer_lr.reshape(state["step_norm_scale"].shape)}
 
 
 def finish(A_old: Tensor, B_old: Tensor, A_new: Tensor, B_new: Tensor, root: Tensor, lr, beta: float,
