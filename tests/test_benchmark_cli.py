@@ -247,7 +247,8 @@ def test_llama7b_blocks_with_accumulation_report_the_flop_bound(tmp_path):
     # One 7B-shaped block (7 LoRA modules 4096/11008 wide), 2 micro-batches of 1×16 tokens, one timed step.
     cli.main(["--memory", "--model", "llama7b-blocks", "--layers", "1", "--batch", "2", "--accumulation", "2",
               "--tokens", "16", "--optimizers", "lorsum", "--checkpointing", "none", "--warmup", "1",
-              "--reps", "1", "--opt-kw", "lorsum:iters=0", "--opt-kw", "lorsum:normalize_step=False", "--out", str(tmp_path)])
+              "--reps", "1", "--opt-kw", "lorsum:iters=0", "--opt-kw", "lorsum:normalize_step=False",
+              "--out", str(tmp_path)])
     (lorsum,) = _rows(tmp_path / "memory.csv")
     assert lorsum["model"] == "llama7b-blocks" and int(lorsum["adapters"]) == 7
     assert lorsum["accumulation"] == "2" and "2 micro-batches" in lorsum["config"]

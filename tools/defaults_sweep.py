@@ -52,7 +52,8 @@ GRID: dict[str, dict] = {
     "scaled_lorsum_adaptive": {"lrs": [0.03, 0.1, 0.2, 0.3], "optimizer": "scaled_lorsum", "kwargs": {
         "beta2_warmup": True, "damping": 1e-5, "betas": (0.9, 0.99), "max_update_norm": None}},
     # LoRSum with each layer's step scaled to RMS lr per entry (optim/step_normalization.py): the lr is then
-    # the merged weight's step size itself, not a multiple of the gradient (no step clip: it is in those units)
+    # the merged weight's step size itself, not a multiple of the gradient (no step clip: it is in those
+    # units)
     "lorsum_normalized": {"lrs": [1e-4, 2e-4, 4e-4], "optimizer": "lorsum", "kwargs": {
         "normalize_step": True, "max_update_norm": None}},
     "adaprelora": {"lrs": [3e-4, 1e-3, 3e-3], "kwargs": {}},

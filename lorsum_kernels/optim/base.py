@@ -570,7 +570,8 @@ class LoRAOptimizer(CheckpointMixin, ReshardingMixin, torch.optim.Optimizer):
         A_old, B_old, _ = self._factor_values(layers)
         dt = A_new.dtype
         root = self._scale_root([layer.scale for layer in layers], dt, A_new.device)
-        old_state = {k: _stacked([self.state[layer.A][k] for layer in layers]) for k in step_normalization.STATE_KEYS}
+        old_state = {k: _stacked([self.state[layer.A][k] for layer in layers])
+                     for k in step_normalization.STATE_KEYS}
         A_new, B_new, new_state = step_normalization.finish(
             as_dtype(_stacked(A_old), dt), as_dtype(_stacked(B_old), dt), A_new, B_new, root, group["lr"],
             group["normalize_beta"], old_state, new_state)
@@ -659,7 +660,8 @@ class LoRAOptimizer(CheckpointMixin, ReshardingMixin, torch.optim.Optimizer):
             grads = tuple(torch.stack(g).to(dt) / root for g in grad_lists)
             if clip is not None:
                 grads = tuple(g * clip.to(dt) for g in grads)
-        keys = [k for k in self.state[layers[0].A] if k not in LAYER_COUNTERS and k not in self._state_for_step]
+        keys = [k for k in self.state[layers[0].A]
+                if k not in LAYER_COUNTERS and k not in self._state_for_step]
         state = {k: torch.stack([self.state[layer.A][k] for layer in layers]) for k in keys}  # copies
         A_new, B_new, new_state = self._method_step(group, A, B, X, S, state, grads, reduce,
                                                     self._backend(group, dev))

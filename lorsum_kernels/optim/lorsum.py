@@ -74,8 +74,8 @@ class LoRSum(_MomentumFactors, LoRAOptimizer):
         model (nn.Module): the model holding the LoRA layers (PEFT, ``LoRALinear`` or any module with
             ``lora_A``/``lora_B`` Linear children).
         lr (float): η, read from the param group at every step (schedulers work); the default is the
-            defaults sweep's choice (docs/defaults_sweep.md). With ``normalize_step`` the RMS per entry of each
-            layer's merged-weight step; without, the multiple of the gradient. (Default: 1e-4)
+            defaults sweep's choice (docs/defaults_sweep.md). With ``normalize_step`` the RMS per entry of
+            each layer's merged-weight step; without, the multiple of the gradient. (Default: 1e-4)
         lmbd (float): λ0; the proximal weight is λ = η·λ0 (the group's η, also with ``normalize_step``).
             (Default: 1e-2)
         iters (int): k ALS rounds; 0 is one Jacobi round, the Riemannian-preconditioned step. (Default: 1)
@@ -176,8 +176,8 @@ class LoRSum(_MomentumFactors, LoRAOptimizer):
             ridge = 1.0 if lr is group["lr"] else float(group["lr"]) / lr
             A_new, B_new, buffer = psi_lora_step(
                 A, B, X, S, _momentum_of(state), lr=lr, lmbd=group["lmbd"] * ridge,
-                lmbd_momentum=group["lmbd_momentum"] * ridge, iters=group["iters"], momentum=group["momentum"],
-                dampening=group["dampening"], backend=backend, reduce=reduce,
+                lmbd_momentum=group["lmbd_momentum"] * ridge, iters=group["iters"],
+                momentum=group["momentum"], dampening=group["dampening"], backend=backend, reduce=reduce,
             )
             return A_new, B_new, _momentum_dict(buffer)
 

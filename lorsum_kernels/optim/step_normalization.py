@@ -25,8 +25,9 @@ layer's lr it would grow with it and cap the step of a layer with small gradient
 step would no longer be invariant to the gradient's scale. ‖ΔW‖ is the bound of
 ``update_clip.merged_update_bound`` (r×r Grams). The statistics live in the layer's state (0-d each:
 ``step_norm_sq`` = v, ``step_norm_count`` = t, ``step_norm_scale`` = 1/√v̂ for the next step (0: none
-yet), ``step_norm_lr`` = the lr a measured first step ran at) and come from the step's results, identical on every rank
-under data parallelism; ``step()`` finishes them for every result at once, warm, after backward.
+yet), ``step_norm_lr`` = the lr a measured first step ran at) and come from the step's results,
+identical on every rank under data parallelism; ``step()`` finishes them for every result, warm, after
+backward.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ from .update_clip import merged_update_bound
 __all__ = ["STATE_KEYS", "finish", "initial_state", "step_at_layer_lr"]
 
 STATE_KEYS = ("step_norm_sq", "step_norm_count", "step_norm_scale", "step_norm_lr")
-FINISHED_IN_STEP = ("step_norm_sq", "step_norm_count", "step_norm_lr")  # the layer's step reads only the scale
+# The layer's step reads only the scale; step() updates these (LoRAOptimizer._state_for_step).
+FINISHED_IN_STEP = ("step_norm_sq", "step_norm_count", "step_norm_lr")
 _FIRST_STEP_TRIES = 4
 
 
