@@ -442,7 +442,7 @@ class LoRAOptimizer(CheckpointMixin, ReshardingMixin, torch.optim.Optimizer):
             pairs = [self._capture.pairs(layer) for layer in self._layers]
             results += self._streamed.collect(lambda group: either(scaler_found_inf, lr_skip[id(group)]))
         if any(group.get("normalize_step") for group in self.param_groups):
-            results = [self._finish_normalized(r) if r[0].get("normalize_step") else r for r in results]
+            results = self._finish_normalized(results)
         alpha, olds = None, [None] * len(results)
         if self.max_update_norm is not None:
             alpha, old_factors = self._update_clip(results)
@@ -563,19 +563,40 @@ class LoRAOptimizer(CheckpointMixin, ReshardingMixin, torch.optim.Optimizer):
         self.grad_norm = total
         return clip_coefficient(self.max_grad_norm, total)
 
-    def _finish_normalized(self, result) -> tuple:
-        """``normalize_step``'s statistics and shrink for one bucket's result, in ``step()`` where the code runs
-        warm (optim/step_normalization.py); the layers' state before the step is still in ``self.state``."""
-        group, layers, A_new, B_new, new_state, finite, skip = result
-        A_old, B_old, _ = self._factor_values(layers)
-        dt = A_new.dtype
-        root = self._scale_root([layer.scale for layer in layers], dt, A_new.device)
-        old_state = {k: _stacked([self.state[layer.A][k] for layer in layers])
-                     for k in step_normalization.STATE_KEYS}
-        A_new, B_new, new_state = step_normalization.finish(
-            as_dtype(_stacked(A_old), dt), as_dtype(_stacked(B_old), dt), A_new, B_new, root, group["lr"],
-            group["normalize_beta"], old_state, new_state)
-        return group, layers, A_new, B_new, new_state, finite, skip
+    def _finish_normalized(self, results: list) -> list:
+        """``normalize_step``'s statistics and shrink (optim/step_normalization.py) for this step's results,
+        in ``step()`` where the code runs warm, once per group and factor shape over all its results (the
+        streamed step hands over one result per layer); the layers' state before the step is still in
+        ``self.state``. Returns the results with the shrunk factors and the statistics in their state."""
+        batches: dict = {}
+        for i, (group, _, A_new, B_new, *_) in enumerate(results):
+            if group.get("normalize_step"):
+                key = (id(group), tuple(A_new.shape[1:]), tuple(B_new.shape[1:]), A_new.dtype, A_new.device)
+                batches.setdefault(key, []).append(i)
+        results = list(results)
+        for members in batches.values():
+            group = results[members[0]][0]
+            layers = [layer for i in members for layer in results[i][1]]
+            A_new, B_new = (torch.cat([results[i][k] for i in members]) for k in (2, 3))
+            dt = A_new.dtype
+            A_old, B_old, _ = self._factor_values(layers)
+            old = {k: torch.stack([self.state[layer.A][k] for layer in layers])
+                   for k in step_normalization.STATE_KEYS}
+            sizes = [len(results[i][1]) for i in members]
+            layer_lr = torch.cat([step_normalization.layer_lrs(group["lr"], scale, results[i][4])
+                                  .to(scale.dtype) for i, scale in zip(members, old["step_norm_scale"].split(sizes))])
+            root = self._scale_root([layer.scale for layer in layers], dt, A_new.device)
+            A_new, B_new, stats = step_normalization.finish(
+                as_dtype(_stacked(A_old), dt), as_dtype(_stacked(B_old), dt), A_new, B_new, root, group["lr"],
+                group["normalize_beta"], old, layer_lr)
+            parts = zip(members, A_new.split(sizes), B_new.split(sizes),
+                        zip(*(value.reshape(old[k].shape).split(sizes) for k, value in stats.items())))
+            for i, A_i, B_i, values in parts:
+                g, ls, _, _, state_i, finite, skip = results[i]
+                state_i = {k: v for k, v in state_i.items() if k != step_normalization.MEASURED_LR}
+                state_i.update(zip(stats, values))
+                results[i] = (g, ls, A_i, B_i, state_i, finite, skip)
+        return results
 
     def _update_clip(self, results) -> tuple[Tensor, list]:
         """``max_update_norm``'s factor α (a 0-d device tensor) for this step's results (optim/update_clip.py),

@@ -25,9 +25,8 @@ layer's lr it would grow with it and cap the step of a layer with small gradient
 step would no longer be invariant to the gradient's scale. ‖ΔW‖ is the bound of
 ``update_clip.merged_update_bound`` (r×r Grams). The statistics live in the layer's state (0-d each:
 ``step_norm_sq`` = v, ``step_norm_count`` = t, ``step_norm_scale`` = 1/√v̂ for the next step (0: none
-yet), ``step_norm_lr`` = the lr a measured first step ran at) and come from the step's results,
-identical on every rank under data parallelism; ``step()`` finishes them for every result, warm, after
-backward.
+yet)) and come from the step's results, identical on every rank under data parallelism; ``step()``
+finishes them for all results of one factor shape at once, warm, after backward.
 """
 
 from __future__ import annotations
@@ -39,11 +38,12 @@ from torch import Tensor
 
 from .update_clip import merged_update_bound
 
-__all__ = ["STATE_KEYS", "finish", "initial_state", "step_at_layer_lr"]
+__all__ = ["STATE_KEYS", "finish", "initial_state", "layer_lrs", "step_at_layer_lr"]
 
-STATE_KEYS = ("step_norm_sq", "step_norm_count", "step_norm_scale", "step_norm_lr")
+STATE_KEYS = ("step_norm_sq", "step_norm_count", "step_norm_scale")
+MEASURED_LR = "step_norm_lr"  # in a method step's new state only: the lr a measured first step ran at
 # The layer's step reads only the scale; step() updates these (LoRAOptimizer._state_for_step).
-FINISHED_IN_STEP = ("step_norm_sq", "step_norm_count", "step_norm_lr")
+FINISHED_IN_STEP = ("step_norm_sq", "step_norm_count")
 _FIRST_STEP_TRIES = 4
 
 
@@ -83,19 +83,23 @@ def step_at_layer_lr(step_at: Callable[[object], tuple], A: Tensor, B: Tensor, l
         if attempt + 1 == _FIRST_STEP_TRIES or bool(((target / layer_lr - 1).abs() <= 0.05).all()):
             break  # the step computed is the one at layer_lr
         layer_lr = target
-    return A_new, B_new, {**new_state, "step_norm_lr": layer_lr.reshape(state["step_norm_scale"].shape)}
+    return A_new, B_new, {**new_state, MEASURED_LR: layer_lr.reshape(state["step_norm_scale"].shape)}
+
+
+def layer_lrs(lr, old_scale: Tensor, new_state: dict) -> Tensor:
+    """(L,) the lr each layer's step ran at: measured (``MEASURED_LR``) or ``η·step_norm_scale`` as read (a
+    scheduler cannot change η between the two: the optimizers check)."""
+    if MEASURED_LR in new_state:
+        return new_state[MEASURED_LR].reshape(-1)
+    return float(lr) * old_scale.reshape(-1)
 
 
 def finish(A_old: Tensor, B_old: Tensor, A_new: Tensor, B_new: Tensor, root: Tensor, lr, beta: float,
-           old_state: dict, new_state: dict) -> tuple:
-    """The statistics' update and the shrink of one bucket's results (unbalanced factors, ``root`` = √s
-    (L,1,1); ``old_state`` the layers' stacked ``STATE_KEYS`` before the step, ``new_state`` the step's).
-    Returns ``(A_new, B_new, new_state)``."""
+           old_state: dict, layer_lr: Tensor) -> tuple:
+    """The statistics' update and the shrink of L layers' results (unbalanced factors, ``root`` = √s
+    (L,1,1); ``old_state`` the layers' stacked ``STATE_KEYS`` before the step, ``layer_lr`` (L,) the lr each
+    step ran at). Returns ``(A_new, B_new, statistics)``, the statistics' new values by ``STATE_KEYS``."""
     v, t = old_state["step_norm_sq"].reshape(-1), old_state["step_norm_count"].reshape(-1)
-    if "step_norm_lr" in new_state:  # a layer without statistics: the lr was measured
-        layer_lr = new_state["step_norm_lr"].reshape(-1)
-    else:  # the lr the step read (a scheduler cannot change it in between: the optimizers check)
-        layer_lr = float(lr) * old_state["step_norm_scale"].reshape(-1)
     dt = A_new.dtype
     u = _size(A_old.to(dt) * root, B_old.to(dt) * root, A_new * root, B_new * root, layer_lr).to(v.dtype)
     v_new, t_new = v * beta + (1 - beta) * u * u, t + 1
@@ -104,5 +108,4 @@ def finish(A_old: Tensor, B_old: Tensor, A_new: Tensor, B_new: Tensor, root: Ten
     alpha = (float(lr) * scale / layer_lr).clamp(max=1.0).to(dt).view(-1, 1, 1)
     A_old, B_old = A_old.to(dt), B_old.to(dt)
     A_new, B_new = A_old + alpha * (A_new - A_old), B_old + alpha * (B_new - B_old)
-    shaped = {"step_norm_sq": v_new, "step_norm_count": t_new, "step_norm_scale": scale}
-    return A_new, B_new, {**new_state, **{k: x.reshape(old_state[k].shape) for k, x in shaped.items()}}
+    return A_new, B_new, {"step_norm_sq": v_new, "step_norm_count": t_new, "step_norm_scale": scale}
