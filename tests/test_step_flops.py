@@ -14,7 +14,7 @@ from lorsum_kernels.benchmark.step_flops import gemm_flops_per_second, step_flop
 T = 4096  # many tokens against small layers: the r×r solves the count leaves out stay under 5%
 
 CASES = {
-    # the plain step: the normalised one (the default) computes a layer's first step three times
+    # the plain step: the normalised one (the default) computes a layer's first step 2-4 times
     "lorsum_k1": (lk.LoRSum, dict(iters=1, normalize_step=False)),
     "lorsum_k0_momentum": (lk.LoRSum, dict(iters=0, momentum=0.9, normalize_step=False)),
     "lorsum_k2_momentum_rank": (lk.LoRSum, dict(iters=2, momentum=0.9, momentum_rank=3,

@@ -101,3 +101,28 @@ def test_k0_normalized_is_a_whole_step():
     plain = lk.LoRSum(TinyLoRAMLP(), iters=0, normalize_step=False)
     assert not normalized._steps_from_token_sums(normalized.param_groups[0])
     assert plain._steps_from_token_sums(plain.param_groups[0])
+
+
+def test_a_checkpoint_from_before_the_option_loads_and_keeps_the_plain_step():
+    """State dicts written before normalize_step existed (the plain step was the default) have neither the
+    group option nor the statistics: they load into today's default and go on with the plain step."""
+    model = TinyLoRAMLP()
+    plain = lk.LoRSum(model, lr=0.3, normalize_step=False, max_update_norm=1.0)
+    x = torch.randn(2, 7, 12)
+    plain.zero_grad()
+    model(x).square().mean().backward()
+    plain.step()
+    saved = plain.state_dict()
+    for group in saved["param_groups"]:
+        group.pop("normalize_step", None)
+        group.pop("normalize_beta", None)
+    twin = TinyLoRAMLP()
+    twin.load_state_dict(model.state_dict())
+    resumed = lk.LoRSum(twin)  # the normalised default
+    resumed.load_state_dict(saved)
+    for opt, net in ((plain, model), (resumed, twin)):
+        opt.zero_grad()
+        net(x).square().mean().backward()
+        opt.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -63,7 +63,7 @@ class CheckpointMixin:
         of an unsharded parameter gathered, so a state dict of either kind loads into either optimizer.
         """
         self._follow_replaced_parameters()
-        state_dict = _optimizer_wide_from_group(state_dict)
+        state_dict = self._with_later_options(_optimizer_wide_from_group(state_dict))
         name = type(self).__name__
         saved_class = state_dict.get("optimizer")
         if saved_class is not None and saved_class != name:
@@ -126,6 +126,19 @@ class CheckpointMixin:
         self.state["skipped_steps"] = saved_state.get("skipped_steps", skipped_before).clone()
         if self._streamed is not None and state_dict.get("capture_streaming"):
             self._streamed.resume(state_dict["capture_streaming"])
+
+    # Options a method gained after checkpoints of it were written, with the value such a checkpoint meant
+    # (LoRSum's normalize_step: its plain step was the only one): filled into the saved groups on load.
+    _options_added_later: dict = {}
+
+    def _with_later_options(self, state_dict: dict) -> dict:
+        """The state dict with ``_options_added_later`` in the groups that lack them (every group carries the
+        method's options, as torch's defaults; copies: the caller's dict is left as it is)."""
+        later = self._options_added_later
+        groups = state_dict.get("param_groups") or []
+        if not later or all(later.keys() <= g.keys() for g in groups):
+            return state_dict
+        return {**state_dict, "param_groups": [{**later, **g} for g in groups]}
 
     # Keys torch's LR schedulers and SWA add to a param group.
     _SCHEDULER_KEYS = frozenset(("initial_lr", "max_lr", "min_lr", "base_momentum", "max_momentum", "swa_lr"))

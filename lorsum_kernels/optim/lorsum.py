@@ -99,7 +99,7 @@ class LoRSum(_MomentumFactors, LoRAOptimizer):
             N is ``optimizer.update_norm`` (optim/update_clip.py). None: no clipping. Only without
             ``normalize_step`` (which bounds each layer's step itself). (Default: None)
         normalize_step (bool): scale each layer's step to RMS lr per entry (above). Its first step per layer
-            is computed three times (measuring the step's size); a whole step, also at k = 0. (Default: True)
+            is computed two to four times (measuring the step's size); a whole step, also at k = 0. (Default: True)
         normalize_beta (float): β of the per-layer second moment of the step's size. (Default: 0.999)
         process_group (optional): data-parallel training (DDP): None (single process), ``"default"``
             (torch.distributed's default group) or a ``ProcessGroup``; the token products are averaged
@@ -117,6 +117,7 @@ class LoRSum(_MomentumFactors, LoRAOptimizer):
     # Every read of X and S goes through these (psi_lora_step: the half-steps, or the lock-step products).
     _data_ops = ("lorsum_update_in", "lorsum_update_out", "pair_products")
     _state_for_step = step_normalization.FINISHED_IN_STEP
+    _options_added_later = {"normalize_step": False, "normalize_beta": 0.999}
 
     def __init__(
         self,

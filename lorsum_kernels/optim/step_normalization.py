@@ -17,8 +17,8 @@ u_t is known only once the step is computed. So the step runs at the lr of the s
 (``A + α·δA``, ``B + α·δB``, as ``max_update_norm`` does). A step whose gradient grew is cut to its bound;
 one whose gradient shrank stays the smaller, lagged step, as a conservative Adam would take it. On a
 layer's first step (or while all its steps were zero) there are no statistics: the step is computed at η
-to measure u_1, then at η/u_1, until the lr reproduces itself within 5% (twice the work, three times when
-the gradient is large against the weight; once).
+to measure u_1, then at η/u_1, until the lr reproduces itself within 5% (two to four times the work, once;
+more than two when the step is large against the weight, where it is not linear in the lr).
 
 The proximal weight stays ``η·λ0`` (the method's, at the group's lr) whatever the layer's lr: tied to the
 layer's lr it would grow with it and cap the step of a layer with small gradients near ``G/λ0``, and the
