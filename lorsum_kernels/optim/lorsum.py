@@ -98,8 +98,9 @@ class LoRSum(_MomentumFactors, LoRAOptimizer):
             a step of this method follows, so 1.0 is the analogue of the official ``max_grad_norm=1.0``);
             N is ``optimizer.update_norm`` (optim/update_clip.py). None: no clipping. Only without
             ``normalize_step`` (which bounds each layer's step itself). (Default: None)
-        normalize_step (bool): scale each layer's step to RMS lr per entry (above). Its first step per layer
-            is computed two to four times (measuring the step's size); a whole step, also at k = 0. (Default: True)
+        normalize_step (bool): scale each layer's step to RMS lr per entry (above). Its first step per
+            layer is computed two to four times (measuring the step's size); a whole step, also at k = 0.
+            Checkpoints written before the option existed load with it off. (Default: True)
         normalize_beta (float): β of the per-layer second moment of the step's size. (Default: 0.999)
         process_group (optional): data-parallel training (DDP): None (single process), ``"default"``
             (torch.distributed's default group) or a ``ProcessGroup``; the token products are averaged
