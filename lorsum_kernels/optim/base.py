@@ -78,8 +78,8 @@ from .clipping import clip_coefficient, global_grad_norm
 from .guards import either, finite_once, finite_rows, finite_rows_of
 from .other_adamw import step_other
 from .resharding import ReshardingMixin, parameter_owners
-from .streaming import StreamedStep, check_capture_options, check_stream_groups
 from . import step_normalization
+from .streaming import StreamedStep, check_capture_options, check_stream_groups
 from .update_clip import merged_update_bound, moved_by
 
 __all__ = ["LoRAOptimizer"]

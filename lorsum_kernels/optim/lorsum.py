@@ -168,7 +168,7 @@ class LoRSum(_MomentumFactors, LoRAOptimizer):
         # k = 0 is one Jacobi round from the anchors: the only token sums are the products of X and S with
         # the factors and momentum factors, fixed during backward. k ≥ 1 rounds multiply by the previous
         # round's result, which depends on all of the step's tokens.
-        # The normalised step (normalize_step) computes a layer's first step twice: a whole step.
+        # The normalised step (normalize_step) computes a layer's first step 2-4 times: a whole step.
         return group["iters"] == 0 and not group["normalize_step"]
 
     def _method_step(self, group, A, B, X, S, state, grads, reduce, backend):

@@ -36,7 +36,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .update_clip import merged_update_bound
+from .update_clip import merged_update_bound, moved_by
 
 __all__ = ["STATE_KEYS", "finish", "initial_state", "layer_lrs", "step_at_layer_lr"]
 
@@ -106,6 +106,5 @@ def finish(A_old: Tensor, B_old: Tensor, A_new: Tensor, B_new: Tensor, root: Ten
     # 1/√v̂_t; 0 while every step was zero (v = 0): the next one is measured again
     scale = torch.where(v_new > 0, (v_new / (1 - beta ** t_new)).sqrt().clamp_min(1e-30).reciprocal(), 0)
     alpha = (float(lr) * scale / layer_lr).clamp(max=1.0).to(dt).view(-1, 1, 1)
-    A_old, B_old = A_old.to(dt), B_old.to(dt)
-    A_new, B_new = A_old + alpha * (A_new - A_old), B_old + alpha * (B_new - B_old)
+    A_new, B_new = moved_by(A_old.to(dt), A_new, alpha), moved_by(B_old.to(dt), B_new, alpha)
     return A_new, B_new, {"step_norm_sq": v_new, "step_norm_count": t_new, "step_norm_scale": scale}

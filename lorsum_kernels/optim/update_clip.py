@@ -42,5 +42,6 @@ def merged_update_bound(A: Tensor, B: Tensor, A_new: Tensor, B_new: Tensor) -> T
 
 
 def moved_by(old: Tensor, new: Tensor, alpha: Tensor) -> Tensor:
-    """``old + α·(new − old)`` where α < 1, else ``new`` exactly (α a 0-d tensor)."""
+    """``old + α·(new − old)`` where α < 1, else ``new`` exactly (α a 0-d tensor, or one per layer that
+    broadcasts against the factors: normalize_step's shrink)."""
     return torch.where(alpha < 1, old + alpha.to(old.dtype) * (new - old), new)
