@@ -68,6 +68,8 @@ CASES = {
                                                      process_group=pg), {}),
     "scaled_k1_momentum": (lambda m, pg: lk.ScaledLoRSum(m, lr=0.5, iters=1, betas=(0.9, 0.9),
                                                          process_group=pg), {}),
+    "scaled_k1_normalized": (lambda m, pg: lk.ScaledLoRSum(m, lr=1e-2, iters=1, normalize_step=True,
+                                                           process_group=pg), {}),
     # δ = 0.1 (not the default 1e-5): at p = 1 the metric's inverse would reach 1e5 and amplify fp32 rounding
     "scaled_k0_clipped": (lambda m, pg: lk.ScaledLoRSum(m, lr=0.5, iters=0, betas=(0.0, 0.9), damping=0.1,
                                                         metric_power=1.0, max_grad_norm=0.05,

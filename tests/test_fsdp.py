@@ -90,6 +90,7 @@ CASES = {
     "lorsum_cached_clipped": (lambda m: lk.LoRSum(m, lr=0.5, normalize_step=False, iters=1, momentum=0.9,
                                                   capture="cache", max_grad_norm=0.05), {}),
     "scaled_kfac": (lambda m: lk.ScaledLoRSum(m, lr=0.5, iters=1, betas=(0.9, 0.9)), {}),
+    "scaled_normalized": (lambda m: lk.ScaledLoRSum(m, lr=1e-2, iters=1, normalize_step=True), {}),
     "adaprelora_surrogate": (lambda m: lk.AdaPreLoRA(m, lr=0.01, statistics="surrogate"), {}),
     "scaled_adamw_clipped": (lambda m: lk.ScaledAdamW(m, lr=0.01, max_grad_norm=0.05), {}),
     "scaled_gd": (lambda m: lk.ScaledGD(m, lr=0.1), {}),

@@ -25,6 +25,7 @@ OPTIMIZERS = {
     "scaled_kfac": dict(lr=0.3, metric="kfac"),
     "scaled_shampoo": dict(lr=0.3, metric="shampoo", betas=(0.0, 0.9)),
     "scaled_warmup": dict(lr=0.3, metric="kfac", beta2_warmup=True),
+    "scaled_normalized": dict(lr=1e-2, metric="kfac", normalize_step=True),
     "svdlora": dict(lr=0.3),
 }
 

@@ -1,5 +1,6 @@
-"""LoRSum(normalize_step=True) (optim/step_normalization.py): each layer's merged-weight step has RMS lr per
-entry at its first step, never more than its statistics allow later, and the same in every capture mode."""
+"""normalize_step=True (optim/step_normalization.py), of LoRSum and ScaledLoRSum: each layer's merged-weight
+step has RMS lr per entry at its first step, never more than its statistics allow later, whatever the
+gradient's scale."""
 
 from __future__ import annotations
 
@@ -32,6 +33,15 @@ def _model(seed=0):
     return model
 
 
+# Both optimizers with the option; ScaledLoRSum at δ = 0 (its metric is then invariant to the loss's scale
+# too).
+NORMALIZED = {
+    "lorsum": lambda model, **kw: lk.LoRSum(model, normalize_step=True, max_update_norm=None, **kw),
+    "scaled_lorsum": lambda model, **kw: lk.ScaledLoRSum(model, normalize_step=True, max_update_norm=None,
+                                                         damping=0.0, min_lmbd=0.0, **kw),
+}
+
+
 def _step_rms(model, opt, x, y, loss_scale=1.0):
     before = [_merged(layer) for layer in _layers(model)]
     opt.zero_grad()
@@ -40,19 +50,21 @@ def _step_rms(model, opt, x, y, loss_scale=1.0):
     return [float((_merged(l) - b).norm() / math.sqrt(b.numel())) for l, b in zip(_layers(model), before)]
 
 
+@pytest.mark.parametrize("name", sorted(NORMALIZED))
 @pytest.mark.parametrize("loss_scale", [1e-4, 1.0, 1e4])
-def test_first_step_has_rms_lr_per_entry_whatever_the_gradient_scale(loss_scale):
+def test_first_step_has_rms_lr_per_entry_whatever_the_gradient_scale(loss_scale, name):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(64, 37, generator=g, dtype=torch.float64)
     y = torch.randn(64, 11, generator=g, dtype=torch.float64)
     model = _model()
-    opt = lk.LoRSum(model, lr=1e-3, normalize_step=True, max_update_norm=None)
+    opt = NORMALIZED[name](model, lr=1e-3)
     rms = _step_rms(model, opt, x, y, loss_scale)
     # ‖ΔW‖ is measured by its bound (first + second order), so the step is at most lr and close to it
     assert all(0.9e-3 < r <= 1e-3 * (1 + 1e-9) for r in rms), rms
 
 
-def test_a_growing_gradient_is_cut_to_its_statistics():
+@pytest.mark.parametrize("name", sorted(NORMALIZED))
+def test_a_growing_gradient_is_cut_to_its_statistics(name):
     """The step runs at the lagged lr; when the gradient jumps 100× the step is shrunk to what v̂ with the
     new size allows (β = 0.999: √(t·(1−β)/(1−β^t))-ish above lr at most), never the lagged lr's 100×."""
     g = torch.Generator().manual_seed(2)
@@ -60,7 +72,7 @@ def test_a_growing_gradient_is_cut_to_its_statistics():
     y = torch.randn(64, 11, generator=g, dtype=torch.float64)
     model = _model()
     beta = 0.999
-    opt = lk.LoRSum(model, lr=1e-3, normalize_step=True, normalize_beta=beta, max_update_norm=None)
+    opt = NORMALIZED[name](model, lr=1e-3, normalize_beta=beta)
     for _ in range(3):
         _step_rms(model, opt, x, y)
     rms = _step_rms(model, opt, x, y, loss_scale=100.0)
@@ -70,9 +82,10 @@ def test_a_growing_gradient_is_cut_to_its_statistics():
     assert all(r > 0.5e-3 for r in rms), rms  # cut, not collapsed (the large step is not linear in the lr)
 
 
-def test_normalized_state_is_per_layer_and_counts_steps():
+@pytest.mark.parametrize("name", sorted(NORMALIZED))
+def test_normalized_state_is_per_layer_and_counts_steps(name):
     model = TinyLoRAMLP()
-    opt = lk.LoRSum(model, lr=1e-3, normalize_step=True, max_update_norm=None)
+    opt = NORMALIZED[name](model, lr=1e-3)
     x = torch.randn(2, 7, 12)
     for _ in range(2):
         opt.zero_grad()
@@ -84,30 +97,35 @@ def test_normalized_state_is_per_layer_and_counts_steps():
         assert state["step_norm_sq"].item() > 0
 
 
-def test_plain_lorsum_keeps_no_normalization_state_and_bad_beta_raises():
+@pytest.mark.parametrize("cls", [lk.LoRSum, lk.ScaledLoRSum])
+def test_plain_step_keeps_no_normalization_state_and_bad_options_raise(cls):
     model = TinyLoRAMLP()
-    opt = lk.LoRSum(model, normalize_step=False)
+    opt = cls(model, normalize_step=False)
     for layer in (model.l1, model.l2, model.l3):
         assert "step_norm_sq" not in opt.state[layer.lora_A.weight]
     with pytest.raises(ValueError, match="normalize_beta"):
-        lk.LoRSum(TinyLoRAMLP(), normalize_step=True, normalize_beta=1.0, max_update_norm=None)
+        cls(TinyLoRAMLP(), normalize_step=True, normalize_beta=1.0, max_update_norm=None)
     with pytest.raises(ValueError, match="max_update_norm=None"):
-        lk.LoRSum(TinyLoRAMLP(), normalize_step=True, max_update_norm=1.0)
+        cls(TinyLoRAMLP(), normalize_step=True, max_update_norm=1.0)
 
 
-def test_k0_normalized_is_a_whole_step():
-    """The first step is computed twice (probe, then at the normalised lr): not a token-sum step."""
-    normalized = lk.LoRSum(TinyLoRAMLP(), iters=0, normalize_step=True, max_update_norm=None)
-    plain = lk.LoRSum(TinyLoRAMLP(), iters=0, normalize_step=False)
+@pytest.mark.parametrize("cls", [lk.LoRSum, lk.ScaledLoRSum])
+def test_k0_normalized_is_a_whole_step(cls):
+    """The first step is computed 2-4 times (measuring its size): not a token-sum step."""
+    normalized = cls(TinyLoRAMLP(), iters=0, normalize_step=True, max_update_norm=None)
+    plain = cls(TinyLoRAMLP(), iters=0, normalize_step=False)
     assert not normalized._steps_from_token_sums(normalized.param_groups[0])
     assert plain._steps_from_token_sums(plain.param_groups[0])
 
 
-def test_a_checkpoint_from_before_the_option_loads_and_keeps_the_plain_step():
-    """State dicts written before normalize_step existed (the plain step was the default) have neither the
-    group option nor the statistics: they load into today's default and go on with the plain step."""
+@pytest.mark.parametrize("cls, plain_kw", [(lk.LoRSum, dict(lr=0.3, max_update_norm=1.0)),
+                                           (lk.ScaledLoRSum, dict(lr=0.1))])
+def test_a_checkpoint_from_before_the_option_loads_and_keeps_the_plain_step(cls, plain_kw):
+    """State dicts written before normalize_step existed (the plain step was the only one) have neither the
+    group option nor the statistics: they load into an optimizer built with the option on and go on with the
+    plain step."""
     model = TinyLoRAMLP()
-    plain = lk.LoRSum(model, lr=0.3, normalize_step=False, max_update_norm=1.0)
+    plain = cls(model, normalize_step=False, **plain_kw)
     x = torch.randn(2, 7, 12)
     plain.zero_grad()
     model(x).square().mean().backward()
@@ -118,7 +136,7 @@ def test_a_checkpoint_from_before_the_option_loads_and_keeps_the_plain_step():
         group.pop("normalize_beta", None)
     twin = TinyLoRAMLP()
     twin.load_state_dict(model.state_dict())
-    resumed = lk.LoRSum(twin)  # the normalised default
+    resumed = cls(twin, normalize_step=True, max_update_norm=None)
     resumed.load_state_dict(saved)
     for opt, net in ((plain, model), (resumed, twin)):
         opt.zero_grad()

@@ -24,6 +24,8 @@ CAPTURING = {
     "lorsum_k2_momentum_rank": (lk.LoRSum, dict(lr=0.3, iters=2, momentum=0.8, momentum_rank=2, dampening=0.1)),
     "scaled_kfac_momentum": (lk.ScaledLoRSum, dict(lr=0.3, iters=1, betas=(0.9, 0.9), beta2_warmup=True)),
     "scaled_shampoo": (lk.ScaledLoRSum, dict(lr=0.3, iters=1, metric="shampoo", betas=(0.5, 0.99))),
+    "scaled_normalized_momentum": (lk.ScaledLoRSum, dict(lr=1e-2, iters=1, betas=(0.9, 0.9),
+                                                         normalize_step=True)),
     "adaprelora_input": (lk.AdaPreLoRA, dict(lr=0.05)),
     "adaprelora_adam": (lk.AdaPreLoRA, dict(lr=0.05, momentum="adam", weight_decay=0.01)),
     "adaprelora_sgd": (lk.AdaPreLoRA, dict(lr=0.05, momentum=None)),

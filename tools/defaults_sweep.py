@@ -56,6 +56,10 @@ GRID: dict[str, dict] = {
     # units)
     "lorsum_normalized": {"lrs": [1e-4, 2e-4, 4e-4], "optimizer": "lorsum", "kwargs": {
         "normalize_step": True, "max_update_norm": None}},
+    # ScaledLoRSum's metric direction at LoRSum's per-layer normalised size (the adaptive entry's settings)
+    "scaled_lorsum_normalized": {"lrs": [1.5e-4, 2e-4, 3e-4], "optimizer": "scaled_lorsum", "kwargs": {
+        "beta2_warmup": True, "damping": 1e-5, "betas": (0.9, 0.99), "normalize_step": True,
+        "max_update_norm": None}},
     "adaprelora": {"lrs": [3e-4, 1e-3, 3e-3], "kwargs": {}},
     "scaled_adamw": {"lrs": [1e-3, 3e-3, 1e-2], "kwargs": {}},
     # after LoRA-One the factors' tangent space holds the gradient's top subspace, so a step at AdaPreLoRA's lr

@@ -53,6 +53,45 @@ class _MomentumFactors:
                                                                 device=layer.A.device)}
 
 
+class _NormalizedStep:
+    """``normalize_step`` (optim/step_normalization.py), the same option of both optimizers: each layer's step
+    at its own lr, the proximal weight kept at the group's ``η·λ0``."""
+
+    _state_for_step = step_normalization.FINISHED_IN_STEP
+    # Checkpoints from before the option (the plain step was the only one) load with it off.
+    _options_added_later = {"normalize_step": False, "normalize_beta": 0.999}
+
+    @staticmethod
+    def _check_normalization(normalize_step, normalize_beta, max_update_norm) -> None:
+        _check_unit("normalize_beta", normalize_beta)
+        if normalize_step and max_update_norm is not None:
+            raise ValueError(
+                "normalize_step bounds each layer's step itself (RMS lr per entry), while max_update_norm "
+                "measures steps in units of the gradient and would cut the normalised step to a fraction of "
+                "it: pass max_update_norm=None with normalize_step=True")
+
+    def _normalization_state(self, layer, group) -> dict:
+        if not group["normalize_step"]:
+            return {}
+        return step_normalization.initial_state(self._state_dtype(layer), layer.A.device)
+
+    @staticmethod
+    def _ridge(group, lr) -> float:
+        """The factor on λ0 at a layer's lr: η/ℓ keeps the proximal weight at η·λ0 (tied to the layer's lr it
+        would grow with it and cap the step of a layer with small gradients at ~G/λ0)."""
+        return 1.0 if lr is group["lr"] else float(group["lr"]) / lr
+
+    @staticmethod
+    def _at_layer_lr(step_at, group, A, B, state):
+        """``step_at(lr)`` at the group's lr, or at each layer's normalised lr."""
+        if not group["normalize_step"]:
+            return step_at(group["lr"])
+        if "step_norm_scale" not in state:
+            raise ValueError("normalize_step was turned on after the optimizer was built; pass it to the "
+                             "constructor (its statistics are part of each layer's state)")
+        return step_normalization.step_at_layer_lr(step_at, A, B, group["lr"], state)
+
+
 def _momentum_of(state: dict):
     return (state["momentum_in"], state["momentum_out"]) if "momentum_in" in state else None
 
@@ -61,7 +100,7 @@ def _momentum_dict(buffer) -> dict:
     return {} if buffer is None else {"momentum_in": buffer[0], "momentum_out": buffer[1]}
 
 
-class LoRSum(_MomentumFactors, LoRAOptimizer):
+class LoRSum(_NormalizedStep, _MomentumFactors, LoRAOptimizer):
     """PSI-LoRA: each step is the rank-r LoRSum of ``s·B·A − η_l·(momentum direction)``.
 
     By default each layer's step is normalised (``normalize_step``, optim/step_normalization.py): the layer
@@ -117,8 +156,6 @@ class LoRSum(_MomentumFactors, LoRAOptimizer):
 
     # Every read of X and S goes through these (psi_lora_step: the half-steps, or the lock-step products).
     _data_ops = ("lorsum_update_in", "lorsum_update_out", "pair_products")
-    _state_for_step = step_normalization.FINISHED_IN_STEP
-    _options_added_later = {"normalize_step": False, "normalize_beta": 0.999}
 
     def __init__(
         self,
@@ -140,12 +177,7 @@ class LoRSum(_MomentumFactors, LoRAOptimizer):
     ):
         check_positive("lmbd", lmbd, allow_zero=True)
         _check_iters(iters)
-        _check_unit("normalize_beta", normalize_beta)
-        if normalize_step and max_update_norm is not None:
-            raise ValueError(
-                "normalize_step bounds each layer's step itself (RMS lr per entry), while max_update_norm "
-                "measures steps in units of the gradient and would cut the normalised step to a fraction of "
-                "it: pass max_update_norm=None with normalize_step=True")
+        self._check_normalization(normalize_step, normalize_beta, max_update_norm)
         _check_unit("momentum", momentum)
         _check_unit("dampening", dampening, closed=True)
         if momentum_rank is not None and (not isinstance(momentum_rank, int) or momentum_rank < 1):
@@ -159,10 +191,8 @@ class LoRSum(_MomentumFactors, LoRAOptimizer):
         super().__init__(model, defaults, seed=seed, max_update_norm=max_update_norm, **kwargs)
 
     def _init_layer_state(self, layer, group, generator):
-        state = self._momentum_state(layer, group, generator, group["momentum"])
-        if group["normalize_step"]:
-            state.update(step_normalization.initial_state(self._state_dtype(layer), layer.A.device))
-        return state
+        return {**self._momentum_state(layer, group, generator, group["momentum"]),
+                **self._normalization_state(layer, group)}
 
     def _steps_from_token_sums(self, group):
         # k = 0 is one Jacobi round from the anchors: the only token sums are the products of X and S with
@@ -173,9 +203,7 @@ class LoRSum(_MomentumFactors, LoRAOptimizer):
 
     def _method_step(self, group, A, B, X, S, state, grads, reduce, backend):
         def step_at(lr):
-            # The proximal weight stays η·λ0 at a layer's own lr (normalize_step): tied to that lr, it would
-            # grow with it and cap the step of a layer with small gradients at ~G/λ0.
-            ridge = 1.0 if lr is group["lr"] else float(group["lr"]) / lr
+            ridge = self._ridge(group, lr)
             A_new, B_new, buffer = psi_lora_step(
                 A, B, X, S, _momentum_of(state), lr=lr, lmbd=group["lmbd"] * ridge,
                 lmbd_momentum=group["lmbd_momentum"] * ridge, iters=group["iters"],
@@ -183,15 +211,10 @@ class LoRSum(_MomentumFactors, LoRAOptimizer):
             )
             return A_new, B_new, _momentum_dict(buffer)
 
-        if not group["normalize_step"]:
-            return step_at(group["lr"])
-        if "step_norm_scale" not in state:
-            raise ValueError("normalize_step was turned on after the optimizer was built; pass it to the "
-                             "constructor (its statistics are part of each layer's state)")
-        return step_normalization.step_at_layer_lr(step_at, A, B, group["lr"], state)
+        return self._at_layer_lr(step_at, group, A, B, state)
 
 
-class ScaledLoRSum(_MomentumFactors, LoRAOptimizer):
+class ScaledLoRSum(_NormalizedStep, _MomentumFactors, LoRAOptimizer):
     """Scaled PSI-LoRA: LoRSum in a diagonal K-FAC or Shampoo metric with a fractional power.
 
     The defaults are the setting the three-task defaults sweep chose (docs/defaults_sweep.md): the official
@@ -220,6 +243,10 @@ class ScaledLoRSum(_MomentumFactors, LoRAOptimizer):
             tracks the data from the start instead of over ~1/(1−β2) steps (spec §6.1; off in the
             official code). Adds a per-layer update count ``metric_updates`` to the state.
             (Default: True)
+        normalize_step (bool): scale each layer's step to RMS lr per entry, as in ``LoRSum``: the metric's
+            direction at a per-layer size set by lr (lr is then a step size, ~1e-4). A layer's first step is
+            computed 2-4 times, each from the metric state before the step. (Default: False)
+        normalize_beta (float): as in ``LoRSum``. (Default: 0.999)
     """
 
     # LoRSum's, plus the metric statistics (fused, or the composite's sums of squares and Shampoo energies).
@@ -244,10 +271,13 @@ class ScaledLoRSum(_MomentumFactors, LoRAOptimizer):
         backend: str = "auto",
         seed: int = 0,
         max_update_norm: float | None = None,
+        normalize_step: bool = False,
+        normalize_beta: float = 0.999,
         **kwargs,
     ):
         check_positive("lmbd", lmbd, allow_zero=True)
         _check_iters(iters)
+        self._check_normalization(normalize_step, normalize_beta, max_update_norm)
         if not isinstance(beta2_warmup, bool):
             raise TypeError(f"beta2_warmup must be a bool, got {type(beta2_warmup).__name__}")
         _check_unit("betas[0]", betas[0])
@@ -268,7 +298,7 @@ class ScaledLoRSum(_MomentumFactors, LoRAOptimizer):
             lr=lr, lmbd=lmbd, iters=iters, betas=tuple(betas), damping=damping, metric=metric,
             metric_power=metric_power, loss_reduction=loss_reduction, min_lmbd=min_lmbd,
             init_metric_scale=init_metric_scale, beta2_warmup=beta2_warmup, momentum_rank=momentum_rank,
-            backend=backend,
+            backend=backend, normalize_step=bool(normalize_step), normalize_beta=normalize_beta,
         )
         super().__init__(model, defaults, seed=seed, max_update_norm=max_update_norm, **kwargs)
 
@@ -282,12 +312,13 @@ class ScaledLoRSum(_MomentumFactors, LoRAOptimizer):
         if group["beta2_warmup"]:
             state["metric_updates"] = torch.zeros((), dtype=dt, device=dev)
         state.update(self._momentum_state(layer, group, generator, group["betas"][0]))
+        state.update(self._normalization_state(layer, group))
         return state
 
     def _steps_from_token_sums(self, group):
         # As LoRSum's at k = 0, plus the K-FAC column sums of squares and token counts; the Shampoo diagonal
-        # diag(GᵀG) is quadratic in the step's G, no sum over micro-batches.
-        return group["iters"] == 0 and group["metric"] == "kfac"
+        # diag(GᵀG) is quadratic in the step's G, no sum over micro-batches. normalize_step: a whole step.
+        return group["iters"] == 0 and group["metric"] == "kfac" and not group["normalize_step"]
 
     def _no_data_parallel_mode(self, group):
         if group["metric"] != "kfac":
@@ -302,11 +333,15 @@ class ScaledLoRSum(_MomentumFactors, LoRAOptimizer):
             t = state["metric_updates"]
             beta2 = (1 - 1 / (t + 1)).clamp(max=beta2).view(-1, 1)
             extra["metric_updates"] = t + 1
-        A, B, (v_in, v_out), buffer = scaled_psi_lora_step(
-            A, B, X, S, (state["metric_in"], state["metric_out"]), _momentum_of(state),
-            lr=group["lr"], lmbd=group["lmbd"], min_lmbd=group["min_lmbd"], iters=group["iters"],
-            betas=(beta1, beta2), damping=group["damping"], metric=group["metric"],
-            metric_power=group["metric_power"], loss_reduction=group["loss_reduction"], backend=backend,
-            reduce=reduce,
-        )
-        return A, B, {"metric_in": v_in, "metric_out": v_out, **_momentum_dict(buffer), **extra}
+
+        def step_at(lr):  # from the state before the step at every try (normalize_step's first step)
+            A_new, B_new, (v_in, v_out), buffer = scaled_psi_lora_step(
+                A, B, X, S, (state["metric_in"], state["metric_out"]), _momentum_of(state),
+                lr=lr, lmbd=group["lmbd"] * self._ridge(group, lr), min_lmbd=group["min_lmbd"],
+                iters=group["iters"], betas=(beta1, beta2), damping=group["damping"], metric=group["metric"],
+                metric_power=group["metric_power"], loss_reduction=group["loss_reduction"], backend=backend,
+                reduce=reduce,
+            )
+            return A_new, B_new, {"metric_in": v_in, "metric_out": v_out, **_momentum_dict(buffer), **extra}
+
+        return self._at_layer_lr(step_at, group, A, B, state)
