@@ -20,8 +20,8 @@ from .conftest import TinyLoRAMLP, rel_err
 
 CONFIGS = {
     "lorsum": (lk.LoRSum, dict(lr=0.3, iters=2, momentum=0.9)),
-    "scaled_lorsum_kfac": (lk.ScaledLoRSum, dict(lr=0.3, metric="kfac")),
-    "scaled_lorsum_shampoo": (lk.ScaledLoRSum, dict(lr=0.3, metric="shampoo")),
+    "scaled_lorsum_kfac": (lk.ScaledLoRSum, dict(lr=0.3, metric="kfac", normalize_step=False)),
+    "scaled_lorsum_shampoo": (lk.ScaledLoRSum, dict(lr=0.3, metric="shampoo", normalize_step=False)),
     "svdlora": (lk.SVDLoRA, dict(lr=0.3)),
     "adaprelora_exact": (lk.AdaPreLoRA, dict(lr=1e-2)),
     "adaprelora_surrogate": (lk.AdaPreLoRA, dict(lr=1e-2, statistics="surrogate")),

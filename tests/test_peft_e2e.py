@@ -37,11 +37,17 @@ def fixed_batch(seed=0):
 
 
 OPTIMIZERS = {
-    "lorsum": ("lorsum", dict(lr=5.0, iters=1)),
-    "lorsum_k0_momentum": ("lorsum", dict(lr=5.0, iters=0, momentum=0.9)),
-    "scaled_lorsum_kfac": ("scaled_lorsum", dict(lr=2.0, betas=(0.9, 0.9), damping=1e-4)),
+    # the plain (gradient) steps at SGD-like lrs, and the class defaults' normalised steps
+    "lorsum": ("lorsum", dict(lr=5.0, iters=1, normalize_step=False, max_update_norm=1.0)),
+    "lorsum_k0_momentum": ("lorsum", dict(lr=5.0, iters=0, momentum=0.9, normalize_step=False,
+                                          max_update_norm=1.0)),
+    "lorsum_normalized": ("lorsum", dict(lr=1e-2)),
+    "scaled_lorsum_normalized": ("scaled_lorsum", dict(lr=1e-2)),
+    "scaled_lorsum_kfac": ("scaled_lorsum", dict(lr=2.0, betas=(0.9, 0.9), damping=1e-4,
+                                                 normalize_step=False)),
     "scaled_lorsum_shampoo": ("scaled_lorsum", dict(lr=2.0, betas=(0.0, 0.9), metric="shampoo", damping=1e-4,
-                                                    beta2_warmup=False, max_update_norm=1.0)),
+                                                    beta2_warmup=False, max_update_norm=1.0,
+                                                    normalize_step=False)),
     "svdlora": ("svdlora", dict(lr=10.0)),
 }
 

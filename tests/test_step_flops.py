@@ -19,8 +19,9 @@ CASES = {
     "lorsum_k0_momentum": (lk.LoRSum, dict(iters=0, momentum=0.9, normalize_step=False)),
     "lorsum_k2_momentum_rank": (lk.LoRSum, dict(iters=2, momentum=0.9, momentum_rank=3,
                                                 normalize_step=False)),
-    "scaled_kfac_momentum": (lk.ScaledLoRSum, dict(iters=1)),
-    "scaled_shampoo": (lk.ScaledLoRSum, dict(iters=1, metric="shampoo", betas=(0.0, 0.99))),
+    "scaled_kfac_momentum": (lk.ScaledLoRSum, dict(iters=1, normalize_step=False)),
+    "scaled_shampoo": (lk.ScaledLoRSum, dict(iters=1, metric="shampoo", betas=(0.0, 0.99),
+                                             normalize_step=False)),
     "adaprelora_exact": (lk.AdaPreLoRA, dict()),
     "adaprelora_surrogate": (lk.AdaPreLoRA, dict(statistics="surrogate")),
 }

@@ -332,9 +332,9 @@ TOKEN_SUMS = {
     "lorsum_k0_momentum_rank": (lk.LoRSum, dict(lr=0.3, iters=0, momentum=0.8, momentum_rank=2, dampening=0.1,
                                                 normalize_step=False)),
     "scaled_k0_kfac_momentum_warmup": (lk.ScaledLoRSum, dict(lr=0.3, iters=0, betas=(0.9, 0.9),
-                                                              beta2_warmup=True)),
+                                                              beta2_warmup=True, normalize_step=False)),
     "scaled_k0_kfac_sum_loss": (lk.ScaledLoRSum, dict(lr=0.3, iters=0, betas=(0.0, 0.99),
-                                                       loss_reduction="sum")),
+                                                       loss_reduction="sum", normalize_step=False)),
 }
 
 
@@ -380,7 +380,8 @@ def test_token_sum_steps_stream_a_module_called_twice(name):
 
 def test_accumulated_token_sums_keep_nothing_per_token_after_each_backward():
     model = OddNet()
-    opt = lk.ScaledLoRSum(model, lr=0.3, iters=0, betas=(0.9, 0.9), capture="stream", accumulation_steps=2)
+    opt = lk.ScaledLoRSum(model, lr=0.3, iters=0, betas=(0.9, 0.9), capture="stream", accumulation_steps=2,
+                          normalize_step=False)
     refs = []
     for layer in (model.l1, model.l2, model.l3, model.l4):
         layer.lora_A.register_forward_pre_hook(
@@ -435,7 +436,8 @@ def test_auto_with_accumulation_streams_token_sum_groups_and_caches_the_others(d
 def test_stream_with_accumulation_needs_token_sum_steps():
     model = OddNet()
     lk.LoRSum(model, iters=0, capture="stream", accumulation_steps=4, normalize_step=False).remove_hooks()
-    lk.ScaledLoRSum(model, iters=0, capture="stream", accumulation_steps=4).remove_hooks()
+    lk.ScaledLoRSum(model, iters=0, capture="stream", accumulation_steps=4,
+                    normalize_step=False).remove_hooks()
     with pytest.raises(ValueError, match="iters=0"):
         lk.ScaledLoRSum(model, iters=0, metric="shampoo", capture="stream", accumulation_steps=4)
     with pytest.raises(ValueError, match="iters=0"):

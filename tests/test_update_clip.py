@@ -1,9 +1,9 @@
 """``max_update_norm`` (optim/update_clip.py): the step clipped by the global norm of its merged-weight
-updates over the lr, in every capture mode; on by default for the gradient-step methods (LoRSum, ScaledGD,
-SVDLoRA), so that a sharp problem does not make their loss rise where AdamW's falls. ScaledLoRSum's default
-metric (δ = 1e-5) makes its step invariant to the loss's scale, as AdamW's is, and it does not clip by
-default; with the official code's δ = 0.1 (``GRADIENT_SCALED``) it is a gradient step and the clip tests
-run it so.
+updates over the lr, in every capture mode; on by default for the gradient-step methods (ScaledGD,
+SVDLoRA), so that a sharp problem does not make their loss rise where AdamW's falls. LoRSum's and
+ScaledLoRSum's default steps are normalised per layer (RMS lr per entry, invariant to the loss's scale as
+AdamW's is) and do not clip; their plain steps (``GRADIENT_SCALED``: LoRSum's gradient step, ScaledLoRSum
+with the official code's δ = 0.1) are gradient steps, and the clip tests run them so.
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ def test_bound_is_the_sum_of_the_first_and_second_order_norms(L, m, n, r):
 # ScaledLoRSum with the official code's class defaults: the output side of the metric is δ, the step scales
 # with the gradient.
 # LoRSum's plain step: its default, normalised step (optim/step_normalization.py) is bounded by the lr itself.
-GRADIENT_SCALED = {"scaled_lorsum": dict(damping=0.1, betas=(0.9, 0.999), beta2_warmup=False),
+GRADIENT_SCALED = {"scaled_lorsum": dict(damping=0.1, betas=(0.9, 0.999), beta2_warmup=False,
+                                         normalize_step=False),
                    "lorsum": dict(normalize_step=False)}
 
 

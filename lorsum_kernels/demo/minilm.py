@@ -77,9 +77,7 @@ METHODS: dict[str, Method] = {
         + _lrs(1e-3, 3e-3, 1e-2, reg=100.0),
     ),
     "lorsum": Method("LoRSum", None, {}, _lrs(5e-5, 1e-4, 2e-4, 4e-4)),  # normalised steps: RMS lr per entry
-    "scaled_lorsum": Method(
-        "ScaledLoRSum", None, {}, _lrs(0.3, 1.0, 3.0, beta2_warmup=False) + _lrs(0.1, 0.3, 1.0, beta2_warmup=True),
-    ),
+    "scaled_lorsum": Method("ScaledLoRSum", None, {}, _lrs(1e-4, 1.5e-4, 2e-4, 3e-4)),  # normalised too
     "adaprelora": Method("AdaPreLoRA", None, {}, _lrs(3e-4, 1e-3, 3e-3, 1e-2)),
 }
 DEFAULT_ORDER = ["adamw", "scaled_adamw", "lorsum", "scaled_lorsum", "adaprelora", "lora_one"]

@@ -217,17 +217,21 @@ class LoRSum(_NormalizedStep, _MomentumFactors, LoRAOptimizer):
 class ScaledLoRSum(_NormalizedStep, _MomentumFactors, LoRAOptimizer):
     """Scaled PSI-LoRA: LoRSum in a diagonal K-FAC or Shampoo metric with a fractional power.
 
-    The defaults are the setting the three-task defaults sweep chose (docs/defaults_sweep.md): the official
-    GLUE experiments' δ = 1e-5 and β2 = 0.99 with the β2 warm-up, at lr 0.1. With δ that small the metric
-    normalises both sides of the step, which is then invariant to the loss's scale as Adam's is, so the step
-    clip is off; the official code's class defaults (δ = 0.1, β2 = 0.999, no warm-up) leave the
-    output-gradient side at δ and need it (``max_update_norm=1.0``).
+    The defaults are the setting the defaults sweep chose (docs/defaults_sweep.md): the official GLUE
+    experiments' δ = 1e-5 and β2 = 0.99 with the β2 warm-up, and each layer's step normalised as LoRSum's
+    (``normalize_step``: the metric's direction, at RMS lr per entry of the merged weight), lr 2e-4. With δ
+    that small the metric normalises both sides of the step, which is then invariant to the loss's scale as
+    Adam's is; the normalisation sets each layer's step size, which the metric alone left dependent on the
+    task (lr 0.1 to 0.3 without it). ``normalize_step=False, lr=0.1`` is the metric step alone (the previous
+    default); the official code's class defaults (δ = 0.1, β2 = 0.999, no warm-up) leave the
+    output-gradient side at δ and need the step clip (``normalize_step=False, max_update_norm=1.0``).
 
     Args:
         model, lmbd, iters, momentum_rank, backend, seed, param_groups, other_*: as in ``LoRSum``;
             the proximal weight is λ = max(η·λ0, min_lmbd). ``process_group`` as in ``LoRSum``
             (``metric="kfac"`` only; the K-FAC statistics are averaged over ranks too).
-        lr (float): η, read from the param group at every step (schedulers work). (Default: 0.1)
+        lr (float): η, read from the param group at every step (schedulers work); with ``normalize_step``
+            the RMS per entry of each layer's merged-weight step. (Default: 2e-4)
         max_update_norm (float, optional): as in ``LoRSum``. (Default: None)
         betas (tuple[float, float]): β1 of the momentum buffer (0 keeps none) and β2 of the metric EMA.
             (Default: (0.9, 0.99))
@@ -244,8 +248,8 @@ class ScaledLoRSum(_NormalizedStep, _MomentumFactors, LoRAOptimizer):
             official code). Adds a per-layer update count ``metric_updates`` to the state.
             (Default: True)
         normalize_step (bool): scale each layer's step to RMS lr per entry, as in ``LoRSum``: the metric's
-            direction at a per-layer size set by lr (lr is then a step size, ~1e-4). A layer's first step is
-            computed 2-4 times, each from the metric state before the step. (Default: False)
+            direction at a per-layer size set by lr (lr is then a step size). A layer's first step is computed
+            2-4 times, each from the metric state before the step. (Default: True)
         normalize_beta (float): as in ``LoRSum``. (Default: 0.999)
     """
 
@@ -255,7 +259,7 @@ class ScaledLoRSum(_NormalizedStep, _MomentumFactors, LoRAOptimizer):
     def __init__(
         self,
         model,
-        lr: float = 0.1,
+        lr: float = 2e-4,
         *,
         lmbd: float = 1e-2,
         iters: int = 1,
@@ -271,7 +275,7 @@ class ScaledLoRSum(_NormalizedStep, _MomentumFactors, LoRAOptimizer):
         backend: str = "auto",
         seed: int = 0,
         max_update_norm: float | None = None,
-        normalize_step: bool = False,
+        normalize_step: bool = True,
         normalize_beta: float = 0.999,
         **kwargs,
     ):
