@@ -15,6 +15,7 @@ from .test_optim_lorsum import _poison_first_layer_grad, batches, loss_of, merge
 CASES = {
     "lorsum": (lk.LoRSum, dict(lr=0.3, iters=1, momentum=0.9)),
     "scaled_lorsum": (lk.ScaledLoRSum, dict(lr=0.3, metric="kfac", normalize_step=False)),
+    "scaled_lorsum_normalized": (lk.ScaledLoRSum, dict(lr=1e-2)),
     "svdlora": (lk.SVDLoRA, dict(lr=0.3)),
     "adaprelora_exact": (lk.AdaPreLoRA, dict(lr=1e-2, statistics="exact")),
     "adaprelora_surrogate": (lk.AdaPreLoRA, dict(lr=1e-2, statistics="surrogate")),

@@ -22,6 +22,7 @@ CONFIGS = {
     "lorsum": (lk.LoRSum, dict(lr=0.3, iters=2, momentum=0.9)),
     "scaled_lorsum_kfac": (lk.ScaledLoRSum, dict(lr=0.3, metric="kfac", normalize_step=False)),
     "scaled_lorsum_shampoo": (lk.ScaledLoRSum, dict(lr=0.3, metric="shampoo", normalize_step=False)),
+    "scaled_lorsum_normalized": (lk.ScaledLoRSum, dict(lr=1e-2)),  # the class default's normalised step
     "svdlora": (lk.SVDLoRA, dict(lr=0.3)),
     "adaprelora_exact": (lk.AdaPreLoRA, dict(lr=1e-2)),
     "adaprelora_surrogate": (lk.AdaPreLoRA, dict(lr=1e-2, statistics="surrogate")),
