@@ -218,13 +218,14 @@ class ScaledLoRSum(_NormalizedStep, _MomentumFactors, LoRAOptimizer):
     """Scaled PSI-LoRA: LoRSum in a diagonal K-FAC or Shampoo metric with a fractional power.
 
     The defaults are the setting the defaults sweep chose (docs/defaults_sweep.md): the official GLUE
-    experiments' δ = 1e-5 and β2 = 0.99 with the β2 warm-up, and each layer's step normalised as LoRSum's
-    (``normalize_step``: the metric's direction, at RMS lr per entry of the merged weight), lr 2e-4. With δ
-    that small the metric normalises both sides of the step, which is then invariant to the loss's scale as
-    Adam's is; the normalisation sets each layer's step size, which the metric alone left dependent on the
-    task (lr 0.1 to 0.3 without it). ``normalize_step=False, lr=0.1`` is the metric step alone (the previous
-    default); the official code's class defaults (δ = 0.1, β2 = 0.999, no warm-up) leave the
-    output-gradient side at δ and need the step clip (``normalize_step=False, max_update_norm=1.0``).
+    experiments' δ = 1e-5 and β2 = 0.99 with the β2 warm-up, no momentum buffer (β1 = 0), and each layer's
+    step normalised as LoRSum's (``normalize_step``: the metric's direction, at RMS lr per entry of the
+    merged weight), lr 2e-4. With δ that small the metric normalises both sides of the step, which is then
+    invariant to the loss's scale as Adam's is; the normalisation sets each layer's step size, which the
+    metric alone left dependent on the task (lr 0.1 to 0.3 without it). ``normalize_step=False, lr=0.1,
+    betas=(0.9, 0.99)`` is the metric step alone with the official momentum (the previous default); the
+    official code's class defaults (δ = 0.1, β2 = 0.999, no warm-up) leave the output-gradient side at δ and
+    need the step clip (``normalize_step=False, max_update_norm=1.0``).
 
     Args:
         model, lmbd, iters, momentum_rank, backend, seed, param_groups, other_*: as in ``LoRSum``;
@@ -233,8 +234,8 @@ class ScaledLoRSum(_NormalizedStep, _MomentumFactors, LoRAOptimizer):
         lr (float): η, read from the param group at every step (schedulers work); with ``normalize_step``
             the RMS per entry of each layer's merged-weight step. (Default: 2e-4)
         max_update_norm (float, optional): as in ``LoRSum``. (Default: None)
-        betas (tuple[float, float]): β1 of the momentum buffer (0 keeps none) and β2 of the metric EMA.
-            (Default: (0.9, 0.99))
+        betas (tuple[float, float]): β1 of the low-rank momentum buffer (0 keeps none; the buffer's LoRSum
+            doubles the step's token work) and β2 of the metric EMA. (Default: (0.0, 0.99))
         damping (float): δ added to the metric statistics before the power. (Default: 1e-5)
         metric (str): "kfac" (E[x²], E[s²]) or "shampoo" (diag(GᵀG), diag(GGᵀ)). (Default: "kfac")
         metric_power (float): p in (v + δ)^p, 0 ≤ p ≤ 1. (Default: 0.5)
@@ -263,7 +264,7 @@ class ScaledLoRSum(_NormalizedStep, _MomentumFactors, LoRAOptimizer):
         *,
         lmbd: float = 1e-2,
         iters: int = 1,
-        betas: tuple[float, float] = (0.9, 0.99),
+        betas: tuple[float, float] = (0.0, 0.99),
         damping: float = 1e-5,
         metric: str = "kfac",
         metric_power: float = 0.5,
