@@ -61,10 +61,12 @@ GRID: dict[str, dict] = {
         "beta2_warmup": True, "damping": 1e-5, "betas": (0.9, 0.99), "normalize_step": True,
         "max_update_norm": None}},
     # the same without the low-rank momentum buffer (β1 = 0), whose LoRSum doubles the step's token work
-    # (issue #16: ScaledLoRSum's step against LoRSum's at its defaults)
-    "scaled_lorsum_normalized_no_momentum": {"lrs": [2e-4], "optimizer": "scaled_lorsum", "kwargs": {
-        "beta2_warmup": True, "damping": 1e-5, "betas": (0.0, 0.99), "normalize_step": True,
-        "max_update_norm": None}},
+    # (issue #16: ScaledLoRSum's step against LoRSum's at its defaults); 2e-4 ran first (the lr the entry
+    # with momentum chose), the others for its lr sensitivity
+    "scaled_lorsum_normalized_no_momentum": {
+        "lrs": [1.5e-4, 2e-4, 3e-4], "optimizer": "scaled_lorsum", "kwargs": {
+            "beta2_warmup": True, "damping": 1e-5, "betas": (0.0, 0.99), "normalize_step": True,
+            "max_update_norm": None}},
     "adaprelora": {"lrs": [3e-4, 1e-3, 3e-3], "kwargs": {}},
     "scaled_adamw": {"lrs": [1e-3, 3e-3, 1e-2], "kwargs": {}},
     # after LoRA-One the factors' tangent space holds the gradient's top subspace, so a step at AdaPreLoRA's lr
