@@ -353,4 +353,26 @@ inline TangentSizes check_tangent_energies(const at::Tensor& B, const at::Tensor
   return s;
 }
 
+// kfac_lorsum_update_in's metric state, after check_half_step: v_in (..., n) and v_out (..., m) with the
+// factors' batch shape, fp32 or fp64, on the op's device; and a first data pair (the gradient pair (X, Sᵀ)),
+// whose statistics the metric takes.
+inline void check_kfac_fold(const char* op, const std::vector<int64_t>& batch, int64_t m, int64_t n, int64_t J,
+                            const at::Tensor& A0, const at::Tensor& v_in, const at::Tensor& v_out,
+                            c10::DeviceType type) {
+  TORCH_CHECK(J >= 1, op, ": needs the gradient pair (X, S^T) as f_in[0], f_out[0] (the metric's statistics are "
+              "its column sums of squares); got no pairs");
+  const at::Device device = op_device(A0, type);
+  check_input(v_in, op, "v_in", 1, device);
+  check_input(v_out, op, "v_out", 1, device);
+  for (const auto* v : {&v_in, &v_out}) {
+    TORCH_CHECK(v->scalar_type() == at::kFloat || v->scalar_type() == at::kDouble, op,
+                ": the metric state must be float32 or float64, got ", v->scalar_type());
+  }
+  const at::IntArrayRef b(batch);
+  TORCH_CHECK(batch_shape(v_in, 1) == b && v_in.size(-1) == n, op, ": v_in must be (..., n) = ", b, " + (", n,
+              ",), got shape ", v_in.sizes());
+  TORCH_CHECK(batch_shape(v_out, 1) == b && v_out.size(-1) == m, op, ": v_out must be (..., m) = ", b, " + (", m,
+              ",), got shape ", v_out.sizes());
+}
+
 }  // namespace lorsum

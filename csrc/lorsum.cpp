@@ -65,6 +65,15 @@ TORCH_LIBRARY(lorsum, m) {
       "lorsum_update_out(Tensor A_hat, Tensor A0, Tensor B0, Tensor[] f_in, Tensor[] f_out, Tensor coeffs, "
       "Tensor lmbd, Tensor? m_in=None, Tensor? m_out=None) -> Tensor");
 
+  // ScaledLoRSum's first A-step in the diagonal K-FAC metric of this batch: kfac_metric_update of the first
+  // pair (X = f_in[0], S = f_out[0]ᵀ) with the state v_in (..., n), v_out (..., m) (fp32 or fp64), then
+  // lorsum_update_in (arguments as above) in the new effective metrics. The CPU kernel sums the statistics in
+  // the A-step's own passes over S and X. Returns (Â, v_in, v_out, M_in, M_out).
+  m.def(
+      "kfac_lorsum_update_in(Tensor B_hat, Tensor A0, Tensor B0, Tensor[] f_in, Tensor[] f_out, Tensor coeffs, "
+      "Tensor lmbd, Tensor v_in, Tensor v_out, float beta, float damping, float power, float scale_in, "
+      "float scale_out) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+
   // The token products of a factor pair (f_in (..., q, n), f_out (..., m, q)) with wide factors, one read
   // of each operand per product: (Wᵀ·f_out·f_in (..., w, n), f_out·f_in·Vᵀ (..., m, v)). For the gradient
   // pair these are (S·W)ᵀ·X and Sᵀ·(X·Vᵀ); W = [B̂ | B̂_m] serves several half-steps in one pass (spec §9

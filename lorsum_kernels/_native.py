@@ -191,6 +191,20 @@ if NATIVE_AVAILABLE and _op_defined("lorsum_update_in"):
         _check_half_step("lorsum_update_out", False, A_hat, A0, B0, f_in, f_out, m_in, m_out)
         return A0.new_empty(B0.shape)
 
+    if _op_defined("kfac_lorsum_update_in"):
+
+        @torch.library.register_fake("lorsum::kfac_lorsum_update_in")
+        def _kfac_lorsum_update_in_fake(B_hat, A0, B0, f_in, f_out, coeffs, lmbd, v_in, v_out, beta, damping, power,
+                                        scale_in, scale_out):
+            op = "kfac_lorsum_update_in"
+            _check_half_step(op, True, B_hat, A0, B0, f_in, f_out, None, None)
+            torch._check(len(f_in) >= 1, lambda: f"{op}: needs the gradient pair (X, S^T) as f_in[0], f_out[0]")
+            batch, n, m = A0.shape[:-2], A0.shape[-1], B0.shape[-2]
+            torch._check(v_in.shape == batch + (n,) and v_out.shape == batch + (m,),
+                         lambda: f"{op}: v_in and v_out must be {tuple(batch) + (n,)} and {tuple(batch) + (m,)}")
+            return (A0.new_empty(A0.shape), v_in.new_empty(v_in.shape), v_out.new_empty(v_out.shape),
+                    v_in.new_empty(v_in.shape), v_out.new_empty(v_out.shape))
+
     @torch.library.register_fake("lorsum::pair_products")
     def _pair_products_fake(f_in, f_out, W=None, V=None):
         torch._check(f_in.dim() >= 2 and f_out.dim() >= 2, lambda: "pair_products: f_in and f_out must be matrices")

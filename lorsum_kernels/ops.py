@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from . import _half_steps, backends, reference
+from . import _half_steps, _native, backends, reference
 from .backends import Backend
 
 __all__ = ["Backend", "check", "implementation", "resolve", "lorsum_update_in", "lorsum_update_out",
@@ -240,6 +240,42 @@ def kfac_metric_update(
 
         return triton_kernels.kfac_metric_update(*args)
     return reference.kfac_metric_update(*args)
+
+
+__all__ += ["kfac_lorsum_update_in"]
+
+
+def kfac_lorsum_update_in(
+    B_hat: Tensor,
+    anchor: tuple[Tensor, Tensor],
+    pairs: Sequence[tuple[Tensor, Tensor]],
+    coeffs: Sequence,
+    lmbd,
+    v_in: Tensor,
+    v_out: Tensor,
+    beta: float,
+    damping: float,
+    power: float,
+    scale_in: float,
+    scale_out: float,
+    *,
+    backend: str | None | Backend = "auto",
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``reference.kfac_lorsum_update_in``: the fused native op where the backend runs the half-steps natively
+    and the extension has it for the device (the CPU: the statistics summed in the A-step's passes), else
+    ``kfac_metric_update`` and ``lorsum_update_in`` in turn, each on the backend's own implementation."""
+    scalars = (float(beta), float(damping), float(power), float(scale_in), float(scale_out))
+    device = B_hat.device
+    if implementation(backend, device, "lorsum_update_in") == "native" and \
+            _native.has_native_op("kfac_lorsum_update_in", device.type):
+        args = _half_step_args(B_hat, anchor, pairs, coeffs, lmbd, None)[:-2]
+        return torch.ops.lorsum.kfac_lorsum_update_in(*args, v_in, v_out, *scalars)
+    if not pairs:
+        raise ValueError("kfac_lorsum_update_in needs the gradient pair (X, S.mT) as pairs[0]")
+    X, S_t = pairs[0]
+    new_in, new_out, m_in, m_out = kfac_metric_update(X, S_t.mT, v_in, v_out, *scalars, backend=backend)
+    A = lorsum_update_in(B_hat, anchor, pairs, coeffs, lmbd, (m_in, m_out), backend=backend)
+    return A, new_in, new_out, m_in, m_out
 
 
 # float64 tensors of plain numbers the half-steps are called with, by value (the native ops only read them):

@@ -236,3 +236,20 @@ def kfac_metric_update(
     new_in = v_in * beta + (col_sq_sums(X) * scale_in).to(v_in.dtype) * (1 - beta)
     new_out = v_out * beta + (col_sq_sums(S) * scale_out).to(v_out.dtype) * (1 - beta)
     return new_in, new_out, (new_in + damping).pow(power), (new_out + damping).pow(power)
+
+
+def kfac_lorsum_update_in(
+    B_hat: Tensor, anchor: Pair, pairs: Sequence[Pair], coeffs: Sequence, lmbd, v_in: Tensor, v_out: Tensor,
+    beta: float, damping: float, power: float, scale_in: float, scale_out: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """ScaledLoRSum's first A-step in the diagonal K-FAC metric of this batch (spec/lorsum.md §6.1, §6.2).
+
+    The metric step ``kfac_metric_update`` of the first pair ``pairs[0] = (X, Sᵀ)`` (the gradient pair, whose
+    column sums of squares are the statistics) and the state ``(v_in, v_out)``, then ``lorsum_update_in`` in
+    the new effective metrics; the other arguments as for ``lorsum_update_in``. Fused, the statistics are
+    summed in the A-step's own passes over X and S. Returns ``(Â, v_in, v_out, M_in, M_out)``.
+    """
+    X, S_t = pairs[0]
+    new_in, new_out, m_in, m_out = kfac_metric_update(X, S_t.mT, v_in, v_out, beta, damping, power, scale_in,
+                                                      scale_out)
+    return lorsum_update_in(B_hat, anchor, pairs, coeffs, lmbd, (m_in, m_out)), new_in, new_out, m_in, m_out

@@ -293,11 +293,13 @@ def test_scaled_psi_lambda_floor():
 @pytest.mark.parametrize("loss_reduction", ["mean", "sum"])
 @pytest.mark.parametrize("backend", ["torch", "auto"])
 def test_scaled_psi_kfac_runs_the_fused_metric_op_and_equals_the_composite(loss_reduction, backend, monkeypatch):
-    """ScaledLoRSum's K-FAC metric goes through the fused ``kfac_metric_update`` (issue #12 item 3) and gives
-    what statistics + EMA + damping + power give; a per-layer β2 (the warm-up) takes it too when all layers
-    share one value on the CPU, and the composite path when they differ."""
+    """ScaledLoRSum's K-FAC metric goes through a fused op (issue #12 item 3; issue #16): without momentum
+    the metric step folded into the first A-step (``kfac_lorsum_update_in``), with it ``kfac_metric_update``;
+    either gives what statistics + EMA + damping + power and the scaled LoRSum give. A per-layer β2 (the
+    warm-up) takes it too when all layers share one value on the CPU, and the composite path when they
+    differ."""
     from lorsum_kernels import ops
-    from lorsum_kernels.functional import effective_metric, ema, kfac_statistics
+    from lorsum_kernels.functional import effective_metric, ema, kfac_statistics, scaled_low_rank_sum
 
     g = torch.Generator().manual_seed(3)
     L, T, m, n, r = 2, 17, 23, 13, 3
@@ -305,23 +307,52 @@ def test_scaled_psi_kfac_runs_the_fused_metric_op_and_equals_the_composite(loss_
     X, S = torch.randn(L, T, n, generator=g, dtype=torch.float64), torch.randn(L, T, m, generator=g, dtype=torch.float64)
     v = (torch.rand(L, n, generator=g, dtype=torch.float64) + 0.5, torch.rand(L, m, generator=g, dtype=torch.float64) + 0.5)
     calls = []
-    fused = ops.kfac_metric_update
-    monkeypatch.setattr(ops, "kfac_metric_update", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    for name in ("kfac_metric_update", "kfac_lorsum_update_in"):
+        real = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, _n=name, _f=real, **k: calls.append(_n) or _f(*a, **k))
     kw = dict(lr=0.3, lmbd=1e-2, min_lmbd=1e-5, iters=1, damping=0.1, metric="kfac", metric_power=0.5,
               loss_reduction=loss_reduction, backend=backend)
-    _, _, (v_in, v_out), _ = scaled_psi_lora_step(A, B, X, S, v, None, betas=(0.0, 0.9), **kw)
-    assert calls == [1]
+    A_f, B_f, (v_in, v_out), _ = scaled_psi_lora_step(A, B, X, S, v, None, betas=(0.0, 0.9), **kw)
+    fold = ["kfac_lorsum_update_in"] + (["kfac_metric_update"] if backend == "torch" else [])  # (its composite)
+    assert calls == fold
     stat_in, stat_out = kfac_statistics(X, S, loss_reduction=loss_reduction, backend="torch")
     assert rel_err(v_in, ema(v[0], stat_in, 0.9)) < 1e-13
     assert rel_err(v_out, ema(v[1], stat_out, 0.9)) < 1e-13
-    A_f, B_f, *_ = scaled_psi_lora_step(A, B, X, S, v, None, betas=(0.0, 0.9), **kw)
-    assert calls == [1, 1]
+    metrics = (effective_metric(v_in, 0.1, 0.5), effective_metric(v_out, 0.1, 0.5))
+    A_c, B_c = scaled_low_rank_sum([(A, B), (X, S.mT)], [1.0, -0.3], metrics, lmbd=0.3 * 1e-2, iters=1,
+                                   backend="torch")
+    assert rel_err(A_f, A_c) < 1e-12 and rel_err(B_f, B_c) < 1e-12
     A_s, B_s, *_ = scaled_psi_lora_step(A, B, X, S, v, None, betas=(0.0, torch.full((L, 1), 0.9, dtype=torch.float64)), **kw)
-    assert calls == [1, 1, 1]  # one β2 shared by the layers: the fused op, with the same result
+    assert calls == fold * 2  # one β2 shared by the layers: the fused op, the same result
     assert torch.equal(A_f, A_s) and torch.equal(B_f, B_s)
     per_layer = torch.tensor([[0.9], [0.5]], dtype=torch.float64)
     _, _, (w_in, w_out), _ = scaled_psi_lora_step(A, B, X, S, v, None, betas=(0.0, per_layer), **kw)
-    assert calls == [1, 1, 1]  # differing β2: the composite
+    assert calls == fold * 2  # differing β2: the composite
     assert rel_err(w_in, ema(v[0], stat_in, per_layer)) < 1e-13
     assert rel_err(w_out, ema(v[1], stat_out, per_layer)) < 1e-13
+    momentum = (torch.randn(L, r, n, generator=g, dtype=torch.float64), torch.randn(L, m, r, generator=g, dtype=torch.float64))
+    _, _, (u_in, u_out), _ = scaled_psi_lora_step(A, B, X, S, v, momentum, betas=(0.9, 0.9), **kw)
+    assert calls[2 * len(fold):] == ["kfac_metric_update"]  # the buffer's LoRSum in lock step: the metric op on its own
+    assert torch.equal(u_in, v_in) and torch.equal(u_out, v_out)
     assert effective_metric(v_in, 0.1, 0.5).shape == (L, n)
+
+
+@pytest.mark.parametrize("iters", [0, 1, 2])
+def test_scaled_psi_kfac_folded_metric_fp32_native_matches_torch(iters):
+    """In fp32 on the CPU (bf16 token data too) the folded metric step runs the native fused op, which sums
+    the statistics in the A-step's passes: the same step as the torch backend's two ops, to fp32 rounding,
+    for every number of ALS rounds (0: one Jacobi round)."""
+    g = torch.Generator().manual_seed(5)
+    L, T, m, n, r = 3, 70, 37, 53, 4
+    A, B = torch.randn(L, r, n, generator=g) * 0.1, torch.randn(L, m, r, generator=g) * 0.1
+    X, S = torch.randn(L, T, n, generator=g), torch.randn(L, T, m, generator=g) * 1e-2
+    v = (torch.rand(L, n, generator=g), torch.rand(L, m, generator=g))
+    kw = dict(lr=2e-2, lmbd=1e-2, min_lmbd=1e-6, iters=iters, damping=1e-5, metric="kfac", metric_power=0.5,
+              loss_reduction="mean", betas=(0.0, 0.99))
+    for data_dtype in (torch.float32, torch.bfloat16):
+        Xd, Sd = X.to(data_dtype), S.to(data_dtype)
+        native = scaled_psi_lora_step(A, B, Xd, Sd, v, None, backend="native", **kw)
+        torch_ = scaled_psi_lora_step(A, B, Xd, Sd, v, None, backend="torch", **kw)
+        for a, b in zip([*native[:2], *native[2]], [*torch_[:2], *torch_[2]]):
+            assert a.dtype == b.dtype == torch.float32
+            assert rel_err(a, b) < 1e-5

@@ -7,11 +7,14 @@
   composite path (statistics, EMA, power) that a per-layer β2 tensor takes, alternated in rounds.
 * ``sb0``: the A-step from a given T×r product ``S·B0`` (what autograd hands the layer's ``lora_A``
   output) with torch's ``Gᵀ·X`` and the composite half-step, against the native A-step, data evicted.
+* ``kfac_fold``: ScaledLoRSum's metric step and ALS round on one layer, data evicted first:
+  ``kfac_lorsum_update_in`` (the K-FAC statistics summed in the A-step's passes) then the B-step, against
+  ``kfac_metric_update``, ``lorsum_update_in`` and the B-step, alternated in rounds.
 * ``after_gemm``: what a call costs where the streamed step runs it, right after a layer's GEMM (a
   2048×576 by 576×1536 fp32 product, as gate/up's backward): the first tiny torch op, and the native
   A-step at T = 1, 32 and 2048 (first, second and third call after the GEMM, and warm), per call.
 
-    python tools/layer_step_ab.py kernels|metric|sb0|after_gemm
+    python tools/layer_step_ab.py kernels|metric|sb0|kfac_fold|after_gemm
 """
 
 from __future__ import annotations
@@ -95,6 +98,34 @@ def sb0() -> None:
               f"from S·B0 {_median_ms(from_sb0, 21, evict):.2f} ms")
 
 
+def kfac_fold() -> None:
+    evict = torch.randn(96 * 2**20 // 4)
+    for m, n in SHAPES:
+        X, S = [torch.randn(1, T, n) for _ in range(4)], [torch.randn(1, T, m) * 1e-3 for _ in range(4)]
+        A, B = torch.randn(1, R, n) * 0.01, torch.randn(1, m, R) * 0.01
+        v_in, v_out = torch.rand(1, n), torch.rand(1, m)
+        kfac = (0.99, 1e-5, 0.5, 1.0 / T, float(T))
+
+        def fused(i):
+            pairs = [(X[i % 4], S[i % 4].mT)]
+            A_new, _, _, m_in, m_out = ops.kfac_lorsum_update_in(B, (A, B), pairs, [1.0, -0.1], 0.01, v_in, v_out,
+                                                                 *kfac)
+            ops.lorsum_update_out(A_new, (A, B), pairs, [1.0, -0.1], 0.01, (m_in, m_out))
+
+        def separate(i):
+            pairs = [(X[i % 4], S[i % 4].mT)]
+            _, _, m_in, m_out = ops.kfac_metric_update(X[i % 4], S[i % 4], v_in, v_out, *kfac)
+            A_new = ops.lorsum_update_in(B, (A, B), pairs, [1.0, -0.1], 0.01, (m_in, m_out))
+            ops.lorsum_update_out(A_new, (A, B), pairs, [1.0, -0.1], 0.01, (m_in, m_out))
+
+        out = {"fused": [], "separate": []}
+        for rnd in range(10):
+            name = "fused" if rnd % 2 == 0 else "separate"
+            out[name].append(_median_ms(fused if name == "fused" else separate, 9, evict))
+        print(f"{m}x{n} metric + ALS round, data evicted: " + ", ".join(
+            f"{name} {statistics.median(v):.2f} ms" for name, v in out.items()))
+
+
 def after_gemm() -> None:
     a, b, out = torch.randn(2048, 576), torch.randn(576, 1536), torch.empty(2048, 1536)
     m = n = 576
@@ -126,4 +157,4 @@ def after_gemm() -> None:
 
 if __name__ == "__main__":
     torch.set_num_threads(2)
-    {"kernels": kernels, "metric": metric, "sb0": sb0, "after_gemm": after_gemm}[sys.argv[1]]()
+    {"kernels": kernels, "metric": metric, "sb0": sb0, "kfac_fold": kfac_fold, "after_gemm": after_gemm}[sys.argv[1]]()

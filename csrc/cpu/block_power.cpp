@@ -33,9 +33,13 @@
 #include "small_spd.h"
 #include "tiles.h"
 
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <optional>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 namespace lorsum {
@@ -64,9 +68,14 @@ constexpr int64_t kMinColBlock = 256;
 
 // D += coef[b] · Z[b] · Y1[b]ᵀ · Y2[b] · diag(colscale[b]) for every layer b, with AVX-512 kernels. Z (L, w, K)
 // and D (L, w, N) are contiguous fp32; Y1 (L, q, K) and Y2 (L, q, N) are fp32, bf16 or fp16 with unit
-// column stride; colscale is a contiguous fp32 (L, N), or undefined for none.
+// column stride; colscale is a contiguous fp32 (L, N), or undefined for none. With sq1 / sq2 (contiguous
+// fp32 (L, K) / (L, N), zeroed by the caller), also the column sums of squares of Y1 and Y2 over the q rows,
+// summed from the rows each pass has just read (the K-FAC statistics of kfac_lorsum_update_in): Y1's in
+// blocks of kRowsPerTask rows added in block order, Y2's in the blocks of outer_accumulate, so neither
+// depends on the number of threads.
 void accumulate_pair_avx512(const at::Tensor& Z, const at::Tensor& Y1, const at::Tensor& Y2,
-                            const std::vector<double>& coef, const at::Tensor& D, const at::Tensor& colscale) {
+                            const std::vector<double>& coef, const at::Tensor& D, const at::Tensor& colscale,
+                            float* sq1 = nullptr, float* sq2 = nullptr) {
   const int64_t L = Z.size(0), w = Z.size(1), K = Z.size(2);
   const int64_t q = Y1.size(1), N = Y2.size(2);
   if (L == 0 || q == 0 || w == 0 || N == 0) {
@@ -80,6 +89,8 @@ void accumulate_pair_avx512(const at::Tensor& Z, const at::Tensor& Y1, const at:
 
   // Pass 1: tmp[b] = coef[b] · Y1[b] · Z[b]ᵀ (q×w), by blocks of token rows.
   const int64_t row_blocks = (q + kRowsPerTask - 1) / kRowsPerTask;
+  // Y1's sums of squares per block of rows (one row of K per task), added in block order below.
+  std::vector<float> sq_blocks(sq1 != nullptr ? L * row_blocks * K : 0, 0.0f);
   cpu::dispatch_fp32_input(Y1.scalar_type(), "lorsum token products", [&](auto tag) {
     using T = decltype(tag);
     const T* y = Y1.const_data_ptr<T>();
@@ -87,10 +98,26 @@ void accumulate_pair_avx512(const at::Tensor& Z, const at::Tensor& Y1, const at:
     cpu::parallel_tasks(L * row_blocks, kRowsPerTask * K * w, [&](int64_t task) {
       const int64_t b = task / row_blocks;
       const int64_t t0 = (task % row_blocks) * kRowsPerTask;
-      cpu::avx512::row_dots<T>(std::min(kRowsPerTask, q - t0), w, K, y + b * bs + t0 * ld, ld, z_p + b * w * K, K,
-                               tmp_p + (b * q + t0) * w, w, static_cast<float>(coef[b]));
+      const int64_t rows = std::min(kRowsPerTask, q - t0);
+      const T* yb = y + b * bs + t0 * ld;
+      cpu::avx512::row_dots<T>(rows, w, K, yb, ld, z_p + b * w * K, K, tmp_p + (b * q + t0) * w, w,
+                               static_cast<float>(coef[b]));
+      if (sq1 != nullptr) {  // the block's rows are still in L1/L2
+        cpu::avx512::add_col_sq_sums<T>(rows, K, yb, ld, sq_blocks.data() + task * K);
+      }
     });
   });
+  if (sq1 != nullptr) {
+    for (int64_t b = 0; b < L; ++b) {
+      float* out = sq1 + b * K;
+      for (int64_t rb = 0; rb < row_blocks; ++rb) {
+        const float* part = sq_blocks.data() + (b * row_blocks + rb) * K;
+        for (int64_t k = 0; k < K; ++k) {
+          out[k] += part[k];
+        }
+      }
+    }
+  }
 
   // Pass 2: D[b] += tmp[b]ᵀ · Y2[b] (w×N), by blocks of columns: whole rows when there are enough layers
   // to occupy the threads, else rows split into as many blocks as that takes (never narrower than
@@ -109,7 +136,8 @@ void accumulate_pair_avx512(const at::Tensor& Z, const at::Tensor& Y1, const at:
       const int64_t b = task / col_blocks;
       const int64_t c0 = (task % col_blocks) * cb;
       cpu::avx512::outer_accumulate<T>(q, w, std::min(cb, N - c0), tmp_p + b * q * w, w, y + b * bs + c0, ld,
-                                       d_p + b * w * N + c0, N, tb, s_p == nullptr ? nullptr : s_p + b * N + c0);
+                                       d_p + b * w * N + c0, N, tb, s_p == nullptr ? nullptr : s_p + b * N + c0,
+                                       sq2 == nullptr ? nullptr : sq2 + b * N + c0);
     });
   });
 }
@@ -122,10 +150,11 @@ at::Tensor per_layer(const std::vector<double>& values, at::ScalarType dtype) {
 // out += (Σ_j coef[j][b] · Z[b] · Y1_j[b]ᵀ · Y2_j[b]) · diag(metric[b])⁻¹ for every layer b. out (L, w, N) is
 // contiguous in Z's dtype (the accumulation dtype); Z (L, w, K); Y1_j (L, q_j, K) and Y2_j (L, q_j, N) with
 // unit column stride; metric (L, N) or undefined for none. The AVX-512 path adds each token block's
-// contribution, already scaled by 1/metric, straight into out.
+// contribution, already scaled by 1/metric, straight into out. sq1 / sq2: the column sums of squares of
+// Y1[0] and Y2[0] (accumulate_pair_avx512's; the AVX-512 path only).
 void add_data_term(const at::Tensor& out, const at::Tensor& Z, const std::vector<at::Tensor>& Y1,
                    const std::vector<at::Tensor>& Y2, const std::vector<std::vector<double>>& coef,
-                   const at::Tensor& metric) {
+                   const at::Tensor& metric, float* sq1 = nullptr, float* sq2 = nullptr) {
   const auto acc = Z.scalar_type();
   if (Y1.empty()) {
     return;
@@ -134,10 +163,11 @@ void add_data_term(const at::Tensor& out, const at::Tensor& Z, const std::vector
     const at::Tensor Zc = Z.contiguous();
     const at::Tensor inv = metric.defined() ? at::reciprocal(metric).contiguous() : at::Tensor();
     for (size_t j = 0; j < Y1.size(); ++j) {
-      accumulate_pair_avx512(Zc, Y1[j], Y2[j], coef[j], out, inv);
+      accumulate_pair_avx512(Zc, Y1[j], Y2[j], coef[j], out, inv, j == 0 ? sq1 : nullptr, j == 0 ? sq2 : nullptr);
     }
     return;
   }
+  TORCH_INTERNAL_ASSERT(sq1 == nullptr && sq2 == nullptr, "column sums of squares need the AVX-512 fp32 path");
   // Portable path (fp64, or a CPU without AVX-512): the same products through ATen, in the accumulation
   // dtype; bf16/fp16 operands are converted whole here.
   at::Tensor D;
@@ -242,29 +272,62 @@ void solve_one(bool vectorised, const acc_t* gram, int64_t r, acc_t* rhs, int64_
   }
 }
 
+// The K-FAC metric step folded into an A-step (kfac_lorsum_update_in; spec/lorsum.md §6.1, §6.2): the
+// statistics of the first data pair (X, Sᵀ) are summed in the A-step's own passes over S and X, and the EMA,
+// damping and power then give the metrics the rest of the step needs (the Grams and anchor terms are formed
+// after the passes, the data term scaled by M_in⁻¹ once summed). The arithmetic of kfac_metric_update_cpu:
+// stat·scale in fp32, then the EMA and the power in the state's fp32. fp32 state, AVX-512 fp32 path only.
+struct KfacFold {
+  at::Tensor v_in, v_out;  // (L, n) and (L, m), fp32, contiguous
+  double beta = 0.0, damping = 0.0, power = 1.0, scale_in = 1.0, scale_out = 1.0;
+  at::Tensor new_in, new_out, m_in, m_out;  // the results, shaped as v_in and v_out
+
+  void finish(const at::Tensor& sq_in, const at::Tensor& sq_out) {
+    std::tie(new_in, m_in) = side(v_in, sq_in, scale_in);
+    std::tie(new_out, m_out) = side(v_out, sq_out, scale_out);
+  }
+
+ private:
+  std::pair<at::Tensor, at::Tensor> side(const at::Tensor& v, const at::Tensor& sq, double scale) const {
+    at::Tensor nv = at::empty_like(v), metric = at::empty_like(v);
+    const float* vp = v.const_data_ptr<float>();
+    const float* sp = sq.const_data_ptr<float>();
+    float* np = nv.mutable_data_ptr<float>();
+    float* mp = metric.mutable_data_ptr<float>();
+    const float b = static_cast<float>(beta), one_minus_b = static_cast<float>(1.0 - beta);
+    const float delta = static_cast<float>(damping), p = static_cast<float>(power), sc = static_cast<float>(scale);
+    for (int64_t i = 0; i < v.numel(); ++i) {
+      const float x = vp[i] * b + (sp[i] * sc) * one_minus_b;
+      np[i] = x;
+      mp[i] = std::pow(x + delta, p);
+    }
+    return {nv, metric};
+  }
+};
+
 // One half-step for every layer of h, in acc_t arithmetic: the r-wide algebra as the loops of r_wide.h,
 // the token products as add_data_term's passes, the r×r solve as small_spd.h's; ATen only to convert
-// inputs that are not already contiguous in acc_t and to allocate the result.
+// inputs that are not already contiguous in acc_t and to allocate the result. With fold (an A-step, fp32,
+// AVX-512, no metrics in h), the K-FAC metric step folded in: the token passes run first, unscaled, and
+// sum the statistics the metrics are made of.
 template <typename acc_t>
-at::Tensor run_half_step_typed(const HalfStep& h, bool in_side) {
+at::Tensor run_half_step_typed(const HalfStep& h, bool in_side, KfacFold* fold = nullptr) {
   const bool vectorised = avx512_enabled();
   const int64_t L = h.L, m = h.m, n = h.n, r = h.r;
   const at::Tensor A0 = as_acc(h.A0, h.acc), B0 = as_acc(h.B0, h.acc), hat = as_acc(h.hat, h.acc);
-  const bool scaled = h.m_in.defined();
-  const at::Tensor m_in = scaled ? as_acc(h.m_in, h.acc) : at::Tensor();
-  const at::Tensor m_out = scaled ? as_acc(h.m_out, h.acc) : at::Tensor();
+  bool scaled = h.m_in.defined();
+  at::Tensor m_in = scaled ? as_acc(h.m_in, h.acc) : at::Tensor();
+  at::Tensor m_out = scaled ? as_acc(h.m_out, h.acc) : at::Tensor();
   const acc_t* a0_p = A0.const_data_ptr<acc_t>();
   const acc_t* b0_p = B0.const_data_ptr<acc_t>();
   const acc_t* hat_p = hat.const_data_ptr<acc_t>();
-  const acc_t* mi_p = scaled ? m_in.const_data_ptr<acc_t>() : nullptr;
-  const acc_t* mo_p = scaled ? m_out.const_data_ptr<acc_t>() : nullptr;
 
   const int64_t N = in_side ? n : m;  // columns of the system's right-hand side
   const int64_t K = in_side ? m : n;  // rows the Grams sum over
   // Scratch, one region per quantity, each holding all L layers contiguously (the token passes take the
   // right-hand sides and Z as (L, r, N) and (L, r, K) arrays).
   const int64_t rr = r * r;
-  acc_t* work = scratch<acc_t>(L * (4 * rr + 3 * K * r + r * N + r * m));
+  acc_t* work = scratch<acc_t>(L * (4 * rr + 3 * K * r + r * N + r * m) + (fold != nullptr ? L * r * N : 0));
   acc_t* const grams = work;
   acc_t* const chols = grams + L * rr;
   acc_t* const smalls = chols + L * rr;
@@ -274,6 +337,30 @@ at::Tensor run_half_step_typed(const HalfStep& h, bool in_side) {
   acc_t* const Zs = Qs + L * K * r;
   acc_t* const rhss = Zs + L * r * K;
   acc_t* const B0ts = rhss + L * r * N;
+  acc_t* const datas = B0ts + L * r * m;  // with fold: the data terms, summed before the metrics exist
+
+  std::vector<at::Tensor> rows_S, rows_X;  // F_out_jᵀ (L, q, m) and F_in_j (L, q, n)
+  for (size_t j = 0; j < h.f_in.size(); ++j) {
+    rows_S.push_back(cpu::rows_view(h.f_out[j].mT(), L));
+    rows_X.push_back(h.f_in[j]);
+  }
+  const auto opts = at::TensorOptions().dtype(h.acc);
+  const std::vector<std::vector<double>> data_coef(h.coef.begin() + 1, h.coef.end());
+  if (fold != nullptr) {
+    // 0. Z = B̂ᵀ, the data terms with the statistics of the first pair, then the metrics.
+    TORCH_INTERNAL_ASSERT(in_side && !scaled && h.acc == at::kFloat && vectorised && !rows_S.empty());
+    cpu::parallel_tasks(L, m * r, [&](int64_t b) { cpu::r_wide::transpose(m, r, hat_p + b * m * r, r, Zs + b * r * K); });
+    std::fill(datas, datas + L * r * N, acc_t(0));
+    const at::Tensor sq_in = at::zeros({L, n}, at::kFloat), sq_out = at::zeros({L, m}, at::kFloat);
+    add_data_term(at::from_blob(datas, {L, r, N}, opts), at::from_blob(Zs, {L, r, K}, opts), rows_S, rows_X,
+                  data_coef, at::Tensor(), sq_out.mutable_data_ptr<float>(), sq_in.mutable_data_ptr<float>());
+    fold->finish(sq_in, sq_out);
+    m_in = fold->m_in;
+    m_out = fold->m_out;
+    scaled = true;
+  }
+  const acc_t* mi_p = scaled ? m_in.const_data_ptr<acc_t>() : nullptr;
+  const acc_t* mo_p = scaled ? m_out.const_data_ptr<acc_t>() : nullptr;
 
   // 1. Per layer: the Gram (with λ on its diagonal), the anchor term of the right-hand side, and Z, the
   //    r-wide operand of the token products.
@@ -321,17 +408,22 @@ at::Tensor run_half_step_typed(const HalfStep& h, bool in_side) {
     }
   });
 
-  // 2. The data terms, added to every layer's right-hand side by the token passes.
-  std::vector<at::Tensor> rows_S, rows_X;  // F_out_jᵀ (L, q, m) and F_in_j (L, q, n)
-  for (size_t j = 0; j < h.f_in.size(); ++j) {
-    rows_S.push_back(cpu::rows_view(h.f_out[j].mT(), L));
-    rows_X.push_back(h.f_in[j]);
-  }
-  if (!rows_S.empty()) {
-    const auto opts = at::TensorOptions().dtype(h.acc);
+  // 2. The data terms, added to every layer's right-hand side by the token passes (with fold: the sums of
+  //    step 0, scaled by M_in⁻¹ now).
+  if (fold != nullptr) {
+    cpu::parallel_tasks(L, r * N, [&](int64_t b) {
+      const acc_t* mi = mi_p + b * n;
+      for (int64_t i = 0; i < r; ++i) {
+        acc_t* rhs = rhss + (b * r + i) * N;
+        const acc_t* data = datas + (b * r + i) * N;
+        for (int64_t c = 0; c < N; ++c) {
+          rhs[c] += data[c] / mi[c];
+        }
+      }
+    });
+  } else if (!rows_S.empty()) {
     const at::Tensor rhs_all = at::from_blob(rhss, {L, r, N}, opts);
     const at::Tensor z_all = at::from_blob(Zs, {L, r, K}, opts);
-    const std::vector<std::vector<double>> data_coef(h.coef.begin() + 1, h.coef.end());
     add_data_term(rhs_all, z_all, in_side ? rows_S : rows_X, in_side ? rows_X : rows_S, data_coef,
                   in_side ? m_in : m_out);
   }
@@ -385,6 +477,43 @@ at::Tensor lorsum_update_out_cpu(const at::Tensor& A_hat, const at::Tensor& A0, 
   return run_half_step(h, false);
 }
 
+// ScaledLoRSum's first A-step in the diagonal K-FAC metric of this batch (spec/lorsum.md §6.1, §6.2):
+// kfac_metric_update of the first data pair (X = f_in[0], S = f_out[0]ᵀ) and the state (v_in, v_out), then
+// lorsum_update_in in the new effective metrics. On the AVX-512 fp32 path with fp32 state the statistics
+// are summed in the A-step's own passes over S and X (one read of the tokens fewer than the two ops);
+// otherwise the two ops in turn. Returns (Â, v_in, v_out, M_in, M_out).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> kfac_lorsum_update_in_cpu(
+    const at::Tensor& B_hat, const at::Tensor& A0, const at::Tensor& B0, at::TensorList f_in, at::TensorList f_out,
+    const at::Tensor& coeffs, const at::Tensor& lmbd, const at::Tensor& v_in, const at::Tensor& v_out, double beta,
+    double damping, double power, double scale_in, double scale_out) {
+  constexpr const char* op = "kfac_lorsum_update_in";
+  const HalfStep h = parse_half_step(op, true, B_hat, A0, B0, f_in, f_out, coeffs, lmbd, std::nullopt, std::nullopt);
+  check_kfac_fold(op, h.batch, h.m, h.n, static_cast<int64_t>(f_in.size()), A0, v_in, v_out, at::kCPU);
+  if (h.acc == at::kFloat && avx512_enabled() && v_in.scalar_type() == at::kFloat &&
+      v_out.scalar_type() == at::kFloat) {
+    KfacFold fold;
+    fold.v_in = v_in.reshape({h.L, h.n}).contiguous();
+    fold.v_out = v_out.reshape({h.L, h.m}).contiguous();
+    fold.beta = beta;
+    fold.damping = damping;
+    fold.power = power;
+    fold.scale_in = scale_in;
+    fold.scale_out = scale_out;
+    at::Tensor A = run_half_step_typed<float>(h, true, &fold);
+    return {A, fold.new_in.view(v_in.sizes()), fold.new_out.view(v_out.sizes()), fold.m_in.view(v_in.sizes()),
+            fold.m_out.view(v_out.sizes())};
+  }
+  static auto metric_op = c10::Dispatcher::singleton()
+                              .findSchemaOrThrow("lorsum::kfac_metric_update", "")
+                              .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+                                  const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
+                                  double, double, double, double)>();
+  auto [new_in, new_out, m_in, m_out] =
+      metric_op.call(f_in[0], f_out[0].mT(), v_in, v_out, beta, damping, power, scale_in, scale_out);
+  at::Tensor A = lorsum_update_in_cpu(B_hat, A0, B0, f_in, f_out, coeffs, lmbd, m_in, m_out);
+  return {A, new_in, new_out, m_in, m_out};
+}
+
 // ---- pair products ----------------------------------------------------------------------------------
 
 // (Wᵀ·F_out·F_in, F_out·F_in·Vᵀ) for the pair (F_in (..., q, n), F_out (..., m, q)): for the gradient pair
@@ -432,6 +561,7 @@ TORCH_LIBRARY_IMPL(lorsum, CPU, m) {
   m.impl("lorsum_update_in", &lorsum_update_in_cpu);
   m.impl("lorsum_update_out", &lorsum_update_out_cpu);
   m.impl("pair_products", &pair_products_cpu);
+  m.impl("kfac_lorsum_update_in", &kfac_lorsum_update_in_cpu);
 }
 
 }  // namespace lorsum

@@ -82,6 +82,41 @@ LORSUM_AVX512 inline float sum16(__m512 a) {
   return _mm_cvtss_f32(_mm_add_ss(d, _mm_movehdup_ps(d)));
 }
 
+// ---- column sums of squares ----------------------------------------------------------------------------
+
+// sq[c] += Σ_{t<rows} Y[t][c]² for c < N (Y of type T, row stride ldy, unit column stride): each column's rows
+// summed in registers in order, then added to sq, so a caller passing blocks of rows sums in two levels (as
+// col_sq_sums does). Four 16-column accumulators at a time hide the FMA latency of the chain over t. Called on
+// rows a token pass has just read (in L1/L2), to fold the K-FAC statistics into that pass.
+template <typename T>
+LORSUM_AVX512 inline void add_col_sq_sums(int64_t rows, int64_t N, const T* Y, int64_t ldy, float* sq) {
+  int64_t c = 0;
+  for (; c + 64 <= N; c += 64) {
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int64_t t = 0; t < rows; ++t) {
+      const T* yt = Y + t * ldy + c;
+#pragma GCC unroll 4
+      for (int v = 0; v < 4; ++v) {
+        const __m512 y = load(yt + 16 * v);
+        acc[v] = _mm512_fmadd_ps(y, y, acc[v]);
+      }
+    }
+#pragma GCC unroll 4
+    for (int v = 0; v < 4; ++v) {
+      _mm512_storeu_ps(sq + c + 16 * v, _mm512_add_ps(_mm512_loadu_ps(sq + c + 16 * v), acc[v]));
+    }
+  }
+  for (; c < N; c += 16) {
+    const __mmask16 m = tail_mask(N - c);
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t t = 0; t < rows; ++t) {
+      const __m512 y = load(Y + t * ldy + c, m);
+      acc = _mm512_fmadd_ps(y, y, acc);
+    }
+    _mm512_mask_storeu_ps(sq + c, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, sq + c), acc));
+  }
+}
+
 // ---- outer_accumulate -------------------------------------------------------------------------------
 
 // One MR × (16·NV) tile of P, summed over tb rows in registers and then added to P (so P holds a
@@ -170,11 +205,12 @@ constexpr int kOuterCols = 48;  // 16·NV: columns of P per tile (vectors of Y p
 // P[i][c] += s[c] · Σ_{t<T} U[t][i] · Y[t][c] for i < w, c < N, where s = colscale (1 when null). U is
 // fp32 (row stride ldu), Y is T×N of type T (row stride ldy, unit column stride), P is fp32 (row stride
 // ldp). Rows of Y are taken tb at a time; inside a block each 48-column slab of Y stays in L1 while all of
-// P's row tiles use it, and the next slab is prefetched into L2.
+// P's row tiles use it, and the next slab is prefetched into L2. With col_sq, also col_sq[c] += Σ_t Y[t][c]²
+// (in blocks of tb rows, from the slab in L1).
 template <typename T>
 LORSUM_AVX512 void outer_accumulate(int64_t T_rows, int64_t w, int64_t N, const float* U, int64_t ldu,
                                     const T* Y, int64_t ldy, float* P, int64_t ldp, int64_t tb,
-                                    const float* colscale = nullptr) {
+                                    const float* colscale = nullptr, float* col_sq = nullptr) {
   for (int64_t t0 = 0; t0 < T_rows; t0 += tb) {
     const int64_t nt = std::min(tb, T_rows - t0);
     const float* u = U + t0 * ldu;
@@ -197,6 +233,9 @@ LORSUM_AVX512 void outer_accumulate(int64_t T_rows, int64_t w, int64_t N, const 
         } else {
           outer_tile_rows<1, T>(mr, nt, u + i, ldu, y + c, ldy, p, ldp, last, pf, cs);
         }
+      }
+      if (col_sq != nullptr) {  // the slab is still in L1
+        add_col_sq_sums<T>(nt, nc, y + c, ldy, col_sq + c);
       }
     }
   }

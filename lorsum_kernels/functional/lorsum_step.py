@@ -23,6 +23,7 @@ from .low_rank_sum import (
     effective_metric,
     ema,
     kfac_from_token_sums,
+    kfac_scaled_low_rank_sum,
     kfac_statistics,
     low_rank_sum,
     low_rank_sums_over_ranks,
@@ -113,16 +114,23 @@ def scaled_psi_lora_step(
     beta1, beta2 = betas
     X, S = data_operand(X, A.dtype, backend), data_operand(S, A.dtype, backend)  # once, not per LoRSum
     fused_beta2 = _one_host_value(beta2)
+    lam = lr * lmbd
+    lam = lam.clamp_min(min_lmbd) if isinstance(lam, Tensor) else max(lam, min_lmbd)
+    if metric == "kfac" and reduce is None and fused_beta2 is not None and momentum_factors is None:
+        # The metric step folded into the first A-step: its statistics summed in that half-step's own passes
+        # over X and S (ops.kfac_lorsum_update_in), not in a pass of their own.
+        T = X.shape[-2]
+        kfac = (fused_beta2, damping, metric_power, 1.0 / max(T, 1), _kfac_scale_out(loss_reduction, T))
+        (A_new, B_new), state = kfac_scaled_low_rank_sum([(A, B), (X, S.mT)], [1.0, -lr * (1 - beta1)],
+                                                         metric_state, kfac, lmbd=lam, iters=iters, backend=backend)
+        return A_new, B_new, state, None
     if metric == "kfac" and reduce is None and fused_beta2 is not None:
         # The design's fused diagonal-metric op: statistics, EMA, damping and power in one pass over X
         # and S (one kernel per side instead of five launches and four n- or m-vectors per layer).
-        if loss_reduction not in ("mean", "sum"):
-            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
         T = X.shape[-2]
-        scale_out = T if loss_reduction == "mean" else 1.0 / max(T, 1)
         v_in, v_out, *metrics = ops.kfac_metric_update(
-            X, S, metric_state[0], metric_state[1], fused_beta2, damping, metric_power, 1.0 / max(T, 1), scale_out,
-            backend=backend)
+            X, S, metric_state[0], metric_state[1], fused_beta2, damping, metric_power, 1.0 / max(T, 1),
+            _kfac_scale_out(loss_reduction, T), backend=backend)
         metrics = tuple(metrics)
     else:
         if reduce is not None:  # metric == "kfac": token sums and counts are reduced, then normalised
@@ -136,8 +144,6 @@ def scaled_psi_lora_step(
         v_in, v_out = ema(metric_state[0], stat_in, beta2), ema(metric_state[1], stat_out, beta2)
         metrics = (effective_metric(v_in, damping, metric_power),
                    effective_metric(v_out, damping, metric_power))
-    lam = lr * lmbd
-    lam = lam.clamp_min(min_lmbd) if isinstance(lam, Tensor) else max(lam, min_lmbd)
     grad_pair = (X, S.mT)
     if reduce is not None or momentum_factors is not None:  # lock step: one read of X and S per half-step
         A_new, B_new, buffer = _weight_and_buffer_over_ranks(
@@ -147,6 +153,14 @@ def scaled_psi_lora_step(
     A_new, B_new = scaled_low_rank_sum([(A, B), grad_pair], [1.0, -lr * (1 - beta1)], metrics, lmbd=lam,
                                        iters=iters, backend=backend)
     return A_new, B_new, (v_in, v_out), None
+
+
+def _kfac_scale_out(loss_reduction: str, T: int) -> float:
+    """The scale of Σ_t s_t² in the K-FAC output statistic (``kfac_statistics``): T for a mean-reduced loss,
+    1/T for a sum."""
+    if loss_reduction not in ("mean", "sum"):
+        raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+    return T if loss_reduction == "mean" else 1.0 / max(T, 1)
 
 
 def _one_host_value(beta):

@@ -28,6 +28,7 @@ __all__ = [
     "low_rank_sums_over_ranks",
     "LoRSumProblem",
     "scaled_low_rank_sum",
+    "kfac_scaled_low_rank_sum",
     "kfac_statistics",
     "kfac_from_token_sums",
     "shampoo_statistics",
@@ -87,35 +88,45 @@ def _check_batch_shapes(shapes, what: str) -> None:
         ) from None
 
 
+def _in_math_dtype(pairs, backend):
+    """The anchor and the other pairs as the half-steps take them (factors in the math dtype, token data as
+    ``data_operand`` gives it), and that dtype."""
+    dt = compute_dtype(*(t for pair in pairs for t in pair))
+    anchor = (as_dtype(pairs[0][0], dt), as_dtype(pairs[0][1], dt))
+    return anchor, [(data_operand(f_in, dt, backend), data_operand(f_out, dt, backend)) for f_in, f_out in pairs[1:]], dt
+
+
 def _lorsum(pairs, coeffs, metrics, lmbd, iters, backend, reduce=None) -> Pair:
     _check_pairs(pairs, coeffs, iters)
     if reduce is not None and len(pairs) < 2:
         raise ValueError("with reduce, pairs[1] must be this rank's token pair (X, S.mT)")
     out_dtype = pairs[0][0].dtype
-    dt = compute_dtype(*(t for pair in pairs for t in pair))
-    cast = [(as_dtype(pairs[0][0], dt), as_dtype(pairs[0][1], dt))]
-    cast += [(data_operand(f_in, dt, backend), data_operand(f_out, dt, backend)) for f_in, f_out in pairs[1:]]
+    anchor, rest, dt = _in_math_dtype(pairs, backend)
     if metrics is not None:
         metrics = (as_dtype(metrics[0], dt), as_dtype(metrics[1], dt))
-    anchor, rest = cast[0], cast[1:]
     if reduce is not None:
         problem = LoRSumProblem(anchor, rest[1:], list(coeffs), metrics, lmbd)
         ((A_new, B_new),) = low_rank_sums_over_ranks([problem], rest[0], iters=iters, reduce=reduce,
                                                      backend=backend)
         return A_new.to(out_dtype), B_new.to(out_dtype)
+    A_new, B_new = _als_rounds(anchor, rest, coeffs, lmbd, metrics, iters, backend)
+    return as_dtype(A_new, out_dtype), as_dtype(B_new, out_dtype)
+
+
+def _als_rounds(anchor, rest, coeffs, lmbd, metrics, iters, backend, first_A=None) -> Pair:
+    """The half-steps of ``iters`` ALS rounds from the anchor (one Jacobi round for ``iters = 0``: both
+    half-steps from the anchor, spec §3.4; the official plain code returns its input there, spec §11 P1).
+    ``first_A``: the first A-step's result, already computed (it is the one from B̂ = B0 either way)."""
     A0, B0 = anchor
     kw = dict(backend=backend)
+    A_new = first_A if first_A is not None else ops.lorsum_update_in(B0, anchor, rest, coeffs, lmbd, metrics, **kw)
     if iters == 0:
-        # One Jacobi round: both half-steps from the anchor (spec §3.4; the official plain code
-        # returns its input here, spec §11 P1).
-        A_new = ops.lorsum_update_in(B0, anchor, rest, coeffs, lmbd, metrics, **kw)
-        B_new = ops.lorsum_update_out(A0, anchor, rest, coeffs, lmbd, metrics, **kw)
-    else:
-        B_new = B0
-        for _ in range(iters):
-            A_new = ops.lorsum_update_in(B_new, anchor, rest, coeffs, lmbd, metrics, **kw)
-            B_new = ops.lorsum_update_out(A_new, anchor, rest, coeffs, lmbd, metrics, **kw)
-    return as_dtype(A_new, out_dtype), as_dtype(B_new, out_dtype)
+        return A_new, ops.lorsum_update_out(A0, anchor, rest, coeffs, lmbd, metrics, **kw)
+    B_new = ops.lorsum_update_out(A_new, anchor, rest, coeffs, lmbd, metrics, **kw)
+    for _ in range(iters - 1):
+        A_new = ops.lorsum_update_in(B_new, anchor, rest, coeffs, lmbd, metrics, **kw)
+        B_new = ops.lorsum_update_out(A_new, anchor, rest, coeffs, lmbd, metrics, **kw)
+    return A_new, B_new
 
 
 class LoRSumProblem(NamedTuple):
@@ -232,6 +243,35 @@ def scaled_low_rank_sum(
         )
     _check_batch_shapes([A0.shape[:-2], m_in.shape[:-1], m_out.shape[:-1]], "factors and metrics")
     return _lorsum(pairs, coeffs, (m_in, m_out), lmbd, iters, backend, reduce)
+
+
+def kfac_scaled_low_rank_sum(
+    pairs: Sequence[Pair],
+    coeffs: Sequence,
+    metric_state: tuple[Tensor, Tensor],
+    kfac: tuple[float, float, float, float, float],
+    *,
+    lmbd=0.0,
+    iters: int = 1,
+    backend: str | None = "auto",
+) -> tuple[Pair, tuple[Tensor, Tensor]]:
+    """``scaled_low_rank_sum`` in the diagonal K-FAC metric of this batch, with the metric step: the state
+    ``metric_state = (v_in, v_out)`` takes the statistics of ``pairs[1] = (X, Sᵀ)`` as
+    ``ops.kfac_metric_update`` does with ``kfac = (β2, δ, p, scale_in, scale_out)``, and the LoRSum runs in the
+    new effective metrics. The same numbers as those two in turn (to rounding), with the statistics summed in
+    the first A-step's own passes over X and S where the backend has the fused op (``ops.kfac_lorsum_update_in``;
+    the CPU): one read of the tokens fewer. Single process. Returns ``((A, B), (v_in, v_out))``.
+    """
+    _check_pairs(pairs, coeffs, iters)
+    if len(pairs) < 2:
+        raise ValueError("pairs[1] must be the token pair (X, S.mT) whose statistics the metric takes")
+    out_dtype = pairs[0][0].dtype
+    anchor, rest, dt = _in_math_dtype(pairs, backend)
+    A_first, v_in, v_out, m_in, m_out = ops.kfac_lorsum_update_in(anchor[1], anchor, rest, coeffs, lmbd,
+                                                                  *metric_state, *kfac, backend=backend)
+    metrics = (as_dtype(m_in, dt), as_dtype(m_out, dt))
+    A_new, B_new = _als_rounds(anchor, rest, coeffs, lmbd, metrics, iters, backend, first_A=A_first)
+    return (as_dtype(A_new, out_dtype), as_dtype(B_new, out_dtype)), (v_in, v_out)
 
 
 def kfac_statistics(
