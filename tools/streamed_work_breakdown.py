@@ -25,7 +25,7 @@ from lorsum_kernels.benchmark import real_model
 from lorsum_kernels.optim import base, guards
 
 TIMED_OPS = ("lorsum_update_in", "lorsum_update_out", "lorsum_update_with_token_product", "pair_products",
-             "kfac_metric_update")
+             "kfac_metric_update", "kfac_lorsum_update_in")
 
 
 def main(argv=None) -> None:

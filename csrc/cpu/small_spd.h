@@ -12,6 +12,8 @@
 
 #pragma once
 
+#include <immintrin.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -120,6 +122,56 @@ template <typename acc_t>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma"))) void cholesky_solve_block_avx512(
     const acc_t* chol, int64_t r, acc_t* b, int64_t ldb, int64_t nc) {
   cholesky_solve_block<acc_t>(chol, r, b, ldb, nc);
+}
+
+// fp32 with r ≤ 16: 16 columns at a time, all r rows of them in registers through both substitutions (the
+// same operations in the same order as the loops above, which reload and store a row per update).
+template <>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma"))) inline void cholesky_solve_block_avx512<float>(
+    const float* chol, int64_t r, float* b, int64_t ldb, int64_t nc) {
+  if (r > 16) {
+    cholesky_solve_block<float>(chol, r, b, ldb, nc);
+    return;
+  }
+  for (int64_t c = 0; c < nc; c += 16) {
+    const __mmask16 cols = nc - c >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (nc - c)) - 1u);
+    __m512 x[16];
+#pragma GCC unroll 16
+    for (int i = 0; i < 16; ++i) {
+      x[i] = i < r ? _mm512_maskz_loadu_ps(cols, b + i * ldb + c) : _mm512_setzero_ps();
+    }
+#pragma GCC unroll 16
+    for (int i = 0; i < 16; ++i) {
+      if (i < r) {
+        const float* li = chol + i * r;
+#pragma GCC unroll 16
+        for (int k = 0; k < 16; ++k) {
+          if (k < i) {
+            x[i] = _mm512_fnmadd_ps(_mm512_set1_ps(li[k]), x[k], x[i]);
+          }
+        }
+        x[i] = _mm512_div_ps(x[i], _mm512_set1_ps(li[i]));
+      }
+    }
+#pragma GCC unroll 16
+    for (int i = 15; i >= 0; --i) {
+      if (i < r) {
+#pragma GCC unroll 16
+        for (int k = 0; k < 16; ++k) {
+          if (k > i && k < r) {
+            x[i] = _mm512_fnmadd_ps(_mm512_set1_ps(chol[k * r + i]), x[k], x[i]);
+          }
+        }
+        x[i] = _mm512_div_ps(x[i], _mm512_set1_ps(chol[i * r + i]));
+      }
+    }
+#pragma GCC unroll 16
+    for (int i = 0; i < 16; ++i) {
+      if (i < r) {
+        _mm512_mask_storeu_ps(b + i * ldb + c, cols, x[i]);
+      }
+    }
+  }
 }
 
 template <typename acc_t>

@@ -28,7 +28,7 @@ from ..problems import (NATIVE_CPU, NATIVE_CUDA, TRITON, assert_deterministic, a
                         spy_on_launcher)
 
 OP = "lorsum_update_in"  # and lorsum_update_out: one kernel file, registered together
-# (L, T, m, n, r): every value of r ∈ {1, 3, 16}, m, n ∈ {5, 123, 256}, T ∈ {1, 37, 512} and L ∈ {1, 3}
+# (L, T, m, n, r): every value of r ∈ {1, 3, 16, 20}, m, n ∈ {5, 123, 256}, T ∈ {1, 37, 512} and L ∈ {1, 2, 3}
 # appears, with r ≤ min(m, n) as for any LoRA layer (the optimizers reject a larger rank).
 SHAPES = [
     (1, 37, 5, 123, 3),
@@ -38,6 +38,7 @@ SHAPES = [
     (3, 512, 5, 5, 3),
     (1, 37, 256, 256, 16),
     (3, 37, 123, 123, 16),
+    (2, 37, 67, 123, 20),  # r > 16: the fp32 r-wide kernels' tiles and fallbacks
 ]
 SHAPE_IDS = [f"L{L}_T{T}_m{m}_n{n}_r{r}" for L, T, m, n, r in SHAPES]
 

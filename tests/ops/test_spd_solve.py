@@ -54,7 +54,8 @@ def _launcher():
 
 
 @pytest.mark.parametrize("left", [True, False], ids=["left", "right"])
-@pytest.mark.parametrize("r, N, batch", [(1, 5, (3,)), (3, 123, (1,)), (16, 256, (2, 3)), (3, 1, ())], ids=str)
+@pytest.mark.parametrize("r, N, batch", [(1, 5, (3,)), (3, 123, (1,)), (16, 256, (2, 3)), (3, 1, ()), (24, 37, (2,))],
+                         ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @over_backends(OP, NATIVE_CPU)
 def test_native_matches_reference(be, r, N, batch, left, dtype, cpu_path):
