@@ -107,6 +107,25 @@ def test_add_param_group_of_lora_layers_equals_constructing_with_it(name):
             assert torch.equal(v, opt.state[q][k]), k
 
 
+@pytest.mark.parametrize("name", ["lorsum_momentum", "scaled_lorsum"])
+def test_layers_find_their_current_group_after_load_state_dict_and_add_param_group(name):
+    # The streamed step asks each layer's group in backward (LoRAOptimizer._group_of, a lookup by identity):
+    # load_state_dict replaces the group dicts, and add_param_group adds layers; the answer is always the
+    # group object now in param_groups, so an option set on it applies.
+    cls, kw = METHODS[name]
+    model = TinyLoRAMLP()
+    opt = cls(model, **kw, param_groups=[{"params": lora_params(model.l1, model.l2)},
+                                         {"params": model.head.parameters()}])
+    train(model, opt, batches(1))
+    assert opt._group_of(opt._layers[0]) is opt.param_groups[0]
+    opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    opt.add_param_group({"params": lora_params(model.l3), "lr": kw["lr"] / 2})
+    for layer in opt._layers:
+        group = opt._group_of(layer)
+        assert any(group is g for g in opt.param_groups) and any(p is layer.A for p in group["params"])
+    assert opt._group_of(opt._layers[2])["lr"] == kw["lr"] / 2
+
+
 def test_add_param_group_of_other_params_takes_the_other_defaults():
     torch.manual_seed(0)
     model = TinyLoRAMLP()

@@ -142,6 +142,7 @@ class LoRAOptimizer(CheckpointMixin, ReshardingMixin, torch.optim.Optimizer):
                     f"{min(layer.in_features, layer.out_features)}"
                 )
         self._layers_by_A = {id(layer.A): layer for layer in layers}
+        self._groups_by_A: dict[int, dict] = {}  # _group_of's answers
         by_B = {id(layer.B): layer for layer in layers}
         other_defaults = dict(
             lr=other_lr, betas=tuple(other_betas), eps=other_eps, weight_decay=other_weight_decay
@@ -308,8 +309,14 @@ class LoRAOptimizer(CheckpointMixin, ReshardingMixin, torch.optim.Optimizer):
         self._layers_by_A.update((id(layer.A), layer) for layer in new)
 
     def _group_of(self, layer: LoRALayer) -> dict:
+        # Asked per layer in backward (the streamed step): a lookup by identity while the group found is
+        # still one of param_groups (load_state_dict replaces them; a scan of every parameter otherwise).
+        cached = self._groups_by_A.get(id(layer.A))
+        if cached is not None and any(g is cached for g in self.param_groups):
+            return cached
         for group in self._lora_groups():
             if any(p is layer.A for p in group["params"]):
+                self._groups_by_A[id(layer.A)] = group
                 return group
         raise KeyError(layer.name)
 

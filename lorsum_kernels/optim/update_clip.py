@@ -43,5 +43,9 @@ def merged_update_bound(A: Tensor, B: Tensor, A_new: Tensor, B_new: Tensor) -> T
 
 def moved_by(old: Tensor, new: Tensor, alpha: Tensor) -> Tensor:
     """``old + α·(new − old)`` where α < 1, else ``new`` exactly (α a 0-d tensor, or one per layer that
-    broadcasts against the factors: normalize_step's shrink)."""
-    return torch.where(alpha < 1, old + alpha.to(old.dtype) * (new - old), new)
+    broadcasts against the factors: normalize_step's shrink). On the CPU, where reading α costs no device
+    wait, ``new`` itself when no α is below 1 (the common step: three passes over the factors saved)."""
+    cut = alpha < 1
+    if cut.device.type == "cpu" and not bool(cut.any()):
+        return new
+    return torch.where(cut, old + alpha.to(old.dtype) * (new - old), new)
