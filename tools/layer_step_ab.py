@@ -7,6 +7,8 @@
   composite path (statistics, EMA, power) that a per-layer β2 tensor takes, alternated in rounds.
 * ``sb0``: the A-step from a given T×r product ``S·B0`` (what autograd hands the layer's ``lora_A``
   output) with torch's ``Gᵀ·X`` and the composite half-step, against the native A-step, data evicted.
+* ``fixed``: the native half-steps at T = 8 (torch.utils.benchmark, warm): what a half-step costs besides its
+  token passes (the r-wide Grams and anchor terms, the r×r solve, the call itself), per layer shape.
 * ``kfac_fold``: ScaledLoRSum's metric step and ALS round on one layer, data evicted first:
   ``kfac_lorsum_update_in`` (the K-FAC statistics summed in the A-step's passes) then the B-step, against
   ``kfac_metric_update``, ``lorsum_update_in`` and the B-step, alternated in rounds.
@@ -14,7 +16,7 @@
   2048×576 by 576×1536 fp32 product, as gate/up's backward): the first tiny torch op, and the native
   A-step at T = 1, 32 and 2048 (first, second and third call after the GEMM, and warm), per call.
 
-    python tools/layer_step_ab.py kernels|metric|sb0|kfac_fold|after_gemm
+    python tools/layer_step_ab.py kernels|metric|sb0|fixed|kfac_fold|after_gemm
 """
 
 from __future__ import annotations
@@ -98,6 +100,20 @@ def sb0() -> None:
               f"from S·B0 {_median_ms(from_sb0, 21, evict):.2f} ms")
 
 
+def fixed() -> None:
+    from torch.utils import benchmark
+
+    for m, n in SHAPES:
+        X, S = torch.randn(1, 8, n), torch.randn(1, 8, m)
+        A, B = torch.randn(1, R, n) * 0.01, torch.randn(1, m, R) * 0.01
+        times = {}
+        for side, op, hat in (("in", ops.lorsum_update_in, B), ("out", ops.lorsum_update_out, A)):
+            timer = benchmark.Timer("op(hat, (A, B), [(X, S.mT)], [1.0, -0.1], 0.01)",
+                                    globals=dict(op=op, hat=hat, A=A, B=B, X=X, S=S))
+            times[side] = 1e6 * timer.blocked_autorange(min_run_time=1.0).median
+        print(f"{m}x{n} half-steps at T = 8: A-step {times['in']:.1f} us, B-step {times['out']:.1f} us")
+
+
 def kfac_fold() -> None:
     evict = torch.randn(96 * 2**20 // 4)
     for m, n in SHAPES:
@@ -157,4 +173,4 @@ def after_gemm() -> None:
 
 if __name__ == "__main__":
     torch.set_num_threads(2)
-    {"kernels": kernels, "metric": metric, "sb0": sb0, "kfac_fold": kfac_fold, "after_gemm": after_gemm}[sys.argv[1]]()
+    {"kernels": kernels, "metric": metric, "sb0": sb0, "fixed": fixed, "kfac_fold": kfac_fold, "after_gemm": after_gemm}[sys.argv[1]]()
