@@ -70,9 +70,9 @@ constexpr int64_t kMinColBlock = 256;
 // and D (L, w, N) are contiguous fp32; Y1 (L, q, K) and Y2 (L, q, N) are fp32, bf16 or fp16 with unit
 // column stride; colscale is a contiguous fp32 (L, N), or undefined for none. With sq1 / sq2 (contiguous
 // fp32 (L, K) / (L, N), zeroed by the caller), also the column sums of squares of Y1 and Y2 over the q rows,
-// summed from the rows each pass has just read (the K-FAC statistics of kfac_lorsum_update_in): Y1's in
-// blocks of kRowsPerTask rows added in block order, Y2's in the blocks of outer_accumulate, so neither
-// depends on the number of threads.
+// summed from the rows each pass has just read (the K-FAC statistics of kfac_lorsum_update_in): Y1's by
+// four rows inside row_dots, in blocks of kRowsPerTask rows added in block order, Y2's in the blocks of
+// outer_accumulate, so neither depends on the number of threads.
 void accumulate_pair_avx512(const at::Tensor& Z, const at::Tensor& Y1, const at::Tensor& Y2,
                             const std::vector<double>& coef, const at::Tensor& D, const at::Tensor& colscale,
                             float* sq1 = nullptr, float* sq2 = nullptr) {
@@ -101,10 +101,7 @@ void accumulate_pair_avx512(const at::Tensor& Z, const at::Tensor& Y1, const at:
       const int64_t rows = std::min(kRowsPerTask, q - t0);
       const T* yb = y + b * bs + t0 * ld;
       cpu::avx512::row_dots<T>(rows, w, K, yb, ld, z_p + b * w * K, K, tmp_p + (b * q + t0) * w, w,
-                               static_cast<float>(coef[b]));
-      if (sq1 != nullptr) {  // the block's rows are still in L1/L2
-        cpu::avx512::add_col_sq_sums<T>(rows, K, yb, ld, sq_blocks.data() + task * K);
-      }
+                               static_cast<float>(coef[b]), sq1 != nullptr ? sq_blocks.data() + task * K : nullptr);
     });
   });
   if (sq1 != nullptr) {

@@ -333,10 +333,11 @@ constexpr int64_t kDotSpan = 512;  // columns per pass: a tile's 4 + 4 rows (16 
 // out[t][j] = scale · Σ_{k<K} Y[t][k] · Z[j][k] for t < rows, j < w. Y is of type T (row stride ldy, unit
 // column stride), Z is fp32 (row stride ldz), out is fp32 (row stride ldo). Four rows of Y at a time meet
 // every row of Z, kDotSpan columns at a time, while the next four rows are prefetched into L2. Each dot
-// product sums 16 interleaved lanes, reduced at the end.
+// product sums 16 interleaved lanes, reduced at the end. With col_sq, also col_sq[k] += Σ_t Y[t][k]² (by
+// blocks of four rows, right after each block's dot products).
 template <typename T>
 LORSUM_AVX512 void row_dots(int64_t rows, int64_t w, int64_t K, const T* Y, int64_t ldy, const float* Z,
-                            int64_t ldz, float* out, int64_t ldo, float scale) {
+                            int64_t ldz, float* out, int64_t ldo, float scale, float* col_sq = nullptr) {
   const int64_t col_tiles = (w + kDotCols - 1) / kDotCols;
   std::vector<float> partial(K > kDotSpan ? col_tiles * kDotRows * kDotCols * 16 : 0);
   for (int64_t t = 0; t < rows; t += kDotRows) {
@@ -366,6 +367,9 @@ LORSUM_AVX512 void row_dots(int64_t rows, int64_t w, int64_t K, const T* Y, int6
           default: dot_tile_cols<1, T>(nj, k0, k1, first, last, y, ldy, z, ldz, part, o, ldo, scale, pf, pf_rows); break;
         }
       }
+    }
+    if (col_sq != nullptr) {  // the four rows just read, still in L1/L2 however wide (K·16 bytes)
+      add_col_sq_sums<T>(mt, K, y, ldy, col_sq);
     }
   }
 }
