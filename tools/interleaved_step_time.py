@@ -1,7 +1,8 @@
 """Step time of two optimizers on the same model in one process (issue #16).
 
 Two copies of the real-model benchmark's SmolLM2 LoRA model (``benchmark/real_model.build``: r=16 on all
-seven linear modules, 4 × 512 random tokens, fp32), one per optimizer at its class defaults (or the given
+seven linear modules, 4 × 512 random tokens, fp32; ``--model llama7b-blocks``: its two 7B-shaped blocks,
+1 × 512 tokens), one per optimizer at its class defaults (or the given
 keyword arguments), stepped in turn, so that the host's drift (±10–20% between runs here) hits both alike.
 The optimizer named first is compared with the baseline (``--against``, LoRA + AdamW by default; another
 package optimizer's name compares two methods' work, e.g. ScaledLoRSum against LoRSum with momentum).
@@ -11,6 +12,7 @@ medians: end to end (forward + backward + step) and of the step's work.
 
     python tools/interleaved_step_time.py lorsum [--kwargs '{"momentum": 0.9}'] [--blocks 30] [--steps 5]
     python tools/interleaved_step_time.py scaled_lorsum --against lorsum --against-kwargs '{"momentum": 0.9}'
+    python tools/interleaved_step_time.py scaled_lorsum --against lorsum --model llama7b-blocks
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ def main(argv=None) -> None:
     parser.add_argument("--kwargs", default="{}", help="JSON keyword arguments of the optimizer")
     parser.add_argument("--against", default="adamw", help="the baseline optimizer (default: adamw)")
     parser.add_argument("--against-kwargs", default="{}", help="JSON keyword arguments of the baseline")
-    parser.add_argument("--blocks", type=int, default=30)
+    parser.add_argument("--model", choices=real_model.MODELS, default="smollm2")
+    parser.add_argument("--blocks", type=int, default=None, help="default: 30 (smollm2), 2 (llama7b-blocks)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps each, after 2 warm-up steps")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
@@ -45,9 +48,12 @@ def main(argv=None) -> None:
     cpu = torch.device("cpu")
     runs = [(f"{args.name} {args.kwargs}", args.name, json.loads(args.kwargs)),
             (f"{args.against} {args.against_kwargs}", args.against, json.loads(args.against_kwargs))]
-    models = [real_model.build(args.blocks, 16, "none", cpu) for _ in runs]
+    smollm = args.model == "smollm2"
+    blocks = args.blocks or (30 if smollm else 2)
+    models = [real_model.build(blocks, 16, "none", cpu, args.model, 512) for _ in runs]
     opts = [_optimizer(model, name, kwargs) for model, (_, name, kwargs) in zip(models, runs)]
-    ids = torch.randint(0, models[0].config.vocab_size, (4, 512), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, models[0].config.vocab_size, (4 if smollm else 1, 512),
+                        generator=torch.Generator().manual_seed(0))
     streamed = [{"s": 0.0} for _ in runs]
     times = [([], [], []) for _ in runs]  # forward + backward, step() + zero_grad(), streamed work
     for i in range(2 + args.steps):

@@ -11,12 +11,13 @@
   token passes (the r-wide Grams and anchor terms, the r×r solve, the call itself), per layer shape.
 * ``kfac_fold``: ScaledLoRSum's metric step and ALS round on one layer, data evicted first:
   ``kfac_lorsum_update_in`` (the K-FAC statistics summed in the A-step's passes) then the B-step, against
-  ``kfac_metric_update``, ``lorsum_update_in`` and the B-step, alternated in rounds.
+  ``kfac_metric_update``, ``lorsum_update_in`` and the B-step, alternated in rounds; ``kfac_fold_7b`` the
+  same at a 7B model's shapes (hidden 4096, MLP 11008) and T = 512.
 * ``after_gemm``: what a call costs where the streamed step runs it, right after a layer's GEMM (a
   2048×576 by 576×1536 fp32 product, as gate/up's backward): the first tiny torch op, and the native
   A-step at T = 1, 32 and 2048 (first, second and third call after the GEMM, and warm), per call.
 
-    python tools/layer_step_ab.py kernels|metric|sb0|fixed|kfac_fold|after_gemm
+    python tools/layer_step_ab.py kernels|metric|sb0|fixed|kfac_fold|kfac_fold_7b|after_gemm
 """
 
 from __future__ import annotations
@@ -114,9 +115,9 @@ def fixed() -> None:
         print(f"{m}x{n} half-steps at T = 8: A-step {times['in']:.1f} us, B-step {times['out']:.1f} us")
 
 
-def kfac_fold() -> None:
+def kfac_fold(shapes=SHAPES, T=T) -> None:
     evict = torch.randn(96 * 2**20 // 4)
-    for m, n in SHAPES:
+    for m, n in shapes:
         X, S = [torch.randn(1, T, n) for _ in range(4)], [torch.randn(1, T, m) * 1e-3 for _ in range(4)]
         A, B = torch.randn(1, R, n) * 0.01, torch.randn(1, m, R) * 0.01
         v_in, v_out = torch.rand(1, n), torch.rand(1, m)
@@ -124,8 +125,8 @@ def kfac_fold() -> None:
 
         def fused(i):
             pairs = [(X[i % 4], S[i % 4].mT)]
-            A_new, _, _, m_in, m_out = ops.kfac_lorsum_update_in(B, (A, B), pairs, [1.0, -0.1], 0.01, v_in, v_out,
-                                                                 *kfac)
+            A_new, _, _, m_in, m_out = ops.kfac_lorsum_update_in(B, (A, B), pairs, [1.0, -0.1], 0.01, v_in,
+                                                                 v_out, *kfac)
             ops.lorsum_update_out(A_new, (A, B), pairs, [1.0, -0.1], 0.01, (m_in, m_out))
 
         def separate(i):
@@ -173,4 +174,7 @@ def after_gemm() -> None:
 
 if __name__ == "__main__":
     torch.set_num_threads(2)
-    {"kernels": kernels, "metric": metric, "sb0": sb0, "fixed": fixed, "kfac_fold": kfac_fold, "after_gemm": after_gemm}[sys.argv[1]]()
+    modes = {"kernels": kernels, "metric": metric, "sb0": sb0, "fixed": fixed, "kfac_fold": kfac_fold,
+             "kfac_fold_7b": lambda: kfac_fold([(11008, 4096), (4096, 11008), (4096, 4096)], 512),
+             "after_gemm": after_gemm}
+    modes[sys.argv[1]]()
