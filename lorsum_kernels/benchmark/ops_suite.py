@@ -146,6 +146,17 @@ for _side in ("in", "out"):
           )(_half_step(_side))
 
 
+@_spec("kfac_lorsum_update_in", "drTL", "m=n={d} r={r} T={T} L={L}",
+       needs=("lorsum_update_in", "kfac_metric_update"), full=[(1024, 16, 4096, 1), (1024, 8, 512, 24), (4096, 16, 512, 1)])
+def _kfac_lorsum_update_in(s, dtype, device, variant):
+    """ScaledLoRSum's first A-step with its K-FAC metric step: fused (the CPU), the statistics are summed in
+    the A-step's own passes, one read of S and one of X; elsewhere the two ops in turn read them twice."""
+    (X, S), (A, B, _, _), v = _tokens(s, dtype, device), _factors(s, device), _metric(s, device)
+    kfac = (0.999, 0.1, -0.5, 1.0 / s.T, float(s.T))
+    return (lambda b: ops.kfac_lorsum_update_in(B, (A, B), [(X, S.mT)], [1.0, -0.1], 1e-3, v, v, *kfac, backend=b),
+            _bytes(X, S, A, B, A) + 6 * _bytes(v))
+
+
 @_spec("spd_solve", "rdL", "r={r} N={d} L={L} {variant}", tokens=False, variants=("left", "right"), rounds=20,
        full=[(16, 1024, 24), (64, 4096, 24), (8, 1024, 1)])
 def _spd_solve(s, dtype, device, variant):

@@ -121,8 +121,8 @@ def scaled_psi_lora_step(
         # over X and S (ops.kfac_lorsum_update_in), not in a pass of their own.
         T = X.shape[-2]
         kfac = (fused_beta2, damping, metric_power, 1.0 / max(T, 1), _kfac_scale_out(loss_reduction, T))
-        (A_new, B_new), state = kfac_scaled_low_rank_sum([(A, B), (X, S.mT)], [1.0, -lr * (1 - beta1)],
-                                                         metric_state, kfac, lmbd=lam, iters=iters, backend=backend)
+        (A_new, B_new), state = kfac_scaled_low_rank_sum(
+            [(A, B), (X, S.mT)], [1.0, -lr * (1 - beta1)], metric_state, kfac, lmbd=lam, iters=iters, backend=backend)
         return A_new, B_new, state, None
     if metric == "kfac" and reduce is None and fused_beta2 is not None:
         # The design's fused diagonal-metric op: statistics, EMA, damping and power in one pass over X

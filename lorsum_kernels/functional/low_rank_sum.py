@@ -93,7 +93,8 @@ def _in_math_dtype(pairs, backend):
     ``data_operand`` gives it), and that dtype."""
     dt = compute_dtype(*(t for pair in pairs for t in pair))
     anchor = (as_dtype(pairs[0][0], dt), as_dtype(pairs[0][1], dt))
-    return anchor, [(data_operand(f_in, dt, backend), data_operand(f_out, dt, backend)) for f_in, f_out in pairs[1:]], dt
+    rest = [(data_operand(f_in, dt, backend), data_operand(f_out, dt, backend)) for f_in, f_out in pairs[1:]]
+    return anchor, rest, dt
 
 
 def _lorsum(pairs, coeffs, metrics, lmbd, iters, backend, reduce=None) -> Pair:
@@ -119,7 +120,9 @@ def _als_rounds(anchor, rest, coeffs, lmbd, metrics, iters, backend, first_A=Non
     ``first_A``: the first A-step's result, already computed (it is the one from B̂ = B0 either way)."""
     A0, B0 = anchor
     kw = dict(backend=backend)
-    A_new = first_A if first_A is not None else ops.lorsum_update_in(B0, anchor, rest, coeffs, lmbd, metrics, **kw)
+    A_new = first_A
+    if A_new is None:
+        A_new = ops.lorsum_update_in(B0, anchor, rest, coeffs, lmbd, metrics, **kw)
     if iters == 0:
         return A_new, ops.lorsum_update_out(A0, anchor, rest, coeffs, lmbd, metrics, **kw)
     B_new = ops.lorsum_update_out(A_new, anchor, rest, coeffs, lmbd, metrics, **kw)
