@@ -10,7 +10,7 @@ fp64 rounding); bf16 token data read as they are; no tokens give zero statistics
 S poisons that layer only; deterministic and independent of the thread count. The native CPU kernel sums the
 statistics in the A-step's own passes (AVX-512, fp32 state) or runs the two ops in turn (fp64, the generic
 path); every other backend runs the two ops in turn (ops.kfac_lorsum_update_in). Native: both CPU code paths,
-the input checks, opcheck, FakeTensor; torch: the reference itself; Triton (interpreter): the two ops there.
+the input checks, opcheck, FakeTensor; torch: the reference itself; CUDA and Triton: the two ops there.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 
 from lorsum_kernels import ops, reference
 
-from ..problems import (NATIVE_CPU, TRITON, assert_deterministic, assert_independent_of_thread_count, cast_problem, cpu64,
+from ..problems import (NATIVE_CPU, NATIVE_CUDA, TRITON, assert_deterministic, assert_independent_of_thread_count, cast_problem, cpu64,
                         gen, lorsum_problem, over_backends, rand, rel_err)
 
 OP = "kfac_lorsum_update_in"
@@ -221,3 +221,15 @@ def test_triton_runs_the_two_ops_in_turn(be):
     out = _run(p, "triton")
     for o, e in zip(out, _reference(p)):
         assert o.device == be.device and rel_err(o, e) < 1e-5
+
+
+@over_backends("lorsum_update_in", NATIVE_CUDA)
+def test_cuda_runs_the_two_native_ops_in_turn(be):
+    # No fused CUDA kernel: kfac_metric_update and lorsum_update_in, each the CUDA kernel, in turn.
+    p_cpu = _problem((2, 37, 23, 41, 3), F32, big_dtype=BF16)
+    exact = _exact(p_cpu)
+    p = {k: (v.to(be.device) if isinstance(v, torch.Tensor) else v) for k, v in p_cpu.items()}
+    p["pairs"] = [tuple(t.to(be.device) for t in pair) for pair in p_cpu["pairs"]]
+    out = _run(p, "native")
+    for o, e in zip(out, exact):
+        assert o.device == be.device and rel_err(o.cpu(), e) < 1e-5
