@@ -171,6 +171,8 @@ def _one_host_value(beta):
         return beta
     if beta.device.type != "cpu" or beta.numel() == 0:
         return None
+    if beta.numel() == 1:  # one layer (every streamed step): one read, no comparison ops
+        return float(beta)
     flat = beta.reshape(-1)
     return float(flat[0]) if bool((flat == flat[0]).all()) else None
 
