@@ -220,7 +220,7 @@ class ScaledLoRSum(_NormalizedStep, _MomentumFactors, LoRAOptimizer):
     The defaults are the setting the defaults sweep chose (docs/defaults_sweep.md): the official GLUE
     experiments' δ = 1e-5 and β2 = 0.99 with the β2 warm-up, no momentum buffer (β1 = 0), and each layer's
     step normalised as LoRSum's (``normalize_step``: the metric's direction, at RMS lr per entry of the
-    merged weight), lr 2e-4. With δ that small the metric normalises both sides of the step, which is then
+    merged weight), lr 3e-4. With δ that small the metric normalises both sides of the step, which is then
     invariant to the loss's scale as Adam's is; the normalisation sets each layer's step size, which the
     metric alone left dependent on the task (lr 0.1 to 0.3 without it). ``normalize_step=False, lr=0.1,
     betas=(0.9, 0.99)`` is the metric step alone with the official momentum (the previous default); the
@@ -232,7 +232,7 @@ class ScaledLoRSum(_NormalizedStep, _MomentumFactors, LoRAOptimizer):
             the proximal weight is λ = max(η·λ0, min_lmbd). ``process_group`` as in ``LoRSum``
             (``metric="kfac"`` only; the K-FAC statistics are averaged over ranks too).
         lr (float): η, read from the param group at every step (schedulers work); with ``normalize_step``
-            the RMS per entry of each layer's merged-weight step. (Default: 2e-4)
+            the RMS per entry of each layer's merged-weight step. (Default: 3e-4)
         max_update_norm (float, optional): as in ``LoRSum``. (Default: None)
         betas (tuple[float, float]): β1 of the low-rank momentum buffer (0 keeps none; the buffer's LoRSum
             doubles the step's token work) and β2 of the metric EMA. (Default: (0.0, 0.99))
@@ -260,7 +260,7 @@ class ScaledLoRSum(_NormalizedStep, _MomentumFactors, LoRAOptimizer):
     def __init__(
         self,
         model,
-        lr: float = 2e-4,
+        lr: float = 3e-4,
         *,
         lmbd: float = 1e-2,
         iters: int = 1,
