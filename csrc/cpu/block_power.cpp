@@ -382,7 +382,9 @@ at::Tensor run_half_step_typed(const HalfStep& h, bool in_side, KfacFold* fold =
       cpu::r_wide::weighted_outer_sum(vectorised, m, r, Bh, r, Bh, r, mo, lam, gram);
       cpu::r_wide::weighted_outer_sum(vectorised, m, r, Bh, r, Q, r, mo, acc_t(0), small);
       cpu::r_wide::rows_times(vectorised, r, r, n, small, r, A0b, n, rhs, n);
-      cpu::r_wide::transpose(m, r, Bh, r, Z);
+      if (fold == nullptr) {  // with fold, step 0 wrote Z already
+        cpu::r_wide::transpose(m, r, Bh, r, Z);
+      }
     } else {
       // gram = ÂM_inÂᵀ + λI;  E = (c0·A0 − Â)·M_in·Âᵀ;  rhsᵀ = Eᵀ·B0ᵀ (the B-step in transposed form);
       // Z = Â. The sums over n run over the rows of Âᵀ and (c0·A0 − Â)ᵀ.
