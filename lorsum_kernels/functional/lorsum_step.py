@@ -116,21 +116,19 @@ def scaled_psi_lora_step(
     fused_beta2 = _one_host_value(beta2)
     lam = lr * lmbd
     lam = lam.clamp_min(min_lmbd) if isinstance(lam, Tensor) else max(lam, min_lmbd)
-    if metric == "kfac" and reduce is None and fused_beta2 is not None and momentum_factors is None:
-        # The metric step folded into the first A-step: its statistics summed in that half-step's own passes
-        # over X and S (ops.kfac_lorsum_update_in), not in a pass of their own.
+    if metric == "kfac" and reduce is None and fused_beta2 is not None:
         T = X.shape[-2]
         kfac = (fused_beta2, damping, metric_power, 1.0 / max(T, 1), _kfac_scale_out(loss_reduction, T))
-        (A_new, B_new), state = kfac_scaled_low_rank_sum(
-            [(A, B), (X, S.mT)], [1.0, -lr * (1 - beta1)], metric_state, kfac, lmbd=lam, iters=iters, backend=backend)
-        return A_new, B_new, state, None
-    if metric == "kfac" and reduce is None and fused_beta2 is not None:
+        if momentum_factors is None:
+            # The metric step folded into the first A-step: its statistics summed in that half-step's own
+            # passes over X and S (ops.kfac_lorsum_update_in), not in a pass of their own.
+            (A_new, B_new), state = kfac_scaled_low_rank_sum(
+                [(A, B), (X, S.mT)], [1.0, -lr * (1 - beta1)], metric_state, kfac, lmbd=lam, iters=iters,
+                backend=backend)
+            return A_new, B_new, state, None
         # The design's fused diagonal-metric op: statistics, EMA, damping and power in one pass over X
         # and S (one kernel per side instead of five launches and four n- or m-vectors per layer).
-        T = X.shape[-2]
-        v_in, v_out, *metrics = ops.kfac_metric_update(
-            X, S, metric_state[0], metric_state[1], fused_beta2, damping, metric_power, 1.0 / max(T, 1),
-            _kfac_scale_out(loss_reduction, T), backend=backend)
+        v_in, v_out, *metrics = ops.kfac_metric_update(X, S, *metric_state, *kfac, backend=backend)
         metrics = tuple(metrics)
     else:
         if reduce is not None:  # metric == "kfac": token sums and counts are reduced, then normalised
