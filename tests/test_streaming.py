@@ -86,6 +86,15 @@ def _train(cls, kw, capture, steps=3, dtype=torch.float64, checkpointed=None, mi
     return model, opt
 
 
+def _input_refs(model):
+    """Weak references to the storage of every input the LoRA layers' lora_A receive from now on."""
+    refs = []
+    for layer in (model.l1, model.l2, model.l3, model.l4):
+        layer.lora_A.register_forward_pre_hook(
+            lambda m, args: refs.append(StorageWeakRef(args[0].untyped_storage())))
+    return refs
+
+
 def _params(model):
     return [p.detach().clone() for p in model.parameters()]
 
@@ -131,10 +140,7 @@ def test_streamed_step_keeps_nothing_per_token_after_backward():
     backward, and the capture holds no rows: only the per-layer results wait for step()."""
     model = OddNet()
     opt = lk.LoRSum(model, lr=0.3, momentum=0.9, capture="stream")
-    refs = []
-    for layer in (model.l1, model.l2, model.l3, model.l4):
-        layer.lora_A.register_forward_pre_hook(
-            lambda m, args: refs.append(StorageWeakRef(args[0].untyped_storage())))
+    refs = _input_refs(model)
     (x, y), = _batches(1)
     loss = _loss(model, (x, y))
     del x
@@ -233,6 +239,85 @@ def test_stream_refuses_clipping_at_construction_and_bad_options():
         lk.LoRSum(model, capture="streaming")
     with pytest.raises(ValueError, match="accumulation_steps"):
         lk.LoRSum(model, accumulation_steps=0)
+    for bad in (-1, 1.5, True, "64M"):
+        with pytest.raises(ValueError, match="stream_batch_bytes"):
+            lk.LoRSum(model, stream_batch_bytes=bad)
+
+
+def _steps_run_during_backward(opt):
+    """Per layer in backward order, how many layer steps had run when its (X, S) reached the sink."""
+    streamed, runs, seen = opt._streamed, [0], []
+    run, take = streamed.run, streamed.take
+
+    def counted_run(*args):
+        runs[0] += 1
+        return run(*args)
+
+    def noted_take(layer, X, S):
+        seen.append(runs[0])
+        return take(layer, X, S)
+
+    streamed.run = counted_run
+    opt._capture.sink = noted_take
+    return seen, runs
+
+
+@pytest.mark.parametrize("name", ["lorsum_k1_momentum", "lorsum_k0", "scaled_normalized_momentum",
+                                  "adaprelora_adam"])
+@pytest.mark.parametrize("checkpointed", [None, "reentrant"])
+def test_cpu_queue_runs_the_layer_steps_in_a_row_and_none_outlives_backward(name, checkpointed):
+    """On the CPU the streamed layer steps wait for ``stream_batch_bytes`` of X and S (default 64 MiB) or the
+    end of backward: all four of OddNet's at its end by default, each at once with 0, each when the next
+    arrives with a budget of 1 byte (flushed as soon as it is exceeded). The steps are the same bit for bit,
+    and after each backward nothing is queued and no layer input is referenced."""
+    cls, kw = CAPTURING[name]
+    trained, expected_runs = [], {None: [0, 0, 0, 0], 0: [0, 1, 2, 3], 1: [0, 1, 2, 3]}
+    for batch_bytes in (None, 0, 1):
+        model = OddNet()
+        model.checkpointed = checkpointed
+        opt = cls(model, capture="stream", stream_batch_bytes=batch_bytes, **kw)
+        refs = _input_refs(model)
+        data = _batches(3)
+        while data:
+            seen, runs = _steps_run_during_backward(opt)
+            batch = data.pop(0)
+            loss = _loss(model, batch)
+            del batch  # the loss (and so the graph) stays alive, as in the usual loop
+            loss.backward()
+            if checkpointed is None:
+                assert seen == expected_runs[batch_bytes]
+            assert runs[0] == 4 and not opt._streamed.pending and opt._streamed.pending_bytes == 0
+            assert all(r.expired() for r in refs), "a layer input outlived backward"
+            opt.step()
+            opt.zero_grad()
+        trained.append((_params(model), _state(opt)))
+    for params, state in trained[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(params, trained[0][0]))
+        assert state.keys() == trained[0][1].keys()
+        assert all(torch.equal(state[k], trained[0][1][k]) for k in state)
+
+
+def test_an_error_in_a_queued_layer_step_raises_from_backward_and_the_next_step_trains():
+    model = OddNet()
+    opt = lk.LoRSum(model, lr=0.3, capture="stream")
+    whole_step = opt._streamed._whole_step
+
+    def failing(layer, *args):
+        if layer.module is model.l2:
+            raise RuntimeError("failed layer step")
+        return whole_step(layer, *args)
+
+    opt._streamed._whole_step = failing
+    batch, = _batches(1)
+    with pytest.raises(RuntimeError, match="failed layer step"):
+        _loss(model, batch).backward()
+    opt.zero_grad()
+    assert not opt._streamed.pending and not opt._streamed.results
+    opt._streamed._whole_step = whole_step
+    before = _params(model)
+    _loss(model, batch).backward()
+    opt.step()
+    assert not all(torch.equal(a, b) for a, b in zip(_params(model), before))
 
 
 def test_scheduler_stepped_before_the_optimizer_raises_when_streamed():
@@ -382,10 +467,7 @@ def test_accumulated_token_sums_keep_nothing_per_token_after_each_backward():
     model = OddNet()
     opt = lk.ScaledLoRSum(model, lr=0.3, iters=0, betas=(0.9, 0.9), capture="stream", accumulation_steps=2,
                           normalize_step=False)
-    refs = []
-    for layer in (model.l1, model.l2, model.l3, model.l4):
-        layer.lora_A.register_forward_pre_hook(
-            lambda m, args: refs.append(StorageWeakRef(args[0].untyped_storage())))
+    refs = _input_refs(model)
     data = _batches(2)
     while data:
         x, y = data.pop(0)

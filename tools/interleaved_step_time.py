@@ -7,7 +7,7 @@ keyword arguments), stepped in turn, so that the host's drift (±10–20% betwee
 The optimizer named first is compared with the baseline (``--against``, LoRA + AdamW by default; another
 package optimizer's name compares two methods' work, e.g. ScaledLoRSum against LoRSum with momentum).
 Prints, per optimizer, the forward + backward and step() + zero_grad() times per step, and for a streamed
-method the work it did inside backward (its capture sink's time) plus step(); then the ratios of the
+method the work it did inside backward (its streamed layer steps' time) plus step(); then the ratios of the
 medians: end to end (forward + backward + step) and of the step's work.
 
     python tools/interleaved_step_time.py lorsum [--kwargs '{"momentum": 0.9}'] [--blocks 30] [--steps 5]
@@ -59,9 +59,7 @@ def main(argv=None) -> None:
     for i in range(2 + args.steps):
         if i == 2:  # the streamed methods stream from the second step on (capture="auto")
             for opt, total in zip(opts, streamed):
-                capture = getattr(opt, "_capture", None)
-                if capture is not None and capture.sink is not None:
-                    capture.sink = real_model._timed_sink(capture.sink, total, lambda: None)
+                real_model.time_streamed_work(opt, total, lambda: None)
         for model, opt, total, (fb, st, work) in zip(models, opts, streamed, times):
             total["s"] = 0.0
             fwd_bwd, step = real_model.timed_train_step(model, opt, ids)

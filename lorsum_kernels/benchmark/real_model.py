@@ -243,11 +243,9 @@ def measure_one(name: str, *, layers: int, rank: int, batch: int, tokens: int, c
 
     for _ in range(warmup):
         step()
-    # A streamed method does its work inside backward, in the capture's sink: timed there, per step.
+    # A streamed method does its work inside backward, in its layer steps: timed there, per step.
     streamed = {"s": 0.0}
-    capture = getattr(opt, "_capture", None)
-    if capture is not None and capture.sink is not None:
-        capture.sink = _timed_sink(capture.sink, streamed, sync)
+    time_streamed_work(opt, streamed, sync)
     fb, st, total, work = [], [], [], []
     for _ in range(reps):
         streamed["s"] = 0.0
@@ -331,20 +329,25 @@ def timed_train_step(model, opt, input_ids) -> tuple[float, float]:
     return t1 - t0, time.perf_counter() - t1
 
 
-def _timed_sink(sink, total: dict, sync):
-    """``sink`` with the seconds it runs added to ``total["s"]`` (after a device synchronisation on both
-    sides, so on a GPU the time is the work's, not its launch's)."""
+def time_streamed_work(opt, total: dict, sync) -> None:
+    """Adds the seconds ``opt``'s streamed layer steps run to ``total["s"]`` (after a device synchronisation
+    on both sides, so on a GPU the time is the work's, not its launch's): wherever they run, in the layer's
+    backward or from the CPU's queue (optim/streaming.py). Nothing for an optimizer that does not stream."""
+    streamed = getattr(opt, "_streamed", None)
+    if streamed is None:
+        return
+    run = streamed.run
 
-    def timed(layer, X, S):
+    def timed(*args):
         sync()
         start = time.perf_counter()
         try:
-            return sink(layer, X, S)
+            return run(*args)
         finally:
             sync()
             total["s"] += time.perf_counter() - start
 
-    return timed
+    streamed.run = timed
 
 
 def run_one_subprocess(name: str, *, layers: int, rank: int, batch: int, tokens: int, checkpointing: str,

@@ -111,6 +111,7 @@ class LoRAOptimizer(CheckpointMixin, ReshardingMixin, torch.optim.Optimizer):
         process_group=None,
         capture: str = "auto",
         accumulation_steps: int | None = None,
+        stream_batch_bytes: int | None = None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(
@@ -123,7 +124,7 @@ class LoRAOptimizer(CheckpointMixin, ReshardingMixin, torch.optim.Optimizer):
             check_positive("max_grad_norm", max_grad_norm)
         if max_update_norm is not None:
             check_positive("max_update_norm", max_update_norm)
-        check_capture_options(capture, accumulation_steps, max_grad_norm)
+        check_capture_options(capture, accumulation_steps, max_grad_norm, stream_batch_bytes)
         # Averages token sums over ranks (None: single process); raises now if distributed is not set up.
         # Under FSDP2 the device mesh of the sharded parameters decides (lorsum_kernels.fsdp).
         self._process_group = process_group
@@ -188,7 +189,8 @@ class LoRAOptimizer(CheckpointMixin, ReshardingMixin, torch.optim.Optimizer):
         self._roots: dict = {}  # (scales, dtype, device) -> √s of a bucket (_scale_root)
         self._capture = ActivationCapture(self._layers) if self.needs_capture else None
         # The step inside backward (optim/streaming.py): None for the methods that step from .grad.
-        self._streamed = None if self._capture is None else StreamedStep(self, capture, accumulation_steps)
+        self._streamed = None if self._capture is None else StreamedStep(self, capture, accumulation_steps,
+                                                                        stream_batch_bytes)
         self._built = True  # from now on add_param_group is the user's (torch's __init__ calls it too)
 
     # ----------------------------------------------------------------------------------------------

@@ -30,6 +30,14 @@ Contract (the optimizers' ``capture=`` and ``accumulation_steps=`` arguments):
   ``max_grad_norm``, no GradScaler (``max_update_norm`` clips the streamed step: it scales results, which
   all exist before ``step()`` writes). ``accumulation_steps=N > 1`` says up front that whole-step layers never stream: they are
   cached, the token-sum layers streamed.
+* On the CPU, in one process, the layer steps run in short batches: each layer's (X, S) waits in a queue
+  until the queue holds ``stream_batch_bytes`` of them (default 64 MiB) or backward ends (an autograd final
+  callback), and the queued steps then run in a row. Right after a layer's GEMMs its step runs cold (the
+  GEMMs evicted the code and data its dispatched calls touch, each costing tens to hundreds of µs there
+  against a few warm: docs/step_cost.md); in a row, all but the first run warm. So at most that many bytes
+  of X and S outlive their layers' backward, and nothing outlives the backward. Accelerators (asynchronous
+  launches, nothing cold) and data parallelism (each layer's collectives stay in its backward) run every
+  layer's step in its own backward; ``stream_batch_bytes=0`` does so on the CPU too.
 * Never a silently wrong step: a second backward reaching a streamed whole-step layer before ``step()``
   raises in that backward, drops the step's streamed results, and ``step()`` then refuses; ``auto`` caches
   whole-step layers from then on. Hyperparameters are read at backward: a group option changed between
@@ -53,9 +61,15 @@ if TYPE_CHECKING:
 __all__ = ["CAPTURE_MODES", "StreamedStep", "check_capture_options", "check_stream_groups"]
 
 CAPTURE_MODES = ("auto", "cache", "stream")
+# How many bytes of X and S the CPU's streamed layer steps may wait with, by default (module docstring).
+DEFAULT_CPU_BATCH_BYTES = 64 << 20
 
 
-def check_capture_options(capture, accumulation_steps, max_grad_norm) -> None:
+def check_capture_options(capture, accumulation_steps, max_grad_norm, stream_batch_bytes=None) -> None:
+    if stream_batch_bytes is not None and (
+        isinstance(stream_batch_bytes, bool) or not isinstance(stream_batch_bytes, int) or stream_batch_bytes < 0
+    ):
+        raise ValueError(f"stream_batch_bytes must be an integer >= 0 or None, got {stream_batch_bytes!r}")
     if capture not in CAPTURE_MODES:
         raise ValueError(f"capture must be one of {CAPTURE_MODES}, got {capture!r}")
     if accumulation_steps is not None and (
@@ -143,9 +157,15 @@ def _zero_tokens(layer: LoRALayer) -> tuple[Tensor, Tensor]:
 class StreamedStep:
     """Per-layer results of the step computed in backward, until ``step()`` writes them."""
 
-    def __init__(self, optimizer: "LoRAOptimizer", mode: str, accumulation_steps: int | None):
+    def __init__(self, optimizer: "LoRAOptimizer", mode: str, accumulation_steps: int | None,
+                 batch_bytes: int | None = None):
         self.optimizer = optimizer
         self.mode = mode
+        # The CPU's queue of layers whose step has not run yet: (layer, group, X, S), in backward order.
+        self.batch_bytes = DEFAULT_CPU_BATCH_BYTES if batch_bytes is None else batch_bytes
+        self.pending: list[tuple] = []
+        self.pending_bytes = 0
+        self.flush_task = None  # the backward (graph task id) whose end flushes the queue
         # id(layer) -> (layer, group, options, A, B, state, finite, results_unchecked): whole-step results
         self.results: dict[int, tuple] = {}
         self.sums: dict[int, _LayerSums] = {}  # id(layer) -> running token sums (token-sum layers)
@@ -179,27 +199,77 @@ class StreamedStep:
     # backward --------------------------------------------------------------------------------------
 
     def take(self, layer: LoRALayer, X: Tensor, S: Tensor) -> bool:
+        """The capture's sink: True when this object takes the pair (its step runs now or from the queue),
+        False when the capture is to cache it."""
         opt = self.optimizer
         group = opt._group_of(layer)
-        if opt._steps_from_token_sums(group):
-            return self._add_token_sums(layer, group, X, S)
-        if not self.whole_steps:
-            return False  # cached: this layer's step needs all of the step's tokens at once
-        if id(layer) in self.results:
-            self.results.clear()
-            self.sums.clear()
-            self.refusal = (
-                f"{layer.name} received a second backward before step() while its step was streamed in the "
-                "first (gradient accumulation, or a module called twice per step): the streamed step saw "
-                "only part of the batch, so this step's streamed results were dropped. Pass "
-                "accumulation_steps=N (or capture='cache') to the optimizer"
-            )
-            if self.mode == "auto":  # whole-step layers are cached from now on
-                self.whole_steps = False
-                if not self._token_sum_groups():
-                    self.stop()
-                    self.auto_off = True
-            raise RuntimeError(self.refusal)
+        if not opt._steps_from_token_sums(group):
+            if not self.whole_steps:
+                return False  # cached: this layer's step needs all of the step's tokens at once
+            if id(layer) in self.results or any(entry[0] is layer for entry in self.pending):
+                self._refuse_second_backward(layer)
+        if self._queues(X) and self._flush_at_end_of_backward():
+            self.pending.append((layer, group, X, S))
+            self.pending_bytes += X.numel() * X.element_size() + S.numel() * S.element_size()
+            if self.pending_bytes >= self.batch_bytes:
+                self.flush()
+            return True
+        self.run(layer, group, X, S)
+        return True
+
+    def run(self, layer: LoRALayer, group: dict, X: Tensor, S: Tensor) -> None:
+        """The layer's step from this backward's (X, S): added to its running token sums, or its whole
+        step computed and kept for ``step()``. (The benchmarks time the streamed work here.)"""
+        if self.optimizer._steps_from_token_sums(group):
+            self._add_token_sums(layer, group, X, S)
+        else:
+            self._whole_step(layer, group, X, S)
+
+    def flush(self) -> None:
+        """Runs the queued layer steps, in backward order."""
+        while self.pending:
+            queue, self.pending, self.pending_bytes = self.pending, [], 0
+            for entry in queue:
+                self.run(*entry)
+
+    def _queues(self, X: Tensor) -> bool:
+        return (self.batch_bytes > 0 and X.device.type == "cpu" and self.optimizer._reduce is None
+                and not torch.compiler.is_compiling())
+
+    def _flush_at_end_of_backward(self) -> bool:
+        """Makes sure the queue is flushed when the running backward ends; False outside a backward (the
+        step then runs at once)."""
+        task = torch._C._current_graph_task_id()
+        if task == -1:
+            return False
+        if task != self.flush_task:  # once per backward (a backward that raised never ran its callback)
+            torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+            self.flush_task = task
+        return True
+
+    def _end_of_backward(self) -> None:
+        self.flush_task = None
+        self.flush()
+
+    def _refuse_second_backward(self, layer: LoRALayer) -> None:
+        self.results.clear()
+        self.sums.clear()
+        self.pending, self.pending_bytes = [], 0
+        self.refusal = (
+            f"{layer.name} received a second backward before step() while its step was streamed in the "
+            "first (gradient accumulation, or a module called twice per step): the streamed step saw "
+            "only part of the batch, so this step's streamed results were dropped. Pass "
+            "accumulation_steps=N (or capture='cache') to the optimizer"
+        )
+        if self.mode == "auto":  # whole-step layers are cached from now on
+            self.whole_steps = False
+            if not self._token_sum_groups():
+                self.stop()
+                self.auto_off = True
+        raise RuntimeError(self.refusal)
+
+    def _whole_step(self, layer: LoRALayer, group: dict, X: Tensor, S: Tensor) -> None:
+        opt = self.optimizer
         # In one process the results' finiteness is checked in step() (collect), warm, rather than here
         # right after the layer's GEMMs; under data parallelism the ranks agree on it here, in backward
         # order. Methods that compute factor gradients from the data check those here (they are not kept).
@@ -208,9 +278,8 @@ class StreamedStep:
             A, B, state, finite = opt._compute_bucket(group, [layer], [(X, S)], grads_from_data=True,
                                                       check_results=not results_unchecked)
         self.results[id(layer)] = (layer, group, _options(group), A, B, state, finite, results_unchecked)
-        return True
 
-    def _add_token_sums(self, layer: LoRALayer, group: dict, X: Tensor, S: Tensor) -> bool:
+    def _add_token_sums(self, layer: LoRALayer, group: dict, X: Tensor, S: Tensor) -> None:
         """Adds this backward's token sums to the layer's running sums. They are what the method's step passes
         to ``reduce``, so the step runs here with ``_RunningSums`` as its reduce; only the sums and the
         finiteness of what it read are kept (``write`` computes the step from the sums, batched)."""
@@ -222,21 +291,26 @@ class StreamedStep:
             *_, finite = self.optimizer._compute_bucket(
                 group, [layer], [(X, S)], grads_from_data=True, reduce=_RunningSums(layer_sums.sums))
         layer_sums.finite = finite if layer_sums.finite is None else layer_sums.finite & finite
-        return True
 
     def discard(self, layer: LoRALayer) -> None:
         """The layer's gradients were reset after a backward whose step never ran: its result goes."""
         self.results.pop(id(layer), None)
         self.sums.pop(id(layer), None)
+        kept = [entry for entry in self.pending if entry[0] is not layer]
+        if len(kept) != len(self.pending):
+            self.pending = kept
+            self.pending_bytes = sum(X.numel() * X.element_size() + S.numel() * S.element_size()
+                                     for _, _, X, S in kept)
 
     def has_result(self, layer: LoRALayer) -> bool:
-        return id(layer) in self.results or id(layer) in self.sums
+        return id(layer) in self.results or id(layer) in self.sums or any(e[0] is layer for e in self.pending)
 
     # step ------------------------------------------------------------------------------------------
 
     def check(self, loss_scaled: bool) -> None:
         """Raises, before anything changes, when this step's streamed results cannot be written."""
         opt = self.optimizer
+        self.flush()  # a backward that raised ended without its final callback
         if opt._reduce is not None and self.active and self._token_sum_groups():
             # collect() recomputes the token-sum layers' steps with collectives per bucket: every rank must
             # have the same layers. One with a backward on some rank but not here takes part with zero
@@ -346,4 +420,5 @@ class StreamedStep:
         """The gradients were discarded (``optimizer.zero_grad``): so are the results and any refusal."""
         self.results.clear()
         self.sums.clear()
+        self.pending, self.pending_bytes = [], 0
         self.refusal = None
