@@ -297,6 +297,17 @@ def test_cpu_queue_runs_the_layer_steps_in_a_row_and_none_outlives_backward(name
         assert all(torch.equal(state[k], trained[0][1][k]) for k in state)
 
 
+def test_the_queue_counts_a_tensor_it_holds_once():
+    """q, k and v (gate and up) share their X: queued together, it is held once."""
+    from lorsum_kernels.optim.streaming import _held_bytes
+
+    X, S1, S2 = torch.randn(5, 7), torch.randn(5, 3), torch.randn(5, 3)
+    assert _held_bytes(X, S1, []) == (35 + 15) * 4
+    assert _held_bytes(X, S2, [(None, None, X, S1)]) == 15 * 4
+    assert _held_bytes(X.clone(), S2, [(None, None, X, S1)]) == (35 + 15) * 4
+    assert _held_bytes(X[:2], S2[:2], [(None, None, X, S1)]) == (14 + 6) * 4  # a view of another shape
+
+
 def test_an_error_in_a_queued_layer_step_raises_from_backward_and_the_next_step_trains():
     model = OddNet()
     opt = lk.LoRSum(model, lr=0.3, capture="stream")

@@ -586,7 +586,8 @@ class LoRAOptimizer(CheckpointMixin, ReshardingMixin, torch.optim.Optimizer):
         for members in batches.values():
             group = results[members[0]][0]
             layers = [layer for i in members for layer in results[i][1]]
-            A_new, B_new = (torch.cat([results[i][k] for i in members]) for k in (2, 3))
+            A_new, B_new = (results[members[0]][k] if len(members) == 1 else torch.cat([results[i][k] for i in members])
+                            for k in (2, 3))
             dt = A_new.dtype
             A_old, B_old, _ = self._factor_values(layers)
             old = {k: torch.stack([self.state[layer.A][k] for layer in layers])
@@ -797,14 +798,14 @@ class LoRAOptimizer(CheckpointMixin, ReshardingMixin, torch.optim.Optimizer):
         if not sharded and finite.device.type == "cpu" and bool(finite.all()):
             # Every layer steps, which on the CPU the host reads for free: plain copies (the selects below
             # would pick the new values anyway; ~7 ops a layer fewer, the step's largest cost for methods
-            # whose work is all in step()).
-            for i, layer in enumerate(layers):
-                layer.A.copy_(A_new[i])
-                layer.B.copy_(B_new[i])
-                st = states[i]
-                for key, value in new_state.items():
-                    st[key].copy_(value[i])
-                st["step"] += 1
+            # whose work is all in step()), in one foreach call (a loop in C++ rather than in Python).
+            targets = [layer.A for layer in layers] + [layer.B for layer in layers]
+            values = [*A_new.unbind(0), *B_new.unbind(0)]
+            for key, value in new_state.items():
+                targets += [st[key] for st in states]
+                values += value.unbind(0)
+            torch._foreach_copy_(targets, values)
+            torch._foreach_add_([st["step"] for st in states], 1)
             return torch.zeros((), dtype=torch.bool)
         if sharded or not _foreach_write(A_new.device):
             for i, layer in enumerate(layers):  # under FSDP2 each rank writes its shard of the full new value

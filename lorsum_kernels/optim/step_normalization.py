@@ -101,10 +101,13 @@ def finish(A_old: Tensor, B_old: Tensor, A_new: Tensor, B_new: Tensor, root: Ten
     step ran at). Returns ``(A_new, B_new, statistics)``, the statistics' new values by ``STATE_KEYS``."""
     v, t = old_state["step_norm_sq"].reshape(-1), old_state["step_norm_count"].reshape(-1)
     dt = A_new.dtype
-    u = _size(A_old.to(dt) * root, B_old.to(dt) * root, A_new * root, B_new * root, layer_lr).to(v.dtype)
+    # The bound is homogeneous of degree 2 in the factors: that of the balanced ones (√s·A, √s·B) is s times
+    # that of the unbalanced ones (no scaled copies of all factors, four passes over them).
+    A_old, B_old = A_old.to(dt), B_old.to(dt)
+    u = (_size(A_old, B_old, A_new, B_new, layer_lr) * root.reshape(-1).square()).to(v.dtype)
     v_new, t_new = v * beta + (1 - beta) * u * u, t + 1
     # 1/√v̂_t; 0 while every step was zero (v = 0): the next one is measured again
     scale = torch.where(v_new > 0, (v_new / (1 - beta ** t_new)).sqrt().clamp_min(1e-30).reciprocal(), 0)
     alpha = (float(lr) * scale / layer_lr).clamp(max=1.0).to(dt).view(-1, 1, 1)
-    A_new, B_new = moved_by(A_old.to(dt), A_new, alpha), moved_by(B_old.to(dt), B_new, alpha)
+    A_new, B_new = moved_by(A_old, A_new, alpha), moved_by(B_old, B_new, alpha)
     return A_new, B_new, {"step_norm_sq": v_new, "step_norm_count": t_new, "step_norm_scale": scale}

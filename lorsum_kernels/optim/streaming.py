@@ -149,6 +149,18 @@ class _LayerSums:
         self.empty = _zero_tokens(layer)
 
 
+def _held_bytes(X: Tensor, S: Tensor, pending: list[tuple]) -> int:
+    """The bytes that queueing (X, S) behind ``pending`` keeps alive: those of X and S, less a tensor that
+    the queue holds already (q, k and v share their X, gate and up theirs)."""
+    held = {(t.data_ptr(), t.shape) for *_, X_p, S_p in pending for t in (X_p, S_p)}
+    return sum(t.numel() * t.element_size() for t in (X, S) if (t.data_ptr(), t.shape) not in held)
+
+
+def _joined(tensors: list[Tensor]) -> Tensor:
+    """The layers' results (each with its leading layer dimension) as one bucket."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+
+
 def _zero_tokens(layer: LoRALayer) -> tuple[Tensor, Tensor]:
     """(X, S) of no tokens for ``layer``, in its factors' dtype and device."""
     return layer.A.new_empty((0, layer.in_features)), layer.A.new_empty((0, layer.out_features))
@@ -209,8 +221,8 @@ class StreamedStep:
             if id(layer) in self.results or any(entry[0] is layer for entry in self.pending):
                 self._refuse_second_backward(layer)
         if self._queues(X) and self._flush_at_end_of_backward():
+            self.pending_bytes += _held_bytes(X, S, self.pending)
             self.pending.append((layer, group, X, S))
-            self.pending_bytes += X.numel() * X.element_size() + S.numel() * S.element_size()
             if self.pending_bytes >= self.batch_bytes:
                 self.flush()
             return True
@@ -298,9 +310,10 @@ class StreamedStep:
         self.sums.pop(id(layer), None)
         kept = [entry for entry in self.pending if entry[0] is not layer]
         if len(kept) != len(self.pending):
-            self.pending = kept
-            self.pending_bytes = sum(X.numel() * X.element_size() + S.numel() * S.element_size()
-                                     for _, _, X, S in kept)
+            self.pending, self.pending_bytes = [], 0
+            for entry in kept:
+                self.pending_bytes += _held_bytes(entry[2], entry[3], self.pending)
+                self.pending.append(entry)
 
     def has_result(self, layer: LoRALayer) -> bool:
         return id(layer) in self.results or id(layer) in self.sums or any(e[0] is layer for e in self.pending)
@@ -344,16 +357,30 @@ class StreamedStep:
     def collect(self, skip_of) -> list[tuple]:
         """Every streamed layer's result, for the optimizer to write: ``(group, layers, A_new, B_new,
         new_state, finite, skip)`` per bucket, ``skip_of(group)`` being the group's device skip flag. The
-        token-sum layers' steps are computed here, from their running sums; the results are dropped."""
+        token-sum layers' steps are computed here, from their running sums; the whole-step layers' results
+        (one per layer) are stacked into buckets of one group and shape, in the optimizer's layer order, so
+        that their checks, normalisation and writes run once per bucket. The results are dropped."""
         opt = self.optimizer
         out = self._from_sums(skip_of) if self.sums else []
-        for layer, group, _, A, B, state, finite, results_unchecked in self.results.values():
-            if results_unchecked:  # the results' check that take() left for here
-                results_ok = finite_rows_of([A, B, *state.values()], 1)
+        buckets: dict[tuple, list[tuple]] = {}
+        for layer in opt._layers:
+            entry = self.results.pop(id(layer), None)
+            if entry is not None:
+                _, group, _, A, B, state, finite, unchecked = entry
+                key = (id(group), tuple(A.shape), tuple(B.shape), A.dtype, A.device, tuple(state),
+                       finite is None, unchecked)
+                buckets.setdefault(key, []).append(entry)
+        for entries in buckets.values():
+            layers, group, unchecked = [e[0] for e in entries], entries[0][1], entries[0][7]
+            A, B = (_joined([e[k] for e in entries]) for k in (3, 4))
+            state = {key: _joined([e[5][key] for e in entries]) for key in entries[0][5]}
+            finite = None if entries[0][6] is None else _joined([e[6] for e in entries])
+            if unchecked:  # the results' check that the layer steps left for here
+                results_ok = finite_rows_of([A, B, *state.values()], len(layers))
                 finite = results_ok if finite is None else finite & results_ok
             if opt._uses_grads():  # a non-finite .grad skips the layer, as in the cached step
-                finite = finite & opt._factor_grads_finite([layer]).to(finite.device)
-            out.append((group, [layer], A, B, state, finite, skip_of(group)))
+                finite = finite & opt._factor_grads_finite(layers).to(finite.device)
+            out.append((group, layers, A, B, state, finite, skip_of(group)))
         self.results.clear()
         self.sums.clear()
         return out
