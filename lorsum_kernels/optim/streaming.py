@@ -6,7 +6,7 @@ Contract (the optimizers' ``capture=`` and ``accumulation_steps=`` arguments):
   which runs the method's whole step for that layer right there (its k ALS rounds, momentum, statistics,
   the non-finite check; under data parallelism the collectives too, in backward order, the same on every
   rank) and keeps only the result: the new factors and state, O((m+n)·r) per layer. Nothing per token
-  outlives the layer's backward. ``step()`` then writes every result; the factors autograd still needs
+  outlives the layer's backward (on the CPU: the backward; next item). ``step()`` then writes every result; the factors autograd still needs
   are never changed during backward. Needs the step's gradient scaling up front, so it refuses
   ``max_grad_norm`` (the global norm is known only after the last layer's backward) and a GradScaler
   (its scale reaches ``step()`` only).
