@@ -296,7 +296,7 @@ struct KfacFold {
     for (int64_t i = 0; i < v.numel(); ++i) {
       const float x = vp[i] * b + (sp[i] * sc) * one_minus_b;
       np[i] = x;
-      mp[i] = std::pow(x + delta, p);
+      mp[i] = cpu::scalar_pow(x + delta, p);
     }
     return {nv, metric};
   }

@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include "../checks.h"
+#include "common.h"
 #include "tiles.h"
 
 #include <algorithm>
@@ -176,7 +177,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kfac_metric_update_cp
             const v_t s = static_cast<v_t>(sp[i] * static_cast<scalar_t>(scale));
             const v_t nv = vp[i] * b + s * one_minus_b;
             np[i] = nv;
-            mp[i] = std::pow(nv + delta, p);
+            mp[i] = cpu::scalar_pow(nv + delta, p);
           }
         });
       });

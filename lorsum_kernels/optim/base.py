@@ -693,7 +693,9 @@ class LoRAOptimizer(CheckpointMixin, ReshardingMixin, torch.optim.Optimizer):
                 grads = tuple(g * clip.to(dt) for g in grads)
         keys = [k for k in self.state[layers[0].A]
                 if k not in LAYER_COUNTERS and k not in self._state_for_step]
-        state = {k: torch.stack([self.state[layer.A][k] for layer in layers]) for k in keys}  # copies
+        # Copies for a bucket, views for one layer (every streamed step): the method returns new tensors and
+        # nothing writes the state before step() has taken the results.
+        state = {k: _stacked([self.state[layer.A][k] for layer in layers]) for k in keys}
         A_new, B_new, new_state = self._method_step(group, A, B, X, S, state, grads, reduce,
                                                     self._backend(group, dev))
         A_new, B_new = A_new / root, B_new / root

@@ -12,6 +12,8 @@ checks; Triton: the two-launch token-split path, its input checks and dispatch.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -102,6 +104,22 @@ def test_powers(be, power, dtype):
     X, S, v_in, v_out = _problem((2,), 37, 5, 33, dtype, dtype, seed=1, device=be.device)
     args = (X, S, v_in, v_out, 0.9, 1e-2, power, 1 / 37, 37.0)
     _assert_matches(be.run(OP, *args), args, _rtol(dtype, dtype, power))
+
+
+@over_backends(OP, NATIVE_CPU)
+@pytest.mark.parametrize("power", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("dtype", [F32, F64], ids=str)
+def test_special_powers_are_exact(be, power, dtype):
+    """p = 0, 1/2 and 1 as torch's pow special-cases them (1, the square root, x), exactly, from the op's own
+    new v' and δ in v's dtype: the square root correctly rounded (IEEE's; torch's own vectorised one may be
+    an ulp off, within the reference tolerance), not powf, which costs ~10x as much."""
+    X, S, v_in, v_out = _problem((2,), 37, 5, 33, dtype, dtype, seed=3, device=be.device)
+    new_in, new_out, m_in, m_out = be.run(OP, X, S, v_in, v_out, 0.9, 1e-2, power, 1 / 37, 37.0)
+    for new, metric in ((new_in, m_in), (new_out, m_out)):
+        x = new + torch.tensor(1e-2, dtype=dtype)
+        exact_sqrt = torch.tensor([math.sqrt(v) for v in x.flatten().tolist()], dtype=torch.float64)
+        expected = {0.0: torch.ones_like(x), 0.5: exact_sqrt.to(dtype).view_as(x), 1.0: x}[power]
+        assert torch.equal(metric, expected)
 
 
 @over_backends(OP)
