@@ -8,14 +8,17 @@
 * ``sb0``: the A-step from a given T×r product ``S·B0`` (what autograd hands the layer's ``lora_A``
   output) with torch's ``Gᵀ·X`` and the composite half-step, against the native A-step, data evicted.
 * ``fixed``: the native half-steps at T = 8 (torch.utils.benchmark, warm): what a half-step costs besides its
-  token passes (the r-wide Grams and anchor terms, the r×r solve, the call itself), per layer shape.
+  token passes (the r-wide Grams and anchor terms, the r×r solve, the call itself), per layer shape; and
+  ScaledLoRSum's fused first A-step (``kfac_lorsum_update_in``: the metric's EMA and power on top).
 * ``kfac_fold``: ScaledLoRSum's metric step and ALS round on one layer, data evicted first:
   ``kfac_lorsum_update_in`` (the K-FAC statistics summed in the A-step's passes) then the B-step, against
   ``kfac_metric_update``, ``lorsum_update_in`` and the B-step, alternated in rounds; ``kfac_fold_7b`` the
   same at a 7B model's shapes (hidden 4096, MLP 11008) and T = 512.
 * ``after_gemm``: what a call costs where the streamed step runs it, right after a layer's GEMM (a
   2048×576 by 576×1536 fp32 product, as gate/up's backward): the first tiny torch op, and the native
-  A-step at T = 1, 32 and 2048 (first, second and third call after the GEMM, and warm), per call.
+  A-step at T = 1, 32 and 2048 (first, second and third call after the GEMM, and warm), per call; then the
+  first and second call of each after other things than a GEMM (64 MiB written: the caches evicted, no
+  threads involved; 2 ms asleep: the intra-op threads idle, nothing evicted), which tell the two apart.
 
     python tools/layer_step_ab.py kernels|metric|sb0|fixed|kfac_fold|kfac_fold_7b|after_gemm
 """
@@ -112,7 +115,13 @@ def fixed() -> None:
             timer = benchmark.Timer("op(hat, (A, B), [(X, S.mT)], [1.0, -0.1], 0.01)",
                                     globals=dict(op=op, hat=hat, A=A, B=B, X=X, S=S))
             times[side] = 1e6 * timer.blocked_autorange(min_run_time=1.0).median
-        print(f"{m}x{n} half-steps at T = 8: A-step {times['in']:.1f} us, B-step {times['out']:.1f} us")
+        v_in, v_out = torch.rand(1, n), torch.rand(1, m)
+        timer = benchmark.Timer(
+            "ops.kfac_lorsum_update_in(B, (A, B), [(X, S.mT)], [1.0, -0.1], 0.01, v_in, v_out, *kfac)",
+            globals=dict(ops=ops, A=A, B=B, X=X, S=S, v_in=v_in, v_out=v_out, kfac=(0.99, 1e-5, 0.5, 1 / 8, 8.0)))
+        times["kfac"] = 1e6 * timer.blocked_autorange(min_run_time=1.0).median
+        print(f"{m}x{n} half-steps at T = 8: A-step {times['in']:.1f} us, B-step {times['out']:.1f} us, "
+              f"fused K-FAC A-step {times['kfac']:.1f} us")
 
 
 def kfac_fold(shapes=SHAPES, T=T) -> None:
@@ -170,6 +179,22 @@ def after_gemm() -> None:
         t = calls_after_gemm(lambda: ops.lorsum_update_in(B, (A, B), [(X, S.mT)], [1.0, -0.1], 0.01), 3)
         print(f"native A-step 576x576, T = {tokens}: after the GEMM 1st {t[0]:.0f}, 2nd {t[1]:.0f}, "
               f"3rd {t[2]:.0f} us; warm {t[3]:.0f} us")
+    big = torch.empty(16 << 20)
+    X, S = torch.randn(1, 1, n), torch.randn(1, 1, m)
+    A, B = torch.randn(1, R, n) * 0.01, torch.randn(1, m, R) * 0.01
+    calls = {"a 16-element torch op": lambda: tiny.mul(2),
+             "the native A-step at T = 1": lambda: ops.lorsum_update_in(B, (A, B), [(X, S.mT)], [1.0, -0.1], 0.01)}
+    for before, prepare in (("64 MiB written", lambda: big.fill_(1.0)), ("2 ms asleep", lambda: time.sleep(2e-3))):
+        for name, fn in calls.items():
+            times = [[], []]
+            for _ in range(60):
+                prepare()
+                for k in range(2):
+                    start = time.perf_counter()
+                    fn()
+                    times[k].append(time.perf_counter() - start)
+            first, second = (1e6 * statistics.median(t) for t in times)
+            print(f"{name} after {before}: 1st {first:.0f} us, 2nd {second:.0f} us")
 
 
 if __name__ == "__main__":
