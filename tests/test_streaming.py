@@ -255,7 +255,9 @@ def _steps_run_during_backward(opt):
 
     def noted_take(layer, X, S):
         seen.append(runs[0])
-        return take(layer, X, S)
+        taken = take(layer, X, S)
+        assert streamed.pending_bytes <= max(streamed.batch_bytes, 0)
+        return taken
 
     streamed.run = counted_run
     opt._capture.sink = noted_take
@@ -266,13 +268,15 @@ def _steps_run_during_backward(opt):
                                   "adaprelora_adam"])
 @pytest.mark.parametrize("checkpointed", [None, "reentrant"])
 def test_cpu_queue_runs_the_layer_steps_in_a_row_and_none_outlives_backward(name, checkpointed):
-    """On the CPU the streamed layer steps wait for ``stream_batch_bytes`` of X and S (default 64 MiB) or the
-    end of backward: all four of OddNet's at its end by default, each at once with 0, each when the next
-    arrives with a budget of 1 byte (flushed as soon as it is exceeded). The steps are the same bit for bit,
-    and after each backward nothing is queued and no layer input is referenced."""
+    """On the CPU the streamed layer steps wait in a queue of at most ``stream_batch_bytes`` of X and S
+    (default 64 MiB) until the next layer would overfill it or backward ends: all four of OddNet's at its end
+    by default, each at once with 0 and with 1 byte (each layer is larger), and with room for the last two
+    layers' pairs (l4's 15×(23+7) and l3's 15×(23+23) fp64 numbers) those two, then l2, then l1. The steps are
+    the same bit for bit, and after each backward nothing is queued and no layer input is referenced."""
     cls, kw = CAPTURING[name]
-    trained, expected_runs = [], {None: [0, 0, 0, 0], 0: [0, 1, 2, 3], 1: [0, 1, 2, 3]}
-    for batch_bytes in (None, 0, 1):
+    two = 15 * (23 + 7) * 8 + 15 * (23 + 23) * 8
+    trained, expected_runs = [], {None: [0, 0, 0, 0], 0: [0, 1, 2, 3], 1: [0, 1, 2, 3], two: [0, 0, 0, 2]}
+    for batch_bytes in (None, 0, 1, two):
         model = OddNet()
         model.checkpointed = checkpointed
         opt = cls(model, capture="stream", stream_batch_bytes=batch_bytes, **kw)

@@ -152,10 +152,11 @@ class LoRSum(_NormalizedStep, _MomentumFactors, LoRAOptimizer):
             clipping nor a scaler. (Default: "auto")
         accumulation_steps (int, optional): backwards per step; N > 1 tells "auto" to keep the cache.
             (Default: None)
-        stream_batch_bytes (int, optional): on the CPU, in one process, the streamed layer steps wait until
-            this many bytes of X and S are queued (or backward ends) and then run in a row, warm instead of
-            each right after its layer's GEMMs; 0 runs each in its own layer's backward. None: 64 MiB.
-            Accelerators and data-parallel runs never queue. (Default: None)
+        stream_batch_bytes (int, optional): on the CPU, in one process, the streamed layer steps wait in a
+            queue of at most this many bytes of X and S (until the next layer would overfill it, or backward
+            ends) and then run in a row, warm instead of each right after its layer's GEMMs; a larger layer
+            and every layer with 0 run in their own backward. None: 64 MiB. Accelerators and data-parallel
+            runs never queue. (Default: None)
     """
 
     # Every read of X and S goes through these (psi_lora_step: the half-steps, or the lock-step products).

@@ -31,8 +31,8 @@ Contract (the optimizers' ``capture=`` and ``accumulation_steps=`` arguments):
   all exist before ``step()`` writes). ``accumulation_steps=N > 1`` says up front that whole-step layers never stream: they are
   cached, the token-sum layers streamed.
 * On the CPU, in one process, the layer steps run in short batches: each layer's (X, S) waits in a queue
-  until the queue holds ``stream_batch_bytes`` of them (default 64 MiB) or backward ends (an autograd final
-  callback), and the queued steps then run in a row. Right after a layer's GEMMs its step runs cold (the
+  until the next would take it past ``stream_batch_bytes`` (default 64 MiB; a layer larger than that runs
+  at once) or backward ends (an autograd final callback), and the queued steps then run in a row. Right after a layer's GEMMs its step runs cold (the
   GEMMs evicted the code and data its dispatched calls touch, each costing tens to hundreds of µs there
   against a few warm: docs/step_cost.md); in a row, all but the first run warm. So at most that many bytes
   of X and S outlive their layers' backward, and nothing outlives the backward. Accelerators (asynchronous
@@ -220,13 +220,16 @@ class StreamedStep:
                 return False  # cached: this layer's step needs all of the step's tokens at once
             if id(layer) in self.results or any(entry[0] is layer for entry in self.pending):
                 self._refuse_second_backward(layer)
-        if self._queues(X) and self._flush_at_end_of_backward():
-            self.pending_bytes += _held_bytes(X, S, self.pending)
-            self.pending.append((layer, group, X, S))
-            if self.pending_bytes >= self.batch_bytes:
-                self.flush()
-            return True
-        self.run(layer, group, X, S)
+        if self._queues(X):
+            held = _held_bytes(X, S, self.pending)
+            if self.pending and self.pending_bytes + held > self.batch_bytes:
+                self.flush()  # the queue never holds more than batch_bytes
+                held = _held_bytes(X, S, self.pending)
+            if held <= self.batch_bytes and self._flush_at_end_of_backward():
+                self.pending.append((layer, group, X, S))
+                self.pending_bytes += held
+                return True
+        self.run(layer, group, X, S)  # a layer larger than the budget runs at once
         return True
 
     def run(self, layer: LoRALayer, group: dict, X: Tensor, S: Tensor) -> None:
