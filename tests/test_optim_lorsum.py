@@ -334,6 +334,21 @@ def test_scaled_lorsum_beta2_warmup_metric_follows_the_data():
         lk.ScaledLoRSum(model, beta2_warmup=1)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_warmup_beta2_on_the_host_is_the_tensor_ops_value_bit_for_bit(dtype):
+    """The streamed step's β2_t for one layer, computed on the host: what the (L, 1) tensor ops give, exactly,
+    for every count up to 5000 and a few β2 (the fused K-FAC ops take it as a number either way)."""
+    from lorsum_kernels.optim.lorsum import warmup_beta2_on_host
+
+    for beta2 in (0.99, 0.999, 0.9, 0.5, 1e-3):
+        for t in list(range(5001)) + [2**24 - 1, 2**24 + 3]:
+            count = torch.tensor(float(t), dtype=dtype)
+            tensor_ops = float((1 - 1 / (count + 1)).clamp(max=beta2))
+            assert warmup_beta2_on_host(count, beta2) == tensor_ops, (beta2, t)
+    assert warmup_beta2_on_host(torch.zeros(2), 0.99) is None
+    assert warmup_beta2_on_host(torch.zeros((), dtype=torch.bfloat16), 0.99) is None
+
+
 # ---------------------------------------------------------------------------------------------------
 # non-finite steps are skipped and counted
 

@@ -7,7 +7,10 @@ term ``λ(‖A − A0‖² + ‖B − B0‖²)`` is taken in those coordinates; 
 
 from __future__ import annotations
 
+import struct
+
 import torch
+from torch import Tensor
 
 from .. import ops
 from ..functional.lorsum_step import psi_lora_step, scaled_psi_lora_step
@@ -90,6 +93,22 @@ class _NormalizedStep:
             raise ValueError("normalize_step was turned on after the optimizer was built; pass it to the "
                              "constructor (its statistics are part of each layer's state)")
         return step_normalization.step_at_layer_lr(step_at, A, B, group["lr"], state)
+
+
+def _round_fp32(x: float) -> float:
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+def warmup_beta2_on_host(t: Tensor, beta2: float) -> float | None:
+    """``min(β2, 1 − 1/(t+1))`` of one layer's update count ``t`` (a CPU fp32 or fp64 tensor of one element)
+    as a number, bit for bit the value ``(1 - 1 / (t + 1)).clamp(max=β2)`` takes in t's dtype (each IEEE
+    operation rounded to it; fp64 arithmetic rounds to fp32 exactly for +, − and ÷), without its six small
+    ops; None for anything else."""
+    if t.device.type != "cpu" or t.numel() != 1 or t.dtype not in (torch.float32, torch.float64):
+        return None
+    rnd = _round_fp32 if t.dtype == torch.float32 else float
+    count = rnd(float(t) + 1.0)
+    return min(rnd(1.0 - rnd(1.0 / count)), rnd(beta2))
 
 
 def _momentum_of(state: dict):
@@ -341,7 +360,10 @@ class ScaledLoRSum(_NormalizedStep, _MomentumFactors, LoRAOptimizer):
         extra = {}
         if "metric_updates" in state:  # β2 warm-up: one β2 per layer of the bucket, (L, 1) against (L, n)
             t = state["metric_updates"]
-            beta2 = (1 - 1 / (t + 1)).clamp(max=beta2).view(-1, 1)
+            # The fused K-FAC ops take β2 as a number (one read of the tensor otherwise): for one layer on the
+            # CPU (every streamed step) it is computed on the host, as the tensor ops would round it.
+            host = warmup_beta2_on_host(t, beta2) if group["metric"] == "kfac" and reduce is None else None
+            beta2 = host if host is not None else (1 - 1 / (t + 1)).clamp(max=beta2).view(-1, 1)
             extra["metric_updates"] = t + 1
 
         def step_at(lr):  # from the state before the step at every try (normalize_step's first step)
