@@ -254,7 +254,8 @@ class StreamedStep:
     def _flush_at_end_of_backward(self) -> bool:
         """Makes sure the queue is flushed when the running backward ends; False outside a backward (the
         step then runs at once)."""
-        task = torch._C._current_graph_task_id()
+        current = getattr(torch._C, "_current_graph_task_id", None)  # private: absent, nothing queues
+        task = -1 if current is None else current()
         if task == -1:
             return False
         if task != self.flush_task:  # once per backward (a backward that raised never ran its callback)
