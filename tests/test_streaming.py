@@ -301,6 +301,28 @@ def test_cpu_queue_runs_the_layer_steps_in_a_row_and_none_outlives_backward(name
         assert all(torch.equal(state[k], trained[0][1][k]) for k in state)
 
 
+@pytest.mark.parametrize("batch_bytes", [None, 0], ids=["queued", "each_at_once"])
+def test_a_compiled_model_streams_as_the_eager_one(batch_bytes):
+    """Under torch.compile the capture's tap op hands the pairs over in the compiled backward, which autograd's
+    engine runs: the queue fills and flushes there as in eager mode, and the steps are the same."""
+    trained = []
+    for compiled in (False, True):
+        model = OddNet()
+        opt = lk.LoRSum(model, lr=1e-2, capture="stream", stream_batch_bytes=batch_bytes)
+        run = torch.compile(model, fullgraph=True, backend="aot_eager") if compiled else model
+        for batch in _batches(3):
+            seen, runs = _steps_run_during_backward(opt)
+            _loss(run, batch).backward()
+            assert seen == ([0, 0, 0, 0] if batch_bytes is None else [0, 1, 2, 3]) and runs[0] == 4
+            assert not opt._streamed.pending and len(opt._streamed.results) == 4
+            opt.step()
+            opt.zero_grad()
+        trained.append(_params(model))
+    torch._dynamo.reset()
+    for a, b in zip(*trained):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
+
+
 def test_the_queue_counts_a_tensor_it_holds_once():
     """q, k and v (gate and up) share their X: queued together, it is held once."""
     from lorsum_kernels.optim.streaming import _held_bytes
