@@ -6,10 +6,10 @@ Contract (the optimizers' ``capture=`` and ``accumulation_steps=`` arguments):
   which runs the method's whole step for that layer right there (its k ALS rounds, momentum, statistics,
   the non-finite check; under data parallelism the collectives too, in backward order, the same on every
   rank) and keeps only the result: the new factors and state, O((m+n)·r) per layer. Nothing per token
-  outlives the layer's backward (on the CPU: the backward; next item). ``step()`` then writes every result; the factors autograd still needs
-  are never changed during backward. Needs the step's gradient scaling up front, so it refuses
-  ``max_grad_norm`` (the global norm is known only after the last layer's backward) and a GradScaler
-  (its scale reaches ``step()`` only).
+  outlives the layer's backward (on the CPU: the backward; below). ``step()`` then writes every result;
+  the factors autograd still needs are never changed during backward. Needs the step's gradient scaling
+  up front, so it refuses ``max_grad_norm`` (the global norm is known only after the last layer's
+  backward) and a GradScaler (its scale reaches ``step()`` only).
 * Two kinds of layer step (``LoRAOptimizer._steps_from_token_sums``, per parameter group):
 
   - **token sums** (LoRSum and ScaledLoRSum with ``iters=0``, the latter with ``metric="kfac"``): the step
@@ -28,16 +28,17 @@ Contract (the optimizers' ``capture=`` and ``accumulation_steps=`` arguments):
 * ``capture="auto"`` (default): the first step caches; from the next step on token-sum layers stream, and
   whole-step layers stream when that step had exactly one backward per layer on every rank. No
   ``max_grad_norm``, no GradScaler (``max_update_norm`` clips the streamed step: it scales results, which
-  all exist before ``step()`` writes). ``accumulation_steps=N > 1`` says up front that whole-step layers never stream: they are
-  cached, the token-sum layers streamed.
+  all exist before ``step()`` writes). ``accumulation_steps=N > 1`` says up front that whole-step layers
+  never stream: they are cached, the token-sum layers streamed.
 * On the CPU, in one process, the layer steps run in short batches: each layer's (X, S) waits in a queue
   until the next would take it past ``stream_batch_bytes`` (default 64 MiB; a layer larger than that runs
-  at once) or backward ends (an autograd final callback), and the queued steps then run in a row. Right after a layer's GEMMs its step runs cold (the
-  GEMMs evicted the code and data its dispatched calls touch, each costing tens to hundreds of µs there
-  against a few warm: docs/step_cost.md); in a row, all but the first run warm. So at most that many bytes
-  of X and S outlive their layers' backward, and nothing outlives the backward. Accelerators (asynchronous
-  launches, nothing cold) and data parallelism (each layer's collectives stay in its backward) run every
-  layer's step in its own backward; ``stream_batch_bytes=0`` does so on the CPU too.
+  at once) or backward ends (an autograd final callback), and the queued steps then run in a row. Right
+  after a layer's GEMMs its step runs cold (the GEMMs evicted the code and data its dispatched calls
+  touch, each costing tens to hundreds of µs there against a few warm: docs/step_cost.md); in a row, all
+  but the first run warm. So at most that many bytes of X and S outlive their layers' backward, and
+  nothing outlives the backward. Accelerators (asynchronous launches, nothing cold) and data parallelism
+  (each layer's collectives stay in its backward) run every layer's step in its own backward;
+  ``stream_batch_bytes=0`` does so on the CPU too.
 * Never a silently wrong step: a second backward reaching a streamed whole-step layer before ``step()``
   raises in that backward, drops the step's streamed results, and ``step()`` then refuses; ``auto`` caches
   whole-step layers from then on. Hyperparameters are read at backward: a group option changed between
