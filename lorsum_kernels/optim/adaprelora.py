@@ -56,7 +56,8 @@ class AdaPreLoRA(LoRAOptimizer):
             is at most ``3·L·m·block_size`` numbers for a bucket of L same-shape layers. (Default: 256)
         backend (str): "auto", "native", "triton" or "torch" for the hot paths. (Default: "auto")
         param_groups, other_lr, other_betas, other_eps, other_weight_decay, max_grad_norm, seed, capture,
-            accumulation_steps: as in ``LoRSum`` (capture and accumulation_steps: exact statistics only).
+            accumulation_steps, stream_batch_bytes: as in ``LoRSum`` (the last three: exact statistics
+            only).
     """
 
     _data_op = "row_col_energies"

@@ -17,7 +17,8 @@ class SVDLoRA(LoRAOptimizer):
     """Projected gradient descent on the merged LoRA weight. Args: ``model``, ``lr`` (default 1.0, LoRSum's:
     the same merged-weight step to first order; not swept) and the
     ``param_groups`` / ``other_*`` / ``max_grad_norm`` / ``max_update_norm`` (default 1.0, a gradient step
-    like LoRSum's) / ``process_group`` / ``capture`` / ``accumulation_steps`` options of ``LoRSum``
+    like LoRSum's) / ``process_group`` / ``capture`` / ``accumulation_steps`` / ``stream_batch_bytes`` options
+    of ``LoRSum``
     (streamed, the m×n G and its SVD run in each layer's backward and only the new factors are kept)."""
 
     def __init__(self, model, lr: float = 1.0, *, max_update_norm: float | None = 1.0, **kwargs):
