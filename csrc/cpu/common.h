@@ -49,9 +49,9 @@ inline void parallel_tasks(int64_t ntasks, int64_t work_per_task, const F& fn) {
   });
 }
 
-// x^p as torch's pow with a scalar exponent computes it: p = 0.5 as the square root, 1 as x and 0 as 1 (its
-// kernels special-case these exponents, so the reference's (v + δ)^p is bit for bit this), std::pow
-// otherwise. Also the cheap path for the usual p = 0.5: powf costs ~10x a square root.
+// x^p with the exponents torch's pow special-cases taken as it takes them: p = 0.5 as the square root
+// (correctly rounded here; torch's vectorised one may differ by an ulp), 1 as x and 0 as 1; std::pow
+// otherwise. The usual p = 0.5 then costs a square root instead of a general power.
 template <typename T>
 inline T scalar_pow(T x, T p) {
   if (p == T(0.5)) {

@@ -586,8 +586,8 @@ class LoRAOptimizer(CheckpointMixin, ReshardingMixin, torch.optim.Optimizer):
         for members in batches.values():
             group = results[members[0]][0]
             layers = [layer for i in members for layer in results[i][1]]
-            A_new, B_new = (results[members[0]][k] if len(members) == 1 else torch.cat([results[i][k] for i in members])
-                            for k in (2, 3))
+            A_new, B_new = (results[members[0]][k] if len(members) == 1
+                            else torch.cat([results[i][k] for i in members]) for k in (2, 3))
             dt = A_new.dtype
             A_old, B_old, _ = self._factor_values(layers)
             old = {k: torch.stack([self.state[layer.A][k] for layer in layers])
