@@ -63,8 +63,24 @@ int64_t token_block(int64_t elem_size, int64_t w) {
   return tb;
 }
 
-// Narrowest column block of an outer_accumulate task: 1 KiB of each fp32 row read contiguously.
-constexpr int64_t kMinColBlock = 256;
+// Narrowest column block of an outer_accumulate task: 256 B of each fp32 row read contiguously.
+constexpr int64_t kMinColBlock = 64;
+
+// Column blocks per layer of outer_accumulate: whole rows when there are enough layers to occupy the
+// threads, else about two tasks per thread, never narrower than kMinColBlock, and a whole number of rounds
+// over the threads where the columns allow it. (With three 192-wide blocks of a 576-wide row on two
+// threads one thread summed two and the other waited: the pass took 4/3 of its balanced time.) The
+// blocks split columns only, so the sums, and the results, are the same for any number of them.
+int64_t balanced_col_blocks(int64_t L, int64_t N, int64_t threads) {
+  if (L >= 2 * threads) {
+    return 1;
+  }
+  int64_t blocks = std::min(std::max<int64_t>(1, N / kMinColBlock), (2 * threads + L - 1) / L);
+  while (blocks > 1 && (L * blocks) % threads != 0) {
+    --blocks;
+  }
+  return blocks;
+}
 
 // D += coef[b] · Z[b] · Y1[b]ᵀ · Y2[b] · diag(colscale[b]) for every layer b, with AVX-512 kernels. Z (L, w, K)
 // and D (L, w, N) are contiguous fp32; Y1 (L, q, K) and Y2 (L, q, N) are fp32, bf16 or fp16 with unit
@@ -119,11 +135,9 @@ void accumulate_pair_avx512(const at::Tensor& Z, const at::Tensor& Y1, const at:
   // Pass 2: D[b] += tmp[b]ᵀ · Y2[b] (w×N), by blocks of columns: whole rows when there are enough layers
   // to occupy the threads, else rows split into as many blocks as that takes (never narrower than
   // kMinColBlock).
-  const int64_t threads = at::get_num_threads();
-  int64_t col_blocks = std::min((N + kMinColBlock - 1) / kMinColBlock, (2 * threads + L - 1) / L);
-  col_blocks = std::max<int64_t>(1, col_blocks);
-  const int64_t cb = ((N + col_blocks - 1) / col_blocks + 15) / 16 * 16;
-  col_blocks = (N + cb - 1) / cb;
+  const int64_t col_blocks_wanted = balanced_col_blocks(L, N, at::get_num_threads());
+  const int64_t cb = ((N + col_blocks_wanted - 1) / col_blocks_wanted + 15) / 16 * 16;
+  const int64_t col_blocks = (N + cb - 1) / cb;
   cpu::dispatch_fp32_input(Y2.scalar_type(), "lorsum token products", [&](auto tag) {
     using T = decltype(tag);
     const T* y = Y2.const_data_ptr<T>();
