@@ -7,6 +7,11 @@ total over the 210 layers (ms), and at the end the median of the work (layer ste
 cost some time of their own, and the host drifts ±10–20% between processes here: compare two versions of
 the code by alternating them in one process, not by two runs of this tool.
 
+Over the timed steps it then prints, per layer shape: each half-step op's median time per call against
+its flop bound (its token products at the square-GEMM rate measured at the end), and the median layer step
+that ran first in a flush of the CPU's queue (right after the layer GEMMs of backward) against those that
+ran after another layer's step.
+
     python tools/streamed_work_breakdown.py lorsum [--kwargs '{"momentum": 0.9}'] [--steps 5]
 """
 
@@ -17,11 +22,13 @@ import collections
 import json
 import statistics
 import time
+from collections import defaultdict
 
 import torch
 
 from lorsum_kernels import create_optimizer, ops
 from lorsum_kernels.benchmark import real_model
+from lorsum_kernels.benchmark.step_flops import gemm_flops_per_second
 from lorsum_kernels.optim import base, guards
 
 TIMED_OPS = ("lorsum_update_in", "lorsum_update_out", "lorsum_update_with_token_product", "pair_products",
@@ -40,6 +47,9 @@ def main(argv=None) -> None:
     model = real_model.build(30, 16, "none", torch.device("cpu"))
     opt = create_optimizer(model, args.name, **json.loads(args.kwargs))
     spent = collections.defaultdict(float)
+    per_call = defaultdict(list)  # (op, m, n) -> seconds per call, timed steps only
+    per_layer = defaultdict(list)  # (first in its flush, m, n) -> seconds per layer step, timed steps only
+    timing = {"on": False, "first": True}
 
     def timed(fn, key):
         def wrapper(*a, **k):
@@ -48,6 +58,27 @@ def main(argv=None) -> None:
                 return fn(*a, **k)
             finally:
                 spent[key] += time.perf_counter() - start
+                if timing["on"] and len(a) > 1 and isinstance(a[1], tuple):  # (hat, (A0, B0), ...): half-steps
+                    w = a[0].shape[-1] if "update_in" in key else a[0].shape[-2]  # B̂ (m×w) or Â (w×n)
+                    per_call[(key, a[1][1].shape[-2], a[1][0].shape[-1], w)].append(time.perf_counter() - start)
+        return wrapper
+
+    def timed_run(run):
+        def wrapper(layer, *a):
+            start = time.perf_counter()
+            try:
+                return run(layer, *a)
+            finally:
+                spent[STREAMED] += time.perf_counter() - start
+                key = (timing["first"], layer.out_features, layer.in_features)
+                per_layer[key].append(time.perf_counter() - start)
+                timing["first"] = False
+        return wrapper
+
+    def marked_flush(flush):
+        def wrapper():
+            timing["first"] = True
+            return flush()
         return wrapper
 
     for name in TIMED_OPS:
@@ -60,7 +91,9 @@ def main(argv=None) -> None:
     for i in range(2 + args.steps):
         capture = getattr(opt, "_capture", None)
         if i == 2 and capture is not None and capture.sink is not None:  # capture="auto" streams from step 2 on
-            opt._streamed.run = timed(opt._streamed.run, STREAMED)
+            opt._streamed.run = timed_run(opt._streamed.run)
+            opt._streamed.flush = marked_flush(opt._streamed.flush)
+        timing["on"] = i >= 2
         spent.clear()
         fwd_bwd, step = real_model.timed_train_step(model, opt, ids)
         parts = "  ".join(f"{k} {1e3 * v:.0f}" for k, v in sorted(spent.items()))
@@ -69,6 +102,19 @@ def main(argv=None) -> None:
             work.append(1e3 * (spent[STREAMED] + step))
     if work:
         print(f"work (streamed layer steps + step()): median {statistics.median(work):.0f} ms over {len(work)} steps")
+    rate = gemm_flops_per_second(2048, 2048, 2048, device=torch.device("cpu"))
+    print(f"per call over the timed steps (square-GEMM rate {rate / 1e9:.1f} GFLOP/s; bound: the call's token "
+          "products, 2·T·w·(m+n) flops, w the r-wide operand's width)")
+    T = ids.numel()
+    for (name, m, n, w), times in sorted(per_call.items()):
+        bound = 2 * T * w * (m + n) / rate
+        med = statistics.median(times)
+        print(f"  {name} {m}x{n}: {len(times)} calls, median {1e3 * med:.3f} ms, bound {1e3 * bound:.3f} ms, "
+              f"{med / bound:.2f}x")
+    for m, n in sorted({key[1:] for key in per_layer}):
+        first, later = per_layer.get((True, m, n), []), per_layer.get((False, m, n), [])
+        cell = lambda t: f"{1e3 * statistics.median(t):.3f} ms ({len(t)})" if t else "-"
+        print(f"  layer step {m}x{n}: first in its flush {cell(first)}, after another layer's step {cell(later)}")
 
 
 if __name__ == "__main__":
