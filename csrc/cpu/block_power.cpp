@@ -67,17 +67,20 @@ int64_t token_block(int64_t elem_size, int64_t w) {
 constexpr int64_t kMinColBlock = 64;
 
 // Column blocks per layer of outer_accumulate: whole rows when there are enough layers to occupy the
-// threads, else about two tasks per thread, never narrower than kMinColBlock, and a whole number of rounds
-// over the threads where the columns allow it. (With three 192-wide blocks of a 576-wide row on two
-// threads one thread summed two and the other waited: the pass took 4/3 of its balanced time.) The
-// blocks split columns only, so the sums, and the results, are the same for any number of them.
+// threads, else about two tasks per thread, never narrower than kMinColBlock, and where the columns allow
+// it a whole number of rounds over the threads. (With three 192-wide blocks of a 576-wide row on two
+// threads one thread summed two and the other waited: the pass took 4/3 of its balanced time.) Fewer
+// tasks than threads stay as they are (one round). The blocks split columns only, so the sums, and the
+// results, are the same for any number of them.
 int64_t balanced_col_blocks(int64_t L, int64_t N, int64_t threads) {
   if (L >= 2 * threads) {
     return 1;
   }
-  int64_t blocks = std::min(std::max<int64_t>(1, N / kMinColBlock), (2 * threads + L - 1) / L);
-  while (blocks > 1 && (L * blocks) % threads != 0) {
-    --blocks;
+  const int64_t blocks = std::min(std::max<int64_t>(1, N / kMinColBlock), (2 * threads + L - 1) / L);
+  for (int64_t b = blocks; L * b >= threads; --b) {
+    if ((L * b) % threads == 0) {
+      return b;
+    }
   }
   return blocks;
 }

@@ -206,10 +206,15 @@ def test_native_nan_propagates(be, side, where, cpu_path):
     torch.testing.assert_close(out[0], ref[0], rtol=1e-5, atol=1e-6)  # the others are untouched
 
 
+# (L, T, m, n, r): several layers; and one layer whose token products split their columns into blocks that
+# depend on the thread count (one thread: 2 per row; two: 2 of n = 200 and 4 of m = 400, the last narrower).
+@pytest.mark.parametrize("shape", [(3, 512, 256, 123, 16), (1, 300, 400, 200, 16)])
 @over_backends(OP, NATIVE_CPU)
-def test_native_independent_of_thread_count(be):
-    p = cast_problem(lorsum_problem(3, 512, 256, 123, 16, metrics=True), torch.float32)
+def test_native_independent_of_thread_count(be, shape):
+    p = cast_problem(lorsum_problem(*shape, metrics=True), torch.float32)
     assert_independent_of_thread_count(lambda: (half_step("in", p, "native"), half_step("out", p, "native")))
+    for side in ("in", "out"):  # and the column blocks add up to the reference's product
+        assert rel_err(half_step(side, p, "native"), half_step(side, p, "torch")) < 1e-4
 
 
 @pytest.mark.parametrize(
