@@ -81,6 +81,51 @@ def lorsum_update_out(
     return reference.lorsum_update_out(A_hat, anchor, pairs, coeffs, lmbd, metrics)
 
 
+def lorsum_rounds(
+    anchor: tuple[Tensor, Tensor],
+    pairs: Sequence[tuple[Tensor, Tensor]],
+    coeffs: Sequence,
+    lmbd,
+    iters: int,
+    metrics: tuple[Tensor, Tensor] | None = None,
+    *,
+    backend: str | None | Backend = "auto",
+    first_A: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``iters`` rounds of the half-steps from ``anchor = (A0, B0)``: the A-step from B0 (or ``first_A``, its
+    result computed already), the B-step from its result, and so on; ``iters = 0`` is one Jacobi round (both
+    half-steps from the anchor). The calls of ``lorsum_update_in`` / ``lorsum_update_out`` in turn, with the
+    same arguments; where both run natively those are built once, for every call (a streamed layer step
+    calls this once per layer, in backward, where each Python call costs several times its warm time)."""
+    A0, B0 = anchor
+    device = B0.device
+    if implementation(backend, device, "lorsum_update_in") != "native" or \
+            implementation(backend, device, "lorsum_update_out") != "native":
+        A_new = first_A if first_A is not None else lorsum_update_in(B0, anchor, pairs, coeffs, lmbd, metrics,
+                                                                    backend=backend)
+        if iters == 0:
+            return A_new, lorsum_update_out(A0, anchor, pairs, coeffs, lmbd, metrics, backend=backend)
+        B_new = lorsum_update_out(A_new, anchor, pairs, coeffs, lmbd, metrics, backend=backend)
+        for _ in range(iters - 1):
+            A_new = lorsum_update_in(B_new, anchor, pairs, coeffs, lmbd, metrics, backend=backend)
+            B_new = lorsum_update_out(A_new, anchor, pairs, coeffs, lmbd, metrics, backend=backend)
+        return A_new, B_new
+    # The first call's iterate: B0 for the A-step, or first_A for the B-step (broadcast as the ops would).
+    hat, *rest = _half_step_args(B0 if first_A is None else first_A, anchor, pairs, coeffs, lmbd, metrics)
+    step_in, step_out = torch.ops.lorsum.lorsum_update_in, torch.ops.lorsum.lorsum_update_out
+    A_new = step_in(hat, *rest) if first_A is None else hat
+    if iters == 0:
+        return A_new, step_out(rest[0], *rest)  # rest[0]: A0 as the B-step's iterate
+    B_new = step_out(A_new, *rest)
+    for _ in range(iters - 1):
+        A_new = step_in(B_new, *rest)
+        B_new = step_out(A_new, *rest)
+    return A_new, B_new
+
+
+__all__ += ["lorsum_rounds"]
+
+
 def spd_solve(gram: Tensor, rhs: Tensor, *, left: bool = True, backend: str | None | Backend = "auto") -> Tensor:
     name = implementation(backend, gram.device, "spd_solve")
     if name == "native":

@@ -301,6 +301,51 @@ def test_cpu_queue_runs_the_layer_steps_in_a_row_and_none_outlives_backward(name
         assert all(torch.equal(state[k], trained[0][1][k]) for k in state)
 
 
+@pytest.mark.parametrize("data_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kw", [dict(), dict(iters=2, lmbd=0.1), dict(normalize_step=False, lr=0.3, dampening=0.2)],
+                         ids=["defaults", "k2", "plain"])
+def test_lorsum_one_layer_step_is_the_bucket_path_bit_for_bit(kw, data_dtype):
+    """LoRSum's streamed layer step in the usual configuration (``_one_layer_step``: fp32, CPU, native half-steps,
+    no momentum) gives what ``_compute_bucket`` gives for the layer, bit for bit: the training of OddNet with it
+    and with it turned off, at LoRSum's defaults, with k = 2, and the plain step; in fp32 and in bf16 (factors
+    and data)."""
+    trained, used = [], []
+    for fast in (True, False):
+        model = OddNet(data_dtype)  # bf16: the factors and X, S too (the step's math is fp32)
+        opt = lk.LoRSum(model, capture="stream", backend="native", **kw)
+        one_layer = opt._one_layer_step
+        calls = []
+
+        def counted(*args, one_layer=one_layer, calls=calls, fast=fast):
+            result = one_layer(*args) if fast else None
+            calls.append(result is not None)
+            return result
+
+        opt._one_layer_step = counted
+        for batch in _batches(4, data_dtype):
+            _loss(model, batch).backward()
+            opt.step()
+            opt.zero_grad()
+        trained.append((_params(model), _state(opt)))
+        used.append(sum(calls))
+    # the normalised step's first step (measured) takes the bucket path, every later one the short path
+    assert used[0] == 4 * (3 if kw.get("normalize_step", True) else 4) and used[1] == 0
+    (p_fast, s_fast), (p_bucket, s_bucket) = trained
+    assert all(torch.equal(a, b) for a, b in zip(p_fast, p_bucket))
+    assert s_fast.keys() == s_bucket.keys() and all(torch.equal(s_fast[k], s_bucket[k]) for k in s_fast)
+
+
+def test_lorsum_one_layer_step_declines_what_it_does_not_cover():
+    """fp64 factors, momentum, the torch backend and the first normalised step take the bucket path."""
+    X, S = torch.randn(15, 23), torch.randn(15, 23)
+    for dtype, kw in [(torch.float64, {}), (torch.float32, dict(momentum=0.9)), (torch.float32, dict(backend="torch")),
+                      (torch.float32, {})]:
+        model = OddNet(dtype)
+        opt = lk.LoRSum(model, **kw)
+        layer = opt._layers[1]
+        assert opt._one_layer_step(opt._group_of(layer), layer, X.to(dtype), S.to(dtype)) is None
+
+
 @pytest.mark.parametrize("batch_bytes", [None, 0], ids=["queued", "each_at_once"])
 def test_a_compiled_model_streams_as_the_eager_one(batch_bytes):
     """Under torch.compile the capture's tap op hands the pairs over in the compiled backward, which autograd's

@@ -6,8 +6,9 @@ benchmark's SmolLM2 model (``benchmark/real_model.build``: LoRA r=16 on the 210 
 random tokens), and reports each side's work per step (the capture's sink, i.e. the work inside backward,
 and the flush of the CPU's queue of layer steps at backward's end, plus ``step()``). Only Python is swapped: both sides run the same native extension (the one built from
 the working tree). The swapped functions: ``LoRAOptimizer.step``, ``._update_clip`` and
-``._compute_bucket`` (optim/base.py), ``StreamedStep.take`` and ``.collect`` (optim/streaming.py),
-``functional.low_rank_sum._lorsum`` and ``ops._half_step_args``.
+``._compute_bucket`` (optim/base.py), ``StreamedStep.take``, ``.collect`` and ``._whole_step``
+(optim/streaming.py; the latter calls a method's one-layer path since 2026-12-03),
+``functional.low_rank_sum._lorsum`` and ``._als_rounds``, and ``ops._half_step_args``.
 
     python tools/python_path_ab.py lorsum --against HEAD~1 [--steps 6] [--kwargs '{"momentum": 0.9}']
 """
@@ -51,10 +52,11 @@ def _sides(commit: str, cls: type) -> dict:
     old_ops = _module_at(commit, "lorsum_kernels/ops.py", "lorsum_kernels")
     targets = [(cls, "step"), (base.LoRAOptimizer, "_update_clip"),
                (base.LoRAOptimizer, "_compute_bucket"), (streaming.StreamedStep, "take"),
-               (streaming.StreamedStep, "collect"), (low_rank_sum, "_lorsum"), (ops, "_half_step_args")]
+               (streaming.StreamedStep, "collect"), (streaming.StreamedStep, "_whole_step"),
+               (low_rank_sum, "_lorsum"), (low_rank_sum, "_als_rounds"), (ops, "_half_step_args")]
     old = [old_base.__dict__["step"], old_base.__dict__["_update_clip"], old_base.__dict__["_compute_bucket"],
-           old_streamed.__dict__["take"], old_streamed.__dict__["collect"], old_lrs["_lorsum"],
-           old_ops["_half_step_args"]]
+           old_streamed.__dict__["take"], old_streamed.__dict__["collect"], old_streamed.__dict__["_whole_step"],
+           old_lrs["_lorsum"], old_lrs["_als_rounds"], old_ops["_half_step_args"]]
     # The tree's: the unwrapped step, the classes' own methods, the modules' functions.
     new = [base.LoRAOptimizer.__dict__["step"]]
     new += [owner.__dict__[attr] if isinstance(owner, type) else getattr(owner, attr) for owner, attr in targets[1:]]

@@ -118,18 +118,7 @@ def _als_rounds(anchor, rest, coeffs, lmbd, metrics, iters, backend, first_A=Non
     """The half-steps of ``iters`` ALS rounds from the anchor (one Jacobi round for ``iters = 0``: both
     half-steps from the anchor, spec §3.4; the official plain code returns its input there, spec §11 P1).
     ``first_A``: the first A-step's result, already computed (it is the one from B̂ = B0 either way)."""
-    A0, B0 = anchor
-    kw = dict(backend=backend)
-    A_new = first_A
-    if A_new is None:
-        A_new = ops.lorsum_update_in(B0, anchor, rest, coeffs, lmbd, metrics, **kw)
-    if iters == 0:
-        return A_new, ops.lorsum_update_out(A0, anchor, rest, coeffs, lmbd, metrics, **kw)
-    B_new = ops.lorsum_update_out(A_new, anchor, rest, coeffs, lmbd, metrics, **kw)
-    for _ in range(iters - 1):
-        A_new = ops.lorsum_update_in(B_new, anchor, rest, coeffs, lmbd, metrics, **kw)
-        B_new = ops.lorsum_update_out(A_new, anchor, rest, coeffs, lmbd, metrics, **kw)
-    return A_new, B_new
+    return ops.lorsum_rounds(anchor, rest, coeffs, lmbd, iters, metrics, backend=backend, first_A=first_A)
 
 
 class LoRSumProblem(NamedTuple):

@@ -396,6 +396,13 @@ class LoRAOptimizer(CheckpointMixin, ReshardingMixin, torch.optim.Optimizer):
         to every op). Returns (A_new, B_new, new_state)."""
         raise NotImplementedError
 
+    def _one_layer_step(self, group: dict, layer: LoRALayer, X: Tensor, S: Tensor) -> tuple | None:
+        """The streamed step of one layer in one process, where a method has a path for it that gives
+        ``_compute_bucket([layer], grads_from_data=True, check_results=False)``'s result bit for bit with
+        fewer Python and ATen calls (in backward each costs several times its warm time: docs/step_cost.md);
+        None (the default) where it has none, and the bucket path runs."""
+        return None
+
     def _steps_from_token_sums(self, group: dict) -> bool:
         """Whether this group's step reads X and S only through token sums of products with operands fixed
         during backward (the factors, the state), each passed through ``reduce``: then the sums add over

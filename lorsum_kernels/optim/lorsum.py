@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
+from .._numerics import as_dtype
 from ..functional.lorsum_step import psi_lora_step, scaled_psi_lora_step
 from .base import LoRAOptimizer
 from .checks import check_positive
@@ -24,6 +25,9 @@ _LORSUM_OPS = ("lorsum_update_in", "lorsum_update_out", "pair_products", "spd_so
 _SCALED_OPS = _LORSUM_OPS + ("col_sq_sums", "kfac_metric_update")
 
 __all__ = ["LoRSum", "ScaledLoRSum"]
+
+# Data dtypes the native half-steps read as they are, into fp32 math (functional.low_rank_sum.data_operand).
+_NATIVE_DATA = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _check_iters(iters) -> None:
@@ -224,6 +228,37 @@ class LoRSum(_NormalizedStep, _MomentumFactors, LoRAOptimizer):
         # round's result, which depends on all of the step's tokens.
         # The normalised step (normalize_step) computes a layer's first step 2-4 times: a whole step.
         return group["iters"] == 0 and not group["normalize_step"]
+
+    def _one_layer_step(self, group, layer, X, S):
+        """The streamed layer step of the usual configuration, as ``_compute_bucket`` computes it for one
+        layer (the same ops on the same arguments, in the same order: ``psi_lora_step`` without momentum,
+        at the normalised lr the layer's statistics give, or at the group's), without the bucket, the
+        functional layers and the per-call argument handling between them. Applies on the CPU with the
+        native half-steps (which also make the results carry any non-finite data: no separate check), fp32
+        math, no momentum buffer, a number as lr, and past the normalised step's first step; None otherwise."""
+        device = layer.A.device
+        dt = self._state_dtype(layer)
+        lr = group["lr"]
+        if (group["momentum"] or dt != torch.float32 or self._sharded is not None
+                or type(self)._method_step is not LoRSum._method_step
+                or X.dtype not in _NATIVE_DATA or S.dtype not in _NATIVE_DATA
+                or isinstance(lr, Tensor) or not self._results_carry_bad_data(group, device)):
+            return None
+        if group["normalize_step"]:  # as step_normalization.step_at_layer_lr with one known scale
+            scale = self.state[layer.A].get("step_norm_scale")
+            known = float(scale) if scale is not None else 0.0
+            if not known > 0:
+                return None  # the first step is measured (the bucket path)
+            lr = float(lr) * known
+        ridge = self._ridge(group, lr)
+        root = self._scale_root([layer.scale], dt, device)
+        A = as_dtype(layer.A.unsqueeze(0), dt) * root
+        B = as_dtype(layer.B.unsqueeze(0), dt) * root
+        lam = lr * (group["lmbd"] * ridge)  # psi_lora_step's λ = η·λ0, as it rounds it
+        A_new, B_new = ops.lorsum_rounds((A, B), [(X.unsqueeze(0), S.unsqueeze(0).mT)],
+                                         [1.0, -lr * (1 - group["dampening"])], lam, group["iters"],
+                                         backend=self._backend(group, device))
+        return A_new / root, B_new / root, {}, None
 
     def _method_step(self, group, A, B, X, S, state, grads, reduce, backend):
         def step_at(lr):

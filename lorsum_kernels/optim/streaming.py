@@ -292,8 +292,9 @@ class StreamedStep:
         # order. Methods that compute factor gradients from the data check those here (they are not kept).
         results_unchecked = opt._reduce is None and not opt._uses_grads()
         with torch.no_grad():
-            A, B, state, finite = opt._compute_bucket(group, [layer], [(X, S)], grads_from_data=True,
-                                                      check_results=not results_unchecked)
+            result = opt._one_layer_step(group, layer, X, S) if results_unchecked else None
+            A, B, state, finite = result if result is not None else opt._compute_bucket(
+                group, [layer], [(X, S)], grads_from_data=True, check_results=not results_unchecked)
         self.results[id(layer)] = (layer, group, _options(group), A, B, state, finite, results_unchecked)
 
     def _add_token_sums(self, layer: LoRALayer, group: dict, X: Tensor, S: Tensor) -> None:

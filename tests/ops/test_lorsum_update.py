@@ -98,6 +98,32 @@ def test_native_bf16(be, shape, side, monkeypatch):
     assert rel_err(half_step(side, mixed, "native"), half_step(side, cast_problem(mixed, torch.float64), "torch")) < 1e-5
 
 
+@pytest.mark.parametrize("first_A", [False, True])
+@pytest.mark.parametrize("iters", [0, 1, 3])
+@over_backends(OP)
+def test_rounds_are_the_half_steps_in_turn(be, iters, first_A):
+    # ops.lorsum_rounds builds the native ops' arguments once for all its calls: the same calls, bit for bit,
+    # as lorsum_update_in / _out in turn (per-layer coefficients, metrics, a broadcast anchor's batch).
+    p = {k: be.to(v) if isinstance(v, torch.Tensor) else v for k, v in
+         cast_problem(lorsum_problem(3, 37, 123, 5, 3, metrics=True, per_layer=True), torch.float32).items()}
+    p["pairs"] = [(be.to(a), be.to(b)) for a, b in p["pairs"]]
+    p["coeffs"] = [be.to(c) if isinstance(c, torch.Tensor) else c for c in p["coeffs"]]
+    p["metrics"] = tuple(be.to(t) for t in p["metrics"])
+    anchor, args = (p["A0"], p["B0"]), (p["pairs"], p["coeffs"], p["lmbd"], p["metrics"])
+    given = p["A0"] * 0.9 + 0.01 if first_A else None  # an A-step's result computed elsewhere
+    A_new = given if first_A else be.run("lorsum_update_in", p["B0"], anchor, *args)
+    if iters == 0:
+        expected = (A_new, be.run("lorsum_update_out", p["A0"], anchor, *args))
+    else:
+        B_new = be.run("lorsum_update_out", A_new, anchor, *args)
+        for _ in range(iters - 1):
+            A_new = be.run("lorsum_update_in", B_new, anchor, *args)
+            B_new = be.run("lorsum_update_out", A_new, anchor, *args)
+        expected = (A_new, B_new)
+    out = ops.lorsum_rounds(anchor, *args[:3], iters, p["metrics"], backend=be.name, first_A=given)
+    assert all(torch.equal(a, b) for a, b in zip(out, expected))
+
+
 @pytest.mark.parametrize("iters", [0, 1, 3])
 @over_backends(OP, NATIVE_CPU)
 def test_native_low_rank_sum_matches_torch(be, iters):
