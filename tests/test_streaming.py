@@ -301,18 +301,28 @@ def test_cpu_queue_runs_the_layer_steps_in_a_row_and_none_outlives_backward(name
         assert all(torch.equal(state[k], trained[0][1][k]) for k in state)
 
 
+ONE_LAYER_PATHS = {
+    "lorsum_defaults": (lk.LoRSum, dict()),
+    "lorsum_k2": (lk.LoRSum, dict(iters=2, lmbd=0.1)),
+    "lorsum_plain": (lk.LoRSum, dict(normalize_step=False, lr=0.3, dampening=0.2)),
+    "scaled_defaults": (lk.ScaledLoRSum, dict()),
+    "scaled_k2_no_warmup": (lk.ScaledLoRSum, dict(iters=2, beta2_warmup=False, metric_power=0.25)),
+    "scaled_plain": (lk.ScaledLoRSum, dict(normalize_step=False, lr=0.1, loss_reduction="sum")),
+}
+
+
 @pytest.mark.parametrize("data_dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("kw", [dict(), dict(iters=2, lmbd=0.1), dict(normalize_step=False, lr=0.3, dampening=0.2)],
-                         ids=["defaults", "k2", "plain"])
-def test_lorsum_one_layer_step_is_the_bucket_path_bit_for_bit(kw, data_dtype):
-    """LoRSum's streamed layer step in the usual configuration (``_one_layer_step``: fp32, CPU, native half-steps,
-    no momentum) gives what ``_compute_bucket`` gives for the layer, bit for bit: the training of OddNet with it
-    and with it turned off, at LoRSum's defaults, with k = 2, and the plain step; in fp32 and in bf16 (factors
-    and data)."""
+@pytest.mark.parametrize("name", list(ONE_LAYER_PATHS))
+def test_one_layer_step_is_the_bucket_path_bit_for_bit(name, data_dtype):
+    """LoRSum's and ScaledLoRSum's streamed layer step in the usual configuration (``_one_layer_step``: fp32,
+    CPU, native half-steps, no momentum, the K-FAC metric) gives what ``_compute_bucket`` gives for the layer,
+    bit for bit: the training of OddNet with it and with it turned off, at the defaults, with k = 2, and the
+    plain step; in fp32 and in bf16 (factors and data)."""
+    cls, kw = ONE_LAYER_PATHS[name]
     trained, used = [], []
     for fast in (True, False):
         model = OddNet(data_dtype)  # bf16: the factors and X, S too (the step's math is fp32)
-        opt = lk.LoRSum(model, capture="stream", backend="native", **kw)
+        opt = cls(model, capture="stream", backend="native", **kw)
         one_layer = opt._one_layer_step
         calls = []
 
@@ -335,13 +345,17 @@ def test_lorsum_one_layer_step_is_the_bucket_path_bit_for_bit(kw, data_dtype):
     assert s_fast.keys() == s_bucket.keys() and all(torch.equal(s_fast[k], s_bucket[k]) for k in s_fast)
 
 
-def test_lorsum_one_layer_step_declines_what_it_does_not_cover():
-    """fp64 factors, momentum, the torch backend and the first normalised step take the bucket path."""
+def test_one_layer_step_declines_what_it_does_not_cover():
+    """fp64 factors, momentum, the torch backend, the Shampoo metric and the first normalised step take the
+    bucket path."""
     X, S = torch.randn(15, 23), torch.randn(15, 23)
-    for dtype, kw in [(torch.float64, {}), (torch.float32, dict(momentum=0.9)), (torch.float32, dict(backend="torch")),
-                      (torch.float32, {})]:
+    for cls, dtype, kw in [(lk.LoRSum, torch.float64, {}), (lk.LoRSum, torch.float32, dict(momentum=0.9)),
+                           (lk.LoRSum, torch.float32, dict(backend="torch")), (lk.LoRSum, torch.float32, {}),
+                           (lk.ScaledLoRSum, torch.float32, dict(betas=(0.9, 0.99))),
+                           (lk.ScaledLoRSum, torch.float32, dict(metric="shampoo", normalize_step=False)),
+                           (lk.ScaledLoRSum, torch.float32, {})]:
         model = OddNet(dtype)
-        opt = lk.LoRSum(model, **kw)
+        opt = cls(model, **kw)
         layer = opt._layers[1]
         assert opt._one_layer_step(opt._group_of(layer), layer, X.to(dtype), S.to(dtype)) is None
 

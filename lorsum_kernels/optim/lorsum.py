@@ -88,6 +88,31 @@ class _NormalizedStep:
         would grow with it and cap the step of a layer with small gradients at ~G/λ0)."""
         return 1.0 if lr is group["lr"] else float(group["lr"]) / lr
 
+    def _one_layer_lr(self, group, layer, X, S):
+        """The lr of a one-layer path's step (``_one_layer_step``), as ``_at_layer_lr`` would pass it: the
+        group's, or the normalised lr from the layer's statistics. None where no one-layer path applies: not
+        the CPU's native half-steps (which also make the results carry any non-finite data), not fp32 math,
+        FSDP2, a tensor as lr, or the normalised step's first step (measured: the bucket path)."""
+        lr = group["lr"]
+        if (self._state_dtype(layer) != torch.float32 or self._sharded is not None or isinstance(lr, Tensor)
+                or X.dtype not in _NATIVE_DATA or S.dtype not in _NATIVE_DATA
+                or not self._results_carry_bad_data(group, layer.A.device)):
+            return None
+        if group["normalize_step"]:  # as step_normalization.step_at_layer_lr with one known scale
+            scale = self.state[layer.A].get("step_norm_scale")
+            known = float(scale) if scale is not None else 0.0
+            if not known > 0:
+                return None
+            lr = float(lr) * known
+        return lr
+
+    def _balanced_layer(self, layer):
+        """One layer's balanced factors (1, r, n) and (1, m, r) in fp32 and its (1, 1, 1) ``√s``, as
+        ``_compute_bucket`` stacks them for a bucket of that layer."""
+        root = self._scale_root([layer.scale], torch.float32, layer.A.device)
+        return (as_dtype(layer.A.unsqueeze(0), torch.float32) * root,
+                as_dtype(layer.B.unsqueeze(0), torch.float32) * root, root)
+
     @staticmethod
     def _at_layer_lr(step_at, group, A, B, state):
         """``step_at(lr)`` at the group's lr, or at each layer's normalised lr."""
@@ -236,28 +261,17 @@ class LoRSum(_NormalizedStep, _MomentumFactors, LoRAOptimizer):
         functional layers and the per-call argument handling between them. Applies on the CPU with the
         native half-steps (which also make the results carry any non-finite data: no separate check), fp32
         math, no momentum buffer, a number as lr, and past the normalised step's first step; None otherwise."""
-        device = layer.A.device
-        dt = self._state_dtype(layer)
-        lr = group["lr"]
-        if (group["momentum"] or dt != torch.float32 or self._sharded is not None
-                or type(self)._method_step is not LoRSum._method_step
-                or X.dtype not in _NATIVE_DATA or S.dtype not in _NATIVE_DATA
-                or isinstance(lr, Tensor) or not self._results_carry_bad_data(group, device)):
+        if group["momentum"] or type(self)._method_step is not LoRSum._method_step:
             return None
-        if group["normalize_step"]:  # as step_normalization.step_at_layer_lr with one known scale
-            scale = self.state[layer.A].get("step_norm_scale")
-            known = float(scale) if scale is not None else 0.0
-            if not known > 0:
-                return None  # the first step is measured (the bucket path)
-            lr = float(lr) * known
+        lr = self._one_layer_lr(group, layer, X, S)
+        if lr is None:
+            return None
         ridge = self._ridge(group, lr)
-        root = self._scale_root([layer.scale], dt, device)
-        A = as_dtype(layer.A.unsqueeze(0), dt) * root
-        B = as_dtype(layer.B.unsqueeze(0), dt) * root
+        A, B, root = self._balanced_layer(layer)
         lam = lr * (group["lmbd"] * ridge)  # psi_lora_step's λ = η·λ0, as it rounds it
         A_new, B_new = ops.lorsum_rounds((A, B), [(X.unsqueeze(0), S.unsqueeze(0).mT)],
                                          [1.0, -lr * (1 - group["dampening"])], lam, group["iters"],
-                                         backend=self._backend(group, device))
+                                         backend=self._backend(group, layer.A.device))
         return A_new / root, B_new / root, {}, None
 
     def _method_step(self, group, A, B, X, S, state, grads, reduce, backend):
@@ -389,6 +403,34 @@ class ScaledLoRSum(_NormalizedStep, _MomentumFactors, LoRAOptimizer):
             return (f"metric={group['metric']!r}: diag(GᵀG) of the global G has cross-rank terms (it is no "
                     "sum over tokens); use metric='kfac'")
         return None
+
+    def _one_layer_step(self, group, layer, X, S):
+        """The streamed layer step of the usual configuration (the K-FAC metric, no momentum buffer; otherwise
+        as ``LoRSum._one_layer_step``), as ``_compute_bucket`` computes it for one layer: the same
+        ``scaled_psi_lora_step`` call on the same arguments (β2's warm-up on the host), without the bucket
+        and normalisation layers around it. None where it does not apply."""
+        beta1, beta2 = group["betas"]
+        if group["metric"] != "kfac" or beta1 or type(self)._method_step is not ScaledLoRSum._method_step:
+            return None
+        lr = self._one_layer_lr(group, layer, X, S)
+        if lr is None:
+            return None
+        state = self.state[layer.A]
+        extra = {}
+        if "metric_updates" in state:
+            t = state["metric_updates"].unsqueeze(0)
+            beta2 = warmup_beta2_on_host(t, beta2)
+            if beta2 is None:
+                return None
+            extra["metric_updates"] = t + 1
+        A, B, root = self._balanced_layer(layer)
+        A_new, B_new, (v_in, v_out), _ = scaled_psi_lora_step(
+            A, B, X.unsqueeze(0), S.unsqueeze(0), (state["metric_in"].unsqueeze(0), state["metric_out"].unsqueeze(0)),
+            None, lr=lr, lmbd=group["lmbd"] * self._ridge(group, lr), min_lmbd=group["min_lmbd"],
+            iters=group["iters"], betas=(beta1, beta2), damping=group["damping"], metric="kfac",
+            metric_power=group["metric_power"], loss_reduction=group["loss_reduction"],
+            backend=self._backend(group, layer.A.device))
+        return A_new / root, B_new / root, {"metric_in": v_in, "metric_out": v_out, **extra}, None
 
     def _method_step(self, group, A, B, X, S, state, grads, reduce, backend):
         beta1, beta2 = group["betas"]
