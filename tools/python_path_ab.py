@@ -55,8 +55,9 @@ def _sides(commit: str, cls: type) -> dict:
                (streaming.StreamedStep, "collect"), (streaming.StreamedStep, "_whole_step"),
                (low_rank_sum, "_lorsum"), (low_rank_sum, "_als_rounds"), (ops, "_half_step_args")]
     old = [old_base.__dict__["step"], old_base.__dict__["_update_clip"], old_base.__dict__["_compute_bucket"],
-           old_streamed.__dict__["take"], old_streamed.__dict__["collect"], old_streamed.__dict__["_whole_step"],
-           old_lrs["_lorsum"], old_lrs["_als_rounds"], old_ops["_half_step_args"]]
+           old_streamed.__dict__["take"], old_streamed.__dict__["collect"],
+           old_streamed.__dict__["_whole_step"], old_lrs["_lorsum"], old_lrs["_als_rounds"],
+           old_ops["_half_step_args"]]
     # The tree's: the unwrapped step, the classes' own methods, the modules' functions.
     new = [base.LoRAOptimizer.__dict__["step"]]
     new += [owner.__dict__[attr] if isinstance(owner, type) else getattr(owner, attr) for owner, attr in targets[1:]]

@@ -63,9 +63,10 @@ def main(argv=None) -> None:
                     halves = 2 * max(iters, 1) - (k.get("first_A") is not None)
                     per_call[(key, B0.shape[-2], A0.shape[-1], A0.shape[-2], halves)].append(
                         time.perf_counter() - start)
-                elif timing["on"] and len(a) > 1 and isinstance(a[1], tuple):  # (hat, (A0, B0), ...): half-steps
+                elif timing["on"] and len(a) > 1 and isinstance(a[1], tuple):  # (hat, (A0, B0), ...)
                     w = a[0].shape[-1] if "update_in" in key else a[0].shape[-2]  # B̂ (m×w) or Â (w×n)
-                    per_call[(key, a[1][1].shape[-2], a[1][0].shape[-1], w, 1)].append(time.perf_counter() - start)
+                    shape = (a[1][1].shape[-2], a[1][0].shape[-1])
+                    per_call[(key, *shape, w, 1)].append(time.perf_counter() - start)
         return wrapper
 
     def timed_run(run):
@@ -108,8 +109,9 @@ def main(argv=None) -> None:
     if work:
         print(f"work (streamed layer steps + step()): median {statistics.median(work):.0f} ms over {len(work)} steps")
     rate = gemm_flops_per_second(2048, 2048, 2048, device=torch.device("cpu"))
-    print(f"per call over the timed steps (square-GEMM rate {rate / 1e9:.1f} GFLOP/s; bound: the call's token "
-          "products, 2·T·w·(m+n) flops per half-step, w the r-wide operand's width; lorsum_rounds: its half-steps)")
+    print(f"per call over the timed steps (square-GEMM rate {rate / 1e9:.1f} GFLOP/s; bound: the call's "
+          "token products, 2·T·w·(m+n) flops per half-step, w the r-wide operand's width; lorsum_rounds: "
+          "its half-steps)")
     T = ids.numel()
     for (name, m, n, w, halves), times in sorted(per_call.items()):
         bound = halves * 2 * T * w * (m + n) / rate
@@ -119,7 +121,8 @@ def main(argv=None) -> None:
     for m, n in sorted({key[1:] for key in per_layer}):
         first, later = per_layer.get((True, m, n), []), per_layer.get((False, m, n), [])
         cell = lambda t: f"{1e3 * statistics.median(t):.3f} ms ({len(t)})" if t else "-"
-        print(f"  layer step {m}x{n}: first in its flush {cell(first)}, after another layer's step {cell(later)}")
+        print(f"  layer step {m}x{n}: first in its flush {cell(first)}, "
+              f"after another layer's step {cell(later)}")
 
 
 if __name__ == "__main__":

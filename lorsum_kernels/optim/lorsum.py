@@ -259,8 +259,9 @@ class LoRSum(_NormalizedStep, _MomentumFactors, LoRAOptimizer):
         layer (the same ops on the same arguments, in the same order: ``psi_lora_step`` without momentum,
         at the normalised lr the layer's statistics give, or at the group's), without the bucket, the
         functional layers and the per-call argument handling between them. Applies on the CPU with the
-        native half-steps (which also make the results carry any non-finite data: no separate check), fp32
-        math, no momentum buffer, a number as lr, and past the normalised step's first step; None otherwise."""
+        native half-steps (which also make the results carry any non-finite data: no separate check),
+        fp32 math, no momentum buffer, a number as lr, and past the normalised step's first step; None
+        otherwise."""
         if group["momentum"] or type(self)._method_step is not LoRSum._method_step:
             return None
         lr = self._one_layer_lr(group, layer, X, S)
@@ -424,9 +425,10 @@ class ScaledLoRSum(_NormalizedStep, _MomentumFactors, LoRAOptimizer):
                 return None
             extra["metric_updates"] = t + 1
         A, B, root = self._balanced_layer(layer)
+        metric_state = (state["metric_in"].unsqueeze(0), state["metric_out"].unsqueeze(0))
         A_new, B_new, (v_in, v_out), _ = scaled_psi_lora_step(
-            A, B, X.unsqueeze(0), S.unsqueeze(0), (state["metric_in"].unsqueeze(0), state["metric_out"].unsqueeze(0)),
-            None, lr=lr, lmbd=group["lmbd"] * self._ridge(group, lr), min_lmbd=group["min_lmbd"],
+            A, B, X.unsqueeze(0), S.unsqueeze(0), metric_state, None, lr=lr,
+            lmbd=group["lmbd"] * self._ridge(group, lr), min_lmbd=group["min_lmbd"],
             iters=group["iters"], betas=(beta1, beta2), damping=group["damping"], metric="kfac",
             metric_power=group["metric_power"], loss_reduction=group["loss_reduction"],
             backend=self._backend(group, layer.A.device))
