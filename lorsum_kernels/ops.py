@@ -99,27 +99,32 @@ def lorsum_rounds(
     calls this once per layer, in backward, where each Python call costs several times its warm time)."""
     A0, B0 = anchor
     device = B0.device
-    if implementation(backend, device, "lorsum_update_in") != "native" or \
-            implementation(backend, device, "lorsum_update_out") != "native":
-        A_new = first_A if first_A is not None else lorsum_update_in(B0, anchor, pairs, coeffs, lmbd, metrics,
-                                                                    backend=backend)
-        if iters == 0:
-            return A_new, lorsum_update_out(A0, anchor, pairs, coeffs, lmbd, metrics, backend=backend)
-        B_new = lorsum_update_out(A_new, anchor, pairs, coeffs, lmbd, metrics, backend=backend)
-        for _ in range(iters - 1):
-            A_new = lorsum_update_in(B_new, anchor, pairs, coeffs, lmbd, metrics, backend=backend)
-            B_new = lorsum_update_out(A_new, anchor, pairs, coeffs, lmbd, metrics, backend=backend)
-        return A_new, B_new
-    # The first call's iterate: B0 for the A-step, or first_A for the B-step (broadcast as the ops would).
-    hat, *rest = _half_step_args(B0 if first_A is None else first_A, anchor, pairs, coeffs, lmbd, metrics)
-    step_in, step_out = torch.ops.lorsum.lorsum_update_in, torch.ops.lorsum.lorsum_update_out
-    A_new = step_in(hat, *rest) if first_A is None else hat
+    if implementation(backend, device, "lorsum_update_in") == "native" and \
+            implementation(backend, device, "lorsum_update_out") == "native":
+        # The first call's iterate (B0 for the A-step, or first_A for the B-step), broadcast as the ops would.
+        hat, *rest = _half_step_args(B0 if first_A is None else first_A, anchor, pairs, coeffs, lmbd, metrics)
+        A0 = rest[0]
+
+        def step_in(iterate):
+            return torch.ops.lorsum.lorsum_update_in(iterate, *rest)
+
+        def step_out(iterate):
+            return torch.ops.lorsum.lorsum_update_out(iterate, *rest)
+    else:
+        hat = B0 if first_A is None else first_A
+
+        def step_in(iterate):
+            return lorsum_update_in(iterate, anchor, pairs, coeffs, lmbd, metrics, backend=backend)
+
+        def step_out(iterate):
+            return lorsum_update_out(iterate, anchor, pairs, coeffs, lmbd, metrics, backend=backend)
+    A_new = step_in(hat) if first_A is None else hat
     if iters == 0:
-        return A_new, step_out(rest[0], *rest)  # rest[0]: A0 as the B-step's iterate
-    B_new = step_out(A_new, *rest)
+        return A_new, step_out(A0)
+    B_new = step_out(A_new)
     for _ in range(iters - 1):
-        A_new = step_in(B_new, *rest)
-        B_new = step_out(A_new, *rest)
+        A_new = step_in(B_new)
+        B_new = step_out(A_new)
     return A_new, B_new
 
 
