@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from . import _half_steps, _native, backends, reference
+from ._numerics import as_dtype
 from .backends import Backend
 
 __all__ = ["Backend", "check", "implementation", "resolve", "lorsum_update_in", "lorsum_update_out",
@@ -98,27 +99,39 @@ def lorsum_rounds(
     same arguments; where both run natively those are built once, for every call (a streamed layer step
     calls this once per layer, in backward, where each Python call costs several times its warm time)."""
     A0, B0 = anchor
-    device = B0.device
-    if implementation(backend, device, "lorsum_update_in") == "native" and \
-            implementation(backend, device, "lorsum_update_out") == "native":
+    hat = B0 if first_A is None else first_A
+    if _native_rounds(backend, B0.device):
         # The first call's iterate (B0 for the A-step, or first_A for the B-step), broadcast as the ops would.
-        hat, *rest = _half_step_args(B0 if first_A is None else first_A, anchor, pairs, coeffs, lmbd, metrics)
-        A0 = rest[0]
+        hat, *rest = _half_step_args(hat, anchor, pairs, coeffs, lmbd, metrics)
+        return _alternate(*_native_half_steps(rest), hat, rest[0], iters, first_A is not None)
 
-        def step_in(iterate):
-            return torch.ops.lorsum.lorsum_update_in(iterate, *rest)
+    def step_in(iterate):
+        return lorsum_update_in(iterate, anchor, pairs, coeffs, lmbd, metrics, backend=backend)
 
-        def step_out(iterate):
-            return torch.ops.lorsum.lorsum_update_out(iterate, *rest)
-    else:
-        hat = B0 if first_A is None else first_A
+    def step_out(iterate):
+        return lorsum_update_out(iterate, anchor, pairs, coeffs, lmbd, metrics, backend=backend)
+    return _alternate(step_in, step_out, hat, A0, iters, first_A is not None)
 
-        def step_in(iterate):
-            return lorsum_update_in(iterate, anchor, pairs, coeffs, lmbd, metrics, backend=backend)
 
-        def step_out(iterate):
-            return lorsum_update_out(iterate, anchor, pairs, coeffs, lmbd, metrics, backend=backend)
-    A_new = step_in(hat) if first_A is None else hat
+def _native_rounds(backend, device) -> bool:
+    return implementation(backend, device, "lorsum_update_in") == "native" and \
+        implementation(backend, device, "lorsum_update_out") == "native"
+
+
+def _native_half_steps(rest: list):
+    """The native A- and B-step as functions of their iterate, the other arguments (``_half_step_args``
+    less the first) given."""
+    def step_in(iterate):
+        return torch.ops.lorsum.lorsum_update_in(iterate, *rest)
+
+    def step_out(iterate):
+        return torch.ops.lorsum.lorsum_update_out(iterate, *rest)
+    return step_in, step_out
+
+
+def _alternate(step_in, step_out, hat: Tensor, A0: Tensor, iters: int, hat_is_first_A: bool):
+    """The half-steps of ``lorsum_rounds`` in turn from ``hat`` (B0, or the first A-step's result)."""
+    A_new = hat if hat_is_first_A else step_in(hat)
     if iters == 0:
         return A_new, step_out(A0)
     B_new = step_out(A_new)
@@ -326,6 +339,39 @@ def kfac_lorsum_update_in(
     new_in, new_out, m_in, m_out = kfac_metric_update(X, S_t.mT, v_in, v_out, *scalars, backend=backend)
     A = lorsum_update_in(B_hat, anchor, pairs, coeffs, lmbd, (m_in, m_out), backend=backend)
     return A, new_in, new_out, m_in, m_out
+
+
+__all__ += ["kfac_lorsum_rounds"]
+
+
+def kfac_lorsum_rounds(
+    anchor: tuple[Tensor, Tensor], pairs: Sequence[tuple[Tensor, Tensor]], coeffs: Sequence, lmbd, iters: int,
+    v_in: Tensor, v_out: Tensor, beta: float, damping: float, power: float, scale_in: float, scale_out: float,
+    *, backend: str | None | Backend = "auto",
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``kfac_lorsum_update_in`` from B̂ = B0, then ``lorsum_rounds`` from its result in the effective metrics
+    it returns (``first_A``): ``iters`` ALS rounds of the K-FAC-scaled LoRSum with the metric step. The same
+    calls with the same arguments; where all run natively those are built once (ScaledLoRSum's streamed
+    layer step calls this once per layer, in backward). Returns ``(A, B, v_in, v_out)``, the new factors
+    and metric EMAs; the effective metrics are those of the metric's dtype cast to the anchor's."""
+    A0, B0 = anchor
+    scalars = (float(beta), float(damping), float(power), float(scale_in), float(scale_out))
+    if _native_rounds(backend, B0.device) and _native.has_native_op("kfac_lorsum_update_in", B0.device.type):
+        hat, *rest = _half_step_args(B0, anchor, pairs, coeffs, lmbd, None)
+        A_first, new_in, new_out, m_in, m_out = torch.ops.lorsum.kfac_lorsum_update_in(
+            hat, *rest[:-2], v_in, v_out, *scalars)
+        # As _half_step_args would pass these metrics: in the anchor's dtype, broadcast to the batch.
+        batch = hat.shape[:-2]
+        rest[-2:] = [m if m.shape[:-1] == batch else m.expand(batch + m.shape[-1:])
+                     for m in (as_dtype(m_in, A0.dtype), as_dtype(m_out, A0.dtype))]
+        A_new, B_new = _alternate(*_native_half_steps(rest), A_first, rest[0], iters, True)
+        return A_new, B_new, new_in, new_out
+    A_first, new_in, new_out, m_in, m_out = kfac_lorsum_update_in(B0, anchor, pairs, coeffs, lmbd, v_in, v_out,
+                                                                  *scalars, backend=backend)
+    A_new, B_new = lorsum_rounds(anchor, pairs, coeffs, lmbd, iters,
+                                 (as_dtype(m_in, A0.dtype), as_dtype(m_out, A0.dtype)), backend=backend,
+                                 first_A=A_first)
+    return A_new, B_new, new_in, new_out
 
 
 # float64 tensors of plain numbers the half-steps are called with, by value (the native ops only read them):

@@ -6,9 +6,11 @@ benchmark's SmolLM2 model (``benchmark/real_model.build``: LoRA r=16 on the 210 
 random tokens), and reports each side's work per step (the capture's sink, i.e. the work inside backward,
 and the flush of the CPU's queue of layer steps at backward's end, plus ``step()``). Only Python is swapped: both sides run the same native extension (the one built from
 the working tree). The swapped functions: ``LoRAOptimizer.step``, ``._update_clip`` and
-``._compute_bucket`` (optim/base.py), ``StreamedStep.take``, ``.collect`` and ``._whole_step``
-(optim/streaming.py; the latter calls a method's one-layer path since 2026-12-03),
-``functional.low_rank_sum._lorsum`` and ``._als_rounds``, and ``ops._half_step_args``.
+``._compute_bucket`` (optim/base.py), ``StreamedStep.take``, ``.collect``, ``.flush`` and ``._whole_step``
+(optim/streaming.py; the latter calls a method's one-layer path since 2026-12-03), the optimizer's own
+``_one_layer_step`` (optim/lorsum.py; the base's None where the commit's class has none),
+``functional.low_rank_sum._lorsum`` and ``._als_rounds``, ``kfac_scaled_low_rank_sum`` as
+``functional.lorsum_step`` calls it, and ``ops._half_step_args``.
 
     python tools/python_path_ab.py lorsum --against HEAD~1 [--steps 6] [--kwargs '{"momentum": 0.9}']
 """
@@ -31,6 +33,8 @@ from lorsum_kernels.optim import base, streaming
 
 ROOT = Path(__file__).resolve().parents[1]
 low_rank_sum = importlib.import_module("lorsum_kernels.functional.low_rank_sum")
+lorsum_step = importlib.import_module("lorsum_kernels.functional.lorsum_step")
+lorsum_methods = importlib.import_module("lorsum_kernels.optim.lorsum")
 
 
 def _module_at(commit: str, path: str, package: str) -> dict:
@@ -50,18 +54,34 @@ def _sides(commit: str, cls: type) -> dict:
     old_streamed = _module_at(commit, "lorsum_kernels/optim/streaming.py", optim)["StreamedStep"]
     old_lrs = _module_at(commit, "lorsum_kernels/functional/low_rank_sum.py", "lorsum_kernels.functional")
     old_ops = _module_at(commit, "lorsum_kernels/ops.py", "lorsum_kernels")
+    old_methods = _module_at(commit, "lorsum_kernels/optim/lorsum.py", optim)
+    # The commit's methods test ``type(self)._method_step is <their class>._method_step``: let their globals
+    # name the classes the optimizer is built from.
+    old_methods.update({name: getattr(lorsum_methods, name) for name in ("LoRSum", "ScaledLoRSum")})
+    old_class = old_methods.get(cls.__name__)
+    old_one_layer = (old_class.__dict__.get("_one_layer_step") if old_class is not None else None) or \
+        base.LoRAOptimizer.__dict__["_one_layer_step"]
     targets = [(cls, "step"), (base.LoRAOptimizer, "_update_clip"),
                (base.LoRAOptimizer, "_compute_bucket"), (streaming.StreamedStep, "take"),
                (streaming.StreamedStep, "collect"), (streaming.StreamedStep, "_whole_step"),
-               (low_rank_sum, "_lorsum"), (low_rank_sum, "_als_rounds"), (ops, "_half_step_args")]
+               (streaming.StreamedStep, "flush"),
+               (low_rank_sum, "_lorsum"), (low_rank_sum, "_als_rounds"), (ops, "_half_step_args"),
+               (cls, "_one_layer_step"), (lorsum_step, "kfac_scaled_low_rank_sum")]
     old = [old_base.__dict__["step"], old_base.__dict__["_update_clip"], old_base.__dict__["_compute_bucket"],
            old_streamed.__dict__["take"], old_streamed.__dict__["collect"],
-           old_streamed.__dict__["_whole_step"], old_lrs["_lorsum"], old_lrs["_als_rounds"],
-           old_ops["_half_step_args"]]
+           old_streamed.__dict__["_whole_step"], old_streamed.__dict__["flush"], old_lrs["_lorsum"],
+           old_lrs["_als_rounds"], old_ops["_half_step_args"], old_one_layer, old_lrs["kfac_scaled_low_rank_sum"]]
     # The tree's: the unwrapped step, the classes' own methods, the modules' functions.
     new = [base.LoRAOptimizer.__dict__["step"]]
-    new += [owner.__dict__[attr] if isinstance(owner, type) else getattr(owner, attr) for owner, attr in targets[1:]]
+    new += [_own(owner, attr) for owner, attr in targets[1:]]
     return {"tree": list(zip(targets, new)), commit: list(zip(targets, old))}
+
+
+def _own(owner, attr: str):
+    """The tree's ``attr`` of a class (its own, or the one it inherits) or of a module."""
+    if not isinstance(owner, type):
+        return getattr(owner, attr)
+    return next(c.__dict__[attr] for c in owner.__mro__ if attr in c.__dict__)
 
 
 def main(argv=None) -> None:

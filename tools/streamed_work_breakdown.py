@@ -31,8 +31,8 @@ from lorsum_kernels.benchmark import real_model
 from lorsum_kernels.benchmark.step_flops import gemm_flops_per_second
 from lorsum_kernels.optim import base, guards
 
-TIMED_OPS = ("lorsum_update_in", "lorsum_update_out", "lorsum_rounds", "lorsum_update_with_token_product",
-             "pair_products", "kfac_metric_update", "kfac_lorsum_update_in")
+TIMED_OPS = ("lorsum_update_in", "lorsum_update_out", "lorsum_rounds", "kfac_lorsum_rounds",
+             "lorsum_update_with_token_product", "pair_products", "kfac_metric_update", "kfac_lorsum_update_in")
 STREAMED = "streamed layer steps (the whole per-layer step)"
 
 
@@ -58,7 +58,7 @@ def main(argv=None) -> None:
                 return fn(*a, **k)
             finally:
                 spent[key] += time.perf_counter() - start
-                if timing["on"] and key == "lorsum_rounds":  # ((A0, B0), pairs, coeffs, lmbd, iters, ...)
+                if timing["on"] and key.endswith("lorsum_rounds"):  # ((A0, B0), pairs, coeffs, lmbd, iters, ..)
                     (A0, B0), iters = a[0], a[4]
                     halves = 2 * max(iters, 1) - (k.get("first_A") is not None)
                     per_call[(key, B0.shape[-2], A0.shape[-1], A0.shape[-2], halves)].append(
@@ -110,7 +110,7 @@ def main(argv=None) -> None:
         print(f"work (streamed layer steps + step()): median {statistics.median(work):.0f} ms over {len(work)} steps")
     rate = gemm_flops_per_second(2048, 2048, 2048, device=torch.device("cpu"))
     print(f"per call over the timed steps (square-GEMM rate {rate / 1e9:.1f} GFLOP/s; bound: the call's "
-          "token products, 2·T·w·(m+n) flops per half-step, w the r-wide operand's width; lorsum_rounds: "
+          "token products, 2·T·w·(m+n) flops per half-step, w the r-wide operand's width; (kfac_)lorsum_rounds: "
           "its half-steps)")
     T = ids.numel()
     for (name, m, n, w, halves), times in sorted(per_call.items()):

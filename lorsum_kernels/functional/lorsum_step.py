@@ -31,7 +31,7 @@ from .low_rank_sum import (
     shampoo_statistics,
 )
 
-__all__ = ["psi_lora_step", "scaled_psi_lora_step"]
+__all__ = ["kfac_scale_out", "psi_lora_step", "scaled_psi_lora_step"]
 
 
 def psi_lora_step(
@@ -118,7 +118,7 @@ def scaled_psi_lora_step(
     lam = lam.clamp_min(min_lmbd) if isinstance(lam, Tensor) else max(lam, min_lmbd)
     if metric == "kfac" and reduce is None and fused_beta2 is not None:
         T = X.shape[-2]
-        kfac = (fused_beta2, damping, metric_power, 1.0 / max(T, 1), _kfac_scale_out(loss_reduction, T))
+        kfac = (fused_beta2, damping, metric_power, 1.0 / max(T, 1), kfac_scale_out(loss_reduction, T))
         if momentum_factors is None:
             # The metric step folded into the first A-step: its statistics summed in that half-step's own
             # passes over X and S (ops.kfac_lorsum_update_in), not in a pass of their own.
@@ -153,7 +153,7 @@ def scaled_psi_lora_step(
     return A_new, B_new, (v_in, v_out), None
 
 
-def _kfac_scale_out(loss_reduction: str, T: int) -> float:
+def kfac_scale_out(loss_reduction: str, T: int) -> float:
     """The scale of Σ_t s_t² in the K-FAC output statistic (``kfac_statistics``): T for a mean-reduced loss,
     1/T for a sum."""
     if loss_reduction not in ("mean", "sum"):

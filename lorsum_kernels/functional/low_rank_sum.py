@@ -258,11 +258,9 @@ def kfac_scaled_low_rank_sum(
     if len(pairs) < 2:
         raise ValueError("pairs[1] must be the token pair (X, S.mT) whose statistics the metric takes")
     out_dtype = pairs[0][0].dtype
-    anchor, rest, dt = _in_math_dtype(pairs, backend)
-    A_first, v_in, v_out, m_in, m_out = ops.kfac_lorsum_update_in(anchor[1], anchor, rest, coeffs, lmbd,
-                                                                  *metric_state, *kfac, backend=backend)
-    metrics = (as_dtype(m_in, dt), as_dtype(m_out, dt))
-    A_new, B_new = _als_rounds(anchor, rest, coeffs, lmbd, metrics, iters, backend, first_A=A_first)
+    anchor, rest, _ = _in_math_dtype(pairs, backend)
+    A_new, B_new, v_in, v_out = ops.kfac_lorsum_rounds(anchor, rest, coeffs, lmbd, iters, *metric_state, *kfac,
+                                                       backend=backend)
     return (as_dtype(A_new, out_dtype), as_dtype(B_new, out_dtype)), (v_in, v_out)
 
 

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from .. import ops
 from .._numerics import as_dtype
-from ..functional.lorsum_step import psi_lora_step, scaled_psi_lora_step
+from ..functional.lorsum_step import kfac_scale_out, psi_lora_step, scaled_psi_lora_step
 from .base import LoRAOptimizer
 from .checks import check_positive
 from . import step_normalization
@@ -407,9 +407,10 @@ class ScaledLoRSum(_NormalizedStep, _MomentumFactors, LoRAOptimizer):
 
     def _one_layer_step(self, group, layer, X, S):
         """The streamed layer step of the usual configuration (the K-FAC metric, no momentum buffer; otherwise
-        as ``LoRSum._one_layer_step``), as ``_compute_bucket`` computes it for one layer: the same
-        ``scaled_psi_lora_step`` call on the same arguments (β2's warm-up on the host), without the bucket
-        and normalisation layers around it. None where it does not apply."""
+        as ``LoRSum._one_layer_step``), as ``_compute_bucket`` computes it for one layer: the ops of
+        ``scaled_psi_lora_step`` (``ops.kfac_lorsum_rounds``) on the same arguments (β2's warm-up on the
+        host), without the bucket, the normalisation and the functional layers around them. None where it
+        does not apply."""
         beta1, beta2 = group["betas"]
         if group["metric"] != "kfac" or beta1 or type(self)._method_step is not ScaledLoRSum._method_step:
             return None
@@ -425,12 +426,14 @@ class ScaledLoRSum(_NormalizedStep, _MomentumFactors, LoRAOptimizer):
                 return None
             extra["metric_updates"] = t + 1
         A, B, root = self._balanced_layer(layer)
-        metric_state = (state["metric_in"].unsqueeze(0), state["metric_out"].unsqueeze(0))
-        A_new, B_new, (v_in, v_out), _ = scaled_psi_lora_step(
-            A, B, X.unsqueeze(0), S.unsqueeze(0), metric_state, None, lr=lr,
-            lmbd=group["lmbd"] * self._ridge(group, lr), min_lmbd=group["min_lmbd"],
-            iters=group["iters"], betas=(beta1, beta2), damping=group["damping"], metric="kfac",
-            metric_power=group["metric_power"], loss_reduction=group["loss_reduction"],
+        T = X.shape[-2]
+        # scaled_psi_lora_step's λ = max(η·λ0, min λ) and K-FAC scalars, as it rounds them
+        lam = max(lr * (group["lmbd"] * self._ridge(group, lr)), group["min_lmbd"])
+        kfac = (beta2, group["damping"], group["metric_power"], 1.0 / max(T, 1),
+                kfac_scale_out(group["loss_reduction"], T))
+        A_new, B_new, v_in, v_out = ops.kfac_lorsum_rounds(
+            (A, B), [(X.unsqueeze(0), S.unsqueeze(0).mT)], [1.0, -lr * (1 - beta1)], lam, group["iters"],
+            state["metric_in"].unsqueeze(0), state["metric_out"].unsqueeze(0), *kfac,
             backend=self._backend(group, layer.A.device))
         return A_new / root, B_new / root, {"metric_in": v_in, "metric_out": v_out, **extra}, None
 

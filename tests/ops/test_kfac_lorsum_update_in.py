@@ -233,3 +233,26 @@ def test_cuda_runs_the_two_native_ops_in_turn(be):
     out = _run(p, "native")
     for o, e in zip(out, exact):
         assert o.device == be.device and rel_err(o.cpu(), e) < 1e-5
+
+
+@pytest.mark.parametrize("state", [F32, F64], ids=["fp32_state", "fp64_state"])
+@pytest.mark.parametrize("iters", [0, 1, 3])
+@over_backends("lorsum_update_in")
+def test_rounds_are_the_fused_step_then_the_half_steps(be, iters, state):
+    # ops.kfac_lorsum_rounds (ScaledLoRSum's layer step) builds the native ops' arguments once: the same calls,
+    # bit for bit, as kfac_lorsum_update_in and then lorsum_rounds from its result in its metrics (cast to the
+    # factors' dtype), with per-layer coefficients and bf16 token data.
+    p = _problem((3, 37, 23, 41, 5), F32, big_dtype=BF16, state_dtype=state, per_layer=True)
+    p = {k: be.to(v) if isinstance(v, torch.Tensor) else v for k, v in p.items()}
+    p["pairs"] = [(be.to(a), be.to(b)) for a, b in p["pairs"]]
+    p["coeffs"] = [be.to(c) if isinstance(c, torch.Tensor) else c for c in p["coeffs"]]
+    anchor = (p["A0"], p["B0"])
+    A_first, v_in, v_out, m_in, m_out = _run(p, be.name)
+    metrics = (m_in.to(F32), m_out.to(F32))
+    expected = (*ops.lorsum_rounds(anchor, p["pairs"], p["coeffs"], p["lmbd"], iters, metrics, backend=be.name,
+                                   first_A=A_first), v_in, v_out)
+    out = ops.kfac_lorsum_rounds(anchor, p["pairs"], p["coeffs"], p["lmbd"], iters, p["v_in"], p["v_out"],
+                                 *p["kfac"], backend=be.name)
+    assert len(out) == 4 and all(torch.equal(a, b) for a, b in zip(out, expected))
+    exact = _exact(p)  # and the first A-step is the fused op's (for iters = 0, the Jacobi round's A)
+    assert rel_err(out[0] if iters == 0 else A_first, exact[0]) < 1e-5
