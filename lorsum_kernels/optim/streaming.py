@@ -32,7 +32,8 @@ Contract (the optimizers' ``capture=`` and ``accumulation_steps=`` arguments):
   never stream: they are cached, the token-sum layers streamed.
 * On the CPU, in one process, the layer steps run in short batches: each layer's (X, S) waits in a queue
   until the next would take it past ``stream_batch_bytes`` (default 64 MiB; a layer larger than that runs
-  at once) or backward ends (an autograd final callback), and the queued steps then run in a row. Right
+  at once) or backward ends (an autograd final callback), and the queued steps then run in a row, the
+  last queued first (its data are the likeliest still in cache). Right
   after a layer's GEMMs its step runs cold (the GEMMs evicted the code and data its dispatched calls
   touch, each costing tens to hundreds of µs there against a few warm: docs/step_cost.md); in a row, all
   but the first run warm. So at most that many bytes of X and S outlive their layers' backward, and
@@ -242,10 +243,13 @@ class StreamedStep:
             self._whole_step(layer, group, X, S)
 
     def flush(self) -> None:
-        """Runs the queued layer steps, in backward order."""
+        """Runs the queued layer steps, the one queued last first. Its X and S went through the cache last
+        (its layer's backward had just read them), so where the queue outgrows the cache the last layers'
+        data are still in it; each step run after them then evicts the data of a step already run (the
+        least recently used), where in backward order it would evict those of the steps to come."""
         while self.pending:
             queue, self.pending, self.pending_bytes = self.pending, [], 0
-            for entry in queue:
+            for entry in reversed(queue):
                 self.run(*entry)
 
     def _queues(self, X: Tensor) -> bool:
