@@ -35,6 +35,12 @@ def test_bound_is_the_sum_of_the_first_and_second_order_norms(L, m, n, r):
     moved = moved_by(B, B2, alpha) @ moved_by(A, A2, alpha) - B @ A
     assert (moved.flatten(1).norm(dim=1) <= alpha * bound * (1 + 1e-12)).all()
     assert torch.equal(moved_by(A, A2, torch.tensor(1.0, dtype=D)), A2)  # α = 1: the step, bit for bit
+    # Per layer (normalize_step's shrink): old + α·(new − old) as written where α < 1, the step itself at 1.
+    per_layer = torch.tensor([0.3, 1.0, 0.7][:L], dtype=torch.float32).view(-1, 1, 1)
+    A32, A232 = A.float(), A2.float()
+    formula = torch.where(per_layer < 1, A32 + per_layer * (A232 - A32), A232)
+    assert torch.equal(moved_by(A32, A232, per_layer), formula)
+    assert torch.equal(A32, A.float()) and torch.equal(A232, A2.float())  # the inputs are left as they were
 
 
 # ScaledLoRSum with the official code's class defaults: the output side of the metric is δ, the step scales

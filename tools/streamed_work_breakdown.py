@@ -10,9 +10,13 @@ the code by alternating them in one process, not by two runs of this tool.
 Over the timed steps it then prints, per layer shape: each half-step op's median time per call against
 its flop bound (its token products at the square-GEMM rate measured at the end), and the median layer step
 that ran first in a flush of the CPU's queue (right after the layer GEMMs of backward) against those that
-ran after another layer's step.
+ran after another layer's step (and of it, the rounds call's).
 
-    python tools/streamed_work_breakdown.py lorsum [--kwargs '{"momentum": 0.9}'] [--steps 5]
+With ``--profile-step`` one more step follows, its ``step()`` under ``torch.profiler``: the top ops by self
+time, and the parts of ``step()`` (the streamed results' collection, the normalised step's finish, the writes)
+by total time.
+
+    python tools/streamed_work_breakdown.py lorsum [--kwargs '{"momentum": 0.9}'] [--steps 5] [--profile-step]
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ def main(argv=None) -> None:
     parser.add_argument("--kwargs", default="{}", help="JSON keyword arguments of the optimizer")
     parser.add_argument("--steps", type=int, default=5, help="timed steps, after 2 warm-up steps")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--profile-step", action="store_true", help="profile step() of one more step")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     model = real_model.build(30, 16, "none", torch.device("cpu"))
@@ -49,6 +54,7 @@ def main(argv=None) -> None:
     spent = collections.defaultdict(float)
     per_call = defaultdict(list)  # (op, m, n) -> seconds per call, timed steps only
     per_layer = defaultdict(list)  # (first in its flush, m, n) -> seconds per layer step, timed steps only
+    rounds_first = defaultdict(list)  # (first in its flush, m, n) -> seconds per (kfac_)lorsum_rounds call
     timing = {"on": False, "first": True}
 
     def timed(fn, key):
@@ -63,6 +69,7 @@ def main(argv=None) -> None:
                     halves = 2 * max(iters, 1) - (k.get("first_A") is not None)
                     per_call[(key, B0.shape[-2], A0.shape[-1], A0.shape[-2], halves)].append(
                         time.perf_counter() - start)
+                    rounds_first[(timing["first"], B0.shape[-2], A0.shape[-1])].append(time.perf_counter() - start)
                 elif timing["on"] and len(a) > 1 and isinstance(a[1], tuple):  # (hat, (A0, B0), ...)
                     w = a[0].shape[-1] if "update_in" in key else a[0].shape[-2]  # B̂ (m×w) or Â (w×n)
                     shape = (a[1][1].shape[-2], a[1][0].shape[-1])
@@ -123,6 +130,37 @@ def main(argv=None) -> None:
         cell = lambda t: f"{1e3 * statistics.median(t):.3f} ms ({len(t)})" if t else "-"
         print(f"  layer step {m}x{n}: first in its flush {cell(first)}, "
               f"after another layer's step {cell(later)}")
+        if (True, m, n) in rounds_first:
+            print(f"    of which the rounds call: first in its flush {cell(rounds_first[(True, m, n)])}, "
+                  f"after another layer's step {cell(rounds_first.get((False, m, n), []))}")
+    if args.profile_step:
+        _profile_step(model, opt, ids)
+
+
+def _labelled(fn, label: str):
+    def wrapper(*a, **k):
+        with torch.profiler.record_function(label):
+            return fn(*a, **k)
+    return wrapper
+
+
+def _profile_step(model, opt, ids) -> None:
+    """One more step, its ``step()`` profiled: top ops by self time; the labelled parts by total time."""
+    streamed = getattr(opt, "_streamed", None)
+    if streamed is not None:
+        streamed.collect = _labelled(streamed.collect, "step: collect the streamed results")
+    for attr, label in (("_finish_normalized", "step: normalised step's finish"),
+                        ("_update_clip", "step: max_update_norm"), ("_write_bucket", "step: write a bucket")):
+        if hasattr(opt, attr):
+            setattr(opt, attr, _labelled(getattr(opt, attr), label))
+    model(input_ids=ids, labels=ids).loss.backward()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        opt.step()
+    opt.zero_grad()
+    averages = prof.key_averages()
+    print(averages.table(sort_by="self_cpu_time_total", row_limit=15))
+    for event in sorted((e for e in averages if e.key.startswith("step: ")), key=lambda e: -e.cpu_time_total):
+        print(f"  {event.key}: {event.count} calls, {event.cpu_time_total / 1e3:.1f} ms in all")
 
 
 if __name__ == "__main__":

@@ -48,4 +48,6 @@ def moved_by(old: Tensor, new: Tensor, alpha: Tensor) -> Tensor:
     cut = alpha < 1
     if cut.device.type == "cpu" and not bool(cut.any()):
         return new
-    return torch.where(cut, old + alpha.to(old.dtype) * (new - old), new)
+    # old + α·(new − old), rounded as written, in one buffer (the factors of every layer: no temporaries)
+    moved = (new - old).mul_(alpha.to(old.dtype)).add_(old)
+    return torch.where(cut, moved, new)
