@@ -41,6 +41,9 @@ def test_bound_is_the_sum_of_the_first_and_second_order_norms(L, m, n, r):
     formula = torch.where(per_layer < 1, A32 + per_layer * (A232 - A32), A232)
     assert torch.equal(moved_by(A32, A232, per_layer), formula)
     assert torch.equal(A32, A.float()) and torch.equal(A232, A2.float())  # the inputs are left as they were
+    # The differences given (normalize_step's finish has them from the bound): the same numbers.
+    assert torch.equal(merged_update_bound(A, B, A2, B2, (A2 - A, B2 - B)), bound)
+    assert torch.equal(moved_by(A32, A232, per_layer, A232 - A32), formula)
 
 
 # ScaledLoRSum with the official code's class defaults: the output side of the metric is δ, the step scales

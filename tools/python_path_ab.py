@@ -8,7 +8,8 @@ and the flush of the CPU's queue of layer steps at backward's end, plus ``step()
 the working tree). The swapped functions: ``LoRAOptimizer.step``, ``._update_clip`` and
 ``._compute_bucket`` (optim/base.py), ``StreamedStep.take``, ``.collect``, ``.flush`` and ``._whole_step``
 (optim/streaming.py; the latter calls a method's one-layer path since 2026-12-03), the optimizer's own
-``_one_layer_step`` (optim/lorsum.py; the base's None where the commit's class has none),
+``_one_layer_step`` and the helpers it calls (optim/lorsum.py; the base's None where the commit's class has
+none),
 ``functional.low_rank_sum._lorsum`` and ``._als_rounds``, ``kfac_scaled_low_rank_sum`` as
 ``functional.lorsum_step`` calls it, and ``ops._half_step_args``.
 
@@ -35,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 low_rank_sum = importlib.import_module("lorsum_kernels.functional.low_rank_sum")
 lorsum_step = importlib.import_module("lorsum_kernels.functional.lorsum_step")
 lorsum_methods = importlib.import_module("lorsum_kernels.optim.lorsum")
+ONE_LAYER_ATTRS = ("_one_layer_step", "_one_layer_lr", "_balanced_layer")
 
 
 def _module_at(commit: str, path: str, package: str) -> dict:
@@ -55,22 +57,28 @@ def _sides(commit: str, cls: type) -> dict:
     old_lrs = _module_at(commit, "lorsum_kernels/functional/low_rank_sum.py", "lorsum_kernels.functional")
     old_ops = _module_at(commit, "lorsum_kernels/ops.py", "lorsum_kernels")
     old_methods = _module_at(commit, "lorsum_kernels/optim/lorsum.py", optim)
+    old_classes = {name: c for name, c in old_methods.items() if isinstance(c, type)}
     # The commit's methods test ``type(self)._method_step is <their class>._method_step``: let their globals
     # name the classes the optimizer is built from.
     old_methods.update({name: getattr(lorsum_methods, name) for name in ("LoRSum", "ScaledLoRSum")})
-    old_class = old_methods.get(cls.__name__)
-    old_one_layer = (old_class.__dict__.get("_one_layer_step") if old_class is not None else None) or \
-        base.LoRAOptimizer.__dict__["_one_layer_step"]
+    # The one-layer path and the helpers it calls on self, as the commit's classes (or their bases) define
+    # them; the base's None where the commit has no path, a helper the commit lacks left as it is.
+    one_layer = {attr: next((old_classes[c.__name__].__dict__[attr] for c in cls.__mro__
+                             if c.__name__ in old_classes and attr in old_classes[c.__name__].__dict__), None)
+                 for attr in ONE_LAYER_ATTRS}
+    one_layer["_one_layer_step"] = one_layer["_one_layer_step"] or base.LoRAOptimizer.__dict__["_one_layer_step"]
+    one_layer = {attr: fn for attr, fn in one_layer.items() if fn is not None}
     targets = [(cls, "step"), (base.LoRAOptimizer, "_update_clip"),
                (base.LoRAOptimizer, "_compute_bucket"), (streaming.StreamedStep, "take"),
                (streaming.StreamedStep, "collect"), (streaming.StreamedStep, "_whole_step"),
                (streaming.StreamedStep, "flush"),
                (low_rank_sum, "_lorsum"), (low_rank_sum, "_als_rounds"), (ops, "_half_step_args"),
-               (cls, "_one_layer_step"), (lorsum_step, "kfac_scaled_low_rank_sum")]
+               (lorsum_step, "kfac_scaled_low_rank_sum")] + [(cls, attr) for attr in one_layer]
     old = [old_base.__dict__["step"], old_base.__dict__["_update_clip"], old_base.__dict__["_compute_bucket"],
            old_streamed.__dict__["take"], old_streamed.__dict__["collect"],
            old_streamed.__dict__["_whole_step"], old_streamed.__dict__["flush"], old_lrs["_lorsum"],
-           old_lrs["_als_rounds"], old_ops["_half_step_args"], old_one_layer, old_lrs["kfac_scaled_low_rank_sum"]]
+           old_lrs["_als_rounds"], old_ops["_half_step_args"], old_lrs["kfac_scaled_low_rank_sum"],
+           *one_layer.values()]
     # The tree's: the unwrapped step, the classes' own methods, the modules' functions.
     new = [base.LoRAOptimizer.__dict__["step"]]
     new += [_own(owner, attr) for owner, attr in targets[1:]]

@@ -400,7 +400,9 @@ class LoRAOptimizer(CheckpointMixin, ReshardingMixin, torch.optim.Optimizer):
         """The streamed step of one layer in one process, where a method has a path for it that gives
         ``_compute_bucket([layer], grads_from_data=True, check_results=False)``'s result bit for bit with
         fewer Python and ATen calls (in backward each costs several times its warm time: docs/step_cost.md);
-        None (the default) where it has none, and the bucket path runs."""
+        None (the default) where it has none, and the bucket path runs. Returns ``(A_new, B_new, new_state,
+        finite, balanced)``: with ``balanced`` the factors are still the balanced ones (``√s·A``, ``√s·B``),
+        which ``StreamedStep.collect`` divides by √s per bucket, warm, rather than per layer in backward."""
         return None
 
     def _steps_from_token_sums(self, group: dict) -> bool:

@@ -107,11 +107,11 @@ class _NormalizedStep:
         return lr
 
     def _balanced_layer(self, layer):
-        """One layer's balanced factors (1, r, n) and (1, m, r) in fp32 and its (1, 1, 1) ``√s``, as
-        ``_compute_bucket`` stacks them for a bucket of that layer."""
+        """One layer's balanced factors (1, r, n) and (1, m, r) in fp32, as ``_compute_bucket`` stacks them
+        for a bucket of that layer."""
         root = self._scale_root([layer.scale], torch.float32, layer.A.device)
         return (as_dtype(layer.A.unsqueeze(0), torch.float32) * root,
-                as_dtype(layer.B.unsqueeze(0), torch.float32) * root, root)
+                as_dtype(layer.B.unsqueeze(0), torch.float32) * root)
 
     @staticmethod
     def _at_layer_lr(step_at, group, A, B, state):
@@ -261,19 +261,19 @@ class LoRSum(_NormalizedStep, _MomentumFactors, LoRAOptimizer):
         functional layers and the per-call argument handling between them. Applies on the CPU with the
         native half-steps (which also make the results carry any non-finite data: no separate check),
         fp32 math, no momentum buffer, a number as lr, and past the normalised step's first step; None
-        otherwise."""
+        otherwise. The factors it returns are the balanced ones (``LoRAOptimizer._one_layer_step``)."""
         if group["momentum"] or type(self)._method_step is not LoRSum._method_step:
             return None
         lr = self._one_layer_lr(group, layer, X, S)
         if lr is None:
             return None
         ridge = self._ridge(group, lr)
-        A, B, root = self._balanced_layer(layer)
+        A, B = self._balanced_layer(layer)
         lam = lr * (group["lmbd"] * ridge)  # psi_lora_step's λ = η·λ0, as it rounds it
         A_new, B_new = ops.lorsum_rounds((A, B), [(X.unsqueeze(0), S.unsqueeze(0).mT)],
                                          [1.0, -lr * (1 - group["dampening"])], lam, group["iters"],
                                          backend=self._backend(group, layer.A.device))
-        return A_new / root, B_new / root, {}, None
+        return A_new, B_new, {}, None, True  # balanced: collect divides them by √s per bucket
 
     def _method_step(self, group, A, B, X, S, state, grads, reduce, backend):
         def step_at(lr):
@@ -425,7 +425,7 @@ class ScaledLoRSum(_NormalizedStep, _MomentumFactors, LoRAOptimizer):
             if beta2 is None:
                 return None
             extra["metric_updates"] = t + 1
-        A, B, root = self._balanced_layer(layer)
+        A, B = self._balanced_layer(layer)
         T = X.shape[-2]
         # scaled_psi_lora_step's λ = max(η·λ0, min λ) and K-FAC scalars, as it rounds them
         lam = max(lr * (group["lmbd"] * self._ridge(group, lr)), group["min_lmbd"])
@@ -435,7 +435,7 @@ class ScaledLoRSum(_NormalizedStep, _MomentumFactors, LoRAOptimizer):
             (A, B), [(X.unsqueeze(0), S.unsqueeze(0).mT)], [1.0, -lr * (1 - beta1)], lam, group["iters"],
             state["metric_in"].unsqueeze(0), state["metric_out"].unsqueeze(0), *kfac,
             backend=self._backend(group, layer.A.device))
-        return A_new / root, B_new / root, {"metric_in": v_in, "metric_out": v_out, **extra}, None
+        return A_new, B_new, {"metric_in": v_in, "metric_out": v_out, **extra}, None, True  # balanced
 
     def _method_step(self, group, A, B, X, S, state, grads, reduce, backend):
         beta1, beta2 = group["betas"]

@@ -297,9 +297,12 @@ class StreamedStep:
         results_unchecked = opt._reduce is None and not opt._uses_grads()
         with torch.no_grad():
             result = opt._one_layer_step(group, layer, X, S) if results_unchecked else None
-            A, B, state, finite = result if result is not None else opt._compute_bucket(
-                group, [layer], [(X, S)], grads_from_data=True, check_results=not results_unchecked)
-        self.results[id(layer)] = (layer, group, _options(group), A, B, state, finite, results_unchecked)
+            if result is None:
+                result = (*opt._compute_bucket(group, [layer], [(X, S)], grads_from_data=True,
+                                               check_results=not results_unchecked), False)
+        A, B, state, finite, balanced = result
+        self.results[id(layer)] = (layer, group, _options(group), A, B, state, finite, results_unchecked,
+                                   balanced)
 
     def _add_token_sums(self, layer: LoRALayer, group: dict, X: Tensor, S: Tensor) -> None:
         """Adds this backward's token sums to the layer's running sums. They are what the method's step passes
@@ -376,13 +379,16 @@ class StreamedStep:
         for layer in opt._layers:
             entry = self.results.pop(id(layer), None)
             if entry is not None:
-                _, group, _, A, B, state, finite, unchecked = entry
+                _, group, _, A, B, state, finite, unchecked, balanced = entry
                 key = (id(group), tuple(A.shape), tuple(B.shape), A.dtype, A.device, tuple(state),
-                       finite is None, unchecked)
+                       finite is None, unchecked, balanced)
                 buckets.setdefault(key, []).append(entry)
         for entries in buckets.values():
             layers, group, unchecked = [e[0] for e in entries], entries[0][1], entries[0][7]
             A, B = (_joined([e[k] for e in entries]) for k in (3, 4))
+            if entries[0][8]:  # balanced factors (√s·A, √s·B) from a one-layer path: back to A and B here
+                root = opt._scale_root([layer.scale for layer in layers], A.dtype, A.device)
+                A, B = A / root, B / root
             state = {key: _joined([e[5][key] for e in entries]) for key in entries[0][5]}
             finite = None if entries[0][6] is None else _joined([e[6] for e in entries])
             if unchecked:  # the results' check that the layer steps left for here

@@ -27,10 +27,12 @@ from torch import Tensor
 __all__ = ["merged_update_bound", "moved_by"]
 
 
-def merged_update_bound(A: Tensor, B: Tensor, A_new: Tensor, B_new: Tensor) -> Tensor:
+def merged_update_bound(A: Tensor, B: Tensor, A_new: Tensor, B_new: Tensor,
+                        steps: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """(L,) bound on ``‖B_new·A_new − B·A‖_F`` of a bucket of balanced factors (A (L,r,n), B (L,m,r)):
-    ``‖δB·A + B·δA‖_F + ‖δB·δA‖_F``, from r×r Grams."""
-    dA, dB = A_new - A, B_new - B
+    ``‖δB·A + B·δA‖_F + ‖δB·δA‖_F``, from r×r Grams. ``steps``: ``(A_new − A, B_new − B)`` if the caller
+    has them (a pass over the factors fewer)."""
+    dA, dB = steps if steps is not None else (A_new - A, B_new - B)
     dB_dB = dB.mT @ dB
     dA_dA = dA @ dA.mT
     dims = (-2, -1)
@@ -41,13 +43,14 @@ def merged_update_bound(A: Tensor, B: Tensor, A_new: Tensor, B_new: Tensor) -> T
     return first.clamp_min(0).sqrt() + second.clamp_min(0).sqrt()
 
 
-def moved_by(old: Tensor, new: Tensor, alpha: Tensor) -> Tensor:
+def moved_by(old: Tensor, new: Tensor, alpha: Tensor, step: Tensor | None = None) -> Tensor:
     """``old + α·(new − old)`` where α < 1, else ``new`` exactly (α a 0-d tensor, or one per layer that
     broadcasts against the factors: normalize_step's shrink). On the CPU, where reading α costs no device
-    wait, ``new`` itself when no α is below 1 (the common step: three passes over the factors saved)."""
+    wait, ``new`` itself when no α is below 1 (the common step: three passes over the factors saved).
+    ``step``: ``new − old`` if the caller has it, which this then overwrites (a pass fewer)."""
     cut = alpha < 1
     if cut.device.type == "cpu" and not bool(cut.any()):
         return new
     # old + α·(new − old), rounded as written, in one buffer (the factors of every layer: no temporaries)
-    moved = (new - old).mul_(alpha.to(old.dtype)).add_(old)
+    moved = (new - old if step is None else step).mul_(alpha.to(old.dtype)).add_(old)
     return torch.where(cut, moved, new)
