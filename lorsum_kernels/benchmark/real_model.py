@@ -44,6 +44,10 @@ reach (parameters, gradients, optimizer state, captured data, the previous loss)
 
 With ``profile``, one more step runs under ``torch.profiler`` and its top ops by self time are written to a
 text file (``profiles/<optimizer>-<checkpointing>.txt`` next to the result rows).
+
+The GEMM rates the flop bounds use (``step_flops.gemm_flops_per_second``: the model's square product and
+the r-wide product of LoRSum's rounds) are probed after each timed step, ~0.3 s each, and their medians
+kept: the rate of the same minutes as the steps.
 """
 
 from __future__ import annotations
@@ -246,6 +250,20 @@ def measure_one(name: str, *, layers: int, rank: int, batch: int, tokens: int, c
     # A streamed method does its work inside backward, in its layer steps: timed there, per step.
     streamed = {"s": 0.0}
     time_streamed_work(opt, streamed, sync)
+    # The flop bound of the method's token work (benchmark/step_flops.py) at this machine's rate on the
+    # model's own square product (a micro-batch's tokens × hidden × hidden), and at the rate of the products
+    # LoRSum's rounds are made of, tall and skinny (tokens × hidden by hidden × r): a bandwidth-bound shape
+    # that no GEMM runs at the square product's rate. Each is probed after every timed step and the median
+    # taken, so the rate is the machine's over the same minutes as the steps (a shared host's speed drifts by
+    # tens of percent over a run: one probe after all steps set the bound of a different period).
+    hidden = model.config.hidden_size
+    T = batch // accumulation * tokens
+    rates: dict = {"gemm": [], "skinny": []}
+
+    def probe_rates():
+        rates["gemm"].append(gemm_flops_per_second(T, hidden, hidden, device=device, min_run_time=0.3))
+        rates["skinny"].append(gemm_flops_per_second(T, rank, hidden, device=device, min_run_time=0.3))
+
     fb, st, total, work = [], [], [], []
     for _ in range(reps):
         streamed["s"] = 0.0
@@ -261,6 +279,7 @@ def measure_one(name: str, *, layers: int, rank: int, batch: int, tokens: int, c
         st.append(1e3 * (t2 - t1))
         total.append(1e3 * (t2 - t0))
         work.append(1e3 * streamed["s"])
+        probe_rates()
 
     gc.collect()
     live_before = live_tensor_bytes(device)
@@ -305,15 +324,9 @@ def measure_one(name: str, *, layers: int, rank: int, batch: int, tokens: int, c
                fwd_bwd_p80_ms=fb_80, step_ms=st_med, step_p20_ms=st_20, step_p80_ms=st_80, total_ms=tot_med, total_p20_ms=tot_20, total_p80_ms=tot_80,
                final_loss=loss, skipped_steps=_skipped(opt), threads=torch.get_num_threads(),
                process_peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    # The flop bound of the method's token work (benchmark/step_flops.py) at this machine's rate on the
-    # model's own square product (a micro-batch's tokens × hidden × hidden), timed after everything else.
-    # And at the rate of the products LoRSum's rounds are made of, tall and skinny (tokens × hidden by
-    # hidden × r): a bandwidth-bound shape that no GEMM runs at the square product's rate.
-    hidden = model.config.hidden_size
-    T = batch // accumulation * tokens
     row.update(model=model_name, accumulation=accumulation, step_flops=step_flops(opt, batch * tokens),
-               gemm_flops_per_s=gemm_flops_per_second(T, hidden, hidden, device=device),
-               skinny_flops_per_s=gemm_flops_per_second(T, rank, hidden, device=device))
+               gemm_flops_per_s=statistics.median(rates["gemm"]),
+               skinny_flops_per_s=statistics.median(rates["skinny"]))
     return row
 
 

@@ -50,9 +50,11 @@ def step_flops(optimizer, tokens: int) -> int:
                                 layer.rank, tokens) for layer in optimizer._layers)
 
 
-def gemm_flops_per_second(m: int, n: int, k: int, *, device: torch.device, dtype=torch.float32) -> float:
-    """This machine's rate on an (m×k)·(k×n) product, timed with ``torch.utils.benchmark``."""
+def gemm_flops_per_second(m: int, n: int, k: int, *, device: torch.device, dtype=torch.float32,
+                          min_run_time: float = 1.0) -> float:
+    """This machine's rate on an (m×k)·(k×n) product, timed with ``torch.utils.benchmark`` for at least
+    ``min_run_time`` seconds (median of its blocks)."""
     a = torch.randn(m, k, device=device, dtype=dtype)
     b = torch.randn(k, n, device=device, dtype=dtype)
     timer = torch_benchmark.Timer("a @ b", globals={"a": a, "b": b}, num_threads=torch.get_num_threads())
-    return 2 * m * n * k / timer.blocked_autorange(min_run_time=1.0).median
+    return 2 * m * n * k / timer.blocked_autorange(min_run_time=min_run_time).median
