@@ -10,7 +10,7 @@ raises. The layers above (``functional``, ``optim``, ``init``) reach the backend
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -98,19 +98,39 @@ def lorsum_rounds(
     half-steps from the anchor). The calls of ``lorsum_update_in`` / ``lorsum_update_out`` in turn, with the
     same arguments; where both run natively those are built once, for every call (a streamed layer step
     calls this once per layer, in backward, where each Python call costs several times its warm time)."""
+    return prepare_lorsum_rounds(anchor, pairs, coeffs, lmbd, iters, metrics, backend=backend,
+                                 first_A=first_A)()
+
+
+def prepare_lorsum_rounds(
+    anchor: tuple[Tensor, Tensor],
+    pairs: Sequence[tuple[Tensor, Tensor]],
+    coeffs: Sequence,
+    lmbd,
+    iters: int,
+    metrics: tuple[Tensor, Tensor] | None = None,
+    *,
+    backend: str | None | Backend = "auto",
+    first_A: Tensor | None = None,
+) -> Callable[[], tuple[Tensor, Tensor]]:
+    """``lorsum_rounds`` in two parts: the native ops' arguments are built now, and the returned function
+    runs the rounds. A queue of layer steps (``StreamedStep.flush``) builds every layer's arguments first,
+    then runs the native calls back to back: each layer's step streams megabytes of X and S through the
+    cache, and Python run between two of them finds its own data evicted (docs/step_cost.md)."""
     A0, B0 = anchor
     hat = B0 if first_A is None else first_A
     if _native_rounds(backend, B0.device):
         # The first call's iterate (B0 for the A-step, or first_A for the B-step), broadcast as the ops would.
         hat, *rest = _half_step_args(hat, anchor, pairs, coeffs, lmbd, metrics)
-        return _alternate(*_native_half_steps(rest), hat, rest[0], iters, first_A is not None)
+        step_in, step_out = _native_half_steps(rest)
+        return lambda: _alternate(step_in, step_out, hat, rest[0], iters, first_A is not None)
 
     def step_in(iterate):
         return lorsum_update_in(iterate, anchor, pairs, coeffs, lmbd, metrics, backend=backend)
 
     def step_out(iterate):
         return lorsum_update_out(iterate, anchor, pairs, coeffs, lmbd, metrics, backend=backend)
-    return _alternate(step_in, step_out, hat, A0, iters, first_A is not None)
+    return lambda: _alternate(step_in, step_out, hat, A0, iters, first_A is not None)
 
 
 def _native_rounds(backend, device) -> bool:
@@ -141,7 +161,7 @@ def _alternate(step_in, step_out, hat: Tensor, A0: Tensor, iters: int, hat_is_fi
     return A_new, B_new
 
 
-__all__ += ["lorsum_rounds"]
+__all__ += ["lorsum_rounds", "prepare_lorsum_rounds"]
 
 
 def spd_solve(gram: Tensor, rhs: Tensor, *, left: bool = True, backend: str | None | Backend = "auto") -> Tensor:
@@ -341,7 +361,7 @@ def kfac_lorsum_update_in(
     return A, new_in, new_out, m_in, m_out
 
 
-__all__ += ["kfac_lorsum_rounds"]
+__all__ += ["kfac_lorsum_rounds", "prepare_kfac_lorsum_rounds"]
 
 
 def kfac_lorsum_rounds(
@@ -354,24 +374,42 @@ def kfac_lorsum_rounds(
     calls with the same arguments; where all run natively those are built once (ScaledLoRSum's streamed
     layer step calls this once per layer, in backward). Returns ``(A, B, v_in, v_out)``, the new factors
     and metric EMAs; the effective metrics are those of the metric's dtype cast to the anchor's."""
+    return prepare_kfac_lorsum_rounds(anchor, pairs, coeffs, lmbd, iters, v_in, v_out, beta, damping, power,
+                                      scale_in, scale_out, backend=backend)()
+
+
+def prepare_kfac_lorsum_rounds(
+    anchor: tuple[Tensor, Tensor], pairs: Sequence[tuple[Tensor, Tensor]], coeffs: Sequence, lmbd, iters: int,
+    v_in: Tensor, v_out: Tensor, beta: float, damping: float, power: float, scale_in: float, scale_out: float,
+    *, backend: str | None | Backend = "auto",
+) -> Callable[[], tuple[Tensor, Tensor, Tensor, Tensor]]:
+    """``kfac_lorsum_rounds`` in two parts, as ``prepare_lorsum_rounds``: the native ops' arguments built now,
+    the ops run by the returned function."""
     A0, B0 = anchor
     scalars = (float(beta), float(damping), float(power), float(scale_in), float(scale_out))
     if _native_rounds(backend, B0.device) and _native.has_native_op("kfac_lorsum_update_in", B0.device.type):
         hat, *rest = _half_step_args(B0, anchor, pairs, coeffs, lmbd, None)
-        A_first, new_in, new_out, m_in, m_out = torch.ops.lorsum.kfac_lorsum_update_in(
-            hat, *rest[:-2], v_in, v_out, *scalars)
-        # As _half_step_args would pass these metrics: in the anchor's dtype, broadcast to the batch.
-        batch = hat.shape[:-2]
-        rest[-2:] = [m if m.shape[:-1] == batch else m.expand(batch + m.shape[-1:])
-                     for m in (as_dtype(m_in, A0.dtype), as_dtype(m_out, A0.dtype))]
-        A_new, B_new = _alternate(*_native_half_steps(rest), A_first, rest[0], iters, True)
+        step_in, step_out = _native_half_steps(rest)
+
+        def run():
+            A_first, new_in, new_out, m_in, m_out = torch.ops.lorsum.kfac_lorsum_update_in(
+                hat, *rest[:-2], v_in, v_out, *scalars)
+            # As _half_step_args would pass these metrics: in the anchor's dtype, broadcast to the batch.
+            batch = hat.shape[:-2]
+            rest[-2:] = [m if m.shape[:-1] == batch else m.expand(batch + m.shape[-1:])
+                         for m in (as_dtype(m_in, A0.dtype), as_dtype(m_out, A0.dtype))]
+            A_new, B_new = _alternate(step_in, step_out, A_first, rest[0], iters, True)
+            return A_new, B_new, new_in, new_out
+        return run
+
+    def run():
+        A_first, new_in, new_out, m_in, m_out = kfac_lorsum_update_in(
+            B0, anchor, pairs, coeffs, lmbd, v_in, v_out, *scalars, backend=backend)
+        A_new, B_new = lorsum_rounds(anchor, pairs, coeffs, lmbd, iters,
+                                     (as_dtype(m_in, A0.dtype), as_dtype(m_out, A0.dtype)), backend=backend,
+                                     first_A=A_first)
         return A_new, B_new, new_in, new_out
-    A_first, new_in, new_out, m_in, m_out = kfac_lorsum_update_in(B0, anchor, pairs, coeffs, lmbd, v_in, v_out,
-                                                                  *scalars, backend=backend)
-    A_new, B_new = lorsum_rounds(anchor, pairs, coeffs, lmbd, iters,
-                                 (as_dtype(m_in, A0.dtype), as_dtype(m_out, A0.dtype)), backend=backend,
-                                 first_A=A_first)
-    return A_new, B_new, new_in, new_out
+    return run
 
 
 # float64 tensors of plain numbers the half-steps are called with, by value (the native ops only read them):

@@ -314,24 +314,25 @@ ONE_LAYER_PATHS = {
 @pytest.mark.parametrize("data_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("name", list(ONE_LAYER_PATHS))
 def test_one_layer_step_is_the_bucket_path_bit_for_bit(name, data_dtype):
-    """LoRSum's and ScaledLoRSum's streamed layer step in the usual configuration (``_one_layer_step``: fp32,
-    CPU, native half-steps, no momentum, the K-FAC metric) gives what ``_compute_bucket`` gives for the layer,
-    bit for bit: the training of OddNet with it and with it turned off, at the defaults, with k = 2, and the
+    """LoRSum's and ScaledLoRSum's streamed layer step in the usual configuration
+    (``_prepare_one_layer_step``: fp32, CPU, native half-steps, no momentum, the K-FAC metric; prepared for
+    a whole queue before any runs) gives what ``_compute_bucket`` gives for the layer, bit for bit: the
+    training of OddNet with it and with it turned off, at the defaults, with k = 2, and the
     plain step; in fp32 and in bf16 (factors and data)."""
     cls, kw = ONE_LAYER_PATHS[name]
     trained, used = [], []
     for fast in (True, False):
         model = OddNet(data_dtype)  # bf16: the factors and X, S too (the step's math is fp32)
         opt = cls(model, capture="stream", backend="native", **kw)
-        one_layer = opt._one_layer_step
+        one_layer = opt._prepare_one_layer_step
         calls = []
 
         def counted(*args, one_layer=one_layer, calls=calls, fast=fast):
-            result = one_layer(*args) if fast else None
-            calls.append(result is not None)
-            return result
+            prepared = one_layer(*args) if fast else None
+            calls.append(prepared is not None)
+            return prepared
 
-        opt._one_layer_step = counted
+        opt._prepare_one_layer_step = counted
         for batch in _batches(4, data_dtype):
             _loss(model, batch).backward()
             opt.step()
@@ -343,6 +344,41 @@ def test_one_layer_step_is_the_bucket_path_bit_for_bit(name, data_dtype):
     (p_fast, s_fast), (p_bucket, s_bucket) = trained
     assert all(torch.equal(a, b) for a, b in zip(p_fast, p_bucket))
     assert s_fast.keys() == s_bucket.keys() and all(torch.equal(s_fast[k], s_bucket[k]) for k in s_fast)
+
+
+@pytest.mark.parametrize("cls", [lk.LoRSum, lk.ScaledLoRSum])
+def test_a_flush_prepares_every_layer_step_before_running_one(cls):
+    """The CPU's queue builds the arguments of all its layer steps first, then runs their native work back to
+    back (``StreamedStep.prepare``: Python between two layer steps runs with its data evicted by theirs),
+    the last queued first; each layer's result once, from its own prepared step."""
+    model = OddNet(torch.float32)
+    opt = cls(model, capture="stream", backend="native")
+    events, prepare = [], opt._prepare_one_layer_step
+
+    def noted(group, layer, X, S):
+        run = prepare(group, layer, X, S)
+        events.append(("prepare", layer.name, run is not None))
+        if run is None:
+            return None
+
+        def noted_run():
+            events.append(("run", layer.name, True))
+            return run()
+        return noted_run
+
+    opt._prepare_one_layer_step = noted
+    for i, batch in enumerate(_batches(3, torch.float32)):
+        events.clear()
+        queued = []
+        take = opt._streamed.take
+        opt._capture.sink = lambda layer, X, S: queued.append(layer.name) or take(layer, X, S)
+        _loss(model, batch).backward()
+        if i > 0:  # past the normalised step's first (measured) step, every layer has the short path
+            names = [name for _, name, _ in events]
+            assert [e[0] for e in events] == ["prepare"] * len(queued) + ["run"] * len(queued)
+            assert names[:len(queued)] == queued[::-1] == names[len(queued):] and all(e[2] for e in events)
+        opt.step()
+        opt.zero_grad()
 
 
 def test_one_layer_step_declines_what_it_does_not_cover():

@@ -4,13 +4,13 @@ Host drift between processes (±10–20% here) hides changes of a few percent, s
 Python functions between the working tree's and ``--against``'s, step by step, on the real-model
 benchmark's SmolLM2 model (``benchmark/real_model.build``: LoRA r=16 on the 210 linear modules, 4 × 512
 random tokens), and reports each side's work per step (the capture's sink, i.e. the work inside backward,
-and the flush of the CPU's queue of layer steps at backward's end, plus ``step()``). Only Python is swapped: both sides run the same native extension (the one built from
-the working tree). The swapped functions: ``LoRAOptimizer.step``, ``._update_clip`` and
-``._compute_bucket`` (optim/base.py), ``StreamedStep.take``, ``.collect``, ``.flush`` and ``._whole_step``
-(optim/streaming.py; the latter calls a method's one-layer path since 2026-12-03), the optimizer's own
-``_one_layer_step`` and the helpers it calls (optim/lorsum.py; the base's None where the commit's class has
-none),
-``functional.low_rank_sum._lorsum`` and ``._als_rounds``, ``kfac_scaled_low_rank_sum`` as
+and the flush of the CPU's queue of layer steps at backward's end, plus ``step()``). Only Python is
+swapped: both sides run the same native extension (the one built from the working tree). The swapped
+functions: ``LoRAOptimizer.step``, ``._update_clip`` and ``._compute_bucket`` (optim/base.py),
+``StreamedStep.take``, ``.collect``, ``.flush``, ``.prepare`` and ``._whole_step`` (optim/streaming.py; the
+latter calls a method's one-layer path since 2026-12-03), the optimizer's own ``_one_layer_step`` /
+``_prepare_one_layer_step`` and the helpers they call (optim/lorsum.py; the base's None where the commit's
+class has none), ``functional.low_rank_sum._lorsum`` and ``._als_rounds``, ``kfac_scaled_low_rank_sum`` as
 ``functional.lorsum_step`` calls it, and ``ops._half_step_args``.
 
     python tools/python_path_ab.py lorsum --against HEAD~1 [--steps 6] [--kwargs '{"momentum": 0.9}']
@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 low_rank_sum = importlib.import_module("lorsum_kernels.functional.low_rank_sum")
 lorsum_step = importlib.import_module("lorsum_kernels.functional.lorsum_step")
 lorsum_methods = importlib.import_module("lorsum_kernels.optim.lorsum")
-ONE_LAYER_ATTRS = ("_one_layer_step", "_one_layer_lr", "_balanced_layer")
+ONE_LAYER_ATTRS = ("_one_layer_step", "_prepare_one_layer_step", "_one_layer_lr", "_balanced_layer")
 
 
 def _module_at(commit: str, path: str, package: str) -> dict:
@@ -66,17 +66,21 @@ def _sides(commit: str, cls: type) -> dict:
     one_layer = {attr: next((old_classes[c.__name__].__dict__[attr] for c in cls.__mro__
                              if c.__name__ in old_classes and attr in old_classes[c.__name__].__dict__), None)
                  for attr in ONE_LAYER_ATTRS}
-    one_layer["_one_layer_step"] = one_layer["_one_layer_step"] or base.LoRAOptimizer.__dict__["_one_layer_step"]
+    for attr in ("_one_layer_step", "_prepare_one_layer_step"):
+        one_layer[attr] = one_layer[attr] or base.LoRAOptimizer.__dict__[attr]
     one_layer = {attr: fn for attr, fn in one_layer.items() if fn is not None}
     targets = [(cls, "step"), (base.LoRAOptimizer, "_update_clip"),
                (base.LoRAOptimizer, "_compute_bucket"), (streaming.StreamedStep, "take"),
                (streaming.StreamedStep, "collect"), (streaming.StreamedStep, "_whole_step"),
-               (streaming.StreamedStep, "flush"),
+               (streaming.StreamedStep, "flush"), (streaming.StreamedStep, "prepare"),
                (low_rank_sum, "_lorsum"), (low_rank_sum, "_als_rounds"), (ops, "_half_step_args"),
                (lorsum_step, "kfac_scaled_low_rank_sum")] + [(cls, attr) for attr in one_layer]
     old = [old_base.__dict__["step"], old_base.__dict__["_update_clip"], old_base.__dict__["_compute_bucket"],
            old_streamed.__dict__["take"], old_streamed.__dict__["collect"],
-           old_streamed.__dict__["_whole_step"], old_streamed.__dict__["flush"], old_lrs["_lorsum"],
+           old_streamed.__dict__["_whole_step"], old_streamed.__dict__["flush"],
+           # before 2026-12-04 the queue had no preparation (the commit's flush does not call the tree's)
+           old_streamed.__dict__.get("prepare", streaming.StreamedStep.__dict__["prepare"]),
+           old_lrs["_lorsum"],
            old_lrs["_als_rounds"], old_ops["_half_step_args"], old_lrs["kfac_scaled_low_rank_sum"],
            *one_layer.values()]
     # The tree's: the unwrapped step, the classes' own methods, the modules' functions.

@@ -1,11 +1,12 @@
 """Where a streamed optimizer's step work goes inside backward, on the real-model benchmark's SmolLM2 model
 (issue #16; ``benchmark/real_model.build``: LoRA r=16 on all seven linear modules, 4 × 512 random tokens).
 
-The streamed layer steps (``StreamedStep.run``, the whole per-layer step in backward) and the native ops it calls are wrapped with
-``time.perf_counter``; per step it prints the forward + backward time, ``step()`` and each wrapped part's
-total over the 210 layers (ms), and at the end the median of the work (layer steps + ``step()``). The wrappers
-cost some time of their own, and the host drifts ±10–20% between processes here: compare two versions of
-the code by alternating them in one process, not by two runs of this tool.
+The streamed layer steps (``StreamedStep.run``, the whole per-layer step in backward; a queue's steps are
+prepared together first, ``StreamedStep.prepare``, and counted in the streamed total) and the native ops they
+call are wrapped with ``time.perf_counter``; per step it prints the forward + backward time, ``step()`` and
+each wrapped part's total over the 210 layers (ms), and at the end the median of the work (layer steps +
+``step()``). The wrappers cost some time of their own, and the host drifts ±10–20% between processes here:
+compare two versions of the code by alternating them in one process, not by two runs of this tool.
 
 Over the timed steps it then prints, per layer shape: each half-step op's median time per call against
 its flop bound (its token products at the square-GEMM rate measured at the end), and the median layer step
@@ -37,7 +38,9 @@ from lorsum_kernels.optim import base, guards
 
 TIMED_OPS = ("lorsum_update_in", "lorsum_update_out", "lorsum_rounds", "kfac_lorsum_rounds",
              "lorsum_update_with_token_product", "pair_products", "kfac_metric_update", "kfac_lorsum_update_in")
+PREPARED_OPS = ("prepare_lorsum_rounds", "prepare_kfac_lorsum_rounds")  # the one-layer paths' rounds
 STREAMED = "streamed layer steps (the whole per-layer step)"
+PREPARED = "of which the queues' preparation"
 
 
 def main(argv=None) -> None:
@@ -76,6 +79,24 @@ def main(argv=None) -> None:
                     per_call[(key, *shape, w, 1)].append(time.perf_counter() - start)
         return wrapper
 
+    def timed_prepared(prepare, key):
+        """``prepare`` (an ``ops.prepare_*`` function), its prepared function timed as the op ``key`` with
+        the arguments it was prepared with."""
+        def wrapper(*a, **k):
+            prepared = prepare(*a, **k)
+            return lambda: timed(lambda *_, **__: prepared(), key)(*a, **k)
+        return wrapper
+
+    def timed_prepare(prepare_queue):
+        def wrapper(queue):
+            start = time.perf_counter()
+            try:
+                return prepare_queue(queue)
+            finally:
+                spent[STREAMED] += time.perf_counter() - start
+                spent[PREPARED] += time.perf_counter() - start
+        return wrapper
+
     def timed_run(run):
         def wrapper(layer, *a):
             start = time.perf_counter()
@@ -96,6 +117,8 @@ def main(argv=None) -> None:
 
     for name in TIMED_OPS:
         setattr(ops, name, timed(getattr(ops, name), name))
+    for name in PREPARED_OPS:
+        setattr(ops, name, timed_prepared(getattr(ops, name), name.removeprefix("prepare_")))
     # The optimizers check the data and the results through these names in optim.base.
     base.finite_once = timed(guards.finite_once, "finite checks of X and S")
     base.finite_rows_of = timed(guards.finite_rows_of, "finite checks of the results")
@@ -105,6 +128,7 @@ def main(argv=None) -> None:
         capture = getattr(opt, "_capture", None)
         if i == 2 and capture is not None and capture.sink is not None:  # capture="auto" streams from step 2 on
             opt._streamed.run = timed_run(opt._streamed.run)
+            opt._streamed.prepare = timed_prepare(opt._streamed.prepare)
             opt._streamed.flush = marked_flush(opt._streamed.flush)
         timing["on"] = i >= 2
         spent.clear()

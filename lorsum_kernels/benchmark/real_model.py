@@ -345,22 +345,25 @@ def timed_train_step(model, opt, input_ids) -> tuple[float, float]:
 def time_streamed_work(opt, total: dict, sync) -> None:
     """Adds the seconds ``opt``'s streamed layer steps run to ``total["s"]`` (after a device synchronisation
     on both sides, so on a GPU the time is the work's, not its launch's): wherever they run, in the layer's
-    backward or from the CPU's queue (optim/streaming.py). Nothing for an optimizer that does not stream."""
+    backward or from the CPU's queue (optim/streaming.py: ``prepare`` and ``run``). Nothing for an optimizer
+    that does not stream."""
     streamed = getattr(opt, "_streamed", None)
     if streamed is None:
         return
-    run = streamed.run
 
-    def timed(*args):
-        sync()
-        start = time.perf_counter()
-        try:
-            return run(*args)
-        finally:
+    def timed(fn):
+        def wrapper(*args):
             sync()
-            total["s"] += time.perf_counter() - start
+            start = time.perf_counter()
+            try:
+                return fn(*args)
+            finally:
+                sync()
+                total["s"] += time.perf_counter() - start
+        return wrapper
 
-    streamed.run = timed
+    # A queue's layer steps are prepared together (their arguments built), then run one by one.
+    streamed.prepare, streamed.run = timed(streamed.prepare), timed(streamed.run)
 
 
 def run_one_subprocess(name: str, *, layers: int, rank: int, batch: int, tokens: int, checkpointing: str,

@@ -396,14 +396,22 @@ class LoRAOptimizer(CheckpointMixin, ReshardingMixin, torch.optim.Optimizer):
         to every op). Returns (A_new, B_new, new_state)."""
         raise NotImplementedError
 
-    def _one_layer_step(self, group: dict, layer: LoRALayer, X: Tensor, S: Tensor) -> tuple | None:
+    def _prepare_one_layer_step(self, group: dict, layer: LoRALayer, X: Tensor, S: Tensor):
         """The streamed step of one layer in one process, where a method has a path for it that gives
         ``_compute_bucket([layer], grads_from_data=True, check_results=False)``'s result bit for bit with
         fewer Python and ATen calls (in backward each costs several times its warm time: docs/step_cost.md);
-        None (the default) where it has none, and the bucket path runs. Returns ``(A_new, B_new, new_state,
-        finite, balanced)``: with ``balanced`` the factors are still the balanced ones (``√s·A``, ``√s·B``),
-        which ``StreamedStep.collect`` divides by √s per bucket, warm, rather than per layer in backward."""
+        None (the default) where it has none, and the bucket path runs. Otherwise a function: the step's
+        arguments are built here and its native work runs when it is called (the CPU's queue prepares all
+        its layer steps first, then runs them back to back: ``StreamedStep.flush``); it returns
+        ``(A_new, B_new, new_state, finite, balanced)``: with ``balanced`` the factors are still the
+        balanced ones (``√s·A``, ``√s·B``), which ``StreamedStep.collect`` divides by √s per bucket,
+        warm, rather than per layer in backward."""
         return None
+
+    def _one_layer_step(self, group: dict, layer: LoRALayer, X: Tensor, S: Tensor) -> tuple | None:
+        """``_prepare_one_layer_step`` run at once: its result, or None where the method has no such path."""
+        run = self._prepare_one_layer_step(group, layer, X, S)
+        return None if run is None else run()
 
     def _steps_from_token_sums(self, group: dict) -> bool:
         """Whether this group's step reads X and S only through token sums of products with operands fixed

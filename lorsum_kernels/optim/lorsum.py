@@ -89,10 +89,11 @@ class _NormalizedStep:
         return 1.0 if lr is group["lr"] else float(group["lr"]) / lr
 
     def _one_layer_lr(self, group, layer, X, S):
-        """The lr of a one-layer path's step (``_one_layer_step``), as ``_at_layer_lr`` would pass it: the
-        group's, or the normalised lr from the layer's statistics. None where no one-layer path applies: not
-        the CPU's native half-steps (which also make the results carry any non-finite data), not fp32 math,
-        FSDP2, a tensor as lr, or the normalised step's first step (measured: the bucket path)."""
+        """The lr of a one-layer path's step (``_prepare_one_layer_step``), as ``_at_layer_lr`` would pass
+        it: the group's, or the normalised lr from the layer's statistics. None where no one-layer path
+        applies: not the CPU's native half-steps (which also make the results carry any non-finite data),
+        not fp32 math, FSDP2, a tensor as lr, or the normalised step's first step (measured: the bucket
+        path)."""
         lr = group["lr"]
         if (self._state_dtype(layer) != torch.float32 or self._sharded is not None or isinstance(lr, Tensor)
                 or X.dtype not in _NATIVE_DATA or S.dtype not in _NATIVE_DATA
@@ -254,14 +255,15 @@ class LoRSum(_NormalizedStep, _MomentumFactors, LoRAOptimizer):
         # The normalised step (normalize_step) computes a layer's first step 2-4 times: a whole step.
         return group["iters"] == 0 and not group["normalize_step"]
 
-    def _one_layer_step(self, group, layer, X, S):
+    def _prepare_one_layer_step(self, group, layer, X, S):
         """The streamed layer step of the usual configuration, as ``_compute_bucket`` computes it for one
         layer (the same ops on the same arguments, in the same order: ``psi_lora_step`` without momentum,
         at the normalised lr the layer's statistics give, or at the group's), without the bucket, the
         functional layers and the per-call argument handling between them. Applies on the CPU with the
         native half-steps (which also make the results carry any non-finite data: no separate check),
         fp32 math, no momentum buffer, a number as lr, and past the normalised step's first step; None
-        otherwise. The factors it returns are the balanced ones (``LoRAOptimizer._one_layer_step``)."""
+        otherwise. The factors it returns are the balanced ones
+        (``LoRAOptimizer._prepare_one_layer_step``)."""
         if group["momentum"] or type(self)._method_step is not LoRSum._method_step:
             return None
         lr = self._one_layer_lr(group, layer, X, S)
@@ -270,10 +272,10 @@ class LoRSum(_NormalizedStep, _MomentumFactors, LoRAOptimizer):
         ridge = self._ridge(group, lr)
         A, B = self._balanced_layer(layer)
         lam = lr * (group["lmbd"] * ridge)  # psi_lora_step's λ = η·λ0, as it rounds it
-        A_new, B_new = ops.lorsum_rounds((A, B), [(X.unsqueeze(0), S.unsqueeze(0).mT)],
-                                         [1.0, -lr * (1 - group["dampening"])], lam, group["iters"],
-                                         backend=self._backend(group, layer.A.device))
-        return A_new, B_new, {}, None, True  # balanced: collect divides them by √s per bucket
+        rounds = ops.prepare_lorsum_rounds((A, B), [(X.unsqueeze(0), S.unsqueeze(0).mT)],
+                                           [1.0, -lr * (1 - group["dampening"])], lam, group["iters"],
+                                           backend=self._backend(group, layer.A.device))
+        return lambda: (*rounds(), {}, None, True)  # balanced: collect divides them by √s per bucket
 
     def _method_step(self, group, A, B, X, S, state, grads, reduce, backend):
         def step_at(lr):
@@ -405,9 +407,9 @@ class ScaledLoRSum(_NormalizedStep, _MomentumFactors, LoRAOptimizer):
                     "sum over tokens); use metric='kfac'")
         return None
 
-    def _one_layer_step(self, group, layer, X, S):
+    def _prepare_one_layer_step(self, group, layer, X, S):
         """The streamed layer step of the usual configuration (the K-FAC metric, no momentum buffer; otherwise
-        as ``LoRSum._one_layer_step``), as ``_compute_bucket`` computes it for one layer: the ops of
+        as ``LoRSum._prepare_one_layer_step``), as ``_compute_bucket`` computes it for one layer: the ops of
         ``scaled_psi_lora_step`` (``ops.kfac_lorsum_rounds``) on the same arguments (β2's warm-up on the
         host), without the bucket, the normalisation and the functional layers around them. None where it
         does not apply."""
@@ -431,11 +433,15 @@ class ScaledLoRSum(_NormalizedStep, _MomentumFactors, LoRAOptimizer):
         lam = max(lr * (group["lmbd"] * self._ridge(group, lr)), group["min_lmbd"])
         kfac = (beta2, group["damping"], group["metric_power"], 1.0 / max(T, 1),
                 kfac_scale_out(group["loss_reduction"], T))
-        A_new, B_new, v_in, v_out = ops.kfac_lorsum_rounds(
+        rounds = ops.prepare_kfac_lorsum_rounds(
             (A, B), [(X.unsqueeze(0), S.unsqueeze(0).mT)], [1.0, -lr * (1 - beta1)], lam, group["iters"],
             state["metric_in"].unsqueeze(0), state["metric_out"].unsqueeze(0), *kfac,
             backend=self._backend(group, layer.A.device))
-        return A_new, B_new, {"metric_in": v_in, "metric_out": v_out, **extra}, None, True  # balanced
+
+        def run():
+            A_new, B_new, v_in, v_out = rounds()
+            return A_new, B_new, {"metric_in": v_in, "metric_out": v_out, **extra}, None, True  # balanced
+        return run
 
     def _method_step(self, group, A, B, X, S, state, grads, reduce, backend):
         beta1, beta2 = group["betas"]

@@ -179,6 +179,7 @@ class StreamedStep:
         self.batch_bytes = DEFAULT_CPU_BATCH_BYTES if batch_bytes is None else batch_bytes
         self.pending: list[tuple] = []
         self.pending_bytes = 0
+        self.prepared: dict = {}  # id(layer) -> its prepared step, while a flush runs (``prepare``)
         self.flush_task = None  # the backward (graph task id) whose end flushes the queue
         # id(layer) -> (layer, group, options, A, B, state, finite, results_unchecked): whole-step results
         self.results: dict[int, tuple] = {}
@@ -248,9 +249,29 @@ class StreamedStep:
         data are still in it; each step run after them then evicts the data of a step already run (the
         least recently used), where in backward order it would evict those of the steps to come."""
         while self.pending:
-            queue, self.pending, self.pending_bytes = self.pending, [], 0
-            for entry in reversed(queue):
-                self.run(*entry)
+            queue, self.pending, self.pending_bytes = self.pending[::-1], [], 0
+            try:
+                self.prepare(queue)
+                for entry in queue:
+                    self.run(*entry)
+            finally:
+                self.prepared.clear()
+
+    def prepare(self, queue: list[tuple]) -> None:
+        """Builds the arguments of the queued layer steps that have a one-layer path
+        (``LoRAOptimizer._prepare_one_layer_step``), all before any runs: each step streams megabytes of X
+        and S through the cache, evicting the Python's own data, so the Python of a step run between two
+        others ran cold, several times its warm time (docs/step_cost.md). ``run`` then runs the native
+        work. (The benchmarks time the streamed work here and in ``run``.)"""
+        opt = self.optimizer
+        if opt._reduce is not None or opt._uses_grads():
+            return  # the one-layer paths apply in one process, to methods that read no .grad
+        with torch.no_grad():
+            for layer, group, X, S in queue:
+                if not opt._steps_from_token_sums(group):
+                    prepared = opt._prepare_one_layer_step(group, layer, X, S)
+                    if prepared is not None:
+                        self.prepared[id(layer)] = prepared
 
     def _queues(self, X: Tensor) -> bool:
         return (self.batch_bytes > 0 and X.device.type == "cpu" and self.optimizer._reduce is None
@@ -296,7 +317,10 @@ class StreamedStep:
         # order. Methods that compute factor gradients from the data check those here (they are not kept).
         results_unchecked = opt._reduce is None and not opt._uses_grads()
         with torch.no_grad():
-            result = opt._one_layer_step(group, layer, X, S) if results_unchecked else None
+            prepared = self.prepared.pop(id(layer), None)
+            if prepared is None and results_unchecked:
+                prepared = opt._prepare_one_layer_step(group, layer, X, S)
+            result = None if prepared is None else prepared()
             if result is None:
                 result = (*opt._compute_bucket(group, [layer], [(X, S)], grads_from_data=True,
                                                check_results=not results_unchecked), False)
