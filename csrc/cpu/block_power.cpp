@@ -94,11 +94,22 @@ int64_t balanced_col_blocks(int64_t L, int64_t N, int64_t threads) {
 // outer_accumulate, so neither depends on the number of threads.
 void accumulate_pair_avx512(const at::Tensor& Z, const at::Tensor& Y1, const at::Tensor& Y2,
                             const std::vector<double>& coef, const at::Tensor& D, const at::Tensor& colscale,
-                            float* sq1 = nullptr, float* sq2 = nullptr) {
+                            float* sq1, float* sq2, const at::Tensor& Zt) {
   const int64_t L = Z.size(0), w = Z.size(1), K = Z.size(2);
   const int64_t q = Y1.size(1), N = Y2.size(2);
   if (L == 0 || q == 0 || w == 0 || N == 0) {
     return;
+  }
+  // Zᵀ (L, K, w) for row_dots' broadcast form: the caller's, or transposed here.
+  at::Tensor zt_own;
+  const float* zt_p = nullptr;
+  if (w >= cpu::avx512::kBroadcastMinWidth) {
+    if (Zt.defined()) {
+      zt_p = Zt.const_data_ptr<float>();
+    } else {
+      zt_own = Z.mT().contiguous();
+      zt_p = zt_own.const_data_ptr<float>();
+    }
   }
   at::Tensor tmp = at::empty({L, q, w}, Z.options());
   float* tmp_p = tmp.mutable_data_ptr<float>();
@@ -119,8 +130,9 @@ void accumulate_pair_avx512(const at::Tensor& Z, const at::Tensor& Y1, const at:
       const int64_t t0 = (task % row_blocks) * kRowsPerTask;
       const int64_t rows = std::min(kRowsPerTask, q - t0);
       const T* yb = y + b * bs + t0 * ld;
-      cpu::avx512::row_dots<T>(rows, w, K, yb, ld, z_p + b * w * K, K, tmp_p + (b * q + t0) * w, w,
-                               static_cast<float>(coef[b]), sq1 != nullptr ? sq_blocks.data() + task * K : nullptr);
+      cpu::avx512::row_dots<T>(rows, w, K, yb, ld, z_p + b * w * K, K, zt_p == nullptr ? nullptr : zt_p + b * K * w, w,
+                               tmp_p + (b * q + t0) * w, w, static_cast<float>(coef[b]),
+                               sq1 != nullptr ? sq_blocks.data() + task * K : nullptr);
     });
   });
   if (sq1 != nullptr) {
@@ -165,10 +177,12 @@ at::Tensor per_layer(const std::vector<double>& values, at::ScalarType dtype) {
 // contiguous in Z's dtype (the accumulation dtype); Z (L, w, K); Y1_j (L, q_j, K) and Y2_j (L, q_j, N) with
 // unit column stride; metric (L, N) or undefined for none. The AVX-512 path adds each token block's
 // contribution, already scaled by 1/metric, straight into out. sq1 / sq2: the column sums of squares of
-// Y1[0] and Y2[0] (accumulate_pair_avx512's; the AVX-512 path only).
+// Y1[0] and Y2[0] (accumulate_pair_avx512's; the AVX-512 path only). Zt: Zᵀ (L, K, w) contiguous fp32 where
+// the caller has it already (row_dots' broadcast form reads it), or undefined.
 void add_data_term(const at::Tensor& out, const at::Tensor& Z, const std::vector<at::Tensor>& Y1,
                    const std::vector<at::Tensor>& Y2, const std::vector<std::vector<double>>& coef,
-                   const at::Tensor& metric, float* sq1 = nullptr, float* sq2 = nullptr) {
+                   const at::Tensor& metric, float* sq1 = nullptr, float* sq2 = nullptr,
+                   const at::Tensor& Zt = at::Tensor()) {
   const auto acc = Z.scalar_type();
   if (Y1.empty()) {
     return;
@@ -177,7 +191,8 @@ void add_data_term(const at::Tensor& out, const at::Tensor& Z, const std::vector
     const at::Tensor Zc = Z.contiguous();
     const at::Tensor inv = metric.defined() ? at::reciprocal(metric).contiguous() : at::Tensor();
     for (size_t j = 0; j < Y1.size(); ++j) {
-      accumulate_pair_avx512(Zc, Y1[j], Y2[j], coef[j], out, inv, j == 0 ? sq1 : nullptr, j == 0 ? sq2 : nullptr);
+      accumulate_pair_avx512(Zc, Y1[j], Y2[j], coef[j], out, inv, j == 0 ? sq1 : nullptr, j == 0 ? sq2 : nullptr,
+                             Zt);
     }
     return;
   }
@@ -367,7 +382,8 @@ at::Tensor run_half_step_typed(const HalfStep& h, bool in_side, KfacFold* fold =
     std::fill(datas, datas + L * r * N, acc_t(0));
     const at::Tensor sq_in = at::zeros({L, n}, at::kFloat), sq_out = at::zeros({L, m}, at::kFloat);
     add_data_term(at::from_blob(datas, {L, r, N}, opts), at::from_blob(Zs, {L, r, K}, opts), rows_S, rows_X,
-                  data_coef, at::Tensor(), sq_out.mutable_data_ptr<float>(), sq_in.mutable_data_ptr<float>());
+                  data_coef, at::Tensor(), sq_out.mutable_data_ptr<float>(), sq_in.mutable_data_ptr<float>(),
+                  at::from_blob(const_cast<acc_t*>(hat_p), {L, K, r}, opts));
     fold->finish(sq_in, sq_out);
     m_in = fold->m_in;
     m_out = fold->m_out;
@@ -440,8 +456,10 @@ at::Tensor run_half_step_typed(const HalfStep& h, bool in_side, KfacFold* fold =
   } else if (!rows_S.empty()) {
     const at::Tensor rhs_all = at::from_blob(rhss, {L, r, N}, opts);
     const at::Tensor z_all = at::from_blob(Zs, {L, r, K}, opts);
+    // Zᵀ is B̂ itself (A-step) or step 1's Âᵀ (B-step).
+    const at::Tensor zt_all = at::from_blob(in_side ? const_cast<acc_t*>(hat_p) : Ps, {L, K, r}, opts);
     add_data_term(rhs_all, z_all, in_side ? rows_S : rows_X, in_side ? rows_X : rows_S, data_coef,
-                  in_side ? m_in : m_out);
+                  in_side ? m_in : m_out, nullptr, nullptr, zt_all);
   }
 
   // 3. Per layer: solve, and add the anchor.

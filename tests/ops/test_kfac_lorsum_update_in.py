@@ -26,9 +26,9 @@ from ..problems import (NATIVE_CPU, NATIVE_CUDA, TRITON, assert_deterministic, a
 OP = "kfac_lorsum_update_in"
 F32, F64, BF16 = torch.float32, torch.float64, torch.bfloat16
 # (L, T, m, n, r): odd sizes on both sides of the kernels' 16-, 48- and 64-column blocks, one and several
-# layers, one token, and T past one 64-row block of the S pass (T = 512).
+# layers, one token, T past one 64-row block of the S pass (T = 512), r past one vector of 16.
 SHAPES = [(1, 37, 5, 123, 3), (3, 37, 123, 5, 1), (1, 512, 123, 256, 16), (3, 1, 256, 123, 3),
-          (2, 70, 67, 129, 16)]
+          (2, 70, 67, 129, 16), (1, 45, 300, 290, 20)]  # the last: row_dots' broadcast form over two spans
 SHAPE_IDS = [f"L{L}_T{T}_m{m}_n{n}_r{r}" for L, T, m, n, r in SHAPES]
 KFAC = (0.95, 1e-3, -0.5)  # β2, δ, p: an inverse square root, as ScaledLoRSum's default power
 

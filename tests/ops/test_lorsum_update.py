@@ -39,6 +39,7 @@ SHAPES = [
     (1, 37, 256, 256, 16),
     (3, 37, 123, 123, 16),
     (2, 37, 67, 123, 20),  # r > 16: the fp32 r-wide kernels' tiles and fallbacks
+    (1, 45, 300, 290, 20),  # row_dots' broadcast form: two vectors (the second masked), two spans of K
 ]
 SHAPE_IDS = [f"L{L}_T{T}_m{m}_n{n}_r{r}" for L, T, m, n, r in SHAPES]
 
