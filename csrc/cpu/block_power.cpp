@@ -100,10 +100,10 @@ void accumulate_pair_avx512(const at::Tensor& Z, const at::Tensor& Y1, const at:
   if (L == 0 || q == 0 || w == 0 || N == 0) {
     return;
   }
-  // Zᵀ (L, K, w) for row_dots' broadcast form: the caller's, or transposed here.
+  // Zᵀ (L, K, w) for row_dots' broadcast form (fp32 rows): the caller's, or transposed here.
   at::Tensor zt_own;
   const float* zt_p = nullptr;
-  if (w >= cpu::avx512::kBroadcastMinWidth) {
+  if (w >= cpu::avx512::kBroadcastMinWidth && Y1.scalar_type() == at::kFloat) {
     if (Zt.defined()) {
       zt_p = Zt.const_data_ptr<float>();
     } else {

@@ -4,7 +4,7 @@
 // Two products cover every token-dimension product of the package (q = tokens, K and N = m or n, w = r):
 //
 //   row_dots        out[t][j]  = scale · Σ_k Y[t][k] · Z[j][k]     (q×w)   e.g. S·B̂ or X·Âᵀ
-//                   (for w ≥ 16 in broadcast form, from Zᵀ: no horizontal sums)
+//                   (fp32 Y and w ≥ 16: in broadcast form, from Zᵀ, no horizontal sums)
 //   outer_accumulate P[i][c]  += Σ_t U[t][i] · Y[t][c]              (w×N)   e.g. (S·B̂)ᵀ·X or (X·Âᵀ)ᵀ·S
 //
 // Y is the big operand (rows of X or S, any row stride, unit column stride); Z, U and the outputs are
@@ -260,14 +260,14 @@ LORSUM_AVX512 inline void to_fp32(const T* src, float* dst, int64_t n) {
 
 // ---- row_dots, broadcast form (w ≥ kBroadcastMinWidth) --------------------------------------------------
 
-// From this width of the r-wide operand on, row_dots runs in broadcast form: each Y[t][k] broadcast against
-// the k-th row of Zᵀ (w values, one or two vectors), so every output lane is a chain of FMAs over k and no
-// horizontal sums are needed. (The dot form below reduces 16 lanes per output and spends about a third of its
+// From this width of the r-wide operand on, row_dots of fp32 rows runs in broadcast form: each Y[t][k]
+// broadcast against the k-th row of Zᵀ (w values, one or two vectors), so every output lane is a chain of
+// FMAs over k and no horizontal sums are needed. (The dot form below reduces 16 lanes per output and spends about a third of its
 // time on that at K = 576; it is the better one below 16, where a vector of w values is mostly empty.)
 constexpr int64_t kBroadcastMinWidth = 16;
 // Columns of Y per span of the broadcast form: each output sums its spans in registers, then adds them in
-// order (a two-level sum, as outer_accumulate's token blocks), and bf16/fp16 rows are converted a span at a
-// time into an L1 buffer.
+// order (a two-level sum, as outer_accumulate's token blocks). (bf16 and fp16 rows stay in the dot form,
+// which converts 16 values per load; a scalar broadcast of them costs a conversion per value.)
 constexpr int64_t kBroadcastSpan = 256;
 constexpr int kBroadcastRows = 8;  // rows per block: 8 + 8 accumulators of one vector, or 2 tiles of 4 × 2
 
@@ -308,27 +308,13 @@ LORSUM_AVX512 inline void broadcast_tile(int64_t k0, int64_t k1, bool first, con
   }
 }
 
-// One MT-row tile of out over the NJ vectors of columns from j0 of the broadcast form: by spans of K, the
-// span's rows converted to fp32 into buf (MT × kBroadcastSpan) unless T is float.
-template <int MT, int NJ, typename T>
-LORSUM_AVX512 inline void broadcast_rows(int64_t K, const T* y, int64_t ldy, const float* zt, int64_t ldz,
-                                         float* out, int64_t ldo, float scale, __mmask16 last, float* buf) {
+// One MT-row tile of out over the NJ vectors of columns from j0 of the broadcast form, by spans of K.
+template <int MT, int NJ>
+LORSUM_AVX512 inline void broadcast_rows(int64_t K, const float* y, int64_t ldy, const float* zt, int64_t ldz,
+                                         float* out, int64_t ldo, float scale, __mmask16 last) {
   __m512 total[MT][NJ];
   for (int64_t k0 = 0; k0 < K; k0 += kBroadcastSpan) {
-    const int64_t k1 = std::min(K, k0 + kBroadcastSpan);
-    const float* rows;
-    int64_t ld;
-    if constexpr (std::is_same_v<T, float>) {
-      rows = y + k0;
-      ld = ldy;
-    } else {
-      for (int a = 0; a < MT; ++a) {
-        to_fp32(y + a * ldy + k0, buf + a * kBroadcastSpan, k1 - k0);
-      }
-      rows = buf;
-      ld = kBroadcastSpan;
-    }
-    broadcast_tile<MT, NJ>(k0, k1, k0 == 0, rows, ld, zt, ldz, total, last);
+    broadcast_tile<MT, NJ>(k0, std::min(K, k0 + kBroadcastSpan), k0 == 0, y + k0, ldy, zt, ldz, total, last);
   }
   const __m512 s = _mm512_set1_ps(scale);
 #pragma GCC unroll 8
@@ -346,51 +332,44 @@ LORSUM_AVX512 inline void broadcast_rows(int64_t K, const T* y, int64_t ldy, con
   }
 }
 
-template <int NJ, typename T>
-LORSUM_AVX512 inline void broadcast_rows_n(int mt, int64_t K, const T* y, int64_t ldy, const float* zt,
-                                           int64_t ldz, float* out, int64_t ldo, float scale, __mmask16 last,
-                                           float* buf) {
+template <int NJ>
+LORSUM_AVX512 inline void broadcast_rows_n(int mt, int64_t K, const float* y, int64_t ldy, const float* zt,
+                                           int64_t ldz, float* out, int64_t ldo, float scale, __mmask16 last) {
   switch (mt) {
-    case 8: broadcast_rows<8, NJ, T>(K, y, ldy, zt, ldz, out, ldo, scale, last, buf); break;
-    case 7: broadcast_rows<7, NJ, T>(K, y, ldy, zt, ldz, out, ldo, scale, last, buf); break;
-    case 6: broadcast_rows<6, NJ, T>(K, y, ldy, zt, ldz, out, ldo, scale, last, buf); break;
-    case 5: broadcast_rows<5, NJ, T>(K, y, ldy, zt, ldz, out, ldo, scale, last, buf); break;
-    case 4: broadcast_rows<4, NJ, T>(K, y, ldy, zt, ldz, out, ldo, scale, last, buf); break;
-    case 3: broadcast_rows<3, NJ, T>(K, y, ldy, zt, ldz, out, ldo, scale, last, buf); break;
-    case 2: broadcast_rows<2, NJ, T>(K, y, ldy, zt, ldz, out, ldo, scale, last, buf); break;
-    default: broadcast_rows<1, NJ, T>(K, y, ldy, zt, ldz, out, ldo, scale, last, buf); break;
+    case 8: broadcast_rows<8, NJ>(K, y, ldy, zt, ldz, out, ldo, scale, last); break;
+    case 7: broadcast_rows<7, NJ>(K, y, ldy, zt, ldz, out, ldo, scale, last); break;
+    case 6: broadcast_rows<6, NJ>(K, y, ldy, zt, ldz, out, ldo, scale, last); break;
+    case 5: broadcast_rows<5, NJ>(K, y, ldy, zt, ldz, out, ldo, scale, last); break;
+    case 4: broadcast_rows<4, NJ>(K, y, ldy, zt, ldz, out, ldo, scale, last); break;
+    case 3: broadcast_rows<3, NJ>(K, y, ldy, zt, ldz, out, ldo, scale, last); break;
+    case 2: broadcast_rows<2, NJ>(K, y, ldy, zt, ldz, out, ldo, scale, last); break;
+    default: broadcast_rows<1, NJ>(K, y, ldy, zt, ldz, out, ldo, scale, last); break;
   }
 }
 
-// row_dots in broadcast form: zt is Zᵀ (K×w fp32, row stride ldz). Rows of Y in blocks of 8, w in chunks of
-// 32 columns (a chunk of two vectors in tiles of 4 rows); with col_sq the block's squares after its dot
-// products (its rows still in L1/L2).
-template <typename T>
-LORSUM_AVX512 void row_dots_broadcast(int64_t rows, int64_t w, int64_t K, const T* Y, int64_t ldy,
-                                      const float* zt, int64_t ldz, float* out, int64_t ldo, float scale,
-                                      float* col_sq) {
-  thread_local std::vector<float> buf;
-  if (!std::is_same_v<T, float> && buf.size() < size_t(kBroadcastRows * kBroadcastSpan)) {
-    buf.resize(kBroadcastRows * kBroadcastSpan);
-  }
+// row_dots in broadcast form, fp32 Y: zt is Zᵀ (K×w fp32, row stride ldz). Rows of Y in blocks of 8, w in
+// chunks of 32 columns (a chunk of two vectors in tiles of 4 rows); with col_sq the block's squares after its
+// dot products (its rows still in L1/L2).
+LORSUM_AVX512 inline void row_dots_broadcast(int64_t rows, int64_t w, int64_t K, const float* Y, int64_t ldy,
+                                             const float* zt, int64_t ldz, float* out, int64_t ldo, float scale,
+                                             float* col_sq) {
   for (int64_t t = 0; t < rows; t += kBroadcastRows) {
     const int mt = static_cast<int>(std::min<int64_t>(kBroadcastRows, rows - t));
-    const T* y = Y + t * ldy;
+    const float* y = Y + t * ldy;
     for (int64_t j0 = 0; j0 < w; j0 += 32) {
       const int64_t nw = std::min<int64_t>(32, w - j0);
       const __mmask16 last = tail_mask(nw > 16 ? nw - 16 : nw);
       float* o = out + t * ldo + j0;
       if (nw > 16) {  // two vectors: the rows in tiles of four (8 + 8 accumulators)
         for (int a = 0; a < mt; a += 4) {
-          broadcast_rows_n<2, T>(std::min(4, mt - a), K, y + a * ldy, ldy, zt + j0, ldz, o + a * ldo, ldo, scale,
-                                 last, buf.data());
+          broadcast_rows_n<2>(std::min(4, mt - a), K, y + a * ldy, ldy, zt + j0, ldz, o + a * ldo, ldo, scale, last);
         }
       } else {
-        broadcast_rows_n<1, T>(mt, K, y, ldy, zt + j0, ldz, o, ldo, scale, last, buf.data());
+        broadcast_rows_n<1>(mt, K, y, ldy, zt + j0, ldz, o, ldo, scale, last);
       }
     }
     if (col_sq != nullptr) {
-      add_col_sq_sums<T>(mt, K, y, ldy, col_sq);
+      add_col_sq_sums<float>(mt, K, y, ldy, col_sq);
     }
   }
 }
@@ -485,8 +464,9 @@ constexpr int kDotCols = 4;        // NJ: rows of Z per tile
 constexpr int64_t kDotSpan = 512;  // columns per pass: a tile's 4 + 4 rows (16 KiB in fp32) stay in L1
 
 // out[t][j] = scale · Σ_{k<K} Y[t][k] · Z[j][k] for t < rows, j < w. Y is of type T (row stride ldy, unit
-// column stride), Z is fp32 (row stride ldz), out is fp32 (row stride ldo). For w ≥ kBroadcastMinWidth zt,
-// Zᵀ (K×w, row stride ldzt), is read instead (row_dots_broadcast); otherwise the dot form: four rows of Y at
+// column stride), Z is fp32 (row stride ldz), out is fp32 (row stride ldo). For fp32 Y and w ≥
+// kBroadcastMinWidth zt, Zᵀ (K×w, row stride ldzt), is read instead (row_dots_broadcast); otherwise (zt may
+// then be null) the dot form: four rows of Y at
 // a time meet every row of Z, kDotSpan columns at a time, while the next four rows are prefetched into L2;
 // each dot product sums 16 interleaved lanes, reduced at the end. Either way each output's sum runs in an
 // order set by K alone (not by w, the row block or the thread). With col_sq, also col_sq[k] +=
@@ -495,9 +475,11 @@ template <typename T>
 LORSUM_AVX512 void row_dots(int64_t rows, int64_t w, int64_t K, const T* Y, int64_t ldy, const float* Z,
                             int64_t ldz, const float* zt, int64_t ldzt, float* out, int64_t ldo, float scale,
                             float* col_sq = nullptr) {
-  if (w >= kBroadcastMinWidth) {
-    row_dots_broadcast<T>(rows, w, K, Y, ldy, zt, ldzt, out, ldo, scale, col_sq);
-    return;
+  if constexpr (std::is_same_v<T, float>) {
+    if (w >= kBroadcastMinWidth) {
+      row_dots_broadcast(rows, w, K, Y, ldy, zt, ldzt, out, ldo, scale, col_sq);
+      return;
+    }
   }
   const int64_t col_tiles = (w + kDotCols - 1) / kDotCols;
   std::vector<float> partial(K > kDotSpan ? col_tiles * kDotRows * kDotCols * 16 : 0);

@@ -140,14 +140,17 @@ def _half_step(side: str):
     return build
 
 
+# (576, 16, 2048, 1): a layer of the real-model benchmark's SmolLM2 (width 576, 4 × 512 tokens), one per call
+# as the streamed step runs it.
 for _side in ("in", "out"):
     _spec(f"lorsum_update_{_side}", "drTL", "m=n={d} r={r} T={T} L={L}",
-          full=[(1024, 16, 4096, 1), (1024, 8, 512, 24), (1024, 64, 2048, 1), (4096, 16, 512, 1)],
+          full=[(1024, 16, 4096, 1), (1024, 8, 512, 24), (1024, 64, 2048, 1), (4096, 16, 512, 1), (576, 16, 2048, 1)],
           )(_half_step(_side))
 
 
 @_spec("kfac_lorsum_update_in", "drTL", "m=n={d} r={r} T={T} L={L}",
-       needs=("lorsum_update_in", "kfac_metric_update"), full=[(1024, 16, 4096, 1), (1024, 8, 512, 24), (4096, 16, 512, 1)])
+       needs=("lorsum_update_in", "kfac_metric_update"),
+       full=[(1024, 16, 4096, 1), (1024, 8, 512, 24), (4096, 16, 512, 1), (576, 16, 2048, 1)])
 def _kfac_lorsum_update_in(s, dtype, device, variant):
     """ScaledLoRSum's first A-step with its K-FAC metric step: fused (the CPU), the statistics are summed in
     the A-step's own passes, one read of S and one of X; elsewhere the two ops in turn read them twice."""
