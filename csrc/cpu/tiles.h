@@ -463,24 +463,12 @@ constexpr int kDotRows = 4;        // MT: rows of Y per tile
 constexpr int kDotCols = 4;        // NJ: rows of Z per tile
 constexpr int64_t kDotSpan = 512;  // columns per pass: a tile's 4 + 4 rows (16 KiB in fp32) stay in L1
 
-// out[t][j] = scale · Σ_{k<K} Y[t][k] · Z[j][k] for t < rows, j < w. Y is of type T (row stride ldy, unit
-// column stride), Z is fp32 (row stride ldz), out is fp32 (row stride ldo). For fp32 Y and w ≥
-// kBroadcastMinWidth zt, Zᵀ (K×w, row stride ldzt), is read instead (row_dots_broadcast); otherwise (zt may
-// then be null) the dot form: four rows of Y at
-// a time meet every row of Z, kDotSpan columns at a time, while the next four rows are prefetched into L2;
-// each dot product sums 16 interleaved lanes, reduced at the end. Either way each output's sum runs in an
-// order set by K alone (not by w, the row block or the thread). With col_sq, also col_sq[k] +=
-// Σ_t Y[t][k]² (by the blocks of rows each form reads, right after their dot products).
+// row_dots in dot form (see row_dots): four rows of Y at a time meet every row of Z, kDotSpan columns at a
+// time, while the next four rows are prefetched into L2; each dot product sums 16 interleaved lanes, reduced
+// at the end.
 template <typename T>
-LORSUM_AVX512 void row_dots(int64_t rows, int64_t w, int64_t K, const T* Y, int64_t ldy, const float* Z,
-                            int64_t ldz, const float* zt, int64_t ldzt, float* out, int64_t ldo, float scale,
-                            float* col_sq = nullptr) {
-  if constexpr (std::is_same_v<T, float>) {
-    if (w >= kBroadcastMinWidth) {
-      row_dots_broadcast(rows, w, K, Y, ldy, zt, ldzt, out, ldo, scale, col_sq);
-      return;
-    }
-  }
+LORSUM_AVX512 void row_dots_dot(int64_t rows, int64_t w, int64_t K, const T* Y, int64_t ldy, const float* Z,
+                                int64_t ldz, float* out, int64_t ldo, float scale, float* col_sq) {
   const int64_t col_tiles = (w + kDotCols - 1) / kDotCols;
   std::vector<float> partial(K > kDotSpan ? col_tiles * kDotRows * kDotCols * 16 : 0);
   for (int64_t t = 0; t < rows; t += kDotRows) {
@@ -515,6 +503,25 @@ LORSUM_AVX512 void row_dots(int64_t rows, int64_t w, int64_t K, const T* Y, int6
       add_col_sq_sums<T>(mt, K, y, ldy, col_sq);
     }
   }
+}
+
+// out[t][j] = scale · Σ_{k<K} Y[t][k] · Z[j][k] for t < rows, j < w. Y is of type T (row stride ldy, unit
+// column stride), Z is fp32 (row stride ldz), out is fp32 (row stride ldo). For fp32 Y and w ≥
+// kBroadcastMinWidth in broadcast form, from zt = Zᵀ (K×w, row stride ldzt); otherwise (zt may then be null)
+// in dot form. Either way each output's sum runs in an order set by K alone (not by w, the row block or the
+// thread). With col_sq, also col_sq[k] += Σ_t Y[t][k]² (by the blocks of rows each form reads, right after
+// their dot products).
+template <typename T>
+LORSUM_AVX512 void row_dots(int64_t rows, int64_t w, int64_t K, const T* Y, int64_t ldy, const float* Z,
+                            int64_t ldz, const float* zt, int64_t ldzt, float* out, int64_t ldo, float scale,
+                            float* col_sq = nullptr) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (w >= kBroadcastMinWidth) {
+      row_dots_broadcast(rows, w, K, Y, ldy, zt, ldzt, out, ldo, scale, col_sq);
+      return;
+    }
+  }
+  row_dots_dot<T>(rows, w, K, Y, ldy, Z, ldz, out, ldo, scale, col_sq);
 }
 
 }  // namespace avx512
