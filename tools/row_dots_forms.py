@@ -66,7 +66,7 @@ def main(argv=None) -> None:
         extra_cflags=["-O3", "-std=c++20", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
     T = args.tokens
     print(f"row_dots, T = {T} fp32 rows, {args.threads} threads; median ms over {args.rounds} alternated rounds")
-    for w in (16, 32):
+    for w in (8, 16, 32):  # 8: below kBroadcastMinWidth, where row_dots keeps the dot form
         for K in (192, 576, 1536):
             Y, Z = torch.randn(T, K), torch.randn(w, K)
             Zt, out = Z.T.contiguous(), torch.empty(T, w)
