@@ -4,7 +4,8 @@ Two measurements, each alternating its cases in one process (the host drifts bet
 
 1. ``ops.lorsum_rounds`` of one layer (T = 2048 tokens, r = 16) right after the previous call, after the
    process idled (``time.sleep``) or both threads spun on tiny ops for a while, and after a 64 MB sweep
-   of memory: whether a slow first call of a flush is the threads waking or its data leaving the cache.
+   of memory, with and without the layer's X and S read back after it: whether a slow first call of a
+   flush is the threads waking, its data leaving the cache, or everything else (code, Python objects).
 2. One transformer block's seven layer steps as a flush of the CPU's queue runs them (last queued first),
    after a 64 MB sweep and a 2 ms pause: each layer's step prepared and run in turn
    (``LoRAOptimizer._one_layer_step``), against all prepared first, then all run
@@ -42,7 +43,9 @@ def cold_rounds(reps: int) -> None:
 
     cases = [("back to back", lambda: None), ("idle 1 ms", lambda: time.sleep(1e-3)),
              ("idle 3 ms", lambda: time.sleep(3e-3)), ("idle 10 ms", lambda: time.sleep(1e-2)),
-             ("threads busy 10 ms", lambda: spin_tiny(1e-2)), ("64 MB sweep", lambda: sweep.add_(1.0))]
+             ("threads busy 10 ms", lambda: spin_tiny(1e-2)), ("64 MB sweep", lambda: sweep.add_(1.0)),
+             # the same sweep, then the layer's X and S read back into the cache: what the rest costs cold
+             ("64 MB sweep, X and S read again", lambda: (sweep.add_(1.0), X.sum(), S.sum()))]
     for m, n in [(576, 576), (1536, 576), (576, 1536)]:
         X, S = torch.randn(T, n), torch.randn(T, m) * 1e-3
         A, B = torch.randn(1, R, n) * 0.1, torch.randn(1, m, R) * 0.1
