@@ -85,25 +85,29 @@ int64_t balanced_col_blocks(int64_t L, int64_t N, int64_t threads) {
   return blocks;
 }
 
-// The T×w intermediate of the two token passes (S·B̂ or X·Âᵀ), in a buffer owned by the calling thread and
-// reused from call to call up to kTokenScratchMax numbers (128 KiB per 2048-token layer step at r = 16).
-// Allocated per call, it sat at glibc's mmap threshold: each call's fresh pages faulted in, and a layer step
-// in backward paid that several times (tools/cold_layer_step.py). Larger ones (big buckets) are allocated
-// per call, so no thread keeps more than kTokenScratchMax numbers.
+// The T×w intermediate of the two token passes (S·B̂ or X·Âᵀ): up to kTokenScratchMax numbers in a buffer owned
+// by the calling thread and reused from call to call (128 KiB per 2048-token layer step at r = 16). Allocated
+// per call, it sat at glibc's mmap threshold: each call's fresh pages faulted in (tools/cold_layer_step.py).
+// Larger ones (big buckets) are allocated per call and freed with the returned tensor, so no thread keeps
+// more than kTokenScratchMax numbers past a call.
 constexpr int64_t kTokenScratchMax = int64_t(1) << 21;  // 8 MiB of fp32
 
-float* token_scratch(int64_t count) {
-  thread_local std::vector<float> buffer;
-  thread_local at::Tensor large;
+struct TokenScratch {
+  at::Tensor owned;  // the allocation of a large intermediate, undefined for the thread's buffer
+  float* data = nullptr;
+};
+
+TokenScratch token_scratch(int64_t count) {
   if (count > kTokenScratchMax) {
-    large = at::empty({count}, at::kFloat);
-    return large.mutable_data_ptr<float>();
+    TokenScratch large{at::empty({count}, at::kFloat)};
+    large.data = large.owned.mutable_data_ptr<float>();
+    return large;
   }
-  large = at::Tensor();
+  thread_local std::vector<float> buffer;
   if (static_cast<int64_t>(buffer.size()) < count) {
     buffer.resize(count);
   }
-  return buffer.data();
+  return {at::Tensor(), buffer.data()};
 }
 
 // D += coef[b] · Z[b] · Y1[b]ᵀ · Y2[b] · diag(colscale[b]) for every layer b, with AVX-512 kernels. Z (L, w, K)
@@ -132,7 +136,8 @@ void accumulate_pair_avx512(const at::Tensor& Z, const at::Tensor& Y1, const at:
       zt_p = zt_own.const_data_ptr<float>();
     }
   }
-  float* tmp_p = token_scratch(L * q * w);
+  const TokenScratch tmp = token_scratch(L * q * w);
+  float* tmp_p = tmp.data;
   const float* z_p = Z.const_data_ptr<float>();
   float* d_p = D.mutable_data_ptr<float>();
   const float* s_p = colscale.defined() ? colscale.const_data_ptr<float>() : nullptr;

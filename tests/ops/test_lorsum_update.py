@@ -63,6 +63,18 @@ def test_native_fp32_and_fp64(be, shape, metrics, side):
 
 
 @pytest.mark.parametrize("side", ["in", "out"])
+@over_backends(OP, NATIVE_CPU)
+def test_native_intermediate_past_the_thread_buffer(be, side):
+    # T·r past the 2^21 numbers the CPU half-steps keep per thread for their T×r intermediate: allocated per
+    # call instead, the same numbers: within twice the error of the torch reference in fp32 (sums over 2^17
+    # tokens).
+    p32 = cast_problem(lorsum_problem(1, 2**17 + 3, 17, 19, 16), torch.float32)
+    exact = half_step(side, cast_problem(p32, torch.float64), "torch")
+    torch_err = rel_err(half_step(side, p32, "torch"), exact)
+    assert rel_err(half_step(side, p32, "native"), exact) <= max(2 * torch_err, 1e-5)
+
+
+@pytest.mark.parametrize("side", ["in", "out"])
 @pytest.mark.parametrize("shape", SHAPES[:4], ids=SHAPE_IDS[:4])
 @over_backends(OP, NATIVE_CPU)
 def test_native_generic_path(be, shape, side, cpu_path):
