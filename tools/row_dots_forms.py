@@ -65,7 +65,8 @@ def main(argv=None) -> None:
         "lorsum_row_dots_forms", cpp_sources=SOURCE, extra_include_paths=[str(CSRC)],
         extra_cflags=["-O3", "-std=c++20", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
     T = args.tokens
-    print(f"row_dots, T = {T} fp32 rows, {args.threads} threads; median ms over {args.rounds} alternated rounds")
+    print(f"row_dots, T = {T} fp32 rows, {args.threads} threads; "
+          f"median ms over {args.rounds} alternated rounds")
     for w in (8, 16, 32):  # 8: below kBroadcastMinWidth, where row_dots keeps the dot form
         for K in (192, 576, 1536):
             Y, Z = torch.randn(T, K), torch.randn(w, K)
@@ -81,9 +82,9 @@ def main(argv=None) -> None:
                     times[form].append(timer.blocked_autorange(min_run_time=0.3).median)
                     errors[form] = float((out.double() - exact).abs().max() / exact.abs().max())
             flops = 2 * T * K * w
-            parts = [f"{form} {1e3 * statistics.median(times[form]):.3f} ms "
-                     f"({flops / statistics.median(times[form]) / 1e9:.0f} GFLOP/s, max rel err {errors[form]:.1e})"
-                     for form in FORMS]
+            medians = {form: statistics.median(times[form]) for form in FORMS}
+            parts = [f"{form} {1e3 * medians[form]:.3f} ms ({flops / medians[form] / 1e9:.0f} GFLOP/s, "
+                     f"max rel err {errors[form]:.1e})" for form in FORMS]
             print(f"  w = {w:2d}, K = {K:4d}: " + "; ".join(parts))
 
 

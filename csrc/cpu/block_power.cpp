@@ -85,6 +85,18 @@ int64_t balanced_col_blocks(int64_t L, int64_t N, int64_t threads) {
   return blocks;
 }
 
+// A scratch buffer of at least `count` numbers, owned by the calling thread and reused across calls (the
+// half-steps' r-wide temporaries: no allocation per layer). Each slot is a buffer of its own, so a caller
+// holding one slot's buffer can take another's.
+template <typename acc_t, int slot = 0>
+acc_t* scratch(int64_t count) {
+  thread_local std::vector<acc_t> buffer;
+  if (static_cast<int64_t>(buffer.size()) < count) {
+    buffer.resize(count);
+  }
+  return buffer.data();
+}
+
 // The T×w intermediate of the two token passes (S·B̂ or X·Âᵀ): up to kTokenScratchMax numbers in a buffer owned
 // by the calling thread and reused from call to call (128 KiB per 2048-token layer step at r = 16). Allocated
 // per call, it sat at glibc's mmap threshold: each call's fresh pages faulted in (tools/cold_layer_step.py).
@@ -97,17 +109,14 @@ struct TokenScratch {
   float* data = nullptr;
 };
 
+// Slot 1 of scratch: the half-steps hold slot 0 (their r-wide temporaries) while the token passes run.
 TokenScratch token_scratch(int64_t count) {
   if (count > kTokenScratchMax) {
     TokenScratch large{at::empty({count}, at::kFloat)};
     large.data = large.owned.mutable_data_ptr<float>();
     return large;
   }
-  thread_local std::vector<float> buffer;
-  if (static_cast<int64_t>(buffer.size()) < count) {
-    buffer.resize(count);
-  }
-  return {at::Tensor(), buffer.data()};
+  return {at::Tensor(), scratch<float, 1>(count)};
 }
 
 // D += coef[b] · Z[b] · Y1[b]ᵀ · Y2[b] · diag(colscale[b]) for every layer b, with AVX-512 kernels. Z (L, w, K)
@@ -298,17 +307,6 @@ std::vector<int64_t> with_matrix(const std::vector<int64_t>& batch, int64_t rows
 at::Tensor as_acc(const at::Tensor& t, at::ScalarType acc) {
   const at::Tensor u = t.scalar_type() == acc ? t : t.to(acc);
   return u.is_contiguous() ? u : u.contiguous();
-}
-
-// A scratch buffer of at least `count` numbers, owned by the calling thread and reused across calls (the
-// half-steps' r-wide temporaries: no allocation per layer).
-template <typename acc_t>
-acc_t* scratch(int64_t count) {
-  thread_local std::vector<acc_t> buffer;
-  if (static_cast<int64_t>(buffer.size()) < count) {
-    buffer.resize(count);
-  }
-  return buffer.data();
 }
 
 // Solves gram · Z = rhs in place for one layer (gram r×r, rhs r×N, both row-major), with the ridged

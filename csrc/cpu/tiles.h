@@ -243,27 +243,13 @@ LORSUM_AVX512 void outer_accumulate(int64_t T_rows, int64_t w, int64_t N, const 
   }
 }
 
-// ---- conversion ---------------------------------------------------------------------------------------
-
-// dst[i] = float(src[i]) for i < n.
-template <typename T>
-LORSUM_AVX512 inline void to_fp32(const T* src, float* dst, int64_t n) {
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    _mm512_storeu_ps(dst + i, load(src + i));
-  }
-  if (i < n) {
-    const __mmask16 m = tail_mask(n - i);
-    _mm512_mask_storeu_ps(dst + i, m, load(src + i, m));
-  }
-}
-
 // ---- row_dots, broadcast form (w ≥ kBroadcastMinWidth) --------------------------------------------------
 
 // From this width of the r-wide operand on, row_dots of fp32 rows runs in broadcast form: each Y[t][k]
 // broadcast against the k-th row of Zᵀ (w values, one or two vectors), so every output lane is a chain of
-// FMAs over k and no horizontal sums are needed. (The dot form below reduces 16 lanes per output and spends about a third of its
-// time on that at K = 576; it is the better one below 16, where a vector of w values is mostly empty.)
+// FMAs over k and no horizontal sums are needed. (The dot form below reduces 16 lanes per output: at K = 576
+// it took 1.1–1.5× the broadcast form's time, tools/row_dots_forms.py; below 16 columns, where a vector of w
+// values is mostly empty, it is the faster one.)
 constexpr int64_t kBroadcastMinWidth = 16;
 // Columns of Y per span of the broadcast form: each output sums its spans in registers, then adds them in
 // order (a two-level sum, as outer_accumulate's token blocks). (bf16 and fp16 rows stay in the dot form,
@@ -288,7 +274,8 @@ LORSUM_AVX512 inline void broadcast_tile(int64_t k0, int64_t k1, bool first, con
     __m512 zv[NJ];
 #pragma GCC unroll 2
     for (int j = 0; j < NJ; ++j) {
-      zv[j] = j == NJ - 1 ? _mm512_maskz_loadu_ps(last, zt + k * ldz + 16 * j) : _mm512_loadu_ps(zt + k * ldz + 16 * j);
+      const float* z = zt + k * ldz + 16 * j;
+      zv[j] = j == NJ - 1 ? _mm512_maskz_loadu_ps(last, z) : _mm512_loadu_ps(z);
     }
 #pragma GCC unroll 8
     for (int a = 0; a < MT; ++a) {
@@ -522,6 +509,21 @@ LORSUM_AVX512 void row_dots(int64_t rows, int64_t w, int64_t K, const T* Y, int6
     }
   }
   row_dots_dot<T>(rows, w, K, Y, ldy, Z, ldz, out, ldo, scale, col_sq);
+}
+
+// ---- conversion ---------------------------------------------------------------------------------------
+
+// dst[i] = float(src[i]) for i < n.
+template <typename T>
+LORSUM_AVX512 inline void to_fp32(const T* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    _mm512_storeu_ps(dst + i, load(src + i));
+  }
+  if (i < n) {
+    const __mmask16 m = tail_mask(n - i);
+    _mm512_mask_storeu_ps(dst + i, m, load(src + i, m));
+  }
 }
 
 }  // namespace avx512

@@ -144,7 +144,8 @@ def _half_step(side: str):
 # as the streamed step runs it.
 for _side in ("in", "out"):
     _spec(f"lorsum_update_{_side}", "drTL", "m=n={d} r={r} T={T} L={L}",
-          full=[(1024, 16, 4096, 1), (1024, 8, 512, 24), (1024, 64, 2048, 1), (4096, 16, 512, 1), (576, 16, 2048, 1)],
+          full=[(1024, 16, 4096, 1), (1024, 8, 512, 24), (1024, 64, 2048, 1), (4096, 16, 512, 1),
+                (576, 16, 2048, 1)],
           )(_half_step(_side))
 
 
