@@ -219,6 +219,12 @@ def run_memory(args, device: torch.device) -> list[dict]:
     return out
 
 
+def _significant(x: float, digits: int = 4) -> float:
+    """x to ``digits`` significant digits: the GEMM rates of the flop bounds, which run from a fraction of a
+    GFLOP/s (a few tokens on a loaded host) to hundreds, stay precise enough to recompute the bounds from."""
+    return float(f"{x:.{digits}g}")
+
+
 def _mib(value) -> float | str:
     return "" if value is None else round(value / 2**20, 2)
 
@@ -283,14 +289,14 @@ def run_real_memory(args, device: torch.device) -> list[dict]:
             # and what the whole step (forward, backward, step) took over LoRA + AdamW's (streamed methods
             # do their work inside backward, so the step alone does not show it).
             row.update(accumulation=args.accumulation, step_gflop=round(r["step_flops"] / 1e9, 2),
-                       gemm_gflops=round(r["gemm_flops_per_s"] / 1e9, 1),
+                       gemm_gflops=_significant(r["gemm_flops_per_s"] / 1e9),
                        flop_bound_ms=round(1e3 * r["step_flops"] / r["gemm_flops_per_s"], 1),
                        over_adamw_ms=round(row["total_ms"] - base["total_ms"], 1) if base else "")
             # The method's own step cost: its work streamed in backward plus step() (which for a cached
             # method holds all of it), against the bound.
             # The same flops at torch's rate on a tokens × hidden by hidden × r product (LoRSum's shape).
             row.update(streamed_ms=round(r["streamed_ms"], 2), work_ms=round(r["streamed_ms"] + r["step_ms"], 2),
-                       skinny_gflops=round(r["skinny_flops_per_s"] / 1e9, 1),
+                       skinny_gflops=_significant(r["skinny_flops_per_s"] / 1e9),
                        skinny_bound_ms=round(1e3 * r["step_flops"] / r["skinny_flops_per_s"], 1))
             for bound, ratio in (("flop_bound_ms", "work_over_bound"), ("skinny_bound_ms", "work_over_skinny_bound")):
                 row[ratio] = round(row["work_ms"] / row[bound], 2) if row[bound] else ""
