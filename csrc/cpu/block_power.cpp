@@ -398,10 +398,21 @@ at::Tensor run_half_step_typed(const HalfStep& h, bool in_side, KfacFold* fold =
   }
   const auto opts = at::TensorOptions().dtype(h.acc);
   const std::vector<std::vector<double>> data_coef(h.coef.begin() + 1, h.coef.end());
+  // The A-step's Z = B̂ᵀ is read only by row_dots' dot form: the token passes of fp32 rows with r ≥ 16 read
+  // B̂ itself (the broadcast form's Zᵀ), and the transpose is skipped.
+  bool broadcast_rows = vectorised && h.acc == at::kFloat && r >= cpu::avx512::kBroadcastMinWidth;
+  for (const at::Tensor& rows : rows_S) {
+    broadcast_rows = broadcast_rows && rows.scalar_type() == at::kFloat;
+  }
+  const bool z_of_hat = in_side && !broadcast_rows;
   if (fold != nullptr) {
     // 0. Z = B̂ᵀ, the data terms with the statistics of the first pair, then the metrics.
     TORCH_INTERNAL_ASSERT(in_side && !scaled && h.acc == at::kFloat && vectorised && !rows_S.empty());
-    cpu::parallel_tasks(L, m * r, [&](int64_t b) { cpu::r_wide::transpose(m, r, hat_p + b * m * r, r, Zs + b * r * K); });
+    if (z_of_hat) {
+      cpu::parallel_tasks(L, m * r, [&](int64_t b) {
+        cpu::r_wide::transpose(vectorised, m, r, hat_p + b * m * r, r, Zs + b * r * K);
+      });
+    }
     std::fill(datas, datas + L * r * N, acc_t(0));
     const at::Tensor sq_in = at::zeros({L, n}, at::kFloat), sq_out = at::zeros({L, m}, at::kFloat);
     add_data_term(at::from_blob(datas, {L, r, N}, opts), at::from_blob(Zs, {L, r, K}, opts), rows_S, rows_X,
@@ -429,37 +440,53 @@ at::Tensor run_half_step_typed(const HalfStep& h, bool in_side, KfacFold* fold =
     acc_t* Z = Zs + b * r * K;
     acc_t* rhs = rhss + b * r * N;
     if (in_side) {
-      // gram = B̂ᵀM_outB̂ + λI;  rhs = B̂ᵀM_out(c0·B0 − B̂)·A0;  Z = B̂ᵀ.
+      // gram = B̂ᵀM_outB̂ + λI;  rhs = B̂ᵀM_out(c0·B0 − B̂)·A0;  Z = B̂ᵀ (where the dot form reads it).
       const acc_t* Bh = hat_p + b * m * r;
       const acc_t* mo = scaled ? mo_p + b * m : nullptr;
-      for (int64_t i = 0; i < m * r; ++i) {
-        Q[i] = B0b[i] * c0 - Bh[i];
-      }
       cpu::r_wide::weighted_outer_sum(vectorised, m, r, Bh, r, Bh, r, mo, lam, gram);
-      cpu::r_wide::weighted_outer_sum(vectorised, m, r, Bh, r, Q, r, mo, acc_t(0), small);
-      cpu::r_wide::rows_times(vectorised, r, r, n, small, r, A0b, n, rhs, n);
-      if (fold == nullptr) {  // with fold, step 0 wrote Z already
-        cpu::r_wide::transpose(m, r, Bh, r, Z);
+      if (Bh == B0b && c0 == acc_t(1)) {
+        // A first A-step (B̂ = B0, c0 = 1): c0·B0 − B̂ is 0, and the anchor term 0·A0 is 0 but in the columns
+        // where A0 has a non-finite entry, which are NaN in every row, as the product makes them (a
+        // non-finite B0 makes the Gram non-finite, whose solve is NaN as before). Two of the step's r-wide
+        // products saved.
+        for (int64_t c = 0; c < n; ++c) {
+          rhs[c] = A0b[c] * acc_t(0);
+        }
+        for (int64_t l = 1; l < r; ++l) {
+          for (int64_t c = 0; c < n; ++c) {
+            rhs[c] += A0b[l * n + c] * acc_t(0);
+          }
+        }
+        for (int64_t i = 1; i < r; ++i) {
+          std::copy(rhs, rhs + n, rhs + i * n);
+        }
+      } else {
+        for (int64_t i = 0; i < m * r; ++i) {
+          Q[i] = B0b[i] * c0 - Bh[i];
+        }
+        cpu::r_wide::weighted_outer_sum(vectorised, m, r, Bh, r, Q, r, mo, acc_t(0), small);
+        cpu::r_wide::rows_times(vectorised, r, r, n, small, r, A0b, n, rhs, n);
+      }
+      if (fold == nullptr && z_of_hat) {  // with fold, step 0 wrote Z already
+        cpu::r_wide::transpose(vectorised, m, r, Bh, r, Z);
       }
     } else {
       // gram = ÂM_inÂᵀ + λI;  E = (c0·A0 − Â)·M_in·Âᵀ;  rhsᵀ = Eᵀ·B0ᵀ (the B-step in transposed form);
       // Z = Â. The sums over n run over the rows of Âᵀ and (c0·A0 − Â)ᵀ.
       const acc_t* Ah = hat_p + b * r * n;
       const acc_t* mi = scaled ? mi_p + b * n : nullptr;
-      cpu::r_wide::transpose(r, n, Ah, n, P);  // Âᵀ (n×r)
-      for (int64_t i = 0; i < r; ++i) {
-        for (int64_t c = 0; c < n; ++c) {
-          Q[c * r + i] = A0b[i * n + c] * c0 - Ah[i * n + c];
-        }
+      cpu::r_wide::transpose(vectorised, r, n, Ah, n, P);  // Âᵀ (n×r)
+      for (int64_t i = 0; i < r * n; ++i) {  // c0·A0 − Â (r×n), in Z's space (Z is Â itself), transposed
+        Z[i] = A0b[i] * c0 - Ah[i];
       }
+      cpu::r_wide::transpose(vectorised, r, n, Z, n, Q);
       cpu::r_wide::weighted_outer_sum(vectorised, n, r, P, r, P, r, mi, lam, gram);
       cpu::r_wide::weighted_outer_sum(vectorised, n, r, Q, r, P, r, mi, acc_t(0), small);
       acc_t* small_t = smalls_t + b * rr;
-      cpu::r_wide::transpose(r, r, small, r, small_t);
+      cpu::r_wide::transpose(vectorised, r, r, small, r, small_t);
       acc_t* B0t = B0ts + b * r * m;
-      cpu::r_wide::transpose(m, r, B0b, r, B0t);
+      cpu::r_wide::transpose(vectorised, m, r, B0b, r, B0t);
       cpu::r_wide::rows_times(vectorised, r, r, m, small_t, r, B0t, m, rhs, m);
-      std::copy(Ah, Ah + r * n, Z);
     }
   });
 
@@ -478,7 +505,8 @@ at::Tensor run_half_step_typed(const HalfStep& h, bool in_side, KfacFold* fold =
     });
   } else if (!rows_S.empty()) {
     const at::Tensor rhs_all = at::from_blob(rhss, {L, r, N}, opts);
-    const at::Tensor z_all = at::from_blob(Zs, {L, r, K}, opts);
+    // Z: B̂ᵀ (A-step, where step 1 wrote it) or Â itself (B-step).
+    const at::Tensor z_all = at::from_blob(in_side ? Zs : const_cast<acc_t*>(hat_p), {L, r, K}, opts);
     // Zᵀ is B̂ itself (A-step) or step 1's Âᵀ (B-step).
     const at::Tensor zt_all = at::from_blob(in_side ? const_cast<acc_t*>(hat_p) : Ps, {L, K, r}, opts);
     add_data_term(rhs_all, z_all, in_side ? rows_S : rows_X, in_side ? rows_X : rows_S, data_coef,
@@ -500,12 +528,13 @@ at::Tensor run_half_step_typed(const HalfStep& h, bool in_side, KfacFold* fold =
         ob[i] = A0b[i] + rhs[i];
       }
     } else {
+      // The transposed solution (r×m) back to m×r in step 1's B0ᵀ space (read by then), then added.
       const acc_t* B0b = b0_p + b * m * r;
       acc_t* ob = out_p + b * m * r;
-      for (int64_t k = 0; k < m; ++k) {
-        for (int64_t j = 0; j < r; ++j) {
-          ob[k * r + j] = B0b[k * r + j] + rhs[j * m + k];
-        }
+      acc_t* sol = B0ts + b * r * m;
+      cpu::r_wide::transpose(vectorised, r, m, rhs, m, sol);
+      for (int64_t i = 0; i < m * r; ++i) {
+        ob[i] = B0b[i] + sol[i];
       }
     }
   });

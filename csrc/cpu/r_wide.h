@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 namespace lorsum::cpu::r_wide {
 
@@ -171,12 +172,78 @@ inline void rows_times(bool vectorised, int64_t M, int64_t r, int64_t N, const a
 
 // dst (cols×rows, row-major) = srcᵀ for src (rows×cols, row stride lds).
 template <typename acc_t>
-inline void transpose(int64_t rows, int64_t cols, const acc_t* src, int64_t lds, acc_t* dst) {
+inline void transpose_generic(int64_t rows, int64_t cols, const acc_t* src, int64_t lds, acc_t* dst) {
   for (int64_t i = 0; i < rows; ++i) {
     for (int64_t j = 0; j < cols; ++j) {
       dst[j * rows + i] = src[i * lds + j];
     }
   }
+}
+
+// fp32: 16×16 blocks through registers (masked at the edges). The loop above stores one number at a time
+// to `cols` rows of dst: for an m×16 factor (m = 1536) ~8 µs, and the half-steps transposed three such
+// operands per layer, a sixth of a small layer step's fixed cost (perf, docs/step_cost.md).
+LORSUM_AVX512 inline void transpose_avx512(int64_t rows, int64_t cols, const float* src, int64_t lds,
+                                           float* dst) {
+  for (int64_t i0 = 0; i0 < rows; i0 += 16) {
+    const int ni = static_cast<int>(std::min<int64_t>(16, rows - i0));
+    const __mmask16 out_cols = avx512::tail_mask(ni);
+    for (int64_t j0 = 0; j0 < cols; j0 += 16) {
+      const int nj = static_cast<int>(std::min<int64_t>(16, cols - j0));
+      const __mmask16 in_cols = avx512::tail_mask(nj);
+      __m512 r[16], t[16];
+#pragma GCC unroll 16
+      for (int i = 0; i < 16; ++i) {
+        r[i] = i < ni ? _mm512_maskz_loadu_ps(in_cols, src + (i0 + i) * lds + j0) : _mm512_setzero_ps();
+      }
+      // Within each 128-bit lane: pairs of rows interleaved, then quadruples, so that r[4k + e] holds, in
+      // lane l, column 4l + e of rows 4k..4k+3.
+#pragma GCC unroll 8
+      for (int k = 0; k < 8; ++k) {
+        t[2 * k] = _mm512_unpacklo_ps(r[2 * k], r[2 * k + 1]);
+        t[2 * k + 1] = _mm512_unpackhi_ps(r[2 * k], r[2 * k + 1]);
+      }
+#pragma GCC unroll 4
+      for (int k = 0; k < 4; ++k) {
+        const __m512d a = _mm512_castps_pd(t[4 * k]), b = _mm512_castps_pd(t[4 * k + 1]);
+        const __m512d c = _mm512_castps_pd(t[4 * k + 2]), d = _mm512_castps_pd(t[4 * k + 3]);
+        r[4 * k] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+        r[4 * k + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+        r[4 * k + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+        r[4 * k + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+      }
+      // Then the lanes: column 4l + e is lane l of r[e], r[4 + e], r[8 + e], r[12 + e].
+#pragma GCC unroll 4
+      for (int e = 0; e < 4; ++e) {
+        const __m512 u0 = _mm512_shuffle_f32x4(r[e], r[4 + e], 0x44);
+        const __m512 u1 = _mm512_shuffle_f32x4(r[e], r[4 + e], 0xEE);
+        const __m512 v0 = _mm512_shuffle_f32x4(r[8 + e], r[12 + e], 0x44);
+        const __m512 v1 = _mm512_shuffle_f32x4(r[8 + e], r[12 + e], 0xEE);
+        t[e] = _mm512_shuffle_f32x4(u0, v0, 0x88);
+        t[4 + e] = _mm512_shuffle_f32x4(u0, v0, 0xDD);
+        t[8 + e] = _mm512_shuffle_f32x4(u1, v1, 0x88);
+        t[12 + e] = _mm512_shuffle_f32x4(u1, v1, 0xDD);
+      }
+#pragma GCC unroll 16
+      for (int j = 0; j < 16; ++j) {
+        if (j < nj) {
+          _mm512_mask_storeu_ps(dst + (j0 + j) * rows + i0, out_cols, t[j]);
+        }
+      }
+    }
+  }
+}
+
+template <typename acc_t>
+inline void transpose(bool vectorised, int64_t rows, int64_t cols, const acc_t* src, int64_t lds,
+                      acc_t* dst) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (vectorised) {
+      transpose_avx512(rows, cols, src, lds, dst);
+      return;
+    }
+  }
+  transpose_generic(rows, cols, src, lds, dst);
 }
 
 }  // namespace lorsum::cpu::r_wide

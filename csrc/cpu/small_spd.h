@@ -124,8 +124,74 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma"))) void cholesky_
   cholesky_solve_block<acc_t>(chol, r, b, ldb, nc);
 }
 
-// fp32 with r ≤ 16: 16 columns at a time, all r rows of them in registers through both substitutions (the
-// same operations in the same order as the loops above, which reload and store a row per update).
+// fp32 with r ≤ 16: G vectors of 16 columns at a time (G·r ≤ 32 registers), all r rows of them in registers
+// through both substitutions (the same operations in the same order as the loops above, which reload and
+// store a row per update). Each substitution is a chain of r divisions, each waiting on the row before it:
+// one vector at a time leaves the FMA units idle most of that chain, two interleaved fill them (perf: the
+// solve was the largest part of a small layer step's r-wide work, docs/step_cost.md).
+template <int G>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma"))) inline void cholesky_solve_vectors(
+    const float* chol, int64_t r, float* b, int64_t ldb, const __mmask16 (&cols)[G]) {
+  __m512 x[G][16];
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; ++i) {
+#pragma GCC unroll 2
+    for (int g = 0; g < G; ++g) {
+      x[g][i] = i < r ? _mm512_maskz_loadu_ps(cols[g], b + i * ldb + 16 * g) : _mm512_setzero_ps();
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; ++i) {
+    if (i < r) {
+      const float* li = chol + i * r;
+#pragma GCC unroll 16
+      for (int k = 0; k < 16; ++k) {
+        if (k < i) {
+          const __m512 l = _mm512_set1_ps(li[k]);
+#pragma GCC unroll 2
+          for (int g = 0; g < G; ++g) {
+            x[g][i] = _mm512_fnmadd_ps(l, x[g][k], x[g][i]);
+          }
+        }
+      }
+      const __m512 d = _mm512_set1_ps(li[i]);
+#pragma GCC unroll 2
+      for (int g = 0; g < G; ++g) {
+        x[g][i] = _mm512_div_ps(x[g][i], d);
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 15; i >= 0; --i) {
+    if (i < r) {
+#pragma GCC unroll 16
+      for (int k = 0; k < 16; ++k) {
+        if (k > i && k < r) {
+          const __m512 l = _mm512_set1_ps(chol[k * r + i]);
+#pragma GCC unroll 2
+          for (int g = 0; g < G; ++g) {
+            x[g][i] = _mm512_fnmadd_ps(l, x[g][k], x[g][i]);
+          }
+        }
+      }
+      const __m512 d = _mm512_set1_ps(chol[i * r + i]);
+#pragma GCC unroll 2
+      for (int g = 0; g < G; ++g) {
+        x[g][i] = _mm512_div_ps(x[g][i], d);
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; ++i) {
+    if (i < r) {
+#pragma GCC unroll 2
+      for (int g = 0; g < G; ++g) {
+        _mm512_mask_storeu_ps(b + i * ldb + 16 * g, cols[g], x[g][i]);
+      }
+    }
+  }
+}
+
 template <>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma"))) inline void cholesky_solve_block_avx512<float>(
     const float* chol, int64_t r, float* b, int64_t ldb, int64_t nc) {
@@ -133,44 +199,17 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma"))) inline void ch
     cholesky_solve_block<float>(chol, r, b, ldb, nc);
     return;
   }
-  for (int64_t c = 0; c < nc; c += 16) {
-    const __mmask16 cols = nc - c >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (nc - c)) - 1u);
-    __m512 x[16];
-#pragma GCC unroll 16
-    for (int i = 0; i < 16; ++i) {
-      x[i] = i < r ? _mm512_maskz_loadu_ps(cols, b + i * ldb + c) : _mm512_setzero_ps();
-    }
-#pragma GCC unroll 16
-    for (int i = 0; i < 16; ++i) {
-      if (i < r) {
-        const float* li = chol + i * r;
-#pragma GCC unroll 16
-        for (int k = 0; k < 16; ++k) {
-          if (k < i) {
-            x[i] = _mm512_fnmadd_ps(_mm512_set1_ps(li[k]), x[k], x[i]);
-          }
-        }
-        x[i] = _mm512_div_ps(x[i], _mm512_set1_ps(li[i]));
-      }
-    }
-#pragma GCC unroll 16
-    for (int i = 15; i >= 0; --i) {
-      if (i < r) {
-#pragma GCC unroll 16
-        for (int k = 0; k < 16; ++k) {
-          if (k > i && k < r) {
-            x[i] = _mm512_fnmadd_ps(_mm512_set1_ps(chol[k * r + i]), x[k], x[i]);
-          }
-        }
-        x[i] = _mm512_div_ps(x[i], _mm512_set1_ps(chol[i * r + i]));
-      }
-    }
-#pragma GCC unroll 16
-    for (int i = 0; i < 16; ++i) {
-      if (i < r) {
-        _mm512_mask_storeu_ps(b + i * ldb + c, cols, x[i]);
-      }
-    }
+  const auto mask = [](int64_t count) {
+    return count >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << count) - 1u);
+  };
+  int64_t c = 0;
+  for (; nc - c > 16; c += 32) {
+    const __mmask16 cols[2] = {__mmask16(0xFFFF), mask(nc - c - 16)};
+    cholesky_solve_vectors<2>(chol, r, b + c, ldb, cols);
+  }
+  if (c < nc) {
+    const __mmask16 cols[1] = {mask(nc - c)};
+    cholesky_solve_vectors<1>(chol, r, b + c, ldb, cols);
   }
 }
 

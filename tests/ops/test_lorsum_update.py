@@ -223,6 +223,24 @@ def test_native_singular_gram(be, side, cpu_path):
     assert torch.equal(out, p["A0"] if side == "in" else p["B0"])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+@over_backends(OP, NATIVE_CPU)
+def test_native_first_A_step_from_the_anchor(be, shape, dtype, cpu_path):
+    # B̂ = B0 (the same tensor) with c0 = 1, a round's first A-step: the CPU op skips the anchor term, which
+    # is 0 there. The same numbers as from a copy of B0, which takes the full path, and NaN where A0
+    # poisons it.
+    p = cast_problem(lorsum_problem(*shape, metrics=True), dtype)
+    for poisoned in (False, True):
+        if poisoned:
+            p["A0"] = p["A0"].clone()
+            p["A0"][..., 0, -1] = float("inf")
+        shortcut = half_step("in", p, "native")
+        full = half_step("in", p, "native", hat=p["B0"].clone())
+        assert torch.equal(torch.isfinite(shortcut), torch.isfinite(full))
+        assert torch.equal(shortcut.nan_to_num(), full.nan_to_num())
+
+
 @pytest.mark.parametrize("where", ["X", "S", "anchor"])
 @pytest.mark.parametrize("side", ["in", "out"])
 @over_backends(OP, NATIVE_CPU)
