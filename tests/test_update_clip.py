@@ -35,15 +35,16 @@ def test_bound_is_the_sum_of_the_first_and_second_order_norms(L, m, n, r):
     moved = moved_by(B, B2, alpha) @ moved_by(A, A2, alpha) - B @ A
     assert (moved.flatten(1).norm(dim=1) <= alpha * bound * (1 + 1e-12)).all()
     assert torch.equal(moved_by(A, A2, torch.tensor(1.0, dtype=D)), A2)  # α = 1: the step, bit for bit
-    # Per layer (normalize_step's shrink): old + α·(new − old) as written where α < 1, the step itself at 1.
+    # Per layer (normalize_step's shrink): torch.lerp at α where α < 1, the step itself at 1 (bit for bit).
     per_layer = torch.tensor([0.3, 1.0, 0.7][:L], dtype=torch.float32).view(-1, 1, 1)
     A32, A232 = A.float(), A2.float()
-    formula = torch.where(per_layer < 1, A32 + per_layer * (A232 - A32), A232)
+    formula = torch.where(per_layer < 1, torch.lerp(A32, A232, per_layer), A232)
     assert torch.equal(moved_by(A32, A232, per_layer), formula)
+    whole = per_layer.reshape(-1) == 1
+    assert torch.equal(moved_by(A32, A232, per_layer)[whole], A232[whole])
     assert torch.equal(A32, A.float()) and torch.equal(A232, A2.float())  # the inputs are left as they were
     # The differences given (normalize_step's finish has them from the bound): the same numbers.
     assert torch.equal(merged_update_bound(A, B, A2, B2, (A2 - A, B2 - B)), bound)
-    assert torch.equal(moved_by(A32, A232, per_layer, A232 - A32), formula)
 
 
 # ScaledLoRSum with the official code's class defaults: the output side of the metric is δ, the step scales

@@ -43,14 +43,13 @@ def merged_update_bound(A: Tensor, B: Tensor, A_new: Tensor, B_new: Tensor,
     return first.clamp_min(0).sqrt() + second.clamp_min(0).sqrt()
 
 
-def moved_by(old: Tensor, new: Tensor, alpha: Tensor, step: Tensor | None = None) -> Tensor:
+def moved_by(old: Tensor, new: Tensor, alpha: Tensor) -> Tensor:
     """``old + α·(new − old)`` where α < 1, else ``new`` exactly (α a 0-d tensor, or one per layer that
     broadcasts against the factors: normalize_step's shrink). On the CPU, where reading α costs no device
-    wait, ``new`` itself when no α is below 1 (the common step: three passes over the factors saved).
-    ``step``: ``new − old`` if the caller has it, which this then overwrites (a pass fewer)."""
+    wait, ``new`` itself when no α is below 1 (the common step: no pass over the factors). Otherwise one
+    ``torch.lerp`` at weight α where α < 1 and 1 elsewhere, which returns ``new`` exactly there: one pass over
+    the factors (the formula as written, a multiply, an add and a select over the result, took three)."""
     cut = alpha < 1
     if cut.device.type == "cpu" and not bool(cut.any()):
         return new
-    # old + α·(new − old), rounded as written, in one buffer (the factors of every layer: no temporaries)
-    moved = (new - old if step is None else step).mul_(alpha.to(old.dtype)).add_(old)
-    return torch.where(cut, moved, new)
+    return torch.lerp(old, new, torch.where(cut, alpha, 1).to(old.dtype))
