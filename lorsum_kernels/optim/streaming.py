@@ -412,7 +412,10 @@ class StreamedStep:
             A, B = (_joined([e[k] for e in entries]) for k in (3, 4))
             if entries[0][8]:  # balanced factors (√s·A, √s·B) from a one-layer path: back to A and B here
                 root = opt._scale_root([layer.scale for layer in layers], A.dtype, A.device)
-                A, B = A / root, B / root
+                if len(entries) > 1:  # in the bucket just joined (no fresh pages for a copy of it)
+                    A, B = A.div_(root), B.div_(root)
+                else:
+                    A, B = A / root, B / root
             state = {key: _joined([e[5][key] for e in entries]) for key in entries[0][5]}
             finite = None if entries[0][6] is None else _joined([e[6] for e in entries])
             if unchecked:  # the results' check that the layer steps left for here
