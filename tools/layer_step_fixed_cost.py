@@ -11,7 +11,10 @@ flops at the square-GEMM rate measured here). One block's fixed cost is the sum 
 Compare two builds by running this with ``PYTHONPATH`` set to the other's source tree (built in place), one
 process after the other, alternated: the host drifts between processes.
 
-    python tools/layer_step_fixed_cost.py [--tokens 1,64,2048] [--threads 2]
+With ``--kfac``, ScaledLoRSum's rounds instead (``ops.prepare_kfac_lorsum_rounds``: the K-FAC statistics
+summed in the A-step's passes, the EMA and the power, then the metric-scaled B-step).
+
+    python tools/layer_step_fixed_cost.py [--tokens 1,64,2048] [--threads 2] [--kfac]
 """
 
 from __future__ import annotations
@@ -29,13 +32,18 @@ R = 16
 BLOCK = {(576, 576): 2, (192, 576): 2, (1536, 576): 2, (576, 1536): 1}
 
 
-def rounds_us(m: int, n: int, T: int) -> float:
+def rounds_us(m: int, n: int, T: int, kfac: bool = False) -> float:
     g = torch.Generator().manual_seed(m * 7 + n + T)
     A = torch.randn(1, R, n, generator=g) * n**-0.5
     B = torch.randn(1, m, R, generator=g) * m**-0.5
     X = torch.randn(1, T, n, generator=g)
     S = torch.randn(1, T, m, generator=g) * 1e-3
-    run = ops.prepare_lorsum_rounds((A, B), [(X, S.mT)], [1.0, -1e-3], 1e-3, 1)
+    if kfac:  # ScaledLoRSum's defaults: β2 = 0.99, δ = 1e-5, p = 0.5, mean-reduced loss
+        v_in, v_out = torch.rand(1, n, generator=g) + 0.5, torch.rand(1, m, generator=g) + 0.5
+        run = ops.prepare_kfac_lorsum_rounds((A, B), [(X, S.mT)], [1.0, -1e-3], 1e-3, 1, v_in, v_out,
+                                             0.99, 1e-5, 0.5, 1.0 / T, 1.0)
+    else:
+        run = ops.prepare_lorsum_rounds((A, B), [(X, S.mT)], [1.0, -1e-3], 1e-3, 1)
     timer = benchmark.Timer("run()", globals={"run": run}, num_threads=torch.get_num_threads())
     return timer.blocked_autorange(min_run_time=0.5).median * 1e6
 
@@ -44,17 +52,19 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", default="1,64,2048", help="comma-separated token counts")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--kfac", action="store_true", help="ScaledLoRSum's K-FAC rounds")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     tokens = [int(t) for t in args.tokens.split(",")]
     # The real-model benchmark's rate: its bound's square product (T × hidden by hidden × hidden).
     rate = gemm_flops_per_second(2048, 576, 576, device=torch.device("cpu"), min_run_time=0.3)
-    print(f"square-GEMM rate {rate / 1e9:.1f} GFLOP/s, {args.threads} threads, r = {R}")
+    print(f"{'K-FAC ' if args.kfac else ''}rounds; square-GEMM rate {rate / 1e9:.1f} GFLOP/s, "
+          f"{args.threads} threads, r = {R}")
     block = dict.fromkeys(tokens, 0.0)
     for (m, n), count in BLOCK.items():
         cells = []
         for T in tokens:
-            us = rounds_us(m, n, T)
+            us = rounds_us(m, n, T, args.kfac)
             block[T] += count * us
             cell = f"T={T}: {us:8.1f} us"
             if T >= 512:

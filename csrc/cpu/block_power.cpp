@@ -498,8 +498,12 @@ at::Tensor run_half_step_typed(const HalfStep& h, bool in_side, KfacFold* fold =
       for (int64_t i = 0; i < r; ++i) {
         acc_t* rhs = rhss + (b * r + i) * N;
         const acc_t* data = datas + (b * r + i) * N;
-        for (int64_t c = 0; c < N; ++c) {
-          rhs[c] += data[c] / mi[c];
+        if constexpr (std::is_same_v<acc_t, float>) {  // fold runs on the AVX-512 fp32 path only
+          cpu::r_wide::add_divided(N, data, mi, rhs);
+        } else {
+          for (int64_t c = 0; c < N; ++c) {
+            rhs[c] += data[c] / mi[c];
+          }
         }
       }
     });

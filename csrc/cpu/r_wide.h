@@ -83,14 +83,19 @@ LORSUM_AVX512 inline void weighted_outer_sum_avx512<float>(int64_t K, int64_t r,
       for (int i = 0; i < 16; ++i) {
         acc[i] = _mm512_setzero_ps();
       }
+      const __mmask16 rows = avx512::tail_mask(ni);
+      alignas(64) float weighted[16];
       for (int64_t k = 0; k < K; ++k) {
         const __m512 q = _mm512_maskz_loadu_ps(cols, Q + k * ldq + j0);
         const float* p = P + k * ldp + i0;
-        const float wk = w == nullptr ? 1.0f : w[k];
+        if (w != nullptr) {  // the row's products with w[k] in one vector multiply, then broadcast from there
+          _mm512_store_ps(weighted, _mm512_mul_ps(_mm512_maskz_loadu_ps(rows, p), _mm512_set1_ps(w[k])));
+          p = weighted;
+        }
 #pragma GCC unroll 16
         for (int i = 0; i < 16; ++i) {
           if (i < ni) {
-            acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(p[i] * wk), q, acc[i]);
+            acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(p[i]), q, acc[i]);
           }
         }
       }
@@ -168,6 +173,16 @@ template <typename acc_t>
 inline void rows_times(bool vectorised, int64_t M, int64_t r, int64_t N, const acc_t* lhs, int64_t ldl,
                        const acc_t* rhs, int64_t ldr, acc_t* out, int64_t ldo) {
   (vectorised ? rows_times_avx512<acc_t> : rows_times_generic<acc_t>)(M, r, N, lhs, ldl, rhs, ldr, out, ldo);
+}
+
+// rhs[c] += data[c] / metric[c] for c < N, fp32: the scalar loop's divisions and additions, 16 at a time.
+LORSUM_AVX512 inline void add_divided(int64_t N, const float* data, const float* metric, float* rhs) {
+  for (int64_t c = 0; c < N; c += 16) {
+    const __mmask16 m = avx512::tail_mask(N - c);
+    const __m512 q = _mm512_div_ps(_mm512_maskz_loadu_ps(m, data + c),
+                                   _mm512_mask_loadu_ps(_mm512_set1_ps(1.0f), m, metric + c));
+    _mm512_mask_storeu_ps(rhs + c, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, rhs + c), q));
+  }
 }
 
 // dst (cols×rows, row-major) = srcᵀ for src (rows×cols, row stride lds).
