@@ -43,7 +43,7 @@ def test_bound_is_the_sum_of_the_first_and_second_order_norms(L, m, n, r):
     whole = per_layer.reshape(-1) == 1
     assert torch.equal(moved_by(A32, A232, per_layer)[whole], A232[whole])
     assert torch.equal(A32, A.float()) and torch.equal(A232, A2.float())  # the inputs are left as they were
-    # The differences given (normalize_step's finish has them from the bound): the same numbers.
+    # The differences given (a caller that has them): the same numbers.
     assert torch.equal(merged_update_bound(A, B, A2, B2, (A2 - A, B2 - B)), bound)
 
 

@@ -10,6 +10,12 @@
 * ``fixed``: the native half-steps at T = 8 (torch.utils.benchmark, warm): what a half-step costs besides its
   token passes (the r-wide Grams and anchor terms, the r×r solve, the call itself), per layer shape; and
   ScaledLoRSum's fused first A-step (``kfac_lorsum_update_in``: the metric's EMA and power on top).
+* ``rounds`` / ``rounds_kfac``: a layer step's rounds as the CPU's queue runs them
+  (``ops.prepare_lorsum_rounds``, or ScaledLoRSum's ``prepare_kfac_lorsum_rounds``: one A-step from B0, one
+  B-step) back to back, per SmolLM2 layer shape (k and v 192×576 too) at T = 1, 64 and 2048, and one block's
+  seven layers summed: at T = 1 what is left is the fixed cost (the call, the r-wide algebra, the r×r
+  solves); at T = 2048 the token products' flop bound is printed beside it. Compare two builds by running
+  it with ``PYTHONPATH`` on the other's source tree (built in place), alternated.
 * ``kfac_fold``: ScaledLoRSum's metric step and ALS round on one layer, data evicted first:
   ``kfac_lorsum_update_in`` (the K-FAC statistics summed in the A-step's passes) then the B-step, against
   ``kfac_metric_update``, ``lorsum_update_in`` and the B-step, alternated in rounds; ``kfac_fold_7b`` the
@@ -20,7 +26,8 @@
   first and second call of each after other things than a GEMM (64 MiB written: the caches evicted, no
   threads involved; 2 ms asleep: the intra-op threads idle, nothing evicted), which tell the two apart.
 
-    python tools/layer_step_ab.py kernels|metric|sb0|fixed|kfac_fold|kfac_fold_7b|after_gemm
+    python tools/layer_step_ab.py \
+        kernels|metric|sb0|fixed|rounds|rounds_kfac|kfac_fold|kfac_fold_7b|after_gemm
 """
 
 from __future__ import annotations
@@ -124,6 +131,37 @@ def fixed() -> None:
               f"fused K-FAC A-step {times['kfac']:.1f} us")
 
 
+# SmolLM2-135M's seven LoRA layers per block as (out m, in n), and how many of each shape.
+BLOCK = {(576, 576): 2, (192, 576): 2, (1536, 576): 2, (576, 1536): 1}
+
+
+def rounds(kfac: bool = False, tokens=(1, 64, T)) -> None:
+    from torch.utils import benchmark
+
+    rate = gemm_flops_per_second(T, 576, 576, device=torch.device("cpu"), min_run_time=0.3)
+    print(f"{'K-FAC ' if kfac else ''}rounds; square-GEMM rate {rate / 1e9:.1f} GFLOP/s, r = {R}")
+    block = dict.fromkeys(tokens, 0.0)
+    for (m, n), count in BLOCK.items():
+        cells = []
+        for t in tokens:
+            g = torch.Generator().manual_seed(m * 7 + n + t)
+            A, B = torch.randn(1, R, n, generator=g) * n**-0.5, torch.randn(1, m, R, generator=g) * m**-0.5
+            X, S = torch.randn(1, t, n, generator=g), torch.randn(1, t, m, generator=g) * 1e-3
+            if kfac:  # ScaledLoRSum's defaults: β2 = 0.99, δ = 1e-5, p = 0.5, mean-reduced loss
+                v_in, v_out = torch.rand(1, n, generator=g) + 0.5, torch.rand(1, m, generator=g) + 0.5
+                run = ops.prepare_kfac_lorsum_rounds((A, B), [(X, S.mT)], [1.0, -1e-3], 1e-3, 1, v_in, v_out,
+                                                     0.99, 1e-5, 0.5, 1.0 / t, 1.0)
+            else:
+                run = ops.prepare_lorsum_rounds((A, B), [(X, S.mT)], [1.0, -1e-3], 1e-3, 1)
+            timer = benchmark.Timer("run()", globals={"run": run}, num_threads=torch.get_num_threads())
+            us = timer.blocked_autorange(min_run_time=0.5).median * 1e6
+            block[t] += count * us
+            cells.append(f"T={t}: {us:8.1f} us" + (f" (bound {4 * t * R * (m + n) / rate * 1e6:.1f})"
+                                                    if t >= 512 else ""))
+        print(f"{m:5d}x{n:<5d} " + "  ".join(cells))
+    print("one block (7 layers): " + "  ".join(f"T={t}: {us / 1e3:.3f} ms" for t, us in block.items()))
+
+
 def kfac_fold(shapes=SHAPES, T=T) -> None:
     evict = torch.randn(96 * 2**20 // 4)
     for m, n in shapes:
@@ -199,7 +237,8 @@ def after_gemm() -> None:
 
 if __name__ == "__main__":
     torch.set_num_threads(2)
-    modes = {"kernels": kernels, "metric": metric, "sb0": sb0, "fixed": fixed, "kfac_fold": kfac_fold,
+    modes = {"kernels": kernels, "metric": metric, "sb0": sb0, "fixed": fixed, "rounds": rounds,
+             "rounds_kfac": lambda: rounds(kfac=True), "kfac_fold": kfac_fold,
              "kfac_fold_7b": lambda: kfac_fold([(11008, 4096), (4096, 11008), (4096, 4096)], 512),
              "after_gemm": after_gemm}
     modes[sys.argv[1]]()

@@ -211,34 +211,7 @@ LORSUM_AVX512 inline void transpose_avx512(int64_t rows, int64_t cols, const flo
       for (int i = 0; i < 16; ++i) {
         r[i] = i < ni ? _mm512_maskz_loadu_ps(in_cols, src + (i0 + i) * lds + j0) : _mm512_setzero_ps();
       }
-      // Within each 128-bit lane: pairs of rows interleaved, then quadruples, so that r[4k + e] holds, in
-      // lane l, column 4l + e of rows 4k..4k+3.
-#pragma GCC unroll 8
-      for (int k = 0; k < 8; ++k) {
-        t[2 * k] = _mm512_unpacklo_ps(r[2 * k], r[2 * k + 1]);
-        t[2 * k + 1] = _mm512_unpackhi_ps(r[2 * k], r[2 * k + 1]);
-      }
-#pragma GCC unroll 4
-      for (int k = 0; k < 4; ++k) {
-        const __m512d a = _mm512_castps_pd(t[4 * k]), b = _mm512_castps_pd(t[4 * k + 1]);
-        const __m512d c = _mm512_castps_pd(t[4 * k + 2]), d = _mm512_castps_pd(t[4 * k + 3]);
-        r[4 * k] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
-        r[4 * k + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
-        r[4 * k + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
-        r[4 * k + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
-      }
-      // Then the lanes: column 4l + e is lane l of r[e], r[4 + e], r[8 + e], r[12 + e].
-#pragma GCC unroll 4
-      for (int e = 0; e < 4; ++e) {
-        const __m512 u0 = _mm512_shuffle_f32x4(r[e], r[4 + e], 0x44);
-        const __m512 u1 = _mm512_shuffle_f32x4(r[e], r[4 + e], 0xEE);
-        const __m512 v0 = _mm512_shuffle_f32x4(r[8 + e], r[12 + e], 0x44);
-        const __m512 v1 = _mm512_shuffle_f32x4(r[8 + e], r[12 + e], 0xEE);
-        t[e] = _mm512_shuffle_f32x4(u0, v0, 0x88);
-        t[4 + e] = _mm512_shuffle_f32x4(u0, v0, 0xDD);
-        t[8 + e] = _mm512_shuffle_f32x4(u1, v1, 0x88);
-        t[12 + e] = _mm512_shuffle_f32x4(u1, v1, 0xDD);
-      }
+      avx512::transpose16(r, t);
 #pragma GCC unroll 16
       for (int j = 0; j < 16; ++j) {
         if (j < nj) {

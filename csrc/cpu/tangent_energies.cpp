@@ -97,29 +97,11 @@ struct Avx512Ops<float> : cpu::vec::Avx512Base<float> {
   // Sums of adjacent 128-bit blocks: (a0 + a1, a2 + a3, b0 + b1, b2 + b3).
   LORSUM_AVX512 static inline V fold(V a, V b) { return _mm512_add_ps(blocks<0x88>(a, b), blocks<0xDD>(a, b)); }
 
-  // dst[j·ldd + i] = r[i][j] for i < 16 and j < rows: a 16×16 transpose in registers (pairs, then quadruples
-  // within 128-bit blocks, then across blocks), of which the first `rows` rows are stored.
+  // dst[j·ldd + i] = r[i][j] for i < 16 and j < rows: a 16×16 transpose in registers (tiles.h), of which
+  // the first `rows` rows are stored.
   LORSUM_AVX512 static inline void transpose(const V* r, float* dst, int64_t ldd, int64_t rows) {
-    V t[16], u[16], out[16];
-    for (int p = 0; p < 8; ++p) {
-      t[2 * p] = lo32(r[2 * p], r[2 * p + 1]);
-      t[2 * p + 1] = hi32(r[2 * p], r[2 * p + 1]);
-    }
-    for (int g = 0; g < 4; ++g) {
-      for (int h = 0; h < 2; ++h) {
-        u[4 * g + 2 * h] = lo64(t[4 * g + h], t[4 * g + 2 + h]);
-        u[4 * g + 2 * h + 1] = hi64(t[4 * g + h], t[4 * g + 2 + h]);
-      }
-    }
-    // u[4g + c]'s 128-bit block b holds rows 4g..4g+3 of column 4b + c.
-    for (int c = 0; c < 4; ++c) {
-      const V v0 = blocks<0x88>(u[c], u[4 + c]), w0 = blocks<0x88>(u[8 + c], u[12 + c]);
-      const V v1 = blocks<0xDD>(u[c], u[4 + c]), w1 = blocks<0xDD>(u[8 + c], u[12 + c]);
-      out[c] = blocks<0x88>(v0, w0);
-      out[8 + c] = blocks<0xDD>(v0, w0);
-      out[4 + c] = blocks<0x88>(v1, w1);
-      out[12 + c] = blocks<0xDD>(v1, w1);
-    }
+    V out[16];
+    cpu::avx512::transpose16(r, out);
     for (int64_t j = 0; j < rows; ++j) _mm512_storeu_ps(dst + j * ldd, out[j]);
   }
   // out[p] = Σ_lanes a[p] for the 16 accumulators of a tile, by a transposing tree (45 shuffles and adds

@@ -51,6 +51,40 @@ inline __mmask16 tail_mask(int64_t count) {
   return count >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << count) - 1u);
 }
 
+// out[j] = column j of the 16×16 block whose rows are in[0..16): pairs of rows interleaved, then quadruples
+// within 128-bit blocks, then across blocks. (The zero-masking forms with every lane set: see below.)
+LORSUM_AVX512 inline __m512 unpack_lo64(__m512 a, __m512 b) {
+  return _mm512_castpd_ps(_mm512_maskz_unpacklo_pd(0xFF, _mm512_castps_pd(a), _mm512_castps_pd(b)));
+}
+LORSUM_AVX512 inline __m512 unpack_hi64(__m512 a, __m512 b) {
+  return _mm512_castpd_ps(_mm512_maskz_unpackhi_pd(0xFF, _mm512_castps_pd(a), _mm512_castps_pd(b)));
+}
+LORSUM_AVX512 inline void transpose16(const __m512* in, __m512* out) {
+  constexpr __mmask16 all = 0xFFFF;
+  __m512 t[16], u[16];
+  for (int p = 0; p < 8; ++p) {
+    t[2 * p] = _mm512_maskz_unpacklo_ps(all, in[2 * p], in[2 * p + 1]);
+    t[2 * p + 1] = _mm512_maskz_unpackhi_ps(all, in[2 * p], in[2 * p + 1]);
+  }
+  for (int g = 0; g < 4; ++g) {
+    for (int h = 0; h < 2; ++h) {
+      u[4 * g + 2 * h] = unpack_lo64(t[4 * g + h], t[4 * g + 2 + h]);
+      u[4 * g + 2 * h + 1] = unpack_hi64(t[4 * g + h], t[4 * g + 2 + h]);
+    }
+  }
+  // u[4g + c]'s 128-bit block b holds rows 4g..4g+3 of column 4b + c.
+  for (int c = 0; c < 4; ++c) {
+    const __m512 v0 = _mm512_maskz_shuffle_f32x4(all, u[c], u[4 + c], 0x88);
+    const __m512 w0 = _mm512_maskz_shuffle_f32x4(all, u[8 + c], u[12 + c], 0x88);
+    const __m512 v1 = _mm512_maskz_shuffle_f32x4(all, u[c], u[4 + c], 0xDD);
+    const __m512 w1 = _mm512_maskz_shuffle_f32x4(all, u[8 + c], u[12 + c], 0xDD);
+    out[c] = _mm512_maskz_shuffle_f32x4(all, v0, w0, 0x88);
+    out[8 + c] = _mm512_maskz_shuffle_f32x4(all, v0, w0, 0xDD);
+    out[4 + c] = _mm512_maskz_shuffle_f32x4(all, v1, w1, 0x88);
+    out[12 + c] = _mm512_maskz_shuffle_f32x4(all, v1, w1, 0xDD);
+  }
+}
+
 // 16 values as fp32; the masked forms read only the lanes set in k (the others are 0 and never touched,
 // so a row's tail may end at the edge of an allocation).
 LORSUM_AVX512 inline __m512 load(const float* p) { return _mm512_loadu_ps(p); }

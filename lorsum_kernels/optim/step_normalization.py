@@ -51,12 +51,11 @@ def initial_state(dtype: torch.dtype, device: torch.device) -> dict:
     return {key: torch.zeros((), dtype=dtype, device=device) for key in STATE_KEYS}
 
 
-def _size(A: Tensor, B: Tensor, A_new: Tensor, B_new: Tensor, lrs: Tensor, steps=None) -> Tensor:
-    """u: the merged step's RMS per entry and unit lr, (L,), for balanced factors (``steps`` as
-    ``merged_update_bound`` takes them)."""
+def _size(A: Tensor, B: Tensor, A_new: Tensor, B_new: Tensor, lrs: Tensor) -> Tensor:
+    """u: the merged step's RMS per entry and unit lr, (L,), for balanced factors."""
     dt = A_new.dtype
     entries = A.shape[-1] * B.shape[-2]
-    return merged_update_bound(A.to(dt), B.to(dt), A_new, B_new, steps) / (lrs.to(dt) * entries ** 0.5)
+    return merged_update_bound(A.to(dt), B.to(dt), A_new, B_new) / (lrs.to(dt) * entries ** 0.5)
 
 
 def step_at_layer_lr(step_at: Callable[[object], tuple], A: Tensor, B: Tensor, lr, state: dict) -> tuple:
