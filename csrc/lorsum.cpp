@@ -96,4 +96,18 @@ TORCH_LIBRARY(lorsum, m) {
   // and W = [E; A]: (rows (..., m) = z_iᵀ(W·Wᵀ)z_i, cols (..., n) = w_jᵀ(Zᵀ·Z)w_j), clamped at 0 (NaN
   // stays NaN). Arithmetic in fp32 (fp64 if any input is fp64); results in the inputs' promoted dtype.
   m.def("tangent_energies(Tensor B, Tensor E, Tensor F, Tensor A) -> (Tensor, Tensor)");
+
+  // normalize_step's finish and write (lorsum_kernels/optim/step_normalization.py) for L layers, CPU only,
+  // fp32, in place. Per layer l: the parameters A[l] (r, n) and B[l] (m, r); its new factors A_new[l],
+  // B_new[l] of those shapes (leading size-1 dimensions allowed), times √s when `balanced` (root[l] = √s);
+  // the statistics v[l], t[l], scale[l] (one-element tensors). layer_lr (L,) is the lr each step ran at;
+  // lr and beta are the group's η and normalize_beta. A layer is written when allowed[l] holds and its new
+  // factors and its `checked` tensors (the other new state: len(checked)/L per layer, layer by layer) are
+  // finite: the factors move by α = min(1, η·scale_new/layer_lr) of their step (torch.lerp's formula) and the
+  // statistics take their new values, as reference.finish_normalized_step. Returns which layers were
+  // written, (L,) bool; the others are left as they were.
+  m.def(
+      "finish_normalized_step(Tensor(a!)[] A, Tensor(b!)[] B, Tensor[] A_new, Tensor[] B_new, "
+      "Tensor[] checked, Tensor(c!)[] v, Tensor(d!)[] t, Tensor(e!)[] scale, Tensor root, Tensor layer_lr, "
+      "Tensor allowed, bool balanced, float lr, float beta) -> Tensor");
 }

@@ -314,3 +314,15 @@ if NATIVE_AVAILABLE and _op_defined("tangent_energies"):
         for size in B_shape[:-2]:
             layers *= size
         return layers * 2 * R * (R + 1) * (m + n)
+
+
+if NATIVE_AVAILABLE and _op_defined("finish_normalized_step"):
+
+    @torch.library.register_fake("lorsum::finish_normalized_step")
+    def _finish_normalized_step_fake(A, B, A_new, B_new, checked, v, t, scale, root, layer_lr, allowed,
+                                     balanced, lr, beta):
+        op = "finish_normalized_step"
+        torch._check(len(B) == len(A_new) == len(B_new) == len(v) == len(t) == len(scale) == len(A),
+                     lambda: f"{op}: one tensor per layer in every list")
+        torch._check(allowed.shape == (len(A),), lambda: f"{op}: allowed must be ({len(A)},)")
+        return allowed.new_empty(allowed.shape)  # the layers written (the parameters and statistics in place)

@@ -473,3 +473,21 @@ def _half_step_args(hat, anchor, pairs, coeffs, lmbd, metrics) -> tuple:
         m_in,
         m_out,
     )
+
+
+__all__ += ["finish_normalized_step"]
+
+
+def finish_normalized_step(
+    A: Sequence[Tensor], B: Sequence[Tensor], A_new: Sequence[Tensor], B_new: Sequence[Tensor],
+    checked: Sequence[Tensor], v: Sequence[Tensor], t: Sequence[Tensor], scale: Sequence[Tensor],
+    root: Tensor, layer_lr: Tensor, allowed: Tensor, balanced: bool, lr: float, beta: float,
+    *, backend: str | None | Backend = "auto",
+) -> Tensor:
+    """``reference.finish_normalized_step``: native on the CPU (fp32), the reference elsewhere."""
+    device = A[0].device if len(A) else torch.device("cpu")
+    if implementation(backend, device, "finish_normalized_step") == "native":
+        return torch.ops.lorsum.finish_normalized_step(A, B, A_new, B_new, checked, v, t, scale, root,
+                                                       layer_lr, allowed, balanced, float(lr), float(beta))
+    return reference.finish_normalized_step(A, B, A_new, B_new, checked, v, t, scale, root, layer_lr, allowed,
+                                            balanced, lr, beta)

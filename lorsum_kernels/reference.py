@@ -253,3 +253,39 @@ def kfac_lorsum_update_in(
     new_in, new_out, m_in, m_out = kfac_metric_update(X, S_t.mT, v_in, v_out, beta, damping, power, scale_in,
                                                       scale_out)
     return lorsum_update_in(B_hat, anchor, pairs, coeffs, lmbd, (m_in, m_out)), new_in, new_out, m_in, m_out
+
+
+def finish_normalized_step(
+    A: Sequence[Tensor], B: Sequence[Tensor], A_new: Sequence[Tensor], B_new: Sequence[Tensor],
+    checked: Sequence[Tensor], v: Sequence[Tensor], t: Sequence[Tensor], scale: Sequence[Tensor],
+    root: Tensor, layer_lr: Tensor, allowed: Tensor, balanced: bool, lr: float, beta: float,
+) -> Tensor:
+    """``normalize_step``'s finish and write for L layers, in place (optim/step_normalization.py, whose
+    ``finish`` this applies to one layer at a time). Layer l: parameters ``A[l]`` (r, n), ``B[l]`` (m, r); new
+    factors ``A_new[l]``, ``B_new[l]`` of those sizes, times ``root[l]`` = √s when ``balanced``; statistics
+    ``v[l]``, ``t[l]``, ``scale[l]`` (one element each); ``layer_lr[l]`` the lr its step ran at; ``lr`` and
+    ``beta`` the group's η and normalize_beta. The layer is written when ``allowed[l]`` holds and its
+    unbalanced new factors and its ``checked`` tensors (``len(checked) // L`` per layer, layer by layer) are
+    all finite: the factors move to ``update_clip.moved_by(old, new, α)``, α = min(1, η·scale_new /
+    layer_lr), and the statistics take their new values. Returns the (L,) bool of the layers written."""
+    from .optim.step_normalization import finish  # the optimizer's own definition (a late import: optim
+    # imports this module through ops)
+
+    written = allowed.clone()
+    per_layer = len(checked) // len(A) if len(A) else 0
+    for l in range(len(A)):
+        A_n, B_n = A_new[l].reshape(A[l].shape), B_new[l].reshape(B[l].shape)
+        if balanced:
+            A_n, B_n = A_n / root[l], B_n / root[l]
+        others = checked[l * per_layer:(l + 1) * per_layer]
+        if not (bool(written[l]) and all(bool(x.isfinite().all()) for x in (A_n, B_n, *others))):
+            written[l] = False
+            continue
+        old = {"step_norm_sq": v[l].reshape(1), "step_norm_count": t[l].reshape(1)}
+        A_out, B_out, stats = finish(A[l][None], B[l][None], A_n[None], B_n[None], root[l].view(1, 1, 1), lr,
+                                     beta, old, layer_lr[l:l + 1])
+        A[l].copy_(A_out[0])
+        B[l].copy_(B_out[0])
+        for target, key in ((v[l], "step_norm_sq"), (t[l], "step_norm_count"), (scale[l], "step_norm_scale")):
+            target.copy_(stats[key].reshape(target.shape))
+    return written

@@ -144,3 +144,43 @@ def test_a_checkpoint_from_before_the_option_loads_and_keeps_the_plain_step(cls,
         opt.step()
     for a, b in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not lk._native.has_native_op("finish_normalized_step", "cpu"), reason="no native op")
+@pytest.mark.parametrize("capture", ["auto", "cache"])
+@pytest.mark.parametrize("name", sorted(NORMALIZED))
+def test_the_in_place_finish_trains_as_the_batched_composite(name, capture):
+    """On the CPU in fp32 the normalised step is finished and written in place, layer by layer
+    (``ops.finish_normalized_step``, natively); training with it gives what the batched composite
+    (``_finish_normalized`` and ``_write_bucket``) gives, within fp32 rounding, a skipped (non-finite) step
+    and the measured first step included, the streamed results and the cached ones alike."""
+    trained = []
+    for in_place in (True, False):
+        torch.manual_seed(0)
+        model = TinyLoRAMLP()
+        opt = NORMALIZED[name](model, lr=1e-2, capture=capture)
+        writes = []
+        if in_place:
+            real = opt._write_normalized
+            opt._write_normalized = lambda result, real=real: writes.append(len(result[1])) or real(result)
+        else:
+            opt._finishes_in_place = lambda *args: False
+        g = torch.Generator().manual_seed(3)
+        for step in range(5):
+            x = torch.randn(2, 7, 12, generator=g)
+            if step == 2:
+                x[1, 3, 4] = float("nan")  # every layer's data: the step is skipped, nothing written
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+        assert (sum(writes) == 5 * 3) if in_place else not writes
+        state = {(i, k): v.clone() for i, layer in enumerate(_layers(model)) for k, v in
+                 opt.state[layer.lora_A.weight].items()}
+        trained.append(([p.detach().clone() for p in model.parameters()], state))
+    (p_in_place, s_in_place), (p_composite, s_composite) = trained
+    for a, b in zip(p_in_place, p_composite):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert s_in_place.keys() == s_composite.keys()
+    for key, value in s_in_place.items():
+        torch.testing.assert_close(value, s_composite[key], rtol=1e-5, atol=1e-9, msg=str(key))
+    assert all(int(s_in_place[(i, "skipped_steps")]) == 1 for i in range(3))

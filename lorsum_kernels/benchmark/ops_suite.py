@@ -198,6 +198,23 @@ def _tangent_energies(s, dtype, device, variant):
     return (lambda b: ops.tangent_energies(B, g_A, g_B, A, backend=b)), _bytes(A, B, g_A, g_B) + 8 * s.L * s.d
 
 
+@_spec("finish_normalized_step", "drL", "m=n={d} r={r} L={L}", tokens=False,
+       full=[(1024, 16, 24), (4096, 16, 24), (576, 16, 210)])
+def _finish_normalized_step(s, dtype, device, variant):
+    """normalize_step's finish and write of L layers, in place, from balanced results (the streamed step's):
+    the merged step's bound from r×r Grams, the statistics, the shrink (half the layers cut), the writes."""
+    A, B, noise_A, noise_B = _factors(s, device)
+    root = torch.full((s.L,), 1.5, device=device)
+    A_new, B_new = (A + 1e-3 * noise_A) * 1.5, (B + 1e-3 * noise_B) * 1.5
+    params, new = [list(t.unbind(0)) for t in (A, B)], [list(t.unbind(0)) for t in (A_new, B_new)]
+    stats = [[torch.full((), value, device=device) for _ in range(s.L)] for value in (1e-4, 3.0, 1.0)]
+    layer_lr = torch.tensor([1e-3, 1e-2] * (s.L // 2) + [1e-3] * (s.L % 2), device=device)
+    allowed = torch.ones(s.L, dtype=torch.bool, device=device)
+    return (lambda b: ops.finish_normalized_step(*params, *new, [], *stats, root, layer_lr, allowed, True, 1e-3,
+                                                 0.999, backend=b),
+            3 * _bytes(A, B))
+
+
 @_spec("low_rank_sum", "drTL", "m=n={d} r={r} T={T} L={L} {variant}", variants=("k=0", "k=1"), rounds=7,
        needs=("lorsum_update_in", "lorsum_update_out", "pair_products"),
        full=[(1024, 16, 512, 1), (1024, 16, 2048, 4), (1024, 64, 2048, 1)])

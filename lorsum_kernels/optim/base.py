@@ -79,7 +79,7 @@ from .guards import either, finite_once, finite_rows, finite_rows_of
 from .other_adamw import step_other
 from .resharding import ReshardingMixin, parameter_owners
 from . import step_normalization
-from .streaming import StreamedStep, check_capture_options, check_stream_groups
+from .streaming import LayerResults, StreamedStep, check_capture_options, check_stream_groups
 from .update_clip import merged_update_bound, moved_by
 
 __all__ = ["LoRAOptimizer"]
@@ -467,6 +467,15 @@ class LoRAOptimizer(CheckpointMixin, ReshardingMixin, torch.optim.Optimizer):
         if self._streamed is not None:  # the steps computed in backward (or from their running sums)
             pairs = [self._capture.pairs(layer) for layer in self._layers]
             results += self._streamed.collect(lambda group: either(scaler_found_inf, lr_skip[id(group)]))
+        # The normalised step finished and written in place where it can be (_finishes_in_place), one pass
+        # over each layer's factors; the rest below, batched over the results of one shape.
+        remaining = []
+        for result in results:
+            if isinstance(result, LayerResults) or self._finishes_in_place(result[0], result[1], result[2]):
+                skipped.append(self._write_normalized(result))
+            else:
+                remaining.append(result)
+        results = remaining
         if any(group.get("normalize_step") for group in self.param_groups):
             results = self._finish_normalized(results)
         alpha, olds = None, [None] * len(results)
@@ -588,6 +597,70 @@ class LoRAOptimizer(CheckpointMixin, ReshardingMixin, torch.optim.Optimizer):
             total = total * inv_scale.to(total.device)
         self.grad_norm = total
         return clip_coefficient(self.max_grad_norm, total)
+
+    def _finishes_in_place(self, group: dict, layers: list[LoRALayer], A_new: Tensor) -> bool:
+        """Whether the normalised step of ``group``'s results for ``layers`` (new factors like ``A_new``) is
+        finished and written in place, layer by layer (``_write_normalized``): fp32 factors on the CPU, in
+        one process, no ``max_update_norm`` (whose clip needs every layer's bound before any write), and the
+        group's backend runs ``finish_normalized_step`` natively. Otherwise ``_finish_normalized`` and
+        ``_write_bucket`` do it, batched."""
+        if (not group.get("normalize_step") or self.max_update_norm is not None or self._sharded is not None
+                or self._reduce is not None or A_new.device.type != "cpu" or A_new.dtype != torch.float32):
+            return False
+        params = [p for layer in layers for p in (layer.A, layer.B)]
+        if not all(p.dtype == torch.float32 and p.is_contiguous() for p in params):
+            return False
+        try:
+            return self._backend(group, A_new.device).of("finish_normalized_step") == "native"
+        except RuntimeError:  # a forced backend that lacks it (Triton on the CPU): the composite
+            return False
+
+    def _write_normalized(self, result) -> Tensor:
+        """The normalised step's finish and write of one bucket's results (``LayerResults``, or a joined
+        bucket's tuple), in place: ``ops.finish_normalized_step`` moves the factors of every layer whose
+        results are finite and not skipped and updates its statistics; the rest of the new state and the
+        counters are written here. Returns ``_write_bucket``'s flag (whether a layer was skipped)."""
+        if isinstance(result, LayerResults):
+            group, layers, A_new, B_new, new_state, finite, skip, balanced = result
+        else:
+            group, layers, A, B, state, finite, skip = result
+            A_new, B_new, balanced = list(A.unbind(0)), list(B.unbind(0)), False
+            new_state = {key: list(value.unbind(0)) for key, value in state.items()}
+        count = len(layers)
+        states = [self.state[layer.A] for layer in layers]
+        allowed = torch.ones(count, dtype=torch.bool) if finite is None else finite.to("cpu", copy=True)
+        if skip is not None and bool(skip):
+            allowed.zero_()
+        new_state = dict(new_state)
+        measured = new_state.pop(step_normalization.MEASURED_LR, None)
+        if measured is None:  # step_normalization.layer_lrs: the lr the step ran at, as the step read it
+            layer_lr = torch.stack([st["step_norm_scale"] for st in states]).reshape(-1) * float(group["lr"])
+        else:
+            layer_lr = (torch.stack(list(measured)) if isinstance(measured, list) else measured).reshape(-1)
+        root = self._scale_root([layer.scale for layer in layers], torch.float32, A_new[0].device).reshape(-1)
+        checked = [values[i] for i in range(count) for values in new_state.values()]
+        written = ops.finish_normalized_step(
+            [layer.A for layer in layers], [layer.B for layer in layers], A_new, B_new, checked,
+            *([st[key] for st in states] for key in step_normalization.STATE_KEYS), root,
+            layer_lr.to(torch.float32), allowed, balanced, group["lr"], group["normalize_beta"],
+            backend=self._backend(group, A_new[0].device))
+        if bool(written.all()):
+            targets, values = [], []
+            for key, per_layer in new_state.items():
+                targets += [st[key] for st in states]
+                values += [value.reshape(st[key].shape) for value, st in zip(per_layer, states)]
+            if targets:
+                torch._foreach_copy_(targets, values)
+            torch._foreach_add_([st["step"] for st in states], 1)
+            return torch.zeros((), dtype=torch.bool)
+        for i, st in enumerate(states):
+            if written[i]:
+                for key, per_layer in new_state.items():
+                    st[key].copy_(per_layer[i].reshape(st[key].shape))
+                st["step"] += 1
+            else:
+                st["skipped_steps"] += 1
+        return torch.ones((), dtype=torch.bool)
 
     def _finish_normalized(self, results: list) -> list:
         """``normalize_step``'s statistics and shrink (optim/step_normalization.py) for this step's results,

@@ -49,7 +49,7 @@ Contract (the optimizers' ``capture=`` and ``accumulation_steps=`` arguments):
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import Tensor
@@ -60,7 +60,7 @@ from .guards import finite_rows_of
 if TYPE_CHECKING:
     from .base import LoRAOptimizer
 
-__all__ = ["CAPTURE_MODES", "StreamedStep", "check_capture_options", "check_stream_groups"]
+__all__ = ["CAPTURE_MODES", "LayerResults", "StreamedStep", "check_capture_options", "check_stream_groups"]
 
 CAPTURE_MODES = ("auto", "cache", "stream")
 # How many bytes of X and S the CPU's streamed layer steps may wait with, by default (module docstring).
@@ -166,6 +166,22 @@ def _joined(tensors: list[Tensor]) -> Tensor:
 def _zero_tokens(layer: LoRALayer) -> tuple[Tensor, Tensor]:
     """(X, S) of no tokens for ``layer``, in its factors' dtype and device."""
     return layer.A.new_empty((0, layer.in_features)), layer.A.new_empty((0, layer.out_features))
+
+
+class LayerResults(NamedTuple):
+    """A bucket's results kept layer by layer (``StreamedStep.collect``, for the normalised step's in-place
+    finish, ``LoRAOptimizer._write_normalized``): per layer the new factors A (1, r, n) and B (1, m, r),
+    times √s when ``balanced``, and each new state value (leading dimension 1); ``finite`` the (L,) flag of
+    what was checked already (None: nothing), ``skip`` the group's device skip flag."""
+
+    group: dict
+    layers: list
+    A: list
+    B: list
+    state: dict
+    finite: Tensor | None
+    skip: Tensor | None
+    balanced: bool
 
 
 class StreamedStep:
@@ -396,7 +412,9 @@ class StreamedStep:
         new_state, finite, skip)`` per bucket, ``skip_of(group)`` being the group's device skip flag. The
         token-sum layers' steps are computed here, from their running sums; the whole-step layers' results
         (one per layer) are stacked into buckets of one group and shape, in the optimizer's layer order, so
-        that their checks, normalisation and writes run once per bucket. The results are dropped."""
+        that their checks, normalisation and writes run once per bucket; a bucket that the normalised step
+        finishes in place (``LoRAOptimizer._finishes_in_place``) as ``LayerResults``, unjoined. The results
+        are dropped."""
         opt = self.optimizer
         out = self._from_sums(skip_of) if self.sums else []
         buckets: dict[tuple, list[tuple]] = {}
@@ -409,6 +427,17 @@ class StreamedStep:
                 buckets.setdefault(key, []).append(entry)
         for entries in buckets.values():
             layers, group, unchecked = [e[0] for e in entries], entries[0][1], entries[0][7]
+            finite = None if entries[0][6] is None else _joined([e[6] for e in entries])
+            if opt._finishes_in_place(group, layers, entries[0][3]):
+                # The layers' results as they are, for the normalised step's in-place finish, which checks
+                # them itself (no join, no division by √s, no separate pass for the check).
+                if opt._uses_grads():
+                    finite = opt._factor_grads_finite(layers) if finite is None else \
+                        finite & opt._factor_grads_finite(layers).to(finite.device)
+                state = {key: [e[5][key] for e in entries] for key in entries[0][5]}
+                A, B = [e[3] for e in entries], [e[4] for e in entries]
+                out.append(LayerResults(group, layers, A, B, state, finite, skip_of(group), entries[0][8]))
+                continue
             A, B = (_joined([e[k] for e in entries]) for k in (3, 4))
             if entries[0][8]:  # balanced factors (√s·A, √s·B) from a one-layer path: back to A and B here
                 root = opt._scale_root([layer.scale for layer in layers], A.dtype, A.device)
@@ -417,7 +446,6 @@ class StreamedStep:
                 else:
                     A, B = A / root, B / root
             state = {key: _joined([e[5][key] for e in entries]) for key in entries[0][5]}
-            finite = None if entries[0][6] is None else _joined([e[6] for e in entries])
             if unchecked:  # the results' check that the layer steps left for here
                 results_ok = finite_rows_of([A, B, *state.values()], len(layers))
                 finite = results_ok if finite is None else finite & results_ok
