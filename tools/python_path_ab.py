@@ -7,8 +7,9 @@ random tokens), and reports each side's work per step (the capture's sink, i.e. 
 and the flush of the CPU's queue of layer steps at backward's end, plus ``step()``). Only Python is
 swapped: both sides run the same native extension (the one built from the working tree). The swapped
 functions: ``LoRAOptimizer.step``, ``._update_clip`` and ``._compute_bucket`` (optim/base.py),
-``StreamedStep.take``, ``.collect``, ``.flush``, ``.prepare`` and ``._whole_step`` (optim/streaming.py; the
-latter calls a method's one-layer path since 2026-12-03), the optimizer's own ``_one_layer_step`` /
+``StreamedStep.take``, ``.collect``, ``.flush``, ``.prepare``, ``.run`` and ``._whole_step``
+(optim/streaming.py; the latter calls a method's one-layer path since 2026-12-03; the tree's ``step``
+finishes the normalised step with the native op the commit may lack in its Python), the optimizer's own ``_one_layer_step`` /
 ``_prepare_one_layer_step`` and the helpers they call (optim/lorsum.py; the base's None where the commit's
 class has none), ``functional.low_rank_sum._lorsum`` and ``._als_rounds``, ``kfac_scaled_low_rank_sum`` as
 ``functional.lorsum_step`` calls it, and ``ops._half_step_args``.
@@ -73,6 +74,7 @@ def _sides(commit: str, cls: type) -> dict:
                (base.LoRAOptimizer, "_compute_bucket"), (streaming.StreamedStep, "take"),
                (streaming.StreamedStep, "collect"), (streaming.StreamedStep, "_whole_step"),
                (streaming.StreamedStep, "flush"), (streaming.StreamedStep, "prepare"),
+               (streaming.StreamedStep, "run"),
                (low_rank_sum, "_lorsum"), (low_rank_sum, "_als_rounds"), (ops, "_half_step_args"),
                (lorsum_step, "kfac_scaled_low_rank_sum")] + [(cls, attr) for attr in one_layer]
     old = [old_base.__dict__["step"], old_base.__dict__["_update_clip"], old_base.__dict__["_compute_bucket"],
@@ -80,6 +82,7 @@ def _sides(commit: str, cls: type) -> dict:
            old_streamed.__dict__["_whole_step"], old_streamed.__dict__["flush"],
            # before 2026-12-04 the queue had no preparation (the commit's flush does not call the tree's)
            old_streamed.__dict__.get("prepare", streaming.StreamedStep.__dict__["prepare"]),
+           old_streamed.__dict__["run"],
            old_lrs["_lorsum"],
            old_lrs["_als_rounds"], old_ops["_half_step_args"], old_lrs["kfac_scaled_low_rank_sum"],
            *one_layer.values()]

@@ -195,7 +195,7 @@ class StreamedStep:
         self.batch_bytes = DEFAULT_CPU_BATCH_BYTES if batch_bytes is None else batch_bytes
         self.pending: list[tuple] = []
         self.pending_bytes = 0
-        self.prepared: dict = {}  # id(layer) -> its prepared step, while a flush runs (``prepare``)
+        self.prepared: dict = {}  # id(layer) -> (its prepared step, group options), in a flush
         self.flush_task = None  # the backward (graph task id) whose end flushes the queue
         # id(layer) -> (layer, group, options, A, B, state, finite, results_unchecked): whole-step results
         self.results: dict[int, tuple] = {}
@@ -254,6 +254,15 @@ class StreamedStep:
     def run(self, layer: LoRALayer, group: dict, X: Tensor, S: Tensor) -> None:
         """The layer's step from this backward's (X, S): added to its running token sums, or its whole
         step computed and kept for ``step()``. (The benchmarks time the streamed work here.)"""
+        prepared = self.prepared.pop(id(layer), None)
+        if prepared is not None:  # the queue's one-layer path (prepare): the native work and the result
+            run, options = prepared
+            with torch.no_grad():
+                result = run()
+            if result is not None:
+                A, B, state, finite, balanced = result
+                self.results[id(layer)] = (layer, group, options, A, B, state, finite, True, balanced)
+                return
         if self.optimizer._steps_from_token_sums(group):
             self._add_token_sums(layer, group, X, S)
         else:
@@ -278,16 +287,21 @@ class StreamedStep:
         (``LoRAOptimizer._prepare_one_layer_step``), all before any runs: each step streams megabytes of X
         and S through the cache, evicting the Python's own data, so the Python of a step run between two
         others ran cold, several times its warm time (docs/step_cost.md). ``run`` then runs the native
-        work. (The benchmarks time the streamed work here and in ``run``.)"""
+        work, and keeps its result with the group's options read here, once per group (their copy per layer,
+        made between two runs, was cold too). (The benchmarks time the streamed work here and in ``run``.)"""
         opt = self.optimizer
         if opt._reduce is not None or opt._uses_grads():
             return  # the one-layer paths apply in one process, to methods that read no .grad
+        options: dict = {}  # id(group) -> the group's options, or None where its steps come from token sums
         with torch.no_grad():
             for layer, group, X, S in queue:
-                if not opt._steps_from_token_sums(group):
+                key = id(group)
+                if key not in options:
+                    options[key] = None if opt._steps_from_token_sums(group) else _options(group)
+                if options[key] is not None:
                     prepared = opt._prepare_one_layer_step(group, layer, X, S)
                     if prepared is not None:
-                        self.prepared[id(layer)] = prepared
+                        self.prepared[id(layer)] = (prepared, options[key])
 
     def _queues(self, X: Tensor) -> bool:
         return (self.batch_bytes > 0 and X.device.type == "cpu" and self.optimizer._reduce is None
@@ -333,9 +347,7 @@ class StreamedStep:
         # order. Methods that compute factor gradients from the data check those here (they are not kept).
         results_unchecked = opt._reduce is None and not opt._uses_grads()
         with torch.no_grad():
-            prepared = self.prepared.pop(id(layer), None)
-            if prepared is None and results_unchecked:
-                prepared = opt._prepare_one_layer_step(group, layer, X, S)
+            prepared = opt._prepare_one_layer_step(group, layer, X, S) if results_unchecked else None
             result = None if prepared is None else prepared()
             if result is None:
                 result = (*opt._compute_bucket(group, [layer], [(X, S)], grads_from_data=True,
