@@ -487,7 +487,11 @@ def finish_normalized_step(
     """``reference.finish_normalized_step``: native on the CPU (fp32), the reference elsewhere."""
     device = A[0].device if len(A) else torch.device("cpu")
     if implementation(backend, device, "finish_normalized_step") == "native":
-        return torch.ops.lorsum.finish_normalized_step(A, B, A_new, B_new, checked, v, t, scale, root,
-                                                       layer_lr, allowed, balanced, float(lr), float(beta))
+        written = torch.ops.lorsum.finish_normalized_step(A, B, A_new, B_new, checked, v, t, scale, root,
+                                                          layer_lr, allowed, balanced, float(lr), float(beta))
+        # The kernel writes through the tensors' data pointers, which autograd does not see: their version
+        # counters advance as an in-place torch op's would (a graph that saved a parameter then raises).
+        torch.autograd.graph.increment_version([*A, *B, *v, *t, *scale])
+        return written
     return reference.finish_normalized_step(A, B, A_new, B_new, checked, v, t, scale, root, layer_lr, allowed,
                                             balanced, lr, beta)

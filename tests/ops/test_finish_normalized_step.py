@@ -121,6 +121,21 @@ def test_no_checked_tensors_and_no_layers(be, cpu_path):
 
 
 @over_backends(OP, NATIVE_CPU)
+def test_written_tensors_are_seen_as_modified_in_place(be):
+    """The kernel writes through data pointers: the version counters advance as an in-place op's do, so a
+    graph that saved a parameter before the write raises in backward instead of using the new values."""
+    args = _problem(6, balanced=False)
+    versions = [x._version for k in WRITTEN for x in args[k]]
+    weight = args[0][0].requires_grad_()
+    graph = (weight * weight).sum()  # saves the parameter
+    with torch.no_grad():  # as an optimizer's step runs
+        assert be.run(OP, *args).all()
+    assert all(x._version > before for x, before in zip((x for k in WRITTEN for x in args[k]), versions))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        graph.backward()
+
+
+@over_backends(OP, NATIVE_CPU)
 def test_independent_of_thread_count(be):
     def run():
         args = _problem(3, balanced=True)
