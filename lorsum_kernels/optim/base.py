@@ -601,11 +601,13 @@ class LoRAOptimizer(CheckpointMixin, ReshardingMixin, torch.optim.Optimizer):
     def _finishes_in_place(self, group: dict, layers: list[LoRALayer], A_new: Tensor) -> bool:
         """Whether the normalised step of ``group``'s results for ``layers`` (new factors like ``A_new``) is
         finished and written in place, layer by layer (``_write_normalized``): fp32 factors on the CPU, in
-        one process, no ``max_update_norm`` (whose clip needs every layer's bound before any write), and the
-        group's backend runs ``finish_normalized_step`` natively. Otherwise ``_finish_normalized`` and
-        ``_write_bucket`` do it, batched."""
+        one process, no ``max_update_norm`` (whose clip needs every layer's bound before any write), a
+        method that reads no ``.grad`` (whose finiteness would count), and the group's backend runs
+        ``finish_normalized_step`` natively. Otherwise ``_finish_normalized`` and ``_write_bucket`` do it,
+        batched."""
         if (not group.get("normalize_step") or self.max_update_norm is not None or self._sharded is not None
-                or self._reduce is not None or A_new.device.type != "cpu" or A_new.dtype != torch.float32):
+                or self._reduce is not None or self._uses_grads() or A_new.device.type != "cpu"
+                or A_new.dtype != torch.float32):
             return False
         params = [p for layer in layers for p in (layer.A, layer.B)]
         if not all(p.dtype == torch.float32 and p.is_contiguous() for p in params):
@@ -633,10 +635,11 @@ class LoRAOptimizer(CheckpointMixin, ReshardingMixin, torch.optim.Optimizer):
             allowed.zero_()
         new_state = dict(new_state)
         measured = new_state.pop(step_normalization.MEASURED_LR, None)
-        if measured is None:  # step_normalization.layer_lrs: the lr the step ran at, as the step read it
-            layer_lr = torch.stack([st["step_norm_scale"] for st in states]).reshape(-1) * float(group["lr"])
-        else:
-            layer_lr = (torch.stack(list(measured)) if isinstance(measured, list) else measured).reshape(-1)
+        if isinstance(measured, list):
+            measured = torch.stack(measured)
+        layer_lr = step_normalization.layer_lrs(
+            group["lr"], torch.stack([st["step_norm_scale"] for st in states]),
+            {} if measured is None else {step_normalization.MEASURED_LR: measured})
         root = self._scale_root([layer.scale for layer in layers], torch.float32, A_new[0].device).reshape(-1)
         checked = [values[i] for i in range(count) for values in new_state.values()]
         written = ops.finish_normalized_step(

@@ -443,9 +443,6 @@ class StreamedStep:
             if opt._finishes_in_place(group, layers, entries[0][3]):
                 # The layers' results as they are, for the normalised step's in-place finish, which checks
                 # them itself (no join, no division by √s, no separate pass for the check).
-                if opt._uses_grads():
-                    finite = opt._factor_grads_finite(layers) if finite is None else \
-                        finite & opt._factor_grads_finite(layers).to(finite.device)
                 state = {key: [e[5][key] for e in entries] for key in entries[0][5]}
                 A, B = [e[3] for e in entries], [e[4] for e in entries]
                 out.append(LayerResults(group, layers, A, B, state, finite, skip_of(group), entries[0][8]))
