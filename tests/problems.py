@@ -32,7 +32,9 @@ from lorsum_kernels import _native, backends, ops
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # The interpreter runs on CPU tensors, even where a GPU is present (compiled runs test that one).
-TRITON_DEVICE = torch.device("cuda" if torch.cuda.is_available() and not INTERPRET else "cpu")
+# The GPU with its index, as tensors report their device (torch.device("cuda") != torch.device("cuda:0")).
+CUDA_DEVICE = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cuda")
+TRITON_DEVICE = CUDA_DEVICE if torch.cuda.is_available() and not INTERPRET else torch.device("cpu")
 INTERPRETER_COMMAND = "TRITON_INTERPRET=1 pytest tests/ops"
 
 
@@ -60,7 +62,7 @@ class Backend:
 
 
 NATIVE_CPU = Backend("native-cpu", "native", torch.device("cpu"))
-NATIVE_CUDA = Backend("native-cuda", "native", torch.device("cuda"))
+NATIVE_CUDA = Backend("native-cuda", "native", CUDA_DEVICE)
 TRITON = Backend("triton", "triton", TRITON_DEVICE)
 BACKENDS = (NATIVE_CPU, NATIVE_CUDA, TRITON)
 

@@ -64,8 +64,8 @@ def test_trains_on_cuda_as_on_cpu(name, capture):
     p_cpu, s_cpu, _ = train(name, capture, "cpu", "torch")
     p_gpu, s_gpu, opt = train(name, capture, "cuda", "auto")
     assert p_cpu.keys() == p_gpu.keys() and s_cpu.keys() == s_gpu.keys()
-    for key, p in opt.state.items():  # the state lives on the parameters' device
-        for k, v in p.items():
+    for per_param in opt.state.values():  # the state lives on the parameters' device
+        for k, v in (per_param.items() if isinstance(per_param, dict) else ()):
             if isinstance(v, torch.Tensor) and v.dim() > 0:
                 assert v.device.type == "cuda", (k, v.device)
     for key in p_cpu:

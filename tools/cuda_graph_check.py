@@ -125,7 +125,11 @@ def main(argv=None) -> int:
 
     rows, crashed = [], False
     for name in [n for n in args.optimizers.split(",") if n]:
-        out = subprocess.run([sys.executable, __file__, "--one", name], capture_output=True, text=True)
+        try:  # a capture that hangs costs one row, not the rest of the check
+            out = subprocess.run([sys.executable, __file__, "--one", name], capture_output=True, text=True,
+                                 timeout=300)
+        except subprocess.TimeoutExpired:
+            out = subprocess.CompletedProcess([], "timeout", "", "no answer within 300 s")
         try:
             row = json.loads(out.stdout.strip().splitlines()[-1])
         except (IndexError, json.JSONDecodeError):

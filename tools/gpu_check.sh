@@ -145,18 +145,18 @@ xdist=()
 stage tests 120 "$PYTHON" -m pytest -q "${xdist[@]}" -m "cuda or triton" --deselect tests/test_triton_compile.py \
     --junitxml="$OUT/tests.xml" -p no:cacheprovider tests
 
+# ---- the training step at 7B shapes (issue #16) ------------------------------------------------------------
+stage step 90 "$PYTHON" -m lorsum_kernels.benchmark --memory --model llama7b-blocks --device cuda \
+    --optimizers adamw,lorsum,scaled_lorsum,adaprelora --opt-kw adaprelora:statistics=surrogate \
+    --checkpointing none --batch 4 --warmup 2 --reps 5 --out "$OUT/step_cost"
+
 # ---- benchmarks --------------------------------------------------------------------------------------------
 stage bench 60 "$PYTHON" -m lorsum_kernels.benchmark --device cuda --grid quick --out "$OUT/bench"
 stage memory 35 "$PYTHON" -m lorsum_kernels.benchmark --memory --device cuda --out "$OUT/bench" \
     --cuda-snapshot "$OUT/snapshots"
 
 # ---- CUDA graph capture ----------------------------------------------------------------------------------
-stage graph 45 "$PYTHON" tools/cuda_graph_check.py --out "$OUT"
-
-# ---- the training step at 7B shapes (issue #16) ------------------------------------------------------------
-stage step 90 "$PYTHON" -m lorsum_kernels.benchmark --memory --model llama7b-blocks --device cuda \
-    --optimizers adamw,lorsum,scaled_lorsum,adaprelora --opt-kw adaprelora:statistics=surrogate \
-    --checkpointing none --batch 4 --warmup 2 --reps 5 --out "$OUT/step_cost"
+stage graph 120 "$PYTHON" tools/cuda_graph_check.py --out "$OUT"
 
 echo "==== gpu_check: $(($(date +%s) - t0))s in all; results in $OUT" | tee -a "$SUMMARY"
 cat "$SUMMARY"

@@ -47,10 +47,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kfac_metric_update_cu
   check_kfac_metric_update(X, S, v_in, v_out, at::kCUDA);
   const c10::cuda::CUDAGuard guard(X.device());
   // reference.kfac_metric_update, operation for operation: stat·scale in the statistic's dtype, then the
-  // EMA and the power in v's dtype.
+  // EMA and the power in v's dtype. v contiguous first: element-wise ops keep a transposed input's strides,
+  // and the results must be contiguous whatever v's layout.
   auto step = [&](const at::Tensor& v, const at::Tensor& data, double scale) {
     const at::Tensor stat = col_sq_sums_cuda(data).mul(scale).to(v.scalar_type());
-    at::Tensor new_v = v.mul(beta).add(stat.mul(1.0 - beta));
+    at::Tensor new_v = v.contiguous().mul(beta).add(stat.mul(1.0 - beta));
     at::Tensor metric = new_v.add(damping).pow(power);
     return std::pair{new_v, metric};
   };

@@ -242,8 +242,8 @@ def test_rounds_are_the_fused_step_then_the_half_steps(be, iters, state):
     # ops.kfac_lorsum_rounds (ScaledLoRSum's layer step) builds the native ops' arguments once: the same calls,
     # bit for bit, as kfac_lorsum_update_in and then lorsum_rounds from its result in its metrics (cast to the
     # factors' dtype), with per-layer coefficients and bf16 token data.
-    p = _problem((3, 37, 23, 41, 5), F32, big_dtype=BF16, state_dtype=state, per_layer=True)
-    p = {k: be.to(v) if isinstance(v, torch.Tensor) else v for k, v in p.items()}
+    p_cpu = _problem((3, 37, 23, 41, 5), F32, big_dtype=BF16, state_dtype=state, per_layer=True)
+    p = {k: be.to(v) if isinstance(v, torch.Tensor) else v for k, v in p_cpu.items()}
     p["pairs"] = [(be.to(a), be.to(b)) for a, b in p["pairs"]]
     p["coeffs"] = [be.to(c) if isinstance(c, torch.Tensor) else c for c in p["coeffs"]]
     anchor = (p["A0"], p["B0"])
@@ -254,5 +254,5 @@ def test_rounds_are_the_fused_step_then_the_half_steps(be, iters, state):
     out = ops.kfac_lorsum_rounds(anchor, p["pairs"], p["coeffs"], p["lmbd"], iters, p["v_in"], p["v_out"],
                                  *p["kfac"], backend=be.name)
     assert len(out) == 4 and all(torch.equal(a, b) for a, b in zip(out, expected))
-    exact = _exact(p)  # and the first A-step is the fused op's (for iters = 0, the Jacobi round's A)
-    assert rel_err(out[0] if iters == 0 else A_first, exact[0]) < 1e-5
+    exact = _exact(p_cpu)  # and the first A-step is the fused op's (for iters = 0, the Jacobi round's A)
+    assert rel_err((out[0] if iters == 0 else A_first).cpu(), exact[0]) < 1e-5

@@ -20,8 +20,8 @@ import torch
 from lorsum_kernels import ops, reference
 from lorsum_kernels.functional import effective_metric, ema, kfac_statistics
 
-from ..problems import (NATIVE_CPU, NATIVE_CUDA, TRITON, activations, cpu64, gen, over_backends, per_backend, rand,
-                        rel_err, spy_on_launcher)
+from ..problems import (NATIVE_CPU, NATIVE_CUDA, TRITON, activations, assert_layout_independent, cpu64, gen,
+                        over_backends, per_backend, rand, rel_err, spy_on_launcher)
 
 OP = "kfac_metric_update"
 F32, F64, BF16 = torch.float32, torch.float64, torch.bfloat16
@@ -157,7 +157,7 @@ def test_non_contiguous_inputs(be):
     _assert_matches(out, args, _rtol(F32, F32, -0.5))
     contiguous = be.run(OP, *(t.contiguous() for t in args[:4]), *args[4:])
     for a, b in zip(out, contiguous):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        assert_layout_independent(be, a, b)
 
 
 @over_backends(OP)
