@@ -5,6 +5,7 @@ gradient's scale."""
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
@@ -184,3 +185,53 @@ def test_the_in_place_finish_trains_as_the_batched_composite(name, capture):
     for key, value in s_in_place.items():
         torch.testing.assert_close(value, s_composite[key], rtol=1e-5, atol=1e-9, msg=str(key))
     assert all(int(s_in_place[(i, "skipped_steps")]) == 1 for i in range(3))
+
+
+@pytest.mark.parametrize("capture", ["auto", "cache"])
+@pytest.mark.parametrize("name", sorted(NORMALIZED))
+def test_an_accelerator_reads_each_scale_until_it_is_known(name, capture, monkeypatch):
+    """On an accelerator a host read of a layer's ``step_norm_scale`` waits for the device, once per layer in
+    backward: the optimizer reads it until the layer's first step has been taken, then no more
+    (``_scales_known_positive``), and trains as it does reading it every step. Run on the CPU as if it
+    were an accelerator (``_host_waits_for``); a skipped first step keeps its layers unknown."""
+    from lorsum_kernels.optim import base
+
+    monkeypatch.setattr(base, "_host_waits_for", lambda device: True)
+    reads = []
+    real_bool = torch.Tensor.__bool__
+
+    def spy_bool(t):
+        caller = sys._getframe(1).f_code.co_name
+        if caller in ("_scales_known_positive", "step_at_layer_lr"):
+            reads.append((step, caller))
+        return real_bool(t)
+
+    monkeypatch.setattr(torch.Tensor, "__bool__", spy_bool)
+    trained = []
+    for cached in (True, False):
+        torch.manual_seed(0)
+        model = TinyLoRAMLP()
+        opt = NORMALIZED[name](model, lr=1e-2, capture=capture)
+        opt._prepare_one_layer_step = lambda *args: None  # the CPU's native one-layer path: not on a GPU
+        if not cached:
+            opt._scales_known_positive = lambda group, layers: False
+        reads.clear()
+        g = torch.Generator().manual_seed(3)
+        for step in range(6):
+            x = torch.randn(2, 7, 12, generator=g)
+            if step == 0:
+                x[1, 3, 4] = float("nan")  # the first step skipped: every scale stays 0, read again
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+        if cached:
+            # steps 0 and 1 measure (every scale 0), step 2 finds them positive, later steps read nothing
+            assert {s for s, _ in reads} == {0, 1, 2}, str(reads)
+            assert len(opt._positive_scales) == 3
+            opt.load_state_dict(opt.state_dict())
+            assert not opt._positive_scales
+        else:
+            assert not opt._positive_scales
+        trained.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*trained):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

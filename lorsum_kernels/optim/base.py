@@ -186,6 +186,9 @@ class LoRAOptimizer(CheckpointMixin, ReshardingMixin, torch.optim.Optimizer):
         self._owners = parameter_owners(model)
         self._rehook_pending = False
         self._resolved: dict = {}  # (id(group), device) -> ops.Backend, for one step (_backend)
+        # id(layer.A) -> the layer's step_norm_scale tensor, once seen positive (_scales_known_positive)
+        self._positive_scales: dict = {}
+        self._bucket_scales_known = False  # _scales_known_positive of the bucket being computed
         self._roots: dict = {}  # (scales, dtype, device) -> √s of a bucket (_scale_root)
         self._capture = ActivationCapture(self._layers) if self.needs_capture else None
         # The step inside backward (optim/streaming.py): None for the methods that step from .grad.
@@ -354,6 +357,25 @@ class LoRAOptimizer(CheckpointMixin, ReshardingMixin, torch.optim.Optimizer):
             return False
         backend = self._backend(group, device)
         return all(backend.of(op) == "native" for op in self._data_ops)
+
+    def _scales_known_positive(self, group: dict, layers: list[LoRALayer]) -> bool:
+        """Whether the host knows every layer's ``step_norm_scale`` is positive (``normalize_step``): then
+        the step runs at η·scale without reading the scales, a read that on an accelerator waits for the
+        device, once per layer in backward (the streamed step), where the device must stay ahead of the
+        host. A scale once positive stays positive (its v only decays towards 0 and grows with each step:
+        optim/step_normalization.py), so the read happens until a layer's first step has been taken, then
+        once more, and never again while the state tensor is the same object (``load_state_dict``
+        replaces it, and clears this). On the CPU a read costs nothing: always False there."""
+        if not group.get("normalize_step") or not _host_waits_for(layers[0].A.device):
+            return False
+        scales = [self.state[layer.A].get("step_norm_scale") for layer in layers]
+        known = self._positive_scales
+        if all(known.get(id(layer.A)) is scale for layer, scale in zip(layers, scales)):
+            return True
+        if any(scale is None for scale in scales) or bool((torch.stack(scales) == 0).any()):
+            return False  # a layer's first step: measured (step_at_layer_lr)
+        known.update((id(layer.A), scale) for layer, scale in zip(layers, scales))
+        return True
 
     def _backend(self, group: dict, device: torch.device) -> ops.Backend:
         """The group's ``backend`` on ``device``, resolved once per step (``ops.resolve``: each op looked up
@@ -789,8 +811,12 @@ class LoRAOptimizer(CheckpointMixin, ReshardingMixin, torch.optim.Optimizer):
         # Copies for a bucket, views for one layer (every streamed step): the method returns new tensors and
         # nothing writes the state before step() has taken the results.
         state = {k: _stacked([self.state[layer.A][k] for layer in layers]) for k in keys}
-        A_new, B_new, new_state = self._method_step(group, A, B, X, S, state, grads, reduce,
-                                                    self._backend(group, dev))
+        self._bucket_scales_known = self._scales_known_positive(group, layers)
+        try:
+            A_new, B_new, new_state = self._method_step(group, A, B, X, S, state, grads, reduce,
+                                                        self._backend(group, dev))
+        finally:
+            self._bucket_scales_known = False
         A_new, B_new = A_new / root, B_new / root
         # A layer steps only if everything it read and everything it would write is finite: a NaN input
         # almost always reaches the outputs, but not provably (a clamp, a zero weight), so both count,
@@ -957,4 +983,9 @@ def _kept_where_skipped(new: Tensor, old: Tensor, ok: Tensor) -> Tensor:
 
 def _foreach_write(device: torch.device) -> bool:
     """Whether ``_write_bucket`` writes bucket-wide with foreach ops (accelerators) or layer by layer (CPU)."""
+    return device.type != "cpu"
+
+
+def _host_waits_for(device: torch.device) -> bool:
+    """Whether reading a tensor's value on the host waits for ``device`` (every device but the CPU)."""
     return device.type != "cpu"

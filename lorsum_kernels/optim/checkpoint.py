@@ -110,6 +110,7 @@ class CheckpointMixin:
                     raise ValueError(f"AdamW state of parameter {pid} does not match its shape {tuple(p.shape)}")
         skipped_before = self.state["skipped_steps"]
         super().load_state_dict(state_dict)
+        self._positive_scales.clear()  # the statistics are the checkpoint's now (_scales_known_positive)
         other_ids = self._other_param_ids()
         for pid, entries in saved_state.items():
             if pid not in id_to_param:

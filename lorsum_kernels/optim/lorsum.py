@@ -114,15 +114,16 @@ class _NormalizedStep:
         return (as_dtype(layer.A.unsqueeze(0), torch.float32) * root,
                 as_dtype(layer.B.unsqueeze(0), torch.float32) * root)
 
-    @staticmethod
-    def _at_layer_lr(step_at, group, A, B, state):
-        """``step_at(lr)`` at the group's lr, or at each layer's normalised lr."""
+    def _at_layer_lr(self, step_at, group, A, B, state):
+        """``step_at(lr)`` at the group's lr, or at each layer's normalised lr (without reading the scales
+        where ``_compute_bucket`` found them known: ``LoRAOptimizer._scales_known_positive``)."""
         if not group["normalize_step"]:
             return step_at(group["lr"])
         if "step_norm_scale" not in state:
             raise ValueError("normalize_step was turned on after the optimizer was built; pass it to the "
                              "constructor (its statistics are part of each layer's state)")
-        return step_normalization.step_at_layer_lr(step_at, A, B, group["lr"], state)
+        return step_normalization.step_at_layer_lr(step_at, A, B, group["lr"], state,
+                                                   known_positive=self._bucket_scales_known)
 
 
 def _round_fp32(x: float) -> float:

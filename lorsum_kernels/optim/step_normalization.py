@@ -58,12 +58,17 @@ def _size(A: Tensor, B: Tensor, A_new: Tensor, B_new: Tensor, lrs: Tensor) -> Te
     return merged_update_bound(A.to(dt), B.to(dt), A_new, B_new) / (lrs.to(dt) * entries ** 0.5)
 
 
-def step_at_layer_lr(step_at: Callable[[object], tuple], A: Tensor, B: Tensor, lr, state: dict) -> tuple:
+def step_at_layer_lr(step_at: Callable[[object], tuple], A: Tensor, B: Tensor, lr, state: dict,
+                     known_positive: bool = False) -> tuple:
     """The method's step of a bucket (balanced A (L,r,n), B (L,m,r)) at each layer's lr: ``η·step_norm_scale``
     where the layer has statistics (scale > 0), found by measuring where it has none. ``step_at(lr)`` runs
     the step at a number or an (L,) tensor. Returns ``(A_new, B_new, new_state)``, with ``step_norm_lr``
-    (the lr it ran at) where a layer had no statistics; ``finish`` does the rest."""
+    (the lr it ran at) where a layer had no statistics; ``finish`` does the rest. ``known_positive``: the
+    caller knows every scale is positive, so the step reads none (on a GPU a read waits for the device).
+    """
     scale = state["step_norm_scale"].reshape(-1)
+    if known_positive:
+        return step_at((float(lr) * scale).to(A.dtype))
     if scale.device.type == "cpu" and scale.numel() == 1:
         # One layer on the CPU (every streamed step): the lr as a number, so the step builds no tensors
         # for it (each op costs ~0.1 ms there, right after the layer's GEMMs; docs/step_cost.md).
