@@ -93,6 +93,33 @@ def test_update_norm_is_bounded(name):
     assert norm > 10 * cap and opt.update_norm is None
 
 
+@pytest.mark.parametrize("name", ["scaled_gd", "svdlora"])
+def test_the_clip_copies_no_host_numbers_after_its_first_step(name, monkeypatch):
+    """The clip's √s and lr tensors are built once and reused: a tensor built from host numbers on a GPU is
+    a host-to-device copy, which capturing the step in a CUDA graph refuses (tools/cuda_graph_check.py)."""
+    import sys
+
+    from lorsum_kernels.optim import base
+
+    built = []
+    real = torch.tensor
+
+    def spy(*args, **kwargs):
+        if sys._getframe(1).f_code.co_name in ("_update_clip", "_scale_root", "_host_values"):
+            built.append(sys._getframe(1).f_code.co_name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(base.torch, "tensor", spy)
+    _, clipped, opt = _sharp_run(name, steps=1, lr=0.5, max_update_norm=0.7)
+    first = list(built)
+    assert "_host_values" in first and "_update_clip" not in first
+    built.clear()
+    _, again, _ = _sharp_run(name, steps=3, lr=0.5, max_update_norm=0.7)
+    for a, b in zip(clipped[1], again[1]):
+        assert torch.equal(a, b)
+    assert built == first  # the first step's, and none in the two after it
+
+
 @pytest.mark.parametrize("name", ["lorsum", "scaled_lorsum", "svdlora"])
 def test_streamed_and_cached_clip_alike(name):
     kw = dict(GRADIENT_SCALED.get(name, {}), max_update_norm=1.0)

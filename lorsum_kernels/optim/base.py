@@ -745,7 +745,9 @@ class LoRAOptimizer(CheckpointMixin, ReshardingMixin, torch.optim.Optimizer):
                 part.append(value)
         squares = []
         for (_, _, dt, device), (A_old, B_old, A_new, B_new, scales, lrs, counted) in batches.items():
-            root = torch.tensor([s for part in scales for s in part], dtype=dt, device=device).sqrt().view(-1, 1, 1)
+            # Device tensors of host numbers, built once and reused (_host_values): no host-to-device copy
+            # per step, which capturing the step in a CUDA graph refuses.
+            root = self._scale_root([s for part in scales for s in part], dt, device)
             A_old, B_old = (as_dtype(torch.stack([p for part in t for p in part]), dt) * root
                             for t in (A_old, B_old))
             A_new, B_new = (torch.cat(t) * root for t in (A_new, B_new))
@@ -754,7 +756,7 @@ class LoRAOptimizer(CheckpointMixin, ReshardingMixin, torch.optim.Optimizer):
                 lr = torch.cat([v.to(device) if isinstance(v, Tensor)
                                 else torch.tensor(v, dtype=dt, device=device) for v in lrs])
             else:  # plain numbers (the usual case): one tensor for the whole batch
-                lr = torch.tensor([x for v in lrs for x in v], dtype=dt, device=device)
+                lr = self._host_values([x for v in lrs for x in v], dt, device)
             counted = torch.cat([c if c.device == device else c.to(device) for c in counted])
             per_lr = torch.where(counted & (lr > 0), bound / torch.where(lr > 0, lr, 1), 0)
             squares.append(per_lr.square().sum())
@@ -855,6 +857,17 @@ class LoRAOptimizer(CheckpointMixin, ReshardingMixin, torch.optim.Optimizer):
                 self._roots.clear()
             root = self._roots[key] = torch.tensor(scales, dtype=dt, device=dev).sqrt().view(-1, 1, 1)
         return root
+
+    def _host_values(self, values: list[float], dt: torch.dtype, dev: torch.device) -> Tensor:
+        """(len(values),) the host numbers ``values`` on ``dev``, built once per distinct list, as
+        ``_scale_root`` (read only: the callers never write it)."""
+        key = ("values", tuple(values), dt, dev)
+        t = self._roots.get(key)
+        if t is None:
+            if len(self._roots) > 4 * len(self._layers) + 16:
+                self._roots.clear()
+            t = self._roots[key] = torch.tensor(values, dtype=dt, device=dev)
+        return t
 
     def _factor_grads_finite(self, layers: list[LoRALayer]) -> Tensor:
         """(L,) bool: the autograd gradients of each layer's factors are finite (absent ones are); under
