@@ -435,9 +435,11 @@ def _per_layer(values: Sequence, batch: torch.Size) -> Tensor:
     (len(values),) when every value is shared by the batch, else (len(values), prod(batch))."""
     if all(isinstance(v, (int, float)) for v in values):  # the common case, in one tensor construction
         return _float64_tensor(tuple(float(v) for v in values))
-    # On the device of the tensors among them (a per-layer lr on the GPU): stack needs one device.
+    # On the device of the tensors among them (a per-layer lr on the GPU): stack needs one device. The
+    # numbers by torch.full: a tensor made from a number elsewhere is a copy to the device, which waits.
     device = next((v.device for v in values if isinstance(v, Tensor)), None)
-    ts = [torch.as_tensor(v, dtype=torch.float64, device=device) for v in values]
+    ts = [v.to(device=device, dtype=torch.float64) if isinstance(v, Tensor)
+          else torch.full((), float(v), dtype=torch.float64, device=device) for v in values]
     if all(t.ndim == 0 for t in ts):
         return torch.stack(ts) if ts else torch.empty(0, dtype=torch.float64)
     return torch.stack([t.expand(batch).reshape(-1) for t in ts])

@@ -1,0 +1,125 @@
+"""On an accelerator a training step must not make the host wait for the device: no value read on the host
+(``.item()``, ``bool(t)``, ``float(t)``) and no tensor made from host data on the device (a copy, which
+torch makes wait unless pinned and non-blocking). In backward such a wait drains the queue of backward
+kernels at every layer; in ``step()`` it forbids CUDA-graph capture. The first H200 run found one of each
+(docs/gpu.md). Without a GPU this is checked on the meta device, which has shapes but no values: a host read
+raises there, and a copy or a tensor made from host data on it is recorded here. The torch reference runs
+there, and the native ops as on a GPU with their fake (shape) implementations (their C++ bindings read
+only CPU scalars on the host); the first step, which builds the
+optimizer's cached constants and for the normalised step measures each layer's lr, is left out."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import lorsum_kernels as lk
+
+from .conftest import TinyLoRAMLP
+
+METHODS = {
+    "lorsum": (lk.LoRSum, {}, ("auto", "cache", "stream")),
+    "lorsum_momentum": (lk.LoRSum, dict(momentum=0.9, normalize_step=False), ("auto", "cache")),
+    "scaled_lorsum": (lk.ScaledLoRSum, {}, ("auto", "cache", "stream")),
+    "scaled_lorsum_shampoo": (lk.ScaledLoRSum, dict(metric="shampoo"), ("auto",)),
+    "adaprelora": (lk.AdaPreLoRA, {}, ("auto", "cache")),
+    "adaprelora_surrogate": (lk.AdaPreLoRA, dict(statistics="surrogate"), ("auto",)),
+    "scaled_gd": (lk.ScaledGD, {}, ("auto",)),
+    "scaled_adamw": (lk.ScaledAdamW, {}, ("auto",)),
+    "svdlora": (lk.SVDLoRA, {}, ("auto",)),
+}
+CASES = [(name, capture) for name, (_, _, captures) in METHODS.items() for capture in captures]
+
+
+class HostToDevice(TorchDispatchMode):
+    """Records every op that takes a CPU tensor and gives a tensor on another device (a copy to it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.copies = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = [a for a in args if isinstance(a, torch.Tensor)]
+        outputs = out if isinstance(out, (tuple, list)) else (out,)
+        if any(t.device.type == "cpu" and t.dim() > 0 for t in inputs) and any(
+                isinstance(o, torch.Tensor) and o.device.type != "cpu" for o in outputs):
+            self.copies.append(str(func))
+        return out
+
+
+def _made_from_host_data(monkeypatch) -> list:
+    """torch.tensor / torch.as_tensor of Python data on another device (made on the CPU, then copied: not
+    visible to a dispatch mode)."""
+    made = []
+    for name in ("tensor", "as_tensor"):
+        real = getattr(torch, name)
+
+        def spy(data, *args, real=real, name=name, **kwargs):
+            device = kwargs.get("device")
+            if device is not None and torch.device(device).type != "cpu" and not isinstance(data, torch.Tensor):
+                made.append(f"torch.{name}({data!r})")
+            return real(data, *args, **kwargs)
+
+        monkeypatch.setattr(torch, name, spy)
+    return made
+
+
+def _native_kernels_on_meta(monkeypatch) -> None:
+    """The meta device as a GPU with the native CUDA kernels: every op with one resolves to ``native`` and
+    runs its fake (shape) implementation, so the ops' Python wrappers (the coefficient tables, the
+    arguments) run as on the GPU."""
+    from lorsum_kernels import _native, backends
+
+    on_cuda = {op for op, device in _native._NATIVE_KERNELS if device == "cuda"} or {
+        op for op, device in _native._NATIVE_KERNELS if device == "cpu"} - CPU_ONLY
+    monkeypatch.setattr(_native, "_NATIVE_KERNELS", _native._NATIVE_KERNELS | {(op, "meta") for op in on_cuda})
+    real = backends.resolve_backend
+
+    def resolve(backend, device, op):
+        requested = backend if backend is not None else "auto"
+        if torch.device(device).type == "meta" and requested == "auto" and _native.has_native_op(op, "meta"):
+            return "native"
+        return real(backend, device, op)
+
+    monkeypatch.setattr(backends, "resolve_backend", resolve)
+
+
+# The fused CPU steps with no CUDA kernel (tools/gpu_check.sh): on a GPU their parts run as separate ops.
+CPU_ONLY = {"finish_normalized_step", "kfac_lorsum_update_in"}
+
+
+@pytest.mark.parametrize("kernels", ["reference", "native"])
+@pytest.mark.parametrize("name,capture", CASES, ids=[f"{n}-{c}" for n, c in CASES])
+def test_the_step_makes_the_host_wait_for_nothing(name, capture, kernels, monkeypatch):
+    from lorsum_kernels import _native
+
+    if kernels == "native":
+        if not _native.NATIVE_AVAILABLE:
+            pytest.skip("the native extension is not built")
+        _native_kernels_on_meta(monkeypatch)
+    cls, kw, _ = METHODS[name]
+    with torch.device("meta"):
+        torch.manual_seed(0)
+        model = TinyLoRAMLP()
+    opt = cls(model, lr=1e-2, capture=capture, **kw)
+    for layer in opt._layers:  # as after a first step on a GPU: the lr measured, the scales known
+        scale = opt.state[layer.A].get("step_norm_scale")
+        if scale is not None:
+            opt._positive_scales[id(layer.A)] = scale
+    x = torch.empty(2, 7, 12, device="meta")
+    y = torch.zeros(2, 7, dtype=torch.long, device="meta")
+
+    def train_step():
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten()).backward()
+        opt.step()
+
+    train_step()  # builds the cached constants (a copy each, once)
+    made = _made_from_host_data(monkeypatch)
+    with HostToDevice() as mode:
+        for _ in range(2):
+            train_step()  # a read of a value on the host raises on the meta device
+    assert not mode.copies and not made, (mode.copies, made)
