@@ -91,9 +91,10 @@ def _native_kernels_on_meta(monkeypatch) -> None:
 CPU_ONLY = {"finish_normalized_step", "kfac_lorsum_update_in"}
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("kernels", ["reference", "native"])
 @pytest.mark.parametrize("name,capture", CASES, ids=[f"{n}-{c}" for n, c in CASES])
-def test_the_step_makes_the_host_wait_for_nothing(name, capture, kernels, monkeypatch):
+def test_the_step_makes_the_host_wait_for_nothing(name, capture, kernels, dtype, monkeypatch):
     from lorsum_kernels import _native
 
     if kernels == "native":
@@ -103,18 +104,18 @@ def test_the_step_makes_the_host_wait_for_nothing(name, capture, kernels, monkey
     cls, kw, _ = METHODS[name]
     with torch.device("meta"):
         torch.manual_seed(0)
-        model = TinyLoRAMLP()
+        model = TinyLoRAMLP(dtype=dtype)  # bf16: the model and its LoRA factors, as PEFT loads them
     opt = cls(model, lr=1e-2, capture=capture, **kw)
     for layer in opt._layers:  # as after a first step on a GPU: the lr measured, the scales known
         scale = opt.state[layer.A].get("step_norm_scale")
         if scale is not None:
             opt._positive_scales[id(layer.A)] = scale
-    x = torch.empty(2, 7, 12, device="meta")
+    x = torch.empty(2, 7, 12, device="meta", dtype=dtype)
     y = torch.zeros(2, 7, dtype=torch.long, device="meta")
 
     def train_step():
         opt.zero_grad()
-        nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten()).backward()
+        nn.functional.cross_entropy(model(x).flatten(0, 1).float(), y.flatten()).backward()
         opt.step()
 
     train_step()  # builds the cached constants (a copy each, once)

@@ -38,18 +38,18 @@ METHODS = {
 CASES = [(name, capture) for name, (_, _, captures) in METHODS.items() for capture in captures]
 
 
-def train(name: str, capture: str, device: str, backend: str, steps: int = 4):
+def train(name: str, capture: str, device: str, backend: str, steps: int = 4, dtype=torch.float32):
     cls, kw, _ = METHODS[name]
     torch.manual_seed(0)
-    model = TinyLoRAMLP(d_in=40, d_hidden=72, d_out=5, r=5, alpha=10.0).to(device)
+    model = TinyLoRAMLP(d_in=40, d_hidden=72, d_out=5, r=5, alpha=10.0).to(device=device, dtype=dtype)
     if "backend" in inspect.signature(cls).parameters:  # SVDLoRA has no kernels to choose
         kw = dict(kw, backend=backend)
     opt = cls(model, **kw, capture=capture)
     g = torch.Generator().manual_seed(1)
     for _ in range(steps):
-        x = torch.randn(4, 33, 40, generator=g).to(device)
+        x = torch.randn(4, 33, 40, generator=g).to(device=device, dtype=dtype)
         y = torch.randint(0, 5, (4, 33), generator=g).to(device)
-        loss = nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        loss = nn.functional.cross_entropy(model(x).flatten(0, 1).float(), y.flatten())
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -110,3 +110,19 @@ def test_auto_backend_runs_a_gpu_kernel(monkeypatch):
     train("lorsum", "cache", "cuda", "auto", steps=2)
     on_gpu = {out for dev, _, out in seen if dev == "cuda"}
     assert on_gpu - {"torch"}, seen
+
+
+@pytest.mark.parametrize("name", ["lorsum", "scaled_lorsum", "adaprelora"])
+def test_trains_a_bf16_model_on_cuda_as_on_cpu(name):
+    """The model and its LoRA factors in bf16 (as PEFT loads a bf16 model): the GPU's training stays within
+    bf16 rounding of the CPU's over four steps (each device rounds its own products and sums)."""
+    p_cpu, _, _ = train(name, "auto", "cpu", "torch", dtype=torch.bfloat16)
+    p_gpu, _, opt = train(name, "auto", "cuda", "auto", dtype=torch.bfloat16)
+    torch.manual_seed(0)
+    init = TinyLoRAMLP(d_in=40, d_hidden=72, d_out=5, r=5, alpha=10.0).bfloat16()
+    for key in p_cpu:
+        assert p_gpu[key].dtype == torch.bfloat16 and torch.isfinite(p_gpu[key]).all(), key
+        assert rel_err(p_gpu[key].float(), p_cpu[key].float()) < 3e-2, (key, rel_err(p_gpu[key].float(),
+                                                                                     p_cpu[key].float()))
+    # the steps moved the factors by far more than the tolerance (0.2 to 0.8 of their norm here)
+    assert rel_err(init.l2.lora_A.weight.detach().float(), p_gpu["l2.lora_A.weight"].float()) > 0.1
