@@ -193,10 +193,10 @@ def test_an_accelerator_reads_each_scale_until_it_is_known(name, capture, monkey
     """On an accelerator a host read of a layer's ``step_norm_scale`` waits for the device, once per layer in
     backward: the optimizer reads it until the layer's first step has been taken, then no more
     (``_scales_known_positive``), and trains as it does reading it every step. Run on the CPU as if it
-    were an accelerator (``_host_waits_for``); a skipped first step keeps its layers unknown."""
-    from lorsum_kernels.optim import base
+    were an accelerator (``guards.host_waits_for``); a skipped first step keeps its layers unknown."""
+    from lorsum_kernels.optim import guards
 
-    monkeypatch.setattr(base, "_host_waits_for", lambda device: True)
+    monkeypatch.setattr(guards, "host_waits_for", lambda device: True)
     reads = []
     real_bool = torch.Tensor.__bool__
 

@@ -318,7 +318,7 @@ def test_one_layer_step_is_the_bucket_path_bit_for_bit(name, data_dtype):
     (``_prepare_one_layer_step``: fp32, CPU, native half-steps, no momentum, the K-FAC metric; prepared for
     a whole queue before any runs) gives what ``_compute_bucket`` gives for the layer, bit for bit: the
     training of OddNet with it and with it turned off, at the defaults, with k = 2, and the
-    plain step; in fp32 and in bf16 (factors and data)."""
+    plain step; in fp32 and in bf16 (factors and data), with a skipped (non-finite) step."""
     cls, kw = ONE_LAYER_PATHS[name]
     trained, used = [], []
     for fast in (True, False):
@@ -333,7 +333,9 @@ def test_one_layer_step_is_the_bucket_path_bit_for_bit(name, data_dtype):
             return prepared
 
         opt._prepare_one_layer_step = counted
-        for batch in _batches(4, data_dtype):
+        batches = _batches(4, data_dtype)
+        batches[2][0][1, 2, 3] = float("nan")  # every layer's data: a skipped step on both paths
+        for batch in batches:
             _loss(model, batch).backward()
             opt.step()
             opt.zero_grad()
@@ -344,6 +346,8 @@ def test_one_layer_step_is_the_bucket_path_bit_for_bit(name, data_dtype):
     (p_fast, s_fast), (p_bucket, s_bucket) = trained
     assert all(torch.equal(a, b) for a, b in zip(p_fast, p_bucket))
     assert s_fast.keys() == s_bucket.keys() and all(torch.equal(s_fast[k], s_bucket[k]) for k in s_fast)
+    skipped = [int(v) for (_, k), v in s_fast.items() if k == "skipped_steps"]
+    assert len(skipped) == 4 and all(n == 1 for n in skipped)
 
 
 @pytest.mark.parametrize("cls", [lk.LoRSum, lk.ScaledLoRSum])

@@ -78,7 +78,7 @@ from .clipping import clip_coefficient, global_grad_norm
 from .guards import either, finite_once, finite_rows, finite_rows_of
 from .other_adamw import step_other
 from .resharding import ReshardingMixin, parameter_owners
-from . import step_normalization
+from . import guards, step_normalization
 from .streaming import LayerResults, StreamedStep, check_capture_options, check_stream_groups
 from .update_clip import merged_update_bound, moved_by
 
@@ -366,7 +366,7 @@ class LoRAOptimizer(CheckpointMixin, ReshardingMixin, torch.optim.Optimizer):
         optim/step_normalization.py), so the read happens until a layer's first step has been taken, then
         once more, and never again while the state tensor is the same object (``load_state_dict``
         replaces it, and clears this). On the CPU a read costs nothing: always False there."""
-        if not group.get("normalize_step") or not _host_waits_for(layers[0].A.device):
+        if not group.get("normalize_step") or not guards.host_waits_for(layers[0].A.device):
             return False
         scales = [self.state[layer.A].get("step_norm_scale") for layer in layers]
         known = self._positive_scales
@@ -996,9 +996,4 @@ def _kept_where_skipped(new: Tensor, old: Tensor, ok: Tensor) -> Tensor:
 
 def _foreach_write(device: torch.device) -> bool:
     """Whether ``_write_bucket`` writes bucket-wide with foreach ops (accelerators) or layer by layer (CPU)."""
-    return device.type != "cpu"
-
-
-def _host_waits_for(device: torch.device) -> bool:
-    """Whether reading a tensor's value on the host waits for ``device`` (every device but the CPU)."""
     return device.type != "cpu"

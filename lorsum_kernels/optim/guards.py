@@ -7,7 +7,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["either", "finite_data", "finite_once", "finite_rows", "finite_rows_of"]
+__all__ = ["either", "finite_data", "finite_once", "finite_rows", "finite_rows_of", "host_waits_for"]
+
+
+def host_waits_for(device: torch.device) -> bool:
+    """Whether reading a tensor's value on the host waits for ``device``: every device but the CPU (the
+    optimizers read values on the host only where this is False; tests/test_accelerator_sync_free.py)."""
+    return device.type != "cpu"
 
 
 def finite_rows(t: Tensor, rows: int) -> Tensor:
