@@ -33,7 +33,8 @@ from lorsum_kernels import _native, backends, ops
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # The interpreter runs on CPU tensors, even where a GPU is present (compiled runs test that one).
 # The GPU with its index, as tensors report their device (torch.device("cuda") != torch.device("cuda:0")).
-CUDA_DEVICE = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cuda")
+CUDA_DEVICE = (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
+               else torch.device("cuda"))
 TRITON_DEVICE = CUDA_DEVICE if torch.cuda.is_available() and not INTERPRET else torch.device("cpu")
 INTERPRETER_COMMAND = "TRITON_INTERPRET=1 pytest tests/ops"
 

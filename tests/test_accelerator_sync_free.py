@@ -59,7 +59,8 @@ def _made_from_host_data(monkeypatch) -> list:
 
         def spy(data, *args, real=real, name=name, **kwargs):
             device = kwargs.get("device")
-            if device is not None and torch.device(device).type != "cpu" and not isinstance(data, torch.Tensor):
+            on_device = device is not None and torch.device(device).type != "cpu"
+            if on_device and not isinstance(data, torch.Tensor):
                 made.append(f"torch.{name}({data!r})")
             return real(data, *args, **kwargs)
 
@@ -75,7 +76,8 @@ def _native_kernels_on_meta(monkeypatch) -> None:
 
     on_cuda = {op for op, device in _native._NATIVE_KERNELS if device == "cuda"} or {
         op for op, device in _native._NATIVE_KERNELS if device == "cpu"} - CPU_ONLY
-    monkeypatch.setattr(_native, "_NATIVE_KERNELS", _native._NATIVE_KERNELS | {(op, "meta") for op in on_cuda})
+    meta = {(op, "meta") for op in on_cuda}
+    monkeypatch.setattr(_native, "_NATIVE_KERNELS", _native._NATIVE_KERNELS | meta)
     real = backends.resolve_backend
 
     def resolve(backend, device, op):

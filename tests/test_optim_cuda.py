@@ -1,8 +1,8 @@
-"""Each optimizer trains on a CUDA GPU as it does on the CPU: the same seeded steps of a small LoRA model with
-the default backend on the GPU (the native CUDA kernels or Triton, whichever ``auto`` resolves to) and with the
-torch reference on the CPU end within a tolerance, in every capture mode. The op tests check each kernel
-alone; these check what a user runs, the bucketing, streaming, state placement and device handling of the
-whole step. Marked ``cuda`` and skipped without a GPU (tools/gpu_check.sh runs them)."""
+"""Each optimizer trains on a CUDA GPU as it does on the CPU: the same seeded steps of a small LoRA model
+with the default backend on the GPU (the native CUDA kernels or Triton, whichever ``auto`` resolves to) and
+with the torch reference on the CPU end within a tolerance, in every capture mode. The op tests check each
+kernel alone; these check what a user runs, the bucketing, streaming, state placement and device handling
+of the whole step. Marked ``cuda`` and skipped without a GPU (tools/gpu_check.sh runs them)."""
 
 from __future__ import annotations
 

@@ -173,7 +173,8 @@ def pair_products(
     if acc == torch.float64:
         # Triton 3.6 cannot compile an fp64 tl.dot with an operand loaded in 16 bits (its MMAv2 lowering
         # asserts "fp64 don't support largeK MMA", seen on an H200): widen those operands first (a rare mix).
-        f_in, f_out, W, V = (t if t is None or t.element_size() > 2 else t.double() for t in (f_in, f_out, W, V))
+        f_in, f_out, W, V = (t if t is None or t.element_size() > 2 else t.double()
+                             for t in (f_in, f_out, W, V))
 
     def batch_of(*ts: Tensor) -> torch.Size:
         try:

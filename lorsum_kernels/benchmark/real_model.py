@@ -315,9 +315,9 @@ def measure_one(name: str, *, layers: int, rank: int, batch: int, tokens: int, c
         path.parent.mkdir(parents=True, exist_ok=True)
         tables = []
         for sort in sorts:
-            header = (f"# {name}, checkpointing {checkpointing}, {layers} blocks, LoRA r={rank} on {n_adapters} "
-                      f"modules, {batch}x{tokens} tokens, one step (forward, backward, step, zero_grad), top ops "
-                      f"by {sort}; opt_kw={opt_kw}\n")
+            header = (f"# {name}, checkpointing {checkpointing}, {layers} blocks, LoRA r={rank} on "
+                      f"{n_adapters} modules, {batch}x{tokens} tokens, one step (forward, backward, step, "
+                      f"zero_grad), top ops by {sort}; opt_kw={opt_kw}\n")
             tables.append(header + prof.key_averages().table(sort_by=sort, row_limit=30) + "\n")
         path.write_text("\n".join(tables))
 

@@ -17,8 +17,8 @@ import torch
 from lorsum_kernels import ops, reference
 
 from ..problems import (NATIVE_CPU, NATIVE_CUDA, TOKEN_VIEWS, TRITON, assert_deterministic,
-                        assert_independent_of_thread_count, assert_layout_independent, cpu64, gen, over_backends,
-                        per_backend, randn, rel_err, spy_on_launcher)
+                        assert_independent_of_thread_count, assert_layout_independent, cpu64, gen,
+                        over_backends, per_backend, randn, rel_err, spy_on_launcher)
 
 OP = "col_sq_sums"
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
