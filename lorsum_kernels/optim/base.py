@@ -352,7 +352,8 @@ class LoRAOptimizer(CheckpointMixin, ReshardingMixin, torch.optim.Optimizer):
         the CPU: those kernels multiply every element of X and S into every result it feeds in plain IEEE
         arithmetic (no fast-math, no skipped zeros: NaN·0 is NaN), and the r×r solves turn a non-finite
         right-hand side or Gram into a non-finite solution (tests/ops: ``*nan*``). Not assumed of torch's
-        BLAS, which may skip zeros, nor of the GPU kernels until they have run on one."""
+        BLAS, which may skip zeros, nor yet of the CUDA kernels: they have run on a GPU (docs/gpu.md), but
+        their test of a NaN or an inf in X and in S (``test_cuda_zero_gram_no_pairs_and_nan``) has not."""
         if device.type != "cpu" or not self._data_ops:
             return False
         backend = self._backend(group, device)
