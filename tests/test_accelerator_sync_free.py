@@ -29,12 +29,27 @@ METHODS = {
     "scaled_gd": (lk.ScaledGD, {}, ("auto",)),
     "scaled_adamw": (lk.ScaledAdamW, {}, ("auto",)),
     "svdlora": (lk.SVDLoRA, {}, ("auto",)),
+    # gradient accumulation (two backwards per step; k = 0 steps add over them as token sums) and the
+    # global gradient-norm clip
+    "lorsum_k0_accumulated": (lk.LoRSum, dict(iters=0, normalize_step=False, accumulation_steps=2),
+                              ("stream", "cache")),
+    "scaled_lorsum_k0_accumulated": (lk.ScaledLoRSum, dict(iters=0, normalize_step=False,
+                                                           accumulation_steps=2), ("stream",)),
+    "lorsum_grad_clip": (lk.LoRSum, dict(max_grad_norm=1.0), ("cache",)),
+    "scaled_adamw_grad_clip": (lk.ScaledAdamW, dict(max_grad_norm=1.0), ("auto",)),
 }
 CASES = [(name, capture) for name, (_, _, captures) in METHODS.items() for capture in captures]
 
 
+def _host_side(func, t: torch.Tensor) -> bool:
+    """A CPU argument an op reads on the host, no copy: a 0-d tensor (a scalar), or a native op's shared
+    coefficients and λ, float64 of at most one dimension (csrc/cuda/block_power_binding.cpp's make_coef)."""
+    return t.dim() == 0 or (func.namespace == "lorsum" and t.dtype == torch.float64 and t.dim() <= 1)
+
+
 class HostToDevice(TorchDispatchMode):
-    """Records every op that takes a CPU tensor and gives a tensor on another device (a copy to it)."""
+    """Records every op that takes a CPU tensor (but one read on the host) and gives a tensor on another
+    device: a copy to it."""
 
     def __init__(self):
         super().__init__()
@@ -42,11 +57,12 @@ class HostToDevice(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        inputs = [a for a in args if isinstance(a, torch.Tensor)]
+        inputs = [t for a in args for t in (a if isinstance(a, (list, tuple)) else (a,))
+                  if isinstance(t, torch.Tensor)]
         outputs = out if isinstance(out, (tuple, list)) else (out,)
-        if any(t.device.type == "cpu" and t.dim() > 0 for t in inputs) and any(
+        if any(t.device.type == "cpu" and not _host_side(func, t) for t in inputs) and any(
                 isinstance(o, torch.Tensor) and o.device.type != "cpu" for o in outputs):
-            self.copies.append(str(func))
+            self.copies.append(f"{func}{[tuple(t.shape) for t in inputs if t.device.type == 'cpu']}")
         return out
 
 
@@ -117,7 +133,8 @@ def test_the_step_makes_the_host_wait_for_nothing(name, capture, kernels, dtype,
 
     def train_step():
         opt.zero_grad()
-        nn.functional.cross_entropy(model(x).flatten(0, 1).float(), y.flatten()).backward()
+        for _ in range(kw.get("accumulation_steps", 1)):
+            nn.functional.cross_entropy(model(x).flatten(0, 1).float(), y.flatten()).backward()
         opt.step()
 
     train_step()  # builds the cached constants (a copy each, once)
