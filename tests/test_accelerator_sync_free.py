@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.checkpoint import checkpoint
 
 import lorsum_kernels as lk
 
@@ -109,10 +110,28 @@ def _native_kernels_on_meta(monkeypatch) -> None:
 CPU_ONLY = {"finish_normalized_step", "kfac_lorsum_update_in"}
 
 
+class CheckpointedMLP(TinyLoRAMLP):
+    """TinyLoRAMLP with its two middle layers under activation checkpointing (recomputed in backward)."""
+
+    def forward(self, x):
+        h = torch.tanh(self.l1(x))
+        h = checkpoint(lambda t: torch.tanh(self.l3(torch.tanh(self.l2(t)))), h, use_reentrant=False)
+        return self.head(h)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("kernels", ["reference", "native"])
 @pytest.mark.parametrize("name,capture", CASES, ids=[f"{n}-{c}" for n, c in CASES])
 def test_the_step_makes_the_host_wait_for_nothing(name, capture, kernels, dtype, monkeypatch):
+    _check(name, capture, kernels, dtype, TinyLoRAMLP, monkeypatch)
+
+
+@pytest.mark.parametrize("name", ["lorsum", "scaled_lorsum", "adaprelora"])
+def test_a_checkpointed_model_makes_the_host_wait_for_nothing(name, monkeypatch):
+    _check(name, "auto", "native", torch.float32, CheckpointedMLP, monkeypatch)
+
+
+def _check(name, capture, kernels, dtype, model_cls, monkeypatch):
     from lorsum_kernels import _native
 
     if kernels == "native":
@@ -122,7 +141,7 @@ def test_the_step_makes_the_host_wait_for_nothing(name, capture, kernels, dtype,
     cls, kw, _ = METHODS[name]
     with torch.device("meta"):
         torch.manual_seed(0)
-        model = TinyLoRAMLP(dtype=dtype)  # bf16: the model and its LoRA factors, as PEFT loads them
+        model = model_cls(dtype=dtype)  # bf16: the model and its LoRA factors, as PEFT loads them
     opt = cls(model, lr=1e-2, capture=capture, **kw)
     for layer in opt._layers:  # as after a first step on a GPU: the lr measured, the scales known
         scale = opt.state[layer.A].get("step_norm_scale")
