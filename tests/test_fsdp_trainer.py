@@ -72,6 +72,9 @@ def _rank_main(rank: int, world: int, port: int, out: str) -> None:
                               "--resume", str(out / "run" / "checkpoint-2"))
     torch.save(results, out / f"rank{rank}.pt")
     if dist.is_initialized():
+        # Both ranks done before either tears its group down: once rank 0 has exited, its TCP store is
+        # gone, and a rank still tearing down aborted the process once (a fresh clone's make test).
+        dist.barrier()
         dist.destroy_process_group()
 
 
