@@ -162,3 +162,6 @@ def _check(name, capture, kernels, dtype, model_cls, monkeypatch):
         for _ in range(2):
             train_step()  # a read of a value on the host raises on the meta device
     assert not mode.copies and not made, (mode.copies, made)
+    # the step ran where the capture mode puts it: in backward when streamed
+    streamed = opt._streamed is not None and opt._capture.sink is not None
+    assert streamed == (capture == "stream" or (capture == "auto" and opt.needs_capture)), (capture, streamed)
