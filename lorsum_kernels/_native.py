@@ -102,6 +102,10 @@ def _registered_kernels() -> frozenset[tuple[str, str]]:
 # instead of breaking the graph in front of every op.
 _NATIVE_KERNELS = _registered_kernels()
 
+# The fused CPU steps with no CUDA kernel: on a GPU their parts run as separate ops (tools/gpu_check.sh checks
+# that every other op with a CPU kernel has a CUDA one).
+CPU_ONLY_OPS = frozenset({"finish_normalized_step", "kfac_lorsum_update_in"})
+
 
 def has_native_op(name: str, device_type: str | torch.device) -> bool:
     """Whether ``torch.ops.lorsum.<name>`` has a native kernel for that device type ("cpu", "cuda").

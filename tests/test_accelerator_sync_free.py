@@ -92,7 +92,7 @@ def _native_kernels_on_meta(monkeypatch) -> None:
     from lorsum_kernels import _native, backends
 
     on_cuda = {op for op, device in _native._NATIVE_KERNELS if device == "cuda"} or {
-        op for op, device in _native._NATIVE_KERNELS if device == "cpu"} - CPU_ONLY
+        op for op, device in _native._NATIVE_KERNELS if device == "cpu"} - _native.CPU_ONLY_OPS
     meta = {(op, "meta") for op in on_cuda}
     monkeypatch.setattr(_native, "_NATIVE_KERNELS", _native._NATIVE_KERNELS | meta)
     real = backends.resolve_backend
@@ -104,10 +104,6 @@ def _native_kernels_on_meta(monkeypatch) -> None:
         return real(backend, device, op)
 
     monkeypatch.setattr(backends, "resolve_backend", resolve)
-
-
-# The fused CPU steps with no CUDA kernel (tools/gpu_check.sh): on a GPU their parts run as separate ops.
-CPU_ONLY = {"finish_normalized_step", "kfac_lorsum_update_in"}
 
 
 class CheckpointedMLP(TinyLoRAMLP):

@@ -10,11 +10,10 @@ import inspect
 
 import pytest
 import torch
-from torch import nn
 
 import lorsum_kernels as lk
 
-from .conftest import TinyLoRAMLP
+from .conftest import TinyLoRAMLP, train_tiny
 from .problems import rel_err
 
 pytestmark = [
@@ -39,24 +38,15 @@ CASES = [(name, capture) for name, (_, _, captures) in METHODS.items() for captu
 
 
 def train(name: str, capture: str, device: str, backend: str, steps: int = 4, dtype=torch.float32):
+    """conftest.train_tiny under the method: the parameters and state on the CPU, and the device type of each
+    state tensor of one dimension or more."""
     cls, kw, _ = METHODS[name]
-    torch.manual_seed(0)
-    model = TinyLoRAMLP(d_in=40, d_hidden=72, d_out=5, r=5, alpha=10.0).to(device=device, dtype=dtype)
     if "backend" in inspect.signature(cls).parameters:  # SVDLoRA has no kernels to choose
         kw = dict(kw, backend=backend)
-    opt = cls(model, **kw, capture=capture)
-    g = torch.Generator().manual_seed(1)
-    for _ in range(steps):
-        x = torch.randn(4, 33, 40, generator=g).to(device=device, dtype=dtype)
-        y = torch.randint(0, 5, (4, 33), generator=g).to(device)
-        loss = nn.functional.cross_entropy(model(x).flatten(0, 1).float(), y.flatten())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    params = {n: p.detach().cpu() for n, p in model.named_parameters()}
-    state = {(n, k): v.cpu() for n, p in model.named_parameters() for k, v in opt.state.get(p, {}).items()
-             if isinstance(v, torch.Tensor)}
-    return params, state, opt
+    params, state = train_tiny(lambda model: cls(model, **kw, capture=capture), steps, device=device,
+                               dtype=dtype)
+    devices = {key: v.device.type for key, v in state.items() if v.dim() > 0}
+    return {k: v.cpu() for k, v in params.items()}, {k: v.cpu() for k, v in state.items()}, devices
 
 
 def merged(params: dict) -> dict:
@@ -72,12 +62,10 @@ def merged(params: dict) -> dict:
 @pytest.mark.parametrize("name,capture", CASES, ids=[f"{n}-{c}" for n, c in CASES])
 def test_trains_on_cuda_as_on_cpu(name, capture):
     p_cpu, s_cpu, _ = train(name, capture, "cpu", "torch")
-    p_gpu, s_gpu, opt = train(name, capture, "cuda", "auto")
+    p_gpu, s_gpu, devices = train(name, capture, "cuda", "auto")
     assert p_cpu.keys() == p_gpu.keys() and s_cpu.keys() == s_gpu.keys()
-    for per_param in opt.state.values():  # the state lives on the parameters' device
-        for k, v in (per_param.items() if isinstance(per_param, dict) else ()):
-            if isinstance(v, torch.Tensor) and v.dim() > 0:
-                assert v.device.type == "cuda", (k, v.device)
+    for key, device in devices.items():  # the state lives on the parameters' device
+        assert device == "cuda", (key, device)
     if name == "svdlora":  # the SVD's singular vectors are defined up to sign: compare the merged products
         p_cpu, p_gpu = merged(p_cpu), merged(p_gpu)
     for key in p_cpu:
@@ -117,7 +105,7 @@ def test_trains_a_bf16_model_on_cuda_as_on_cpu(name):
     """The model and its LoRA factors in bf16 (as PEFT loads a bf16 model): the GPU's training stays within
     bf16 rounding of the CPU's over four steps (each device rounds its own products and sums)."""
     p_cpu, _, _ = train(name, "auto", "cpu", "torch", dtype=torch.bfloat16)
-    p_gpu, _, opt = train(name, "auto", "cuda", "auto", dtype=torch.bfloat16)
+    p_gpu, _, _ = train(name, "auto", "cuda", "auto", dtype=torch.bfloat16)
     torch.manual_seed(0)
     init = TinyLoRAMLP(d_in=40, d_hidden=72, d_out=5, r=5, alpha=10.0).bfloat16()
     for key in p_cpu:

@@ -127,12 +127,11 @@ import torch
 
 from lorsum_kernels import _native
 
-CPU_ONLY = {"finish_normalized_step", "kfac_lorsum_update_in"}
 ops = sorted(n[len("lorsum::"):] for n in torch._C._dispatch_get_registrations_for_dispatch_key("CPU")
              if n.startswith("lorsum::"))
-missing = [op for op in ops if not _native.has_native_op(op, "cuda") and op not in CPU_ONLY]
+missing = [op for op in ops if not _native.has_native_op(op, "cuda") and op not in _native.CPU_ONLY_OPS]
 print(f"native ops: {len(ops)}; without a CUDA kernel: {missing or 'none'} (CPU-only by design: "
-      f"{sorted(CPU_ONLY)}); loader error: {_native.native_error}")
+      f"{sorted(_native.CPU_ONLY_OPS)}); loader error: {_native.native_error}")
 raise SystemExit(1 if missing or not ops else 0)
 PY
 }

@@ -854,9 +854,7 @@ class LoRAOptimizer(CheckpointMixin, ReshardingMixin, torch.optim.Optimizer):
         key = (tuple(scales), dt, dev)
         root = self._roots.get(key)
         if root is None:
-            if len(self._roots) > 4 * len(self._layers) + 16:  # scales changed many times: start over
-                self._roots.clear()
-            root = self._roots[key] = torch.tensor(scales, dtype=dt, device=dev).sqrt().view(-1, 1, 1)
+            root = self._keep(key, torch.tensor(scales, dtype=dt, device=dev).sqrt().view(-1, 1, 1))
         return root
 
     def _host_values(self, values: list[float], dt: torch.dtype, dev: torch.device) -> Tensor:
@@ -865,10 +863,16 @@ class LoRAOptimizer(CheckpointMixin, ReshardingMixin, torch.optim.Optimizer):
         key = ("values", tuple(values), dt, dev)
         t = self._roots.get(key)
         if t is None:
-            if len(self._roots) > 4 * len(self._layers) + 16:
-                self._roots.clear()
-            t = self._roots[key] = torch.tensor(values, dtype=dt, device=dev)
+            t = self._keep(key, torch.tensor(values, dtype=dt, device=dev))
         return t
+
+    def _keep(self, key, value: Tensor) -> Tensor:
+        """``value`` kept in ``self._roots`` under ``key``; a table grown past what the layers' buckets need
+        (their scales or the lr changed many times) starts over."""
+        if len(self._roots) > 4 * len(self._layers) + 16:
+            self._roots.clear()
+        self._roots[key] = value
+        return value
 
     def _factor_grads_finite(self, layers: list[LoRALayer]) -> Tensor:
         """(L,) bool: the autograd gradients of each layer's factors are finite (absent ones are); under
