@@ -72,6 +72,16 @@ def train_tiny(make_optimizer, steps: int, device="cpu", dtype=torch.float32) ->
     return params, state
 
 
+def merged(params: dict) -> dict:
+    """B·A of each LoRA layer, and the other parameters as they are."""
+    out = {k: v for k, v in params.items() if ".lora_" not in k}
+    for k in params:
+        if k.endswith(".lora_A.weight"):
+            layer = k[: -len(".lora_A.weight")]
+            out[layer + ".BA"] = params[layer + ".lora_B.weight"] @ params[k]
+    return out
+
+
 @pytest.fixture
 def tiny_model():
     torch.manual_seed(0)

@@ -13,7 +13,7 @@ import torch
 
 import lorsum_kernels as lk
 
-from .conftest import TinyLoRAMLP, train_tiny
+from .conftest import TinyLoRAMLP, merged, train_tiny
 from .problems import rel_err
 
 pytestmark = [
@@ -47,16 +47,6 @@ def train(name: str, capture: str, device: str, backend: str, steps: int = 4, dt
                                dtype=dtype)
     devices = {key: v.device.type for key, v in state.items() if v.dim() > 0}
     return {k: v.cpu() for k, v in params.items()}, {k: v.cpu() for k, v in state.items()}, devices
-
-
-def merged(params: dict) -> dict:
-    """B·A of each LoRA layer, and the other parameters as they are."""
-    out = {k: v for k, v in params.items() if ".lora_" not in k}
-    for k in params:
-        if k.endswith(".lora_A.weight"):
-            layer = k[: -len(".lora_A.weight")]
-            out[layer + ".BA"] = params[layer + ".lora_B.weight"] @ params[k]
-    return out
 
 
 @pytest.mark.parametrize("name,capture", CASES, ids=[f"{n}-{c}" for n, c in CASES])

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from lorsum_kernels import ops, reference
-from lorsum_kernels.functional import shampoo_statistics, svdlora_step
+from lorsum_kernels.functional import align_factors, shampoo_statistics, svdlora_step
 
 from .conftest import rel_err
 
@@ -282,6 +282,35 @@ def test_svdlora_step_is_rank_r_truncation(shape, dtype):
     assert rel_err(A_new.double() @ A_new.double().mT, torch.diag(sigma)) <= tol
     assert rel_err(B_new.double().mT @ B_new.double(), torch.diag(sigma)) <= tol
     assert rel_err(A_new.double().square().sum(-1), B_new.double().square().sum(-2)) <= tol
+
+
+def test_align_factors_is_the_nearest_rotation_and_ignores_the_svds_gauge():
+    L, m, n, r = 2, 23, 17, 4
+    A, B = gauss((L, r, n), 66), gauss((L, m, r), 67)
+    A_new, B_new = svdlora_step(A, B, gauss((L, m, n), 68), 0.2)
+    A_al, B_al = align_factors(A, B, A_new, B_new)
+    assert rel_err(B_al @ A_al, B_new @ A_new) <= 1e-12  # the same product, balanced still
+    assert rel_err(A_al @ A_al.mT, B_al.mT @ B_al) <= 1e-12
+
+    def distance(A2, B2):
+        return (A2 - A).square().sum((-2, -1)) + (B2 - B).square().sum((-2, -1))
+
+    # Nearest over rotations: no random orthogonal Q (nor the SVD's own basis) brings the factors closer.
+    for seed in range(20):
+        Q, _ = torch.linalg.qr(gauss((L, r, r), 70 + seed))
+        assert (distance(A_al, B_al) <= distance(Q @ A_new, B_new @ Q.mT) + 1e-12).all()
+    assert (distance(A_al, B_al) < distance(A_new, B_new)).all()
+    # The SVD's arbitrary signs (and any rotation of its basis) give the same aligned factors.
+    Q, _ = torch.linalg.qr(gauss((L, r, r), 69))
+    flips = torch.tensor([1.0, -1.0, -1.0, 1.0], dtype=F64)
+    for R in (torch.diag(flips), Q):
+        A2, B2 = align_factors(A, B, R @ A_new, B_new @ R.mT)
+        assert rel_err(A2, A_al) <= 1e-10 and rel_err(B2, B_al) <= 1e-10
+    # Non-finite new factors stay non-finite (and raise nothing); the other layer is aligned as before.
+    A_bad = A_new.clone()
+    A_bad[0, 0, 0] = float("nan")
+    A2, B2 = align_factors(A, B, A_bad, B_new)
+    assert not A2[0].isfinite().all() and torch.equal(A2[1], A_al[1]) and torch.equal(B2[1], B_al[1])
 
 
 def test_svdlora_step_batched_with_per_layer_lr():

@@ -15,7 +15,7 @@ from torch import nn
 import lorsum_kernels as lk
 from lorsum_kernels.optim.update_clip import merged_update_bound, moved_by
 
-from .conftest import TinyLoRAMLP
+from .conftest import TinyLoRAMLP, merged, train_tiny
 
 D = torch.float64
 
@@ -118,6 +118,27 @@ def test_the_clip_copies_no_host_numbers_after_its_first_step(name, monkeypatch)
     for a, b in zip(clipped[1], again[1]):
         assert torch.equal(a, b)
     assert built == first  # the first step's, and none in the two after it
+
+
+def test_svdlora_clipped_step_does_not_depend_on_the_svds_signs():
+    """SVDLoRA re-factors the merged weight by an SVD each step, whose singular vectors' signs are arbitrary
+    (they differ between fp32 and fp64, or a CPU and a GPU). The clip compares the new factors with the old
+    and moves them by α of that difference: unless the new factors are first rotated to the old ones' basis
+    (functional.align_factors), the clipped weights depend on those signs (2.5% apart between fp32 and fp64
+    here, found on a GPU by test_optim_cuda)."""
+    opts = []
+
+    def make(model):
+        opts.append(lk.SVDLoRA(model, lr=0.1))  # max_update_norm=1.0, the default
+        return opts[-1]
+
+    p32, _ = train_tiny(make, 1)
+    assert float(opts[-1].update_norm) > 1.0  # the clip binds on the first step (unbalanced initial factors)
+    p32, _ = train_tiny(make, 4)
+    p64, _ = train_tiny(make, 4, dtype=torch.float64)
+    m32, m64 = merged(p32), merged(p64)
+    for key in m64:
+        assert (m32[key].double() - m64[key]).norm() <= 1e-5 * m64[key].norm(), key
 
 
 @pytest.mark.parametrize("name", ["lorsum", "scaled_lorsum", "svdlora"])

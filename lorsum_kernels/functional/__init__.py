@@ -28,6 +28,7 @@ from .lora_one import (
     truncated_svd,
 )
 from .low_rank_sum import (
+    align_factors,
     compute_dtype,
     effective_metric,
     ema,
@@ -49,6 +50,7 @@ __all__ = [
     "adamw_update",
     "adaprelora_direction",
     "adaprelora_step",
+    "align_factors",
     "compute_dtype",
     "effective_metric",
     "ema",

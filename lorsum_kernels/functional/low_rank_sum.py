@@ -1,6 +1,7 @@
 """The LoRSum primitive and its statistics as pure functions of tensors (spec/lorsum.md §3–6, §9): the
 rank-r projection of an implicit sum of factor pairs (``low_rank_sum``, scaled, over ranks), the diagonal
-metrics, the clip norm and the SVDLoRA step. The optimizer step built on them is ``lorsum_step``.
+metrics, the clip norm and the SVDLoRA step (with the rotation that
+aligns its factors to the previous ones). The optimizer step built on them is ``lorsum_step``.
 
 Every tensor may carry leading batch dimensions (a group of same-shape layers). Math runs in fp32, or
 fp64 when any input factor is fp64; results come back in the dtype of pair 0. Nothing here reads a value
@@ -36,6 +37,7 @@ __all__ = [
     "effective_metric",
     "gradient_norm",
     "svdlora_step",
+    "align_factors",
 ]
 
 
@@ -357,3 +359,23 @@ def svdlora_step(A: Tensor, B: Tensor, grad: Tensor, lr) -> Pair:
     A_new = torch.where(bad, float("nan"), root.unsqueeze(-1) * Vh[..., :r, :])
     B_new = torch.where(bad, float("nan"), U[..., :, :r] * root.unsqueeze(-2))
     return A_new.to(A.dtype), B_new.to(B.dtype)
+
+
+def align_factors(A: Tensor, B: Tensor, A_new: Tensor, B_new: Tensor) -> Pair:
+    """``(R·A_new, B_new·Rᵀ)`` with the orthogonal r×r ``R`` that brings the new factors nearest the old,
+    ``min ‖R·A_new − A‖² + ‖B_new·Rᵀ − B‖²``: ``R = V·Uᵀ`` for ``A_new·Aᵀ + B_newᵀ·B = U·Σ·Vᵀ``.
+
+    ``B_new·A_new`` is unchanged (RᵀR = I) and balanced factors stay balanced. A re-factorisation (the SVD
+    of ``svdlora_step``) picks each singular vector's sign, and the basis within a repeated singular
+    value, arbitrarily (differently on another device or in another dtype); after the rotation the factors
+    depend only on the product and the old factors (where the r×r matrix is non-singular), so that
+    whatever compares the factors with the old ones (``max_update_norm``'s bound and its move by α of the
+    step, optim/update_clip.py) sees the weights' change, not the gauge's. Non-finite factors stay
+    non-finite (their R is computed from zeros: LAPACK refuses NaN)."""
+    dt = compute_dtype(A, B, A_new, B_new)
+    A_new_dt, B_new_dt = A_new.to(dt), B_new.to(dt)
+    M = A_new_dt @ A.to(dt).mT + B_new_dt.mT @ B.to(dt)
+    bad = ~M.isfinite().flatten(-2).all(-1).view(*M.shape[:-2], 1, 1)
+    U, _, Vh = torch.linalg.svd(torch.where(bad, 0.0, M))
+    R = Vh.mT @ U.mT
+    return (R @ A_new_dt).to(A_new.dtype), (B_new_dt @ R.mT).to(B_new.dtype)

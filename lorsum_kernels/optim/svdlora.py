@@ -1,13 +1,14 @@
 """SVDLoRA, the step LoRSum approximates, as a baseline optimizer (spec/lorsum.md §2).
 
 Each step is ``s·B·A ← Π_r(s·B·A − η·G)`` by a full SVD of the m×n matrix, with ``G = SᵀX`` formed from
-the captured layer data: plain gradient descent on the merged weight, projected back to rank r. It
+the captured layer data: plain gradient descent on the merged weight, projected back to rank r (the new
+factors: the SVD's balanced ones, rotated to the basis nearest the old factors, ``align_factors``). It
 costs what LoRSum avoids (an m×n gradient and an SVD per layer) and exists for comparisons and tests.
 """
 
 from __future__ import annotations
 
-from ..functional import svdlora_step
+from ..functional import align_factors, svdlora_step
 from .base import LoRAOptimizer
 
 __all__ = ["SVDLoRA"]
@@ -28,5 +29,9 @@ class SVDLoRA(LoRAOptimizer):
         G = S.to(A.dtype).mT @ X.to(A.dtype)
         if reduce is not None:  # data-parallel: the mean of the ranks' G (m×n numbers per layer)
             (G,) = reduce([G])
-        A, B = svdlora_step(A, B, G, group["lr"])
+        # The SVD's factors, rotated to the old ones' basis: the clip (max_update_norm) moves the factors by α
+        # of their step, which only means "α of the weights' step" when the step is not also a change of
+        # gauge (the SVD's arbitrary signs).
+        A_new, B_new = svdlora_step(A, B, G, group["lr"])
+        A, B = align_factors(A, B, A_new, B_new)
         return A, B, {}
