@@ -94,3 +94,29 @@ def test_cli_writes_cuda_columns_and_snapshots(tmp_path):
     assert [r["optimizer"] for r in rows] == ["adamw", "lorsum"]
     assert all(float(r["cuda_max_allocated_mib"]) >= float(r["step_peak_mib"]) > 0 for r in rows)
     assert sorted(p.name for p in (tmp_path / "snap").iterdir()) == ["adamw.pickle", "lorsum.pickle"]
+
+
+@needs_cuda
+@pytest.mark.skipif(not real_model.available("llama7b-blocks"), reason="needs transformers and peft")
+def test_streamed_work_is_timed_on_the_gpu_without_waiting_for_it(monkeypatch):
+    """On a GPU the streamed layer steps are timed by CUDA events: no synchronisation in backward, which
+    would make the forward + backward and end-to-end figures those of a step that waits at every layer."""
+    from lorsum_kernels import create_optimizer
+
+    device = torch.device("cuda")
+    model = real_model.build(1, 4, "none", device, "llama7b-blocks", 16)
+    opt = create_optimizer(model, "lorsum")
+    ids = torch.randint(0, model.config.vocab_size, (1, 16), device=device)
+    for _ in range(2):  # the first step caches (capture="auto"), the second streams
+        real_model.timed_train_step(model, opt, ids)
+    total = {}
+    syncs = []
+    real_model.time_streamed_work(opt, total, lambda: syncs.append("timer"), device)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: syncs.append("torch"))
+    model(input_ids=ids, labels=ids).loss.backward()
+    monkeypatch.undo()
+    assert syncs == [] and len(total["events"]) >= 7  # one pair per LoRA module (7 in a block) at least
+    torch.cuda.synchronize(device)
+    assert real_model.streamed_seconds(total) > 0
+    opt.step()
+    opt.zero_grad()

@@ -249,7 +249,7 @@ def measure_one(name: str, *, layers: int, rank: int, batch: int, tokens: int, c
         step()
     # A streamed method does its work inside backward, in its layer steps: timed there, per step.
     streamed = {"s": 0.0}
-    time_streamed_work(opt, streamed, sync)
+    time_streamed_work(opt, streamed, sync, device)
     # The flop bound of the method's token work (benchmark/step_flops.py) at this machine's rate on the
     # model's own square product (a micro-batch's tokens × hidden × hidden), and at the rate of the products
     # LoRSum's rounds are made of, tall and skinny (tokens × hidden by hidden × r): a bandwidth-bound shape
@@ -266,7 +266,7 @@ def measure_one(name: str, *, layers: int, rank: int, batch: int, tokens: int, c
 
     fb, st, total, work = [], [], [], []
     for _ in range(reps):
-        streamed["s"] = 0.0
+        streamed.update(s=0.0, events=[])
         sync()
         t0 = time.perf_counter()
         forward_backward()
@@ -278,7 +278,7 @@ def measure_one(name: str, *, layers: int, rank: int, batch: int, tokens: int, c
         fb.append(1e3 * (t1 - t0))
         st.append(1e3 * (t2 - t1))
         total.append(1e3 * (t2 - t0))
-        work.append(1e3 * streamed["s"])
+        work.append(1e3 * streamed_seconds(streamed))
         probe_rates()
 
     gc.collect()
@@ -347,17 +347,34 @@ def timed_train_step(model, opt, input_ids) -> tuple[float, float]:
     return t1 - t0, time.perf_counter() - t1
 
 
-def time_streamed_work(opt, total: dict, sync) -> None:
-    """Adds the seconds ``opt``'s streamed layer steps run to ``total["s"]`` (after a device synchronisation
-    on both sides, so on a GPU the time is the work's, not its launch's): wherever they run, in the layer's
-    backward or from the CPU's queue (optim/streaming.py: ``prepare`` and ``run``). Nothing for an optimizer
-    that does not stream."""
+def time_streamed_work(opt, total: dict, sync, device: torch.device | None = None) -> None:
+    """Adds the time ``opt``'s streamed layer steps run (wherever they run, in the layer's backward or from
+    the CPU's queue, optim/streaming.py: ``prepare`` and ``run``) to ``total``; read it with
+    ``streamed_seconds(total)``, reset it with ``total.update(s=0.0, events=[])``. Nothing for an optimizer
+    that does not stream.
+
+    On the CPU, the wall clock around each call (``sync`` on both sides). On a GPU, a pair of CUDA events
+    around each call on the current stream, read after the step: the work's span on the device's timeline,
+    and no synchronisation, which would drain the queue of backward kernels at every layer and make the
+    forward + backward and end-to-end times measured around it those of a step that waits for the device
+    at every layer (the first GPU runs' per-layer waits were partly this)."""
     streamed = getattr(opt, "_streamed", None)
     if streamed is None:
         return
+    cuda = device is not None and device.type == "cuda"
+    total.setdefault("s", 0.0)
+    total.setdefault("events", [])
 
     def timed(fn):
         def wrapper(*args):
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                try:
+                    return fn(*args)
+                finally:
+                    end.record()
+                    total["events"].append((start, end))
             sync()
             start = time.perf_counter()
             try:
@@ -369,6 +386,12 @@ def time_streamed_work(opt, total: dict, sync) -> None:
 
     # A queue's layer steps are prepared together (their arguments built), then run one by one.
     streamed.prepare, streamed.run = timed(streamed.prepare), timed(streamed.run)
+
+
+def streamed_seconds(total: dict) -> float:
+    """The seconds ``time_streamed_work`` counted into ``total``; on a GPU, once the device has finished the
+    step (after a synchronisation)."""
+    return total.get("s", 0.0) + sum(start.elapsed_time(end) for start, end in total.get("events", ())) / 1e3
 
 
 def run_one_subprocess(name: str, *, layers: int, rank: int, batch: int, tokens: int, checkpointing: str,
