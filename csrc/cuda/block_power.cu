@@ -15,18 +15,25 @@ namespace {
 
 // Y[b] = A[b]·W[b] (K×w, contiguous, acc_t), computed as the tile Yᵀ = Wᵀ·A[b]ᵀ: rows over w, columns
 // over tokens. W is M×w contiguous (the main loop's K-major operand); A[b] is read as the transpose of a
-// row-major K×M matrix.
+// row-major K×M matrix. The contraction over M is split into chunks of m_rows (blockIdx.z = layer · splits
+// + chunk): with one chunk the tile is written to Y, else to part (L, splits, K, w) contiguous. Unsplit,
+// a 7B layer's Y (K = 2048 tokens, w = 16) is 16 blocks, each summing M = 11008 features in turn: 0.8 ms a
+// call on an H200, 40× the time to read A once (the H200 profile of the 7B step, docs/gpu.md).
 template <int BM, int BN, int TM, int TN, typename TA>
 __global__ void __launch_bounds__(kTileThreads, 2)
     project_kernel(const TA* __restrict__ Aop, int64_t a_bs, int64_t a_rs, const acc_t<TA>* __restrict__ W,
-                   int64_t w_bs, int64_t K, int64_t M, int64_t w, int64_t b0, acc_t<TA>* __restrict__ Y) {
+                   int64_t w_bs, int64_t K, int64_t M, int64_t w, int64_t m_rows, int64_t splits, int64_t b0,
+                   acc_t<TA>* __restrict__ Y, acc_t<TA>* __restrict__ part) {
   using A = acc_t<TA>;
   using Shape = TileShape<BM, BN, TM, TN>;
   __shared__ A As[kBK][BM];
   __shared__ A Bs[kBK][BN + 1];
-  const int64_t b = b0 + blockIdx.z;
+  const int64_t b = b0 + blockIdx.z / splits;
+  const int64_t p = blockIdx.z % splits;
   const int64_t j0 = static_cast<int64_t>(blockIdx.x) * BN;  // tokens
   const int64_t i0 = static_cast<int64_t>(blockIdx.y) * BM;  // columns of W
+  const int64_t m_begin = p * m_rows;
+  const int64_t m_end = min64(M, m_begin + m_rows);
   A acc[TM][TN];
 #pragma unroll
   for (int u = 0; u < TM; ++u) {
@@ -35,11 +42,12 @@ __global__ void __launch_bounds__(kTileThreads, 2)
       acc[u][v] = A(0);
     }
   }
-  atb_mainloop<BM, BN, TM, TN, true>(W + b * w_bs, w, Aop + b * a_bs, a_rs, w, K, i0, j0, 0, M, As, Bs, acc);
+  atb_mainloop<BM, BN, TM, TN, true>(W + b * w_bs, w, Aop + b * a_bs, a_rs, w, K, i0, j0, m_begin, m_end, As, Bs,
+                                     acc);
   const int tid = threadIdx.x;
   const int tx = tid % Shape::TX;
   const int ty = tid / Shape::TX;
-  A* Yb = Y + b * K * w;
+  A* Yb = splits == 1 ? Y + b * K * w : part + (b * splits + p) * K * w;
 #pragma unroll
   for (int u = 0; u < TM; ++u) {
     const int64_t k = i0 + ty + u * Shape::TY;
@@ -109,20 +117,23 @@ struct NarrowTile {
 struct WideTile {
   static constexpr int BM = 64, BN = 64, TM = 4, TN = 4;
 };
-// Token rows per chunk of the product: at most 1024 (bounded sequential sums in each accumulator), at
-// least 128.
+// Rows per chunk of either contraction (the tokens of the product, the features of Y = A·W): at most
+// 1024 (bounded sequential sums in each accumulator), at least 128.
 constexpr int64_t kProdMinRows = 128;
 constexpr int64_t kProdMaxRows = 1024;
 
 struct ProdPlan {
   bool narrow;
-  int64_t rows_per_split;
+  int64_t rows_per_split;  // the product's token chunks
   int64_t splits;
-  size_t y_bytes;     // Y: L·K·w acc
-  size_t part_bytes;  // partials: L·splits·w·N acc when splits > 1
+  int64_t m_rows;          // Y's feature chunks
+  int64_t m_splits;
+  size_t y_bytes;          // Y: L·K·w acc
+  size_t part_bytes;       // partials, one region for both stages (run in turn on one stream): the product's
+                           // L·splits·w·N acc when splits > 1, Y's L·m_splits·K·w when m_splits > 1
 };
 
-ProdPlan plan_product(int64_t L, int64_t K, int64_t w, int64_t N, size_t acc_size) {
+ProdPlan plan_product(int64_t L, int64_t K, int64_t M, int64_t w, int64_t N, size_t acc_size) {
   ProdPlan p{};
   p.narrow = w <= kNarrowWidth;
   const int64_t bm = p.narrow ? NarrowTile::BM : WideTile::BM;
@@ -130,8 +141,13 @@ ProdPlan plan_product(int64_t L, int64_t K, int64_t w, int64_t N, size_t acc_siz
   const int64_t tiles = ceil_div(N, bn) * ceil_div(w, bm);
   p.rows_per_split = plan_rows_per_chunk(K, L * tiles, kProdMinRows, kProdMaxRows, kBK);
   p.splits = std::max<int64_t>(1, ceil_div(K, p.rows_per_split));
-  p.y_bytes = align_bytes(static_cast<size_t>(L * K * w) * acc_size);
-  p.part_bytes = p.splits > 1 ? align_bytes(static_cast<size_t>(L * p.splits * w * N) * acc_size) : 0;
+  const int64_t y_tiles = ceil_div(K, bn) * ceil_div(w, bm);
+  p.m_rows = plan_rows_per_chunk(M, L * y_tiles, kProdMinRows, kProdMaxRows, kBK);
+  p.m_splits = K > 0 ? std::max<int64_t>(1, ceil_div(M, p.m_rows)) : 1;
+  p.y_bytes = K > 0 ? align_bytes(static_cast<size_t>(L * K * w) * acc_size) : 0;
+  const size_t product_part = p.splits > 1 ? static_cast<size_t>(L * p.splits * w * N) : 0;
+  const size_t y_part = p.m_splits > 1 ? static_cast<size_t>(L * p.m_splits * K * w) : 0;
+  p.part_bytes = std::max(product_part, y_part) > 0 ? align_bytes(std::max(product_part, y_part) * acc_size) : 0;
   return p;
 }
 
@@ -140,15 +156,23 @@ cudaError_t launch_projected_product(const TA* A_, int64_t a_bs, int64_t a_rs, c
                                      const TB* Bm, int64_t b_bs, int64_t b_rs, int64_t L, int64_t K, int64_t M,
                                      int64_t w, int64_t N, acc_t<TB>* out, int64_t o_bs, int64_t o_ks, int64_t o_js,
                                      const ProdPlan& plan, acc_t<TB>* Y, acc_t<TB>* part, cudaStream_t stream) {
-  // Stage 1: Y = A·W (skipped without tokens: the product is then an empty sum, written as zeros below).
+  // Stage 1: Y = A·W (skipped without tokens: the product is then an empty sum, written as zeros below),
+  // feature chunks side by side in the grid's z dimension, then added in order into Y.
   if (K > 0) {
     const dim3 grid(static_cast<unsigned>(ceil_div(K, Tile::BN)), static_cast<unsigned>(ceil_div(w, Tile::BM)), 1);
-    for (int64_t b0 = 0; b0 < L; b0 += kMaxGridYZ) {
+    const int64_t y_layers_per_launch = std::max<int64_t>(1, kMaxGridYZ / plan.m_splits);
+    for (int64_t b0 = 0; b0 < L; b0 += y_layers_per_launch) {
       dim3 g = grid;
-      g.z = static_cast<unsigned>(std::min(kMaxGridYZ, L - b0));
-      project_kernel<Tile::BM, Tile::BN, Tile::TM, Tile::TN, TA>
-          <<<g, kTileThreads, 0, stream>>>(A_, a_bs, a_rs, W, w_bs, K, M, w, b0, Y);
+      g.z = static_cast<unsigned>(std::min(y_layers_per_launch, L - b0) * plan.m_splits);
+      project_kernel<Tile::BM, Tile::BN, Tile::TM, Tile::TN, TA><<<g, kTileThreads, 0, stream>>>(
+          A_, a_bs, a_rs, W, w_bs, K, M, w, plan.m_rows, plan.m_splits, b0, Y, part);
       if (const cudaError_t e = launch_status(); e != cudaSuccess) {
+        return e;
+      }
+    }
+    if (plan.m_splits > 1) {
+      if (const cudaError_t e = sum_partials<acc_t<TB>>(part, L, plan.m_splits, K, w, Y, K * w, w, 1, stream);
+          e != cudaSuccess) {
         return e;
       }
     }
@@ -174,12 +198,12 @@ cudaError_t launch_projected_product(const TA* A_, int64_t a_bs, int64_t a_rs, c
 
 }  // namespace
 
-size_t projected_product_workspace_bytes(int64_t L, int64_t K, int64_t w, int64_t N, size_t acc_size) {
+size_t projected_product_workspace_bytes(int64_t L, int64_t K, int64_t M, int64_t w, int64_t N, size_t acc_size) {
   if (L <= 0 || w <= 0 || N <= 0) {
     return 0;
   }
-  const ProdPlan p = plan_product(L, K, w, N, acc_size);
-  return (K > 0 ? p.y_bytes : 0) + p.part_bytes;
+  const ProdPlan p = plan_product(L, K, M, w, N, acc_size);
+  return p.y_bytes + p.part_bytes;
 }
 
 template <typename TA, typename TB>
@@ -199,8 +223,8 @@ cudaError_t projected_product(const TA* A_, int64_t a_bs, int64_t a_rs, const ac
   if (out == nullptr || (K > 0 && (A_ == nullptr || Bm == nullptr || (M > 0 && W == nullptr)))) {
     return cudaErrorInvalidValue;
   }
-  const ProdPlan plan = plan_product(L, K, w, N, sizeof(A));
-  const size_t need = projected_product_workspace_bytes(L, K, w, N, sizeof(A));
+  const ProdPlan plan = plan_product(L, K, M, w, N, sizeof(A));
+  const size_t need = projected_product_workspace_bytes(L, K, M, w, N, sizeof(A));
   if (need > 0 && (workspace == nullptr || workspace_bytes < need)) {
     return cudaErrorInvalidValue;
   }
@@ -208,8 +232,7 @@ cudaError_t projected_product(const TA* A_, int64_t a_bs, int64_t a_rs, const ac
     return cudaErrorInvalidValue;
   }
   A* Y = static_cast<A*>(workspace);
-  A* part = plan.splits > 1 ? reinterpret_cast<A*>(static_cast<char*>(workspace) + (K > 0 ? plan.y_bytes : 0))
-                            : nullptr;
+  A* part = plan.part_bytes > 0 ? reinterpret_cast<A*>(static_cast<char*>(workspace) + plan.y_bytes) : nullptr;
   if (plan.narrow) {
     return launch_projected_product<NarrowTile, TA, TB>(A_, a_bs, a_rs, W, w_bs, Bm, b_bs, b_rs, L, K, M, w, N, out,
                                                         o_bs, o_ks, o_js, plan, Y, part, stream);

@@ -25,7 +25,7 @@ void projected_product(const char* op, const at::Tensor& A3, const at::Tensor& W
   const int64_t L = A3.size(0), K = A3.size(1), M = A3.size(2), w = W.size(2), N = B3.size(2);
   TORCH_INTERNAL_ASSERT(W.is_contiguous() && W.size(0) == L && W.size(1) == M && B3.size(0) == L && B3.size(1) == K);
   const size_t elem = W.scalar_type() == at::kDouble ? sizeof(double) : sizeof(float);
-  const size_t bytes = kc::projected_product_workspace_bytes(L, K, w, N, elem);
+  const size_t bytes = kc::projected_product_workspace_bytes(L, K, M, w, N, elem);
   const at::Tensor ws = workspace(bytes, W);
   dispatch_pair(A3.scalar_type(), B3.scalar_type(), op, [&](auto ta, auto tb) {
     using TA = decltype(ta);
