@@ -438,6 +438,25 @@ def test_finite_data_matches_isfinite(dtype, bad):
     assert not big.sum().isfinite() and finite_data(big).item()
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), None])
+def test_the_accelerators_finite_checks_match_isfinite(bad):
+    """The checks a GPU runs (guards' extremes and x − x == 0, several tensors at once, mixed dtypes), run
+    here on CPU tensors: per leading slice and and-ed over tensors, and per tensor."""
+    g = torch.Generator().manual_seed(2)
+    tensors = [torch.randn(3, 5, 7, generator=g), torch.randn(3, 11, generator=g).to(torch.bfloat16),
+               torch.randn(3, 4, generator=g, dtype=torch.float64), torch.empty(3, 0)]
+    if bad is not None:
+        tensors[1][1, 4] = bad
+    expected_rows = torch.stack([t.isfinite().flatten(1).all(1) for t in tensors]).all(0)
+    assert torch.equal(guards._finite_extremes(tensors, 3), expected_rows)
+    assert torch.equal(finite_rows(tensors[1], 3), tensors[1].isfinite().all(1))
+    expected_each = torch.stack([t.isfinite().all() for t in tensors])
+    assert torch.equal(guards._finite_each(tensors), expected_each)
+    # Finite values near the largest of their dtype (x − x is 0, no overflow): finite.
+    big = torch.full((2, 9), torch.finfo(torch.float16).max, dtype=torch.float16)
+    assert guards._finite_each([big, -big]).all() and guards._finite_extremes([big], 2).all()
+
+
 class SharedInputLoRA(nn.Module):
     """Two LoRA layers reading the same input tensor (as q, k and v do), a third after them."""
 
@@ -521,7 +540,7 @@ def test_native_results_carry_bad_captured_data(make, poison, monkeypatch):
     model = SharedInputLoRA()
     opt = make(model)
     checked = []
-    monkeypatch.setattr(base, "finite_once", lambda t, cache: checked.append(t) or guards.finite_once(t, cache))
+    monkeypatch.setattr(base, "finite_once", lambda ts, cache: checked.extend(ts) or guards.finite_once(ts, cache))
     _step_with_poisoned_capture(model, opt, poison)
     assert checked == []
 

@@ -834,8 +834,7 @@ class LoRAOptimizer(CheckpointMixin, ReshardingMixin, torch.optim.Optimizer):
         finite = finite_rows_of(checked, len(layers)).unsqueeze(0) if check_results else None
         if data and data[0] is not None and not self._results_carry_bad_data(group, dev):
             cache = {} if checked_inputs is None else checked_inputs
-            inputs = torch.stack([torch.stack([finite_once(d[side], cache) for d in data])
-                                  for side in (0, 1)])
+            inputs = finite_once([d[0] for d in data] + [d[1] for d in data], cache).view(2, len(data))
             finite = inputs if finite is None else torch.cat([finite, inputs])
         if self._uses_grads() and self.needs_capture and not grads_from_data:
             grads_ok = self._factor_grads_finite(layers).unsqueeze(0)
