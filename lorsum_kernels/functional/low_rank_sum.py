@@ -312,8 +312,13 @@ def shampoo_statistics(
 
 
 def ema(v: Tensor, stat: Tensor, beta) -> Tensor:
-    """``β·v + (1−β)·stat``: the metrics' exponential moving average (no bias correction, spec §6.1)."""
-    return v * beta + stat.to(v.dtype) * (1 - beta)
+    """``β·v + (1−β)·stat``: the metrics' exponential moving average (no bias correction, spec §6.1), as
+    ``stat + β·(v − stat)`` by ``torch.lerp``: one kernel on a GPU where the formula takes four (β a tensor
+    in the β2 warm-up: two products, 1 − β and the sum), once per layer and side in the streamed step."""
+    stat = stat.to(v.dtype)
+    if isinstance(beta, Tensor) and not (beta.ndim == 0 and beta.device != v.device):
+        return torch.lerp(stat, v, beta.to(v.dtype))
+    return torch.lerp(stat, v, float(beta))  # a number, or a 0-d tensor on the host (read there, no wait)
 
 
 def effective_metric(v: Tensor, damping: float, power: float) -> Tensor:

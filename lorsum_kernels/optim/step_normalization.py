@@ -23,7 +23,7 @@ more than two when the step is large against the weight, where it is not linear 
 The proximal weight stays ``η·λ0`` (the method's, at the group's lr) whatever the layer's lr: tied to the
 layer's lr it would grow with it and cap the step of a layer with small gradients near ``G/λ0``, and the
 step would no longer be invariant to the gradient's scale. ‖ΔW‖ is the bound of
-``update_clip.merged_update_bound`` (r×r Grams). The statistics live in the layer's state (0-d each:
+``update_clip.merged_update_bound`` (2r×2r Grams). The statistics live in the layer's state (0-d each:
 ``step_norm_sq`` = v, ``step_norm_count`` = t, ``step_norm_scale`` = 1/√v̂ for the next step (0: none
 yet)) and come from the step's results, identical on every rank under data parallelism; ``step()``
 finishes them for all results of one factor shape at once, warm, after backward.
