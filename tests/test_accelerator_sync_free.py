@@ -10,6 +10,8 @@ optimizer's cached constants and for the normalised step measures each layer's l
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from torch import nn
@@ -17,6 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 
 import lorsum_kernels as lk
+from lorsum_kernels.benchmark.launches import as_gpu_on_meta
 
 from .conftest import TinyLoRAMLP
 
@@ -85,27 +88,6 @@ def _made_from_host_data(monkeypatch) -> list:
     return made
 
 
-def _native_kernels_on_meta(monkeypatch) -> None:
-    """The meta device as a GPU with the native CUDA kernels: every op with one resolves to ``native`` and
-    runs its fake (shape) implementation, so the ops' Python wrappers (the coefficient tables, the
-    arguments) run as on the GPU."""
-    from lorsum_kernels import _native, backends
-
-    on_cuda = {op for op, device in _native._NATIVE_KERNELS if device == "cuda"} or {
-        op for op, device in _native._NATIVE_KERNELS if device == "cpu"} - _native.CPU_ONLY_OPS
-    meta = {(op, "meta") for op in on_cuda}
-    monkeypatch.setattr(_native, "_NATIVE_KERNELS", _native._NATIVE_KERNELS | meta)
-    real = backends.resolve_backend
-
-    def resolve(backend, device, op):
-        requested = backend if backend is not None else "auto"
-        if torch.device(device).type == "meta" and requested == "auto" and _native.has_native_op(op, "meta"):
-            return "native"
-        return real(backend, device, op)
-
-    monkeypatch.setattr(backends, "resolve_backend", resolve)
-
-
 class CheckpointedMLP(TinyLoRAMLP):
     """TinyLoRAMLP with its two middle layers under activation checkpointing (recomputed in backward)."""
 
@@ -130,10 +112,14 @@ def test_a_checkpointed_model_makes_the_host_wait_for_nothing(name, monkeypatch)
 def _check(name, capture, kernels, dtype, model_cls, monkeypatch):
     from lorsum_kernels import _native
 
-    if kernels == "native":
-        if not _native.NATIVE_AVAILABLE:
-            pytest.skip("the native extension is not built")
-        _native_kernels_on_meta(monkeypatch)
+    if kernels == "native" and not _native.NATIVE_AVAILABLE:
+        pytest.skip("the native extension is not built")
+    # native: the meta device as a GPU with the native CUDA kernels (their fake implementations run)
+    with as_gpu_on_meta() if kernels == "native" else contextlib.nullcontext():
+        _check_on_meta(name, capture, dtype, model_cls, monkeypatch)
+
+
+def _check_on_meta(name, capture, dtype, model_cls, monkeypatch):
     cls, kw, _ = METHODS[name]
     with torch.device("meta"):
         torch.manual_seed(0)
