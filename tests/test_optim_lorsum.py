@@ -484,10 +484,10 @@ def _replace_captured_x(opt, module, x):
 POISONS = ["X_q", "X_shared", "S_q", "S_k", "none"]
 
 
-def _step_with_poisoned_capture(model: SharedInputLoRA, opt, poison: str) -> None:
+def _step_with_poisoned_capture(model: SharedInputLoRA, opt, poison: str, device="cpu") -> None:
     """One backward, a non-finite value put into the captured data named by ``poison``, one step; then
     exactly the layers that read it (both q and k for their shared X) were skipped and counted."""
-    model(torch.randn(2, 4, 12)).pow(2).sum().backward()
+    model(torch.randn(2, 4, 12).to(device)).pow(2).sum().backward()
     (xq, sq), (xk, sk) = opt._capture.get(model.q), opt._capture.get(model.k)
     assert xq.data_ptr() == xk.data_ptr()
     bad_x = xq.clone()
@@ -523,7 +523,13 @@ def test_captured_inputs_are_checked_once_per_tensor_and_per_layer(poison, monke
     _step_with_poisoned_capture(model, opt, poison)
 
 
-@pytest.mark.skipif(not has_native_op("lorsum_update_in", "cpu"), reason="the native CPU ops are not built")
+@pytest.mark.parametrize("device", [
+    pytest.param("cpu", marks=pytest.mark.skipif(not has_native_op("lorsum_update_in", "cpu"),
+                                                 reason="the native CPU ops are not built")),
+    pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+        not torch.cuda.is_available() or not has_native_op("lorsum_update_in", "cuda"),
+        reason="needs a CUDA GPU and the native CUDA ops")]),
+])
 @pytest.mark.parametrize("poison", POISONS)
 @pytest.mark.parametrize("make", [
     lambda m: lk.LoRSum(m, lr=0.1),
@@ -532,16 +538,17 @@ def test_captured_inputs_are_checked_once_per_tensor_and_per_layer(poison, monke
     lambda m: lk.ScaledLoRSum(m),
     lambda m: lk.ScaledLoRSum(m, metric="shampoo", betas=(0.0, 0.99)),
 ], ids=["lorsum", "k0", "momentum", "scaled", "shampoo"])
-def test_native_results_carry_bad_captured_data(make, poison, monkeypatch):
-    """On the native CPU ops the separate pass over X and S is skipped (it would cost as much as a token
-    product) and the results' check catches bad data instead: the same layers skip as in the test above,
-    with the real method step, and the data are never checked on their own."""
+def test_native_results_carry_bad_captured_data(make, poison, device, monkeypatch):
+    """On the native CPU and CUDA ops the separate pass over X and S is skipped (it would cost as much as a
+    token product) and the results' check catches bad data instead: the same layers skip as in the test
+    above, with the real method step, and the data are never checked on their own."""
     torch.manual_seed(0)
-    model = SharedInputLoRA()
+    model = SharedInputLoRA().to(device)
     opt = make(model)
     checked = []
-    monkeypatch.setattr(base, "finite_once", lambda ts, cache: checked.extend(ts) or guards.finite_once(ts, cache))
-    _step_with_poisoned_capture(model, opt, poison)
+    monkeypatch.setattr(base, "finite_once",
+                        lambda ts, cache: checked.extend(ts) or guards.finite_once(ts, cache))
+    _step_with_poisoned_capture(model, opt, poison, device)
     assert checked == []
 
 

@@ -42,8 +42,8 @@ __global__ void __launch_bounds__(kTileThreads, 2)
       acc[u][v] = A(0);
     }
   }
-  atb_mainloop<BM, BN, TM, TN, true>(W + b * w_bs, w, Aop + b * a_bs, a_rs, w, K, i0, j0, m_begin, m_end, As, Bs,
-                                     acc);
+  atb_mainloop<BM, BN, TM, TN, true>(W + b * w_bs, w, Aop + b * a_bs, a_rs, w, K, i0, j0, m_begin, m_end,
+                                     As, Bs, acc);
   const int tid = threadIdx.x;
   const int tx = tid % Shape::TX;
   const int ty = tid / Shape::TX;
@@ -147,7 +147,8 @@ ProdPlan plan_product(int64_t L, int64_t K, int64_t M, int64_t w, int64_t N, siz
   p.y_bytes = K > 0 ? align_bytes(static_cast<size_t>(L * K * w) * acc_size) : 0;
   const size_t product_part = p.splits > 1 ? static_cast<size_t>(L * p.splits * w * N) : 0;
   const size_t y_part = p.m_splits > 1 ? static_cast<size_t>(L * p.m_splits * K * w) : 0;
-  p.part_bytes = std::max(product_part, y_part) > 0 ? align_bytes(std::max(product_part, y_part) * acc_size) : 0;
+  const size_t part = std::max(product_part, y_part);
+  p.part_bytes = part > 0 ? align_bytes(part * acc_size) : 0;
   return p;
 }
 
@@ -198,7 +199,8 @@ cudaError_t launch_projected_product(const TA* A_, int64_t a_bs, int64_t a_rs, c
 
 }  // namespace
 
-size_t projected_product_workspace_bytes(int64_t L, int64_t K, int64_t M, int64_t w, int64_t N, size_t acc_size) {
+size_t projected_product_workspace_bytes(int64_t L, int64_t K, int64_t M, int64_t w, int64_t N,
+                                         size_t acc_size) {
   if (L <= 0 || w <= 0 || N <= 0) {
     return 0;
   }
@@ -232,7 +234,8 @@ cudaError_t projected_product(const TA* A_, int64_t a_bs, int64_t a_rs, const ac
     return cudaErrorInvalidValue;
   }
   A* Y = static_cast<A*>(workspace);
-  A* part = plan.part_bytes > 0 ? reinterpret_cast<A*>(static_cast<char*>(workspace) + plan.y_bytes) : nullptr;
+  A* part =
+      plan.part_bytes > 0 ? reinterpret_cast<A*>(static_cast<char*>(workspace) + plan.y_bytes) : nullptr;
   if (plan.narrow) {
     return launch_projected_product<NarrowTile, TA, TB>(A_, a_bs, a_rs, W, w_bs, Bm, b_bs, b_rs, L, K, M, w, N, out,
                                                         o_bs, o_ks, o_js, plan, Y, part, stream);

@@ -120,15 +120,17 @@ cudaError_t spd_solve(const acc_t<T>* gram, int64_t g_bs, int64_t g_rs, int64_t 
 // For the gradient pair (X, Sᵀ) of LoRSum:
 //   P = (S·B̂)ᵀ·X  (r×n):  A = S (T×m), W = B̂ (m×r), Bm = X (T×n), out row-major (r, n);
 //   Q = Sᵀ·(X·Âᵀ) (m×r):  Qᵀ = (X·Âᵀ)ᵀ·S, so A = X, W = Âᵀ (n×r), Bm = S, out = Q with (o_ks, o_js) = (1, r).
-// Two kernels: Y = A·W (K×w, acc_t, in the workspace; r-wide, so M/w times smaller than A; its sum over M
-// split into chunks of at most 1024 features, enough for ~1024 blocks, added in order by a second kernel), then
+// Two kernels: Y = A·W (K×w, acc_t, in the workspace; r-wide, so M/w times smaller than A; its sum over
+// M split into chunks of at most 1024 features, enough for ~1024 blocks, added in order by a second
+// kernel), then
 // out = Yᵀ·Bm, tiled over (w, N) (16×128 tiles for w ≤ 16, else 64×64) with the token dimension split into
 // chunks of at most 1024 rows, each block staging 16 rows of Y and Bm at a time in shared memory and
 // accumulating in registers; the chunks' partial products are added in order by a second-stage kernel.
 // Y is computed once, not once per column tile of Bm (fusing it into the product would recompute S·W for
 // every tile of n, M/BN times the product's own flops); the product kernel reads it back from L2.
 // Instantiations: TA, TB ∈ {float, bf16, half}², and (double, double).
-size_t projected_product_workspace_bytes(int64_t L, int64_t K, int64_t M, int64_t w, int64_t N, size_t acc_size);
+size_t projected_product_workspace_bytes(int64_t L, int64_t K, int64_t M, int64_t w, int64_t N,
+                                         size_t acc_size);
 
 template <typename TA, typename TB>
 cudaError_t projected_product(const TA* A, int64_t a_bs, int64_t a_rs, const acc_t<TB>* W, int64_t w_bs,

@@ -1,12 +1,12 @@
 """Kernel launches per layer of each optimizer's training step as a GPU would run it, counted without one.
 
 On a GPU the streamed step runs in backward, one layer at a time, and each ATen or native op it calls is a
-kernel launch the host pays for (~5–10 µs each with the dispatcher): a step of ~100 ops a layer costs the
-host about a millisecond a layer, which the backward's own device time per layer hides only at large
-widths (~5 ms at 7B shapes, docs/gpu.md). This counts those ops on the meta device (shapes, no values, no
-memory) with every op that has a native CUDA kernel resolved to it, as on a GPU (``as_gpu_on_meta``: its
-fake implementation runs), so the count is the GPU path's and changes to it can be measured on any
-machine:
+kernel launch the host pays for, with the Python around it: on the H200's host LoRSum's ``step()`` took 8.9
+ms for about 300 such ops (docs/gpu.md), and in backward the host's time per layer must stay below the
+device's (LoRA + AdamW's forward and backward: 75 ms for 14 layers at 7B shapes) for the backward to stay
+bound by the device. This counts those ops on the meta device (shapes, no values, no memory) with every op
+that has a native CUDA kernel resolved to it, as on a GPU (``as_gpu_on_meta``: its fake implementation
+runs), so the count is the GPU path's and changes to it can be measured on any machine:
 
     python -m lorsum_kernels.benchmark.launches [--optimizers adamw,lorsum,...] [--blocks 2] [--out DIR]
 
@@ -14,8 +14,8 @@ prints, per optimizer at its class defaults, the ops on the device (kernel launc
 step's backward and of ``step()`` (with ``zero_grad()``) per LoRA layer, the backward's over LoRA + AdamW's,
 and the ops on CPU tensors only (host time, no launch: coefficient tables), both phases together. Ops that
 launch no kernel (views, allocations, metadata) are not counted; each native op counts once though it
-launches a few kernels. The model: ``blocks`` Llama-7B-shaped blocks of seven LoRA linears (r = 16) in a chain, 2 × 8
-tokens; the counts do not depend on the widths. ``--out DIR`` appends one row per optimizer to
+launches a few kernels. The model: ``blocks`` Llama-7B-shaped blocks of eight LoRA linears (r = 16) in a
+chain, 2 × 8 tokens; the counts do not depend on the widths. ``--out DIR`` appends one row per optimizer to
 ``DIR/launches.csv`` (with the torch version and commit; bench/results/launches.csv holds the project's).
 """
 
@@ -60,12 +60,17 @@ def as_gpu_on_meta():
             return "native"
         return saved_resolve(backend, device, op)
 
+    from ..optim import base
+
+    saved_devices = base.IEEE_NATIVE_DEVICES
     _native._NATIVE_KERNELS = saved_kernels | {(op, "meta") for op in on_cuda}
     backends.resolve_backend = resolve
+    base.IEEE_NATIVE_DEVICES = saved_devices | {"meta"}  # as "cuda": the results carry bad data
     try:
         yield
     finally:
         _native._NATIVE_KERNELS, backends.resolve_backend = saved_kernels, saved_resolve
+        base.IEEE_NATIVE_DEVICES = saved_devices
 
 
 class CountLaunches(TorchDispatchMode):
@@ -115,7 +120,8 @@ class _Chain(nn.Module):
         return x
 
 
-def count(name: str, opt_kw: dict | None = None, *, blocks: int = 2, rank: int = 16, sites: bool = False) -> dict:
+def count(name: str, opt_kw: dict | None = None, *, blocks: int = 2, rank: int = 16,
+          sites: bool = False) -> dict:
     """Ops per LoRA layer in the backward and the ``step()`` + ``zero_grad()`` of the third training step
     of optimizer ``name`` (the first builds its caches, the second is the first streamed one under
     ``capture="auto"``), as on a GPU. Returns ``layers``, ``backward``, ``step`` (per layer) and the
@@ -154,7 +160,8 @@ def count(name: str, opt_kw: dict | None = None, *, blocks: int = 2, rank: int =
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m lorsum_kernels.benchmark.launches", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--optimizers", default="adamw,lorsum,scaled_lorsum,adaprelora,scaled_adamw,scaled_gd")
+    parser.add_argument("--optimizers",
+                        default="adamw,lorsum,scaled_lorsum,adaprelora,scaled_adamw,scaled_gd")
     parser.add_argument("--opt-kw", action="append", default=[], metavar="NAME:KEY=VALUE",
                         help="an optimizer's keyword, e.g. adaprelora:statistics='surrogate' (repeatable)")
     parser.add_argument("--blocks", type=int, default=2)

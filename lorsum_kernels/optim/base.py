@@ -84,6 +84,9 @@ from .update_clip import merged_update_bound, moved_by
 
 __all__ = ["LoRAOptimizer"]
 
+# Devices whose native kernels carry any non-finite X or S into the step's results (_results_carry_bad_data).
+IEEE_NATIVE_DEVICES = {"cpu", "cuda"}
+
 _RANK_AVERAGE = object()  # _compute_bucket's default reduce: self._reduce, with the ranks' agreement
 
 
@@ -349,12 +352,13 @@ class LoRAOptimizer(CheckpointMixin, ReshardingMixin, torch.optim.Optimizer):
         """Whether a non-finite value anywhere in a layer's X or S provably makes that layer's step results
         non-finite, so that checking the results checks the data too and the separate pass over X and S
         (the step's largest tensors) can be skipped. True when every op of ``_data_ops`` runs natively on
-        the CPU: those kernels multiply every element of X and S into every result it feeds in plain IEEE
-        arithmetic (no fast-math, no skipped zeros: NaN·0 is NaN), and the r×r solves turn a non-finite
-        right-hand side or Gram into a non-finite solution (tests/ops: ``*nan*``). Not assumed of torch's
-        BLAS, which may skip zeros, nor yet of the CUDA kernels: they have run on a GPU (docs/gpu.md), but
-        their test of a NaN or an inf in X and in S (``test_cuda_zero_gram_no_pairs_and_nan``) has not."""
-        if device.type != "cpu" or not self._data_ops:
+        the CPU or on a CUDA GPU (``IEEE_NATIVE_DEVICES``): those kernels multiply every element of X and S
+        into every result it feeds in plain IEEE arithmetic (no fast-math, no skipped zeros: NaN·0 is NaN),
+        and the r×r solves turn a non-finite right-hand side or Gram into a non-finite solution (tests/ops:
+        ``*nan*``; on CUDA ``test_cuda_zero_gram_no_pairs_and_nan``, ``test_cuda_nan`` and the ops' NaN and
+        inf tests, passed on an H200, docs/gpu.md). Not assumed of torch's BLAS, which may skip zeros, nor
+        of Triton's kernels (whose compiler may contract and reorder)."""
+        if device.type not in IEEE_NATIVE_DEVICES or not self._data_ops:
             return False
         backend = self._backend(group, device)
         return all(backend.of(op) == "native" for op in self._data_ops)

@@ -17,7 +17,7 @@ from .._numerics import as_dtype
 from ..functional.lorsum_step import kfac_scale_out, psi_lora_step, scaled_psi_lora_step
 from .base import LoRAOptimizer
 from .checks import check_positive
-from . import step_normalization
+from . import guards, step_normalization
 
 # The ops a LoRSum step dispatches (the half-steps, the lock-step token products, the r×r solves), and
 # ScaledLoRSum's K-FAC statistics: a forced backend must have each on the model's devices.
@@ -93,9 +93,10 @@ class _NormalizedStep:
         it: the group's, or the normalised lr from the layer's statistics. None where no one-layer path
         applies: not the CPU's native half-steps (which also make the results carry any non-finite data),
         not fp32 math, FSDP2, a tensor as lr, or the normalised step's first step (measured: the bucket
-        path)."""
+        path); never on an accelerator (it reads the layer's scale on the host, and saved little there)."""
         lr = group["lr"]
-        if (self._state_dtype(layer) != torch.float32 or self._sharded is not None or isinstance(lr, Tensor)
+        if (guards.host_waits_for(layer.A.device) or self._state_dtype(layer) != torch.float32
+                or self._sharded is not None or isinstance(lr, Tensor)
                 or X.dtype not in _NATIVE_DATA or S.dtype not in _NATIVE_DATA
                 or not self._results_carry_bad_data(group, layer.A.device)):
             return None
