@@ -727,3 +727,24 @@ def test_nonfinite_gradient_skips_only_that_layer(variant, bad):
     assert int(st["skipped_steps"]) == 1 and int(st["step"]) == 1
     assert int(opt.state["skipped_steps"]) == 1
     assert int(opt.state[model.l3.lora_A.weight]["step"]) == 2
+
+
+def test_factor_grads_check_flags_each_layer_and_takes_absent_gradients_as_finite():
+    """``_factor_grads_finite`` (the methods that read .grad as well as the captured data): all the
+    factors' gradients checked at once, per layer; a layer without gradients is not flagged."""
+    torch.manual_seed(0)
+    model = TinyLoRAMLP()
+    opt = lk.AdaPreLoRA(model, lr=1e-2)
+    layers = opt._layers
+    for layer in layers:
+        for p in (layer.A, layer.B):
+            p.grad = torch.randn_like(p)
+    layers[0].A.grad[0, 1] = float("nan")
+    layers[1].B.grad = None
+    layers[2].B.grad[2, 0] = -float("inf")
+    assert opt._factor_grads_finite(layers).tolist() == [False, True, False]
+    layers[2].B.grad = None
+    assert opt._factor_grads_finite(layers).tolist() == [False, True, True]
+    for layer in layers:
+        layer.A.grad = layer.B.grad = None
+    assert opt._factor_grads_finite(layers).tolist() == [True, True, True]

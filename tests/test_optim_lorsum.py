@@ -451,10 +451,10 @@ def test_the_accelerators_finite_checks_match_isfinite(bad):
     assert torch.equal(guards._finite_extremes(tensors, 3), expected_rows)
     assert torch.equal(finite_rows(tensors[1], 3), tensors[1].isfinite().all(1))
     expected_each = torch.stack([t.isfinite().all() for t in tensors])
-    assert torch.equal(guards._finite_each(tensors), expected_each)
+    assert torch.equal(guards.finite_each(tensors), expected_each)
     # Finite values near the largest of their dtype (x − x is 0, no overflow): finite.
     big = torch.full((2, 9), torch.finfo(torch.float16).max, dtype=torch.float16)
-    assert guards._finite_each([big, -big]).all() and guards._finite_extremes([big], 2).all()
+    assert guards.finite_each([big, -big]).all() and guards._finite_extremes([big], 2).all()
 
 
 class SharedInputLoRA(nn.Module):

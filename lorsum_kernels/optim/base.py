@@ -75,7 +75,7 @@ from ..lora import LoRALayer, find_lora_layers
 from .checkpoint import LAYER_COUNTERS, CheckpointMixin
 from .checks import check_lr, check_positive
 from .clipping import clip_coefficient, global_grad_norm
-from .guards import either, finite_once, finite_rows, finite_rows_of
+from .guards import either, finite_each, finite_once, finite_rows_of
 from .other_adamw import step_other
 from .resharding import ReshardingMixin, parameter_owners
 from . import guards, step_normalization
@@ -880,10 +880,16 @@ class LoRAOptimizer(CheckpointMixin, ReshardingMixin, torch.optim.Optimizer):
     def _factor_grads_finite(self, layers: list[LoRALayer]) -> Tensor:
         """(L,) bool: the autograd gradients of each layer's factors are finite (absent ones are); under
         FSDP2 each rank checks its shards and the ranks agree."""
-        flags = [finite_rows(local_tensor(p.grad), 1)[0] if p.grad is not None
-                 else torch.ones((), dtype=torch.bool, device=p.device)
-                 for layer in layers for p in (layer.A, layer.B)]
-        finite = torch.stack(flags).view(len(layers), 2).all(1)
+        params = [p for layer in layers for p in (layer.A, layer.B)]
+        present = [i for i, p in enumerate(params) if p.grad is not None]
+        if not present:
+            return torch.ones(len(layers), dtype=torch.bool, device=params[0].device)
+        flags = finite_each([local_tensor(params[i].grad) for i in present])  # all at once: 4·L + 4 ops
+        if len(present) < len(params):  # absent gradients are finite
+            found = dict(zip(present, flags.unbind(0)))
+            flags = torch.stack([found[i] if i in found else torch.ones((), dtype=torch.bool, device=flags.device)
+                                 for i in range(len(params))])
+        finite = flags.view(len(layers), 2).all(1)
         if self._sharded is not None and any(is_sharded(layer.A.grad) for layer in layers):
             finite = self._sharded.all_ranks(finite)
         return finite

@@ -7,7 +7,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["either", "finite_data", "finite_once", "finite_rows", "finite_rows_of", "host_waits_for"]
+__all__ = ["either", "finite_data", "finite_each", "finite_once", "finite_rows", "finite_rows_of",
+           "host_waits_for"]
 
 
 def host_waits_for(device: torch.device) -> bool:
@@ -88,14 +89,15 @@ def finite_once(tensors: list[Tensor], cache: dict) -> Tensor:
         for key, t in new.items():  # one sum each (finite_data), settled on the host
             cache[key] = finite_data(t)
     elif new:
-        flags = _finite_each(list(new.values()))
+        flags = finite_each(list(new.values()))
         for i, key in enumerate(new):
             cache[key] = flags[i]
     return torch.stack([cache[key] for key in keys])
 
 
-def _finite_each(tensors: list[Tensor]) -> Tensor:
-    """(len(tensors),) bool: whether each tensor is entirely finite (an empty one is), by the extremes."""
+def finite_each(tensors: list[Tensor]) -> Tensor:
+    """(len(tensors),) bool: whether each tensor is entirely finite (an empty one is), by the extremes:
+    2·len(tensors) reductions and 4 ops for all (``finite_rows`` one tensor at a time: 6 each)."""
     extremes = []
     for t in tensors:
         flat = t.reshape(-1)
