@@ -887,8 +887,8 @@ class LoRAOptimizer(CheckpointMixin, ReshardingMixin, torch.optim.Optimizer):
         flags = finite_each([local_tensor(params[i].grad) for i in present])  # all at once: 4·L + 4 ops
         if len(present) < len(params):  # absent gradients are finite
             found = dict(zip(present, flags.unbind(0)))
-            flags = torch.stack([found[i] if i in found else torch.ones((), dtype=torch.bool, device=flags.device)
-                                 for i in range(len(params))])
+            true = torch.ones((), dtype=torch.bool, device=flags.device)
+            flags = torch.stack([found.get(i, true) for i in range(len(params))])
         finite = flags.view(len(layers), 2).all(1)
         if self._sharded is not None and any(is_sharded(layer.A.grad) for layer in layers):
             finite = self._sharded.all_ranks(finite)
