@@ -62,14 +62,16 @@ def psi_lora_step(
     # cast (when the backend needs it) once, not in each LoRSum call
     grad_pair = (data_operand(X, A.dtype, backend), data_operand(S, A.dtype, backend).mT)
     lam = lr * lmbd
+    # The coefficients as lr · −c: the same numbers as −lr · c (negation is exact), one op instead of two
+    # where lr is a tensor (each layer's normalised lr, on a GPU in backward: a kernel launch each).
     if reduce is not None or momentum_factors is not None:
         # With momentum the weight and buffer LoRSums run in lock step, their wide factors side by side, so
         # each half-step reads X and S once for both (in one process the "average over ranks" is the
         # identity): half the passes over the tokens of two separate LoRSums.
         return _weight_and_buffer_over_ranks(
-            (A, B), grad_pair, momentum_factors, [1.0, -lr * (1 - dampening), -lr * momentum],
+            (A, B), grad_pair, momentum_factors, [1.0, lr * -(1 - dampening), lr * -momentum],
             [momentum, 1 - dampening], None, lam, lr * lmbd_momentum, iters, reduce or _one_process, backend)
-    A_new, B_new = low_rank_sum([(A, B), grad_pair], [1.0, -lr * (1 - dampening)], lmbd=lam, iters=iters,
+    A_new, B_new = low_rank_sum([(A, B), grad_pair], [1.0, lr * -(1 - dampening)], lmbd=lam, iters=iters,
                                 backend=backend)
     return A_new, B_new, None
 
@@ -123,7 +125,7 @@ def scaled_psi_lora_step(
             # The metric step folded into the first A-step: its statistics summed in that half-step's own
             # passes over X and S (ops.kfac_lorsum_update_in), not in a pass of their own.
             (A_new, B_new), state = kfac_scaled_low_rank_sum(
-                [(A, B), (X, S.mT)], [1.0, -lr * (1 - beta1)], metric_state, kfac, lmbd=lam, iters=iters,
+                [(A, B), (X, S.mT)], [1.0, lr * -(1 - beta1)], metric_state, kfac, lmbd=lam, iters=iters,
                 backend=backend)
             return A_new, B_new, state, None
         # The design's fused diagonal-metric op: statistics, EMA, damping and power in one pass over X
@@ -145,10 +147,10 @@ def scaled_psi_lora_step(
     grad_pair = (X, S.mT)
     if reduce is not None or momentum_factors is not None:  # lock step: one read of X and S per half-step
         A_new, B_new, buffer = _weight_and_buffer_over_ranks(
-            (A, B), grad_pair, momentum_factors, [1.0, -lr * (1 - beta1), -lr * beta1], [beta1, 1 - beta1],
+            (A, B), grad_pair, momentum_factors, [1.0, lr * -(1 - beta1), lr * -beta1], [beta1, 1 - beta1],
             metrics, lam, lr * lmbd, iters, reduce or _one_process, backend)
         return A_new, B_new, (v_in, v_out), buffer
-    A_new, B_new = scaled_low_rank_sum([(A, B), grad_pair], [1.0, -lr * (1 - beta1)], metrics, lmbd=lam,
+    A_new, B_new = scaled_low_rank_sum([(A, B), grad_pair], [1.0, lr * -(1 - beta1)], metrics, lmbd=lam,
                                        iters=iters, backend=backend)
     return A_new, B_new, (v_in, v_out), None
 

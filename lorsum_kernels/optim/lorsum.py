@@ -453,8 +453,9 @@ class ScaledLoRSum(_NormalizedStep, _MomentumFactors, LoRAOptimizer):
             # The fused K-FAC ops take β2 as a number (one read of the tensor otherwise): for one layer on the
             # CPU (every streamed step) it is computed on the host, as the tensor ops would round it.
             host = warmup_beta2_on_host(t, beta2) if group["metric"] == "kfac" and reduce is None else None
-            beta2 = host if host is not None else (1 - 1 / (t + 1)).clamp(max=beta2).view(-1, 1)
-            extra["metric_updates"] = t + 1
+            count = t + 1
+            beta2 = host if host is not None else (1 - 1 / count).clamp(max=beta2).view(-1, 1)
+            extra["metric_updates"] = count
 
         def step_at(lr):  # from the state before the step at every try (normalize_step's first step)
             A_new, B_new, (v_in, v_out), buffer = scaled_psi_lora_step(
