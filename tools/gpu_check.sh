@@ -27,6 +27,9 @@
 #              llama7b-blocks (two Llama blocks, hidden 4096, MLP 11008, random weights, no download) for
 #              LoRA + AdamW, LoRSum, ScaledLoRSum and AdaPreLoRA (surrogate), 4 × 512 tokens: end to end
 #              against AdamW and each method's work against its flop bound, $OUT/step_cost/memory.csv
+#   step_deep  the same with 8 blocks (56 LoRA layers), no profile: `step()`'s cost is per bucket of one
+#              shape (three in Llama-7B, whatever its depth), which two blocks weigh more than a full model
+#              does; $OUT/step_cost_deep/memory.csv. Not in the default stages: STAGES="... step_deep"
 #
 # STAGES="build tests graph" runs only those (env always runs first; build is needed once per machine, as
 # the later stages import the built package): a lent GPU's time can then go to two shorter visits.
@@ -149,6 +152,9 @@ stage tests 120 "$PYTHON" -m pytest -q "${xdist[@]}" -m "cuda or triton" --desel
 stage step 200 "$PYTHON" -m lorsum_kernels.benchmark --memory --model llama7b-blocks --device cuda \
     --optimizers adamw,lorsum,scaled_lorsum,adaprelora --opt-kw adaprelora:statistics=surrogate \
     --checkpointing none --batch 4 --warmup 2 --reps 5 --profile --out "$OUT/step_cost"
+stage step_deep 200 "$PYTHON" -m lorsum_kernels.benchmark --memory --model llama7b-blocks --device cuda \
+    --layers 8 --optimizers adamw,lorsum,scaled_lorsum,adaprelora --opt-kw adaprelora:statistics=surrogate \
+    --checkpointing none --batch 4 --warmup 2 --reps 5 --out "$OUT/step_cost_deep"
 
 # ---- benchmarks --------------------------------------------------------------------------------------------
 stage bench 120 "$PYTHON" -m lorsum_kernels.benchmark --device cuda --grid quick --out "$OUT/bench"
