@@ -2,11 +2,12 @@
 
 On a GPU the streamed step runs in backward, one layer at a time, and each ATen or native op it calls is a
 kernel launch the host pays for, with the Python around it: on the H200's host LoRSum's ``step()`` took 8.9
-ms for about 300 such ops (docs/gpu.md), and in backward the host's time per layer must stay below the
-device's (LoRA + AdamW's forward and backward: 75 ms for 14 layers at 7B shapes) for the backward to stay
-bound by the device. This counts those ops on the meta device (shapes, no values, no memory) with every op
-that has a native CUDA kernel resolved to it, as on a GPU (``as_gpu_on_meta``: its fake implementation
-runs), so the count is the GPU path's and changes to it can be measured on any machine:
+ms for about 340 such ops (docs/gpu.md; this counter's 21.0 a layer × 16 at that code, per bucket of one
+shape, three there as here), and in backward the host's time per layer must stay below the device's (LoRA +
+AdamW's forward and backward: 75 ms for 14 layers at 7B shapes) for the backward to stay bound by the
+device. This counts those ops on the meta device (shapes, no values, no memory) with every op that has a
+native CUDA kernel resolved to it, as on a GPU (``as_gpu_on_meta``: its fake implementation runs), so the
+count is the GPU path's and changes to it can be measured on any machine:
 
     python -m lorsum_kernels.benchmark.launches [--optimizers adamw,lorsum,...] [--blocks 2] [--out DIR]
 

@@ -1,7 +1,7 @@
 """The LoRSum primitive and its statistics as pure functions of tensors (spec/lorsum.md §3–6, §9): the
 rank-r projection of an implicit sum of factor pairs (``low_rank_sum``, scaled, over ranks), the diagonal
-metrics, the clip norm and the SVDLoRA step (with the rotation that
-aligns its factors to the previous ones). The optimizer step built on them is ``lorsum_step``.
+metrics, the clip norm and the SVDLoRA step (with the rotation that aligns its factors to the previous
+ones). The optimizer step built on them is ``lorsum_step``.
 
 Every tensor may carry leading batch dimensions (a group of same-shape layers). Math runs in fp32, or
 fp64 when any input factor is fp64; results come back in the dtype of pair 0. Nothing here reads a value
@@ -357,9 +357,7 @@ def svdlora_step(A: Tensor, B: Tensor, grad: Tensor, lr) -> Pair:
     r = A.shape[-2]
     dt = compute_dtype(A, B, grad)
     W = B.to(dt) @ A.to(dt) - batch_scalar(lr, A.to(dt)) * grad.to(dt)
-    # LAPACK refuses non-finite input; decompose zeros there and hand NaN back, decided on the device.
-    bad = ~W.isfinite().flatten(-2).all(-1).view(*W.shape[:-2], 1, 1)
-    U, sig, Vh = torch.linalg.svd(torch.where(bad, 0.0, W), full_matrices=False)
+    bad, (U, sig, Vh) = _svd_where_finite(W)
     root = sig[..., :r].sqrt()
     A_new = torch.where(bad, float("nan"), root.unsqueeze(-1) * Vh[..., :r, :])
     B_new = torch.where(bad, float("nan"), U[..., :, :r] * root.unsqueeze(-2))
@@ -379,8 +377,14 @@ def align_factors(A: Tensor, B: Tensor, A_new: Tensor, B_new: Tensor) -> Pair:
     non-finite (their R is computed from zeros: LAPACK refuses NaN)."""
     dt = compute_dtype(A, B, A_new, B_new)
     A_new_dt, B_new_dt = A_new.to(dt), B_new.to(dt)
-    M = A_new_dt @ A.to(dt).mT + B_new_dt.mT @ B.to(dt)
-    bad = ~M.isfinite().flatten(-2).all(-1).view(*M.shape[:-2], 1, 1)
-    U, _, Vh = torch.linalg.svd(torch.where(bad, 0.0, M))
+    _, (U, _, Vh) = _svd_where_finite(A_new_dt @ A.to(dt).mT + B_new_dt.mT @ B.to(dt))
     R = Vh.mT @ U.mT
     return (R @ A_new_dt).to(A_new.dtype), (B_new_dt @ R.mT).to(B_new.dtype)
+
+
+def _svd_where_finite(W: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
+    """``(bad, svd)``: ``bad`` (…, 1, 1) marks the matrices with a non-finite entry, and the thin SVD is of
+    zeros in their place. LAPACK refuses non-finite input; the caller hands NaN back where ``bad``, decided
+    on the device."""
+    bad = ~W.isfinite().flatten(-2).all(-1).view(*W.shape[:-2], 1, 1)
+    return bad, torch.linalg.svd(torch.where(bad, 0.0, W), full_matrices=False)

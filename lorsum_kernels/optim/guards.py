@@ -42,8 +42,14 @@ def _finite_extremes(tensors: list[Tensor], rows: int) -> Tensor:
     if not extremes:
         device = tensors[0].device if tensors else None
         return torch.ones(rows, dtype=torch.bool, device=device)
-    both = torch.stack(extremes)  # dtypes promote: ±inf and NaN stay what they are
-    return both.sub(both).eq(0).all(0)
+    return _finite(extremes).all(0)
+
+
+def _finite(extremes: list[Tensor]) -> Tensor:
+    """The extremes stacked (dtypes promote: ±inf and NaN stay what they are), and where each is finite:
+    ``x − x == 0`` (±inf − ±inf and NaN − NaN are NaN), two ops for all."""
+    both = torch.stack(extremes)
+    return both.sub(both).eq(0)
 
 
 def finite_rows_of(tensors: list[Tensor], rows: int) -> Tensor:
@@ -92,6 +98,8 @@ def finite_once(tensors: list[Tensor], cache: dict) -> Tensor:
         flags = finite_each(list(new.values()))
         for i, key in enumerate(new):
             cache[key] = flags[i]
+        if len(new) == len(keys):  # every tensor new and distinct, in order: the flags themselves
+            return flags
     return torch.stack([cache[key] for key in keys])
 
 
@@ -103,8 +111,7 @@ def finite_each(tensors: list[Tensor]) -> Tensor:
         flat = t.reshape(-1)
         extremes += ([flat.amax(), flat.amin()] if flat.numel() else
                      [torch.zeros((), dtype=t.dtype, device=t.device)] * 2)
-    both = torch.stack(extremes)
-    return both.sub(both).eq(0).view(-1, 2).all(1)
+    return _finite(extremes).view(-1, 2).all(1)
 
 
 def either(a: Tensor | None, b: Tensor | None) -> Tensor | None:
