@@ -289,3 +289,23 @@ def finish_normalized_step(
         for target, key in ((v[l], "step_norm_sq"), (t[l], "step_norm_count"), (scale[l], "step_norm_scale")):
             target.copy_(stats[key].reshape(target.shape))
     return written
+
+
+def finish_normalized_stacked(
+    A: Tensor, B: Tensor, A_new: Tensor, B_new: Tensor, root: Tensor, layer_lr: Tensor, v: Tensor, t: Tensor,
+    lr: float, beta: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``normalize_step``'s statistics and shrink of L stacked layers, out of place (the function
+    ``optim.step_normalization.finish``): old factors ``A`` (L, r, n), ``B`` (L, m, r) and new ones of the
+    same shapes and dtype (unbalanced), ``root`` (L,) = √s, ``layer_lr`` (L,) the lr each step ran at, ``v``
+    and ``t`` (L,) the statistics before the step, ``lr`` and ``beta`` the group's η and normalize_beta.
+    Returns ``(A_out, B_out, v', t', scale')``: the factors moved by α = min(1, η·scale'/layer_lr) of their
+    step and the statistics' new values."""
+    from .optim.step_normalization import finish  # the optimizer's own definition (a late import: optim
+    # imports this module through ops)
+
+    L = A.shape[0]
+    A_out, B_out, stats = finish(A, B, A_new, B_new, root.reshape(L, 1, 1), lr, beta,
+                                 {"step_norm_sq": v.reshape(L), "step_norm_count": t.reshape(L)},
+                                 layer_lr.reshape(L))
+    return A_out, B_out, stats["step_norm_sq"], stats["step_norm_count"], stats["step_norm_scale"]

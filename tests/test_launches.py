@@ -6,7 +6,7 @@ import csv
 
 import torch
 
-from lorsum_kernels import _native
+from lorsum_kernels import _native, backends
 from lorsum_kernels.benchmark import launches
 
 
@@ -24,8 +24,18 @@ def test_counts_what_a_step_launches_and_nothing_that_launches_nothing():
     assert any(site.startswith("optim/") for site in lorsum["sites"]["backward"])
     if _native.NATIVE_AVAILABLE:  # the native ops resolved as on a GPU: one half-step each per layer
         assert lorsum["ops"]["backward"]["lorsum::lorsum_update_in"] == lorsum["layers"]
-    # Nothing of the patch outlives the count
+    # The normalised finish, a Triton op with no CUDA kernel, resolves to Triton as on a GPU: its two kernel
+    # launches counted once per shape of the chain's layers
+    if backends.triton_available():
+        shapes = len(set(launches._CHAIN))
+        assert lorsum["ops"]["step"]["triton::_statistics_kernel"] == shapes == 3
+        assert lorsum["ops"]["step"]["triton::_move_kernel"] == shapes
+    # Nothing of the patches outlives the count
     assert not any(device == "meta" for _, device in _native._NATIVE_KERNELS)
+    if backends.triton_available():
+        from lorsum_kernels.triton_kernels import _launch
+
+        assert _launch.LaunchPlan.launch.__module__ == _launch.__name__ and not launches._COUNTING
 
 
 def test_ops_on_the_host_are_counted_apart():

@@ -66,7 +66,7 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 FACTOR_DTYPES = (torch.float32,)
 # Every op with a kernel of its own (adaprelora_solve and the LoRSum half-steps launch spd_solve's).
 OPS = ("col_sq_sums", "kfac_metric_update", "row_col_energies", "pair_products", "spd_solve",
-       "tangent_energies")
+       "tangent_energies", "finish_normalized_stacked")
 
 _TRITON_TYPES = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -81,6 +81,13 @@ def _calls(op: str):
     wide factors W and V of the token products, the factors and Grams of the r-wide ops."""
     from lorsum_kernels import triton_kernels as tk
 
+    if op == "finish_normalized_stacked":  # the optimizer's factors in its math dtype, the statistics fp32
+        for d, r, (m, n) in itertools.product((torch.float32, torch.float64), RANKS, [(11008, 4096), (64, 64)]):
+            yield f"L=3 r={r} m={m} n={n} {_TRITON_TYPES[d]}", lambda r=r, m=m, n=n, d=d: (
+                tk.finish_normalized_stacked(_empty(3, r, n, dtype=d), _empty(3, m, r, dtype=d),
+                                             _empty(3, r, n, dtype=d), _empty(3, m, r, dtype=d), _empty(3, dtype=d),
+                                             _empty(3), _empty(3), _empty(3), 1e-3, 0.999))
+        return
     dtypes = FACTOR_DTYPES if op in ("spd_solve", "tangent_energies") else DTYPES
     for d, m, n in itertools.product(dtypes, SIDES, SIDES):
         name = _TRITON_TYPES[d]

@@ -19,6 +19,7 @@ import importlib
 LAUNCHERS = {
     "adaprelora_solve": "adaprelora",
     "col_sq_sums": "sq_sums",
+    "finish_normalized_stacked": "finish_normalized",
     "kfac_metric_update": "kfac",
     "row_col_energies": "energies",
     "spd_solve": "spd",
@@ -29,8 +30,8 @@ LAUNCHERS = {
 }
 
 __all__ = [
-    "LAUNCHERS", "adaprelora_solve", "col_sq_sums", "kfac_metric_update", "lorsum_update_in",
-    "lorsum_update_out", "pair_products", "row_col_energies", "spd_solve",
+    "LAUNCHERS", "adaprelora_solve", "col_sq_sums", "finish_normalized_stacked", "kfac_metric_update",
+    "lorsum_update_in", "lorsum_update_out", "pair_products", "row_col_energies", "spd_solve",
     "tangent_energies",
 ]
 

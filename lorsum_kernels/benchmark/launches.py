@@ -33,7 +33,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 # Llama-7B's seven projections, chained so that each one's output feeds the next (q, k, v, o, gate,
-# down, up, down'): the shapes of its LoRA layers, five buckets.
+# down, up, down'): the shapes of its LoRA layers, three of them (one bucket each in step()).
 _CHAIN = [(4096, 4096)] * 4 + [(4096, 11008), (11008, 4096), (4096, 11008), (11008, 4096)]
 FILE = "launches.csv"
 FIELDS = ["timestamp", "optimizer", "options", "blocks", "layers", "backward_ops_per_layer", "over_adamw",
@@ -44,11 +44,17 @@ _FREE = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided
          "_has_compatible_shallow_copy_type", "record_stream"}
 
 
+_COUNTING: list["CountLaunches"] = []  # the counters entered, innermost last
+
+
 @contextlib.contextmanager
 def as_gpu_on_meta():
     """The meta device as a GPU with the native CUDA kernels: every op with one resolves to ``native`` on
     the meta device and runs its fake (shape) implementation, so the ops' Python wrappers (coefficient
-    tables, arguments) run as they do on a GPU. The fused CPU-only ops are left out, as on a GPU."""
+    tables, arguments) run as they do on a GPU. The fused CPU-only ops are left out, as on a GPU. An op
+    with a Triton kernel and no CUDA one resolves to ``triton`` where triton imports, as ``auto`` does on a
+    GPU: its launcher runs on the meta tensors (its ATen ops are counted as any) and each kernel launch is
+    counted as ``triton::<kernel>`` instead of running."""
     from .. import _native, backends
 
     on_cuda = {op for op, device in _native._NATIVE_KERNELS if device == "cuda"} or {
@@ -57,8 +63,11 @@ def as_gpu_on_meta():
 
     def resolve(backend, device, op):
         requested = backend if backend is not None else "auto"
-        if torch.device(device).type == "meta" and requested == "auto" and _native.has_native_op(op, "meta"):
-            return "native"
+        if torch.device(device).type == "meta" and requested == "auto":
+            if _native.has_native_op(op, "meta"):
+                return "native"
+            if op in backends.TRITON_OPS and backends.triton_available():
+                return "triton"
         return saved_resolve(backend, device, op)
 
     from ..optim import base
@@ -68,10 +77,44 @@ def as_gpu_on_meta():
     backends.resolve_backend = resolve
     base.IEEE_NATIVE_DEVICES = saved_devices | {"meta"}  # as "cuda": the results carry bad data
     try:
-        yield
+        with _triton_launches_counted():
+            yield
     finally:
         _native._NATIVE_KERNELS, backends.resolve_backend = saved_kernels, saved_resolve
         base.IEEE_NATIVE_DEVICES = saved_devices
+
+
+@contextlib.contextmanager
+def _triton_launches_counted():
+    """Triton's launchers accept meta tensors, plan for an H100's 132 SMs and count their launches."""
+    from .. import backends
+
+    if not backends.triton_available():
+        yield
+        return
+    from ..triton_kernels import _launch
+
+    saved = _launch.check_device, _launch.target_of, _launch.LaunchPlan.launch
+
+    def check_device(op, kernel, *tensors):
+        if tensors[0].device.type == "meta":
+            return tensors[0].device
+        return saved[0](op, kernel, *tensors)
+
+    def target_of(device, kernel):
+        return _launch.Target(sm_count=132) if device.type == "meta" else saved[1](device, kernel)
+
+    def launch(plan, *args):
+        if not any(isinstance(a, torch.Tensor) and a.device.type == "meta" for a in args):
+            return saved[2](plan, *args)
+        if _COUNTING:
+            _COUNTING[-1].record(f"triton::{plan.kernel.__name__}", on_device=True)
+
+    _launch.check_device, _launch.target_of, _launch.LaunchPlan.launch = check_device, target_of, launch
+    try:
+        yield
+    finally:
+        _launch.check_device, _launch.target_of, _launch.LaunchPlan.launch = saved
 
 
 class CountLaunches(TorchDispatchMode):
@@ -84,16 +127,26 @@ class CountLaunches(TorchDispatchMode):
         self.host_ops = Counter()  # ops on CPU tensors only (coefficient tables, host scalars): no launch
         self.sites = Counter() if sites else None
 
+    def __enter__(self):
+        _COUNTING.append(self)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        _COUNTING.remove(self)
+        return super().__exit__(*exc)
+
+    def record(self, op: str, on_device: bool) -> None:
+        (self.ops if on_device else self.host_ops)[op] += 1
+        if self.sites is not None and on_device:
+            self.sites[_caller()] += 1
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         name = func.overloadpacket.__name__
         if not (func.is_view or name in _FREE):
             tensors = [t for a in (*args, *(kwargs or {}).values(), out)
                        for t in (a if isinstance(a, (list, tuple)) else (a,)) if isinstance(t, torch.Tensor)]
-            on_device = any(t.device.type == "meta" for t in tensors)
-            (self.ops if on_device else self.host_ops)[f"{func.namespace}::{name}"] += 1
-            if self.sites is not None and on_device:
-                self.sites[_caller()] += 1
+            self.record(f"{func.namespace}::{name}", any(t.device.type == "meta" for t in tensors))
         return out
 
 

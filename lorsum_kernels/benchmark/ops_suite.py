@@ -215,6 +215,21 @@ def _finish_normalized_step(s, dtype, device, variant):
             3 * _bytes(A, B))
 
 
+@_spec("finish_normalized_stacked", "drL", "m=n={d} r={r} L={L}", tokens=False,
+       full=[(1024, 16, 24), (4096, 16, 24), (576, 16, 210)])
+def _finish_normalized_stacked(s, dtype, device, variant):
+    """normalize_step's statistics and shrink of L stacked layers, out of place (the accelerators' finish):
+    the bound's Grams, the statistics, the move (half the layers cut)."""
+    A, B, noise_A, noise_B = _factors(s, device)
+    A_new, B_new = A + 1e-3 * noise_A, B + 1e-3 * noise_B
+    root = torch.full((s.L,), 1.5, device=device)
+    v, t = torch.full((s.L,), 1e-4, device=device), torch.full((s.L,), 3.0, device=device)
+    layer_lr = torch.tensor([1e-3, 1e-2] * (s.L // 2) + [1e-3] * (s.L % 2), device=device)
+    return (lambda b: ops.finish_normalized_stacked(A, B, A_new, B_new, root, layer_lr, v, t, 1e-3, 0.999,
+                                                    backend=b),
+            3 * _bytes(A, B))
+
+
 @_spec("low_rank_sum", "drTL", "m=n={d} r={r} T={T} L={L} {variant}", variants=("k=0", "k=1"), rounds=7,
        needs=("lorsum_update_in", "lorsum_update_out", "pair_products"),
        full=[(1024, 16, 512, 1), (1024, 16, 2048, 4), (1024, 64, 2048, 1)])

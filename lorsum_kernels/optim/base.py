@@ -392,6 +392,17 @@ class LoRAOptimizer(CheckpointMixin, ReshardingMixin, torch.optim.Optimizer):
             value = self._resolved[key] = ops.resolve(group.get("backend"), device)
         return value
 
+    def _optional_op_backend(self, group: dict, device: torch.device, op: str) -> ops.Backend | str:
+        """The backend of an op the step runs on whatever backend is chosen (a fused finish, not one of the
+        method's data ops): the group's, unless that is a forced backend without the op (``native`` on a
+        GPU), where the reference runs instead of the step raising."""
+        backend = self._backend(group, device)
+        try:
+            backend.of(op)
+        except RuntimeError:
+            return "torch"
+        return backend
+
     def _state_dtype(self, layer: LoRALayer) -> torch.dtype:
         return math_dtype(layer.A)
 
@@ -716,9 +727,11 @@ class LoRAOptimizer(CheckpointMixin, ReshardingMixin, torch.optim.Optimizer):
             layer_lr = torch.cat([step_normalization.layer_lrs(group["lr"], scale, results[i][4])
                                   .to(scale.dtype) for i, scale in zip(members, old["step_norm_scale"].split(sizes))])
             root = self._scale_root([layer.scale for layer in layers], dt, A_new.device)
-            A_new, B_new, stats = step_normalization.finish(
-                as_dtype(_stacked(A_old), dt), as_dtype(_stacked(B_old), dt), A_new, B_new, root, group["lr"],
-                group["normalize_beta"], old, layer_lr)
+            A_new, B_new, *values = ops.finish_normalized_stacked(
+                as_dtype(_stacked(A_old), dt), as_dtype(_stacked(B_old), dt), A_new, B_new, root, layer_lr,
+                old["step_norm_sq"], old["step_norm_count"], group["lr"], group["normalize_beta"],
+                backend=self._optional_op_backend(group, A_new.device, "finish_normalized_stacked"))
+            stats = dict(zip(step_normalization.STATE_KEYS, values))
             parts = zip(members, A_new.split(sizes), B_new.split(sizes),
                         zip(*(value.reshape(old[k].shape).split(sizes) for k, value in stats.items())))
             for i, A_i, B_i, values in parts:
