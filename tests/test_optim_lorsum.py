@@ -438,13 +438,17 @@ def test_finite_data_matches_isfinite(dtype, bad):
     assert not big.sum().isfinite() and finite_data(big).item()
 
 
+@pytest.mark.parametrize("one_reduction", [True, False], ids=["accelerator", "cpu"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), None])
-def test_the_accelerators_finite_checks_match_isfinite(bad):
-    """The checks a GPU runs (guards' extremes and x − x == 0, several tensors at once, mixed dtypes), run
-    here on CPU tensors: per leading slice and and-ed over tensors, and per tensor."""
+def test_the_exact_finite_checks_match_isfinite(bad, one_reduction, monkeypatch):
+    """The checks a GPU runs (max |x| of every slice by one _foreach_norm, then x − x == 0) and the CPU's
+    exact ones (each tensor's extremes), both run here on CPU tensors of mixed dtypes, one empty and one of
+    integers: per leading slice and and-ed over tensors, and per tensor."""
+    monkeypatch.setattr(guards, "_one_reduction_for_all", lambda device: one_reduction)
     g = torch.Generator().manual_seed(2)
     tensors = [torch.randn(3, 5, 7, generator=g), torch.randn(3, 11, generator=g).to(torch.bfloat16),
-               torch.randn(3, 4, generator=g, dtype=torch.float64), torch.empty(3, 0)]
+               torch.randn(3, 4, generator=g, dtype=torch.float64), torch.empty(3, 0),
+               torch.arange(6).view(3, 2)]
     if bad is not None:
         tensors[1][1, 4] = bad
     expected_rows = torch.stack([t.isfinite().flatten(1).all(1) for t in tensors]).all(0)

@@ -29,27 +29,59 @@ def finite_rows(t: Tensor, rows: int) -> Tensor:
 
 
 def _finite_extremes(tensors: list[Tensor], rows: int) -> Tensor:
-    """``finite_rows`` of every tensor, and-ed, in 2·len(tensors) + 4 ops (kernel launches on a GPU, each
-    paid for by the host in the streamed step, once per layer in backward): each tensor's slice maxima and
-    minima, stacked into one tensor, whose entries are finite exactly where ``x − x == 0`` (±inf − ±inf and
-    NaN − NaN are NaN). ``isfinite`` is four kernels on CUDA (abs, ≠ inf, x == x, and), and was taken per
-    tensor twice: 11 per tensor."""
+    """``finite_rows`` of every tensor, and-ed. On the CPU in 2·len(tensors) + 4 ops: each tensor's slice
+    maxima and minima, stacked into one tensor, whose entries are finite exactly where ``x − x == 0`` (±inf −
+    ±inf and NaN − NaN are NaN); ``isfinite`` would take four passes and a mask. On an accelerator, where each
+    op is a kernel launch the host pays for (in the streamed step, once per layer in backward), in 5 ops
+    whatever the number of tensors: ``_largest_magnitudes`` of every slice."""
+    slices = [flat for t in tensors for flat in t.reshape(rows, -1).unbind(0)] if rows else []
+    if not any(flat.numel() for flat in slices):  # an empty slice is finite
+        device = tensors[0].device if tensors else None
+        return torch.ones(rows, dtype=torch.bool, device=device)
+    if _one_reduction_for_all(slices[0].device):
+        return _is_finite(_largest_magnitudes(slices)).view(-1, rows).all(0)
     extremes = []
     for t in tensors:
         flat = t.reshape(rows, -1)
-        if flat.shape[1] > 0:  # an empty slice is finite
+        if flat.shape[1] > 0:
             extremes += [flat.amax(1), flat.amin(1)]
-    if not extremes:
-        device = tensors[0].device if tensors else None
-        return torch.ones(rows, dtype=torch.bool, device=device)
     return _finite(extremes).all(0)
+
+
+def _one_reduction_for_all(device: torch.device) -> bool:
+    """Whether the finite checks on ``device`` take one multi-tensor reduction for all tensors
+    (``_largest_magnitudes``: accelerators, where each op is a launch) or two reductions a tensor (the CPU,
+    where a foreach op is a loop over the tensors and slicing them costs more)."""
+    return device.type != "cpu"
+
+
+def _largest_magnitudes(tensors: list[Tensor]) -> Tensor:
+    """(len(tensors),) max |x| of each tensor (0 for an empty or an integer one), NaN where it holds a NaN
+    and inf where an inf: finite exactly where the tensor is. One multi-tensor reduction for all
+    (``torch._foreach_norm`` at ord = inf, which propagates NaN; a launch or two on CUDA, with the stack one
+    more), each element read once where ``amax`` and ``amin`` read it twice in two launches a tensor."""
+    present = [t for t in tensors if t.numel() and t.is_floating_point()]
+    norms = iter(torch._foreach_norm(present, float("inf")) if present else ())
+    zero = None
+    values = []
+    for t in tensors:
+        if t.numel() and t.is_floating_point():
+            values.append(next(norms))
+        else:
+            zero = torch.zeros((), dtype=t.dtype, device=t.device) if zero is None else zero
+            values.append(zero)
+    return torch.stack(values)
 
 
 def _finite(extremes: list[Tensor]) -> Tensor:
     """The extremes stacked (dtypes promote: ±inf and NaN stay what they are), and where each is finite:
     ``x − x == 0`` (±inf − ±inf and NaN − NaN are NaN), two ops for all."""
-    both = torch.stack(extremes)
-    return both.sub(both).eq(0)
+    return _is_finite(torch.stack(extremes))
+
+
+def _is_finite(x: Tensor) -> Tensor:
+    """``x − x == 0``: two ops where ``isfinite`` is four kernels on CUDA."""
+    return x.sub(x).eq(0)
 
 
 def finite_rows_of(tensors: list[Tensor], rows: int) -> Tensor:
@@ -104,8 +136,11 @@ def finite_once(tensors: list[Tensor], cache: dict) -> Tensor:
 
 
 def finite_each(tensors: list[Tensor]) -> Tensor:
-    """(len(tensors),) bool: whether each tensor is entirely finite (an empty one is), by the extremes:
-    2·len(tensors) reductions and 4 ops for all (``finite_rows`` one tensor at a time: 6 each)."""
+    """(len(tensors),) bool: whether each tensor is entirely finite (an empty one is): on the CPU by the
+    extremes, 2·len(tensors) reductions and 4 ops for all (``finite_rows`` one tensor at a time: 6 each); on
+    an accelerator by ``_largest_magnitudes``, 5 ops for all."""
+    if tensors and _one_reduction_for_all(tensors[0].device):
+        return _is_finite(_largest_magnitudes(tensors))
     extremes = []
     for t in tensors:
         flat = t.reshape(-1)

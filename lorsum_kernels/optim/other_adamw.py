@@ -11,7 +11,7 @@ from torch.optim.adam import adam as _torch_adam
 
 from .._numerics import math_dtype
 from ..fsdp import is_sharded, local_tensor
-from .guards import finite_rows
+from .guards import finite_each
 
 __all__ = ["fresh_other_state", "init_other_state", "other_state_dtype", "step_other"]
 
@@ -33,7 +33,7 @@ def step_other(group: dict, state, sharded, clip: Tensor | None = None,
     # Under FSDP2, AdamW (elementwise) runs on each rank's shards of parameters, gradients and moments.
     grads = [local_tensor(p.grad) for p in params]
     # One device flag: a non-finite gradient skips this group's update (and its step count).
-    found_inf = ~torch.cat([finite_rows(g, 1) for g in grads]).all()
+    found_inf = ~finite_each(grads).all()
     if sharded is not None and any(is_sharded(p) for p in params):  # on every rank, or on none
         found_inf = ~sharded.all_ranks(~found_inf)
     if skip_all is not None:
