@@ -19,7 +19,8 @@ from . import _half_steps, _native, backends, reference
 from ._numerics import as_dtype
 from .backends import Backend
 
-__all__ = ["Backend", "check", "implementation", "resolve", "lorsum_update_in", "lorsum_update_out",
+__all__ = ["Backend", "check", "fused_or_reference", "implementation", "resolve", "lorsum_update_in",
+           "lorsum_update_out",
            "spd_solve", "col_sq_sums", "row_col_energies"]
 
 
@@ -33,6 +34,17 @@ def implementation(backend: str | None | Backend, device: torch.device, op: str)
     if isinstance(backend, Backend):
         return backend.of(op, device)
     return backends.resolve_backend(backend, device, op)
+
+
+def fused_or_reference(backend: str | None | Backend, device: torch.device, op: str) -> str | None | Backend:
+    """The backend to pass to ``op``, a fused form of reference ops that a step runs whatever backend it was
+    given (``finish_normalized_stacked``, ``adafactor_ema_scales``): ``backend`` itself where it has ``op``,
+    else the reference (``native`` on a GPU or ``triton`` on a CPU lack it: the step does not raise)."""
+    try:
+        implementation(backend, device, op)
+    except RuntimeError:
+        return "torch"
+    return backend
 
 
 def check(backend: str | None, model, op_names: tuple[str, ...]) -> None:
@@ -516,3 +528,22 @@ def finish_normalized_stacked(
 
         return triton_kernels.finish_normalized_stacked(*args)
     return reference.finish_normalized_stacked(*args)
+
+
+__all__ += ["adafactor_ema_scales"]
+
+
+def adafactor_ema_scales(
+    row_stat: Tensor, col_stat: Tensor, rows: Tensor, cols: Tensor, t: Tensor, beta2: float | None,
+    decay_rate: float, eps1: float, dtype: torch.dtype, floor: float, *,
+    backend: str | None | Backend = "auto",
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``reference.adafactor_ema_scales``: Triton on a GPU (one launch where the reference takes ~19 small
+    ops), the reference elsewhere."""
+    args = (row_stat, col_stat, rows, cols, t, None if beta2 is None else float(beta2), float(decay_rate),
+            float(eps1), dtype, float(floor))
+    if implementation(backend, row_stat.device, "adafactor_ema_scales") == "triton":
+        from . import triton_kernels
+
+        return triton_kernels.adafactor_ema_scales(*args)
+    return reference.adafactor_ema_scales(*args)

@@ -309,3 +309,21 @@ def finish_normalized_stacked(
                                  {"step_norm_sq": v.reshape(L), "step_norm_count": t.reshape(L)},
                                  layer_lr.reshape(L))
     return A_out, B_out, stats["step_norm_sq"], stats["step_norm_count"], stats["step_norm_scale"]
+
+
+def adafactor_ema_scales(
+    row_stat: Tensor, col_stat: Tensor, rows: Tensor, cols: Tensor, t: Tensor, beta2: float | None,
+    decay_rate: float, eps1: float, dtype: torch.dtype, floor: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """AdaPreLoRA's Adafactor statistics step for L layers (spec/adaprelora.md §2), the functions of
+    ``functional.adaprelora`` in turn: ``adafactor_ema`` of the states ``row_stat`` (L, m), ``col_stat`` (L, n)
+    with this step's energies ``rows``, ``cols`` at step ``t`` (one value per layer, or one),
+    ``adafactor_debias`` (a fixed ``beta2`` only) and ``adafactor_scales`` of the result cast to ``dtype``
+    with ``floor``. Returns ``(R, C, p, q)``: the new states and the scales of the H-weighted solve."""
+    from .functional.adaprelora import adafactor_debias, adafactor_ema, adafactor_scales  # a late import:
+    # functional imports this module through ops
+
+    R, C = adafactor_ema(row_stat, col_stat, rows, cols, t, beta2=beta2, decay_rate=decay_rate, eps1=eps1)
+    R_hat, C_hat = adafactor_debias(R, C, t, beta2=beta2)
+    p, q = adafactor_scales(R_hat.to(dtype), C_hat.to(dtype), floor=floor)
+    return R, C, p, q

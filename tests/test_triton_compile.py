@@ -66,7 +66,7 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 FACTOR_DTYPES = (torch.float32,)
 # Every op with a kernel of its own (adaprelora_solve and the LoRSum half-steps launch spd_solve's).
 OPS = ("col_sq_sums", "kfac_metric_update", "row_col_energies", "pair_products", "spd_solve",
-       "tangent_energies", "finish_normalized_stacked")
+       "tangent_energies", "finish_normalized_stacked", "adafactor_ema_scales")
 
 _TRITON_TYPES = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -82,11 +82,19 @@ def _calls(op: str):
     from lorsum_kernels import triton_kernels as tk
 
     if op == "finish_normalized_stacked":  # the optimizer's factors in its math dtype, the statistics fp32
-        for d, r, (m, n) in itertools.product((torch.float32, torch.float64), RANKS, [(11008, 4096), (64, 64)]):
+        shapes = [(11008, 4096), (64, 64)]
+        for d, r, (m, n) in itertools.product((torch.float32, torch.float64), RANKS, shapes):
             yield f"L=3 r={r} m={m} n={n} {_TRITON_TYPES[d]}", lambda r=r, m=m, n=n, d=d: (
-                tk.finish_normalized_stacked(_empty(3, r, n, dtype=d), _empty(3, m, r, dtype=d),
-                                             _empty(3, r, n, dtype=d), _empty(3, m, r, dtype=d), _empty(3, dtype=d),
-                                             _empty(3), _empty(3), _empty(3), 1e-3, 0.999))
+                tk.finish_normalized_stacked(*(_empty(3, *shape, dtype=d) for shape in [(r, n), (m, r)] * 2),
+                                             _empty(3, dtype=d), _empty(3), _empty(3), _empty(3), 1e-3, 0.999))
+        return
+    if op == "adafactor_ema_scales":  # the states and step count in the math dtype, both β2 modes
+        for d, fixed, (m, n) in itertools.product((torch.float32, torch.float64), (False, True),
+                                                  [(11008, 4096), (64, 64)]):
+            yield f"L=3 m={m} n={n} fixed={fixed} {_TRITON_TYPES[d]}", lambda d=d, fixed=fixed, m=m, n=n: (
+                tk.adafactor_ema_scales(_empty(3, m, dtype=d), _empty(3, n, dtype=d), _empty(3, m, dtype=d),
+                                        _empty(3, n, dtype=d), _empty(3, dtype=d), 0.999 if fixed else None,
+                                        0.8, 1e-30, d, 1e-15))
         return
     dtypes = FACTOR_DTYPES if op in ("spd_solve", "tangent_energies") else DTYPES
     for d, m, n in itertools.product(dtypes, SIDES, SIDES):

@@ -17,6 +17,7 @@ import importlib
 
 # Op name -> the module (in this package) that defines its launcher.
 LAUNCHERS = {
+    "adafactor_ema_scales": "adafactor",
     "adaprelora_solve": "adaprelora",
     "col_sq_sums": "sq_sums",
     "finish_normalized_stacked": "finish_normalized",
@@ -30,9 +31,9 @@ LAUNCHERS = {
 }
 
 __all__ = [
-    "LAUNCHERS", "adaprelora_solve", "col_sq_sums", "finish_normalized_stacked", "kfac_metric_update",
-    "lorsum_update_in", "lorsum_update_out", "pair_products", "row_col_energies", "spd_solve",
-    "tangent_energies",
+    "LAUNCHERS", "adafactor_ema_scales", "adaprelora_solve", "col_sq_sums", "finish_normalized_stacked",
+    "kfac_metric_update", "lorsum_update_in", "lorsum_update_out", "pair_products", "row_col_energies",
+    "spd_solve", "tangent_energies",
 ]
 
 

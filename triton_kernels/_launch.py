@@ -124,6 +124,28 @@ def f64_from_bits(bits):
     return bits.to(tl.int64).to(tl.float64, bitcast=True)
 
 
+# torch's clamps propagate NaN; tl.maximum and tl.minimum return the other operand unless told otherwise.
+PROPAGATE_NAN = tl.constexpr(tl.PropagateNan.ALL)
+
+
+@triton.jit
+def sqrt_ieee(x):
+    """The correctly rounded square root, as torch's: sqrt_rn in fp32 (tl.sqrt is an approximation there),
+    tl.sqrt in fp64 (already IEEE)."""
+    if x.dtype == tl.float32:
+        return tl.sqrt_rn(x)
+    return tl.sqrt(x)
+
+
+@triton.jit
+def div_ieee(a, b):
+    """The correctly rounded quotient, as torch's: div_rn in fp32 (``/`` is an approximation there), ``/`` in
+    fp64 (already IEEE)."""
+    if a.dtype == tl.float32:
+        return tl.div_rn(a, b)
+    return a / b
+
+
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 

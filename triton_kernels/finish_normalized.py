@@ -31,29 +31,12 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _launch
-from ._launch import f64_from_bits
+from ._launch import PROPAGATE_NAN as NAN
+from ._launch import div_ieee, f64_from_bits, sqrt_ieee
 
 OP = "finish_normalized_stacked"
 _GRAM_BLOCK = 1024  # Gram entries reduced per iteration of a layer's statistics program
 _MOVE_BLOCK = 1024  # factor entries per program of the move
-# torch's clamps propagate NaN; tl.maximum and tl.minimum return the other operand unless told otherwise.
-NAN = tl.constexpr(tl.PropagateNan.ALL)
-
-
-@triton.jit
-def _sqrt(x):
-    # IEEE square root: sqrt_rn in fp32 (tl.sqrt is an approximation there), tl.sqrt in fp64 (already IEEE).
-    if x.dtype == tl.float32:
-        return tl.sqrt_rn(x)
-    return tl.sqrt(x)
-
-
-@triton.jit
-def _div(a, b):
-    # IEEE quotient: div_rn in fp32 (``/`` is an approximation there), ``/`` in fp64 (already IEEE).
-    if a.dtype == tl.float32:
-        return tl.div_rn(a, b)
-    return a / b
 
 
 @triton.jit(do_not_specialize=["lr_bits", "beta_bits", "one_minus_beta_bits", "entries_root_bits"])
@@ -86,13 +69,13 @@ def _statistics_kernel(
         second += p * q
     first = tl.maximum(tl.sum(first, 0), 0.0, propagate_nan=NAN)
     second = tl.maximum(tl.sum(second, 0), 0.0, propagate_nan=NAN)
-    bound = _sqrt(first) + _sqrt(second)
+    bound = sqrt_ieee(first) + sqrt_ieee(second)
     root = tl.load(root_ptr + layer).to(ACC)
     v = tl.load(v_ptr + layer)
     VT = v.dtype
     step_lr = tl.load(layer_lr_ptr + layer)
     # u: the merged step's RMS per entry and unit lr, for the balanced factors (s times the bound).
-    u = _div(bound, step_lr.to(ACC) * f64_from_bits(entries_root_bits).to(ACC)) * (root * root)
+    u = div_ieee(bound, step_lr.to(ACC) * f64_from_bits(entries_root_bits).to(ACC)) * (root * root)
     u = u.to(VT)
     beta = f64_from_bits(beta_bits)
     v_new = v * beta.to(VT) + f64_from_bits(one_minus_beta_bits).to(VT) * u * u
@@ -102,9 +85,10 @@ def _statistics_kernel(
     beta_vt = beta.to(VT).to(tl.float64)
     debias = 1.0 - tl.exp(t_new.to(tl.float64) * tl.log(beta_vt)).to(VT)
     # 1/√v̂; 0 while every step was zero (or the step is not finite: v' > 0 fails for NaN, as in torch.where)
-    root_v = tl.maximum(_sqrt(_div(v_new, debias)), 1e-30, propagate_nan=NAN)
-    scale = tl.where(v_new > 0, _div(tl.full((), 1.0, VT), root_v), 0.0)
-    alpha = tl.minimum(_div(f64_from_bits(lr_bits).to(VT) * scale, step_lr.to(VT)), 1.0, propagate_nan=NAN)
+    root_v = tl.maximum(sqrt_ieee(div_ieee(v_new, debias)), 1e-30, propagate_nan=NAN)
+    scale = tl.where(v_new > 0, div_ieee(tl.full((), 1.0, VT), root_v), 0.0)
+    lr = f64_from_bits(lr_bits).to(VT)
+    alpha = tl.minimum(div_ieee(lr * scale, step_lr.to(VT)), 1.0, propagate_nan=NAN)
     # lerp's weight: α where it is below 1, else 1 (which returns the new value exactly), NaN included, as
     # the reference's torch.where.
     weight = tl.where(alpha < 1, alpha, 1.0).to(ACC)

@@ -230,6 +230,18 @@ def _finish_normalized_stacked(s, dtype, device, variant):
             3 * _bytes(A, B))
 
 
+@_spec("adafactor_ema_scales", "dL", "m=n={d} L={L}", tokens=False,
+       full=[(1024, 24), (4096, 24), (576, 210)])
+def _adafactor_ema_scales(s, dtype, device, variant):
+    """AdaPreLoRA's Adafactor statistics step of L layers: the EMA of the row and column energies at per-layer
+    step numbers (Adafactor's schedule), then the scales p, q."""
+    g = torch.Generator().manual_seed(0)
+    stats = [torch.rand(s.L, s.d, generator=g).to(device) for _ in range(4)]
+    t = torch.arange(1, s.L + 1, dtype=torch.float32, device=device)
+    return (lambda b: ops.adafactor_ema_scales(*stats, t, None, 0.8, 1e-30, torch.float32, 1e-15, backend=b),
+            2 * _bytes(*stats))  # four vectors read, four written
+
+
 @_spec("low_rank_sum", "drTL", "m=n={d} r={r} T={T} L={L} {variant}", variants=("k=0", "k=1"), rounds=7,
        needs=("lorsum_update_in", "lorsum_update_out", "pair_products"),
        full=[(1024, 16, 512, 1), (1024, 16, 2048, 4), (1024, 64, 2048, 1)])

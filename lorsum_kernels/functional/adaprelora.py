@@ -22,7 +22,8 @@ Contract:
 
 * Statistics enter an EMA (``adafactor_ema``: ``β̂2_t = 1 − t^(−0.8)`` or a fixed β2, plus ε1 per
   entry), then ``adaprelora_direction`` forms p, q and solves. ``adaprelora_step`` is one optimizer step
-  for a bucket (statistics, EMA, momentum variant, solve, weight decay).
+  for a bucket (statistics, EMA, momentum variant, solve, weight decay); it takes the EMA, the correction
+  and p, q from ``ops.adafactor_ema_scales`` (the same functions in turn, or one Triton launch on a GPU).
 """
 
 from __future__ import annotations
@@ -228,8 +229,14 @@ def adaprelora_direction(
     """
     _check_direction_inputs(A, B, g_A, g_B, row, col, scale, ridge)
     dt = compute_dtype(A, B, g_A, g_B)
-    A_, B_ = A.to(dt), B.to(dt)
     p, q = adafactor_scales(row.to(dt), col.to(dt))
+    return _direction_from_scales(A, B, g_A, g_B, p, q, scale, ridge, backend)
+
+
+def _direction_from_scales(A, B, g_A, g_B, p, q, scale, ridge, backend) -> tuple[Tensor, Tensor]:
+    """``adaprelora_direction`` from the scales p, q (in the compute dtype) rather than the statistics."""
+    dt = compute_dtype(A, B, g_A, g_B)
+    A_, B_ = A.to(dt), B.to(dt)
     dA, dB = ops.adaprelora_solve(A_, B_, g_A.to(dt), g_B.to(dt), p, q, ridge=ridge, backend=backend)
     if not _is_one(scale):
         # ĝ = s·g and the target of s·(B dA + dB A) is T, not s·T: both factors pick up 1/s² (spec §3.3).
@@ -294,20 +301,24 @@ def adaprelora_step(
         rows, cols = exact_statistics(X, S, block_size=block_size, backend=backend)
     else:
         rows, cols = surrogate_statistics(A, B, g_A, g_B, backend=backend)
-    R, C = adafactor_ema(state["row_stat"], state["col_stat"], rows, cols, t, beta2=beta2,
-                         decay_rate=decay_rate, eps1=eps1)
-    R_hat, C_hat = adafactor_debias(R, C, t, beta2=beta2)
-    new_state = {"t": t, "row_stat": R, "col_stat": C}
+    momenta = {}
 
     in_A, in_B = g_A, g_B
     if momentum == "input":
         m_A = torch.lerp(state["exp_avg_A"], g_A.to(state["exp_avg_A"].dtype), 1 - beta1)
         m_B = torch.lerp(state["exp_avg_B"], g_B.to(state["exp_avg_B"].dtype), 1 - beta1)
-        new_state.update(exp_avg_A=m_A, exp_avg_B=m_B)
+        momenta.update(exp_avg_A=m_A, exp_avg_B=m_B)
         # The solve is linear in its inputs, so bias-correcting the momenta bias-corrects the step.
         correction = 1 - beta1 ** batch_scalar(t, m_A)
         in_A, in_B = m_A / correction, m_B / correction
-    dA, dB = adaprelora_direction(A, B, in_A, in_B, R_hat, C_hat, ridge=ridge, backend=backend)
+    _check_direction_inputs(A, B, in_A, in_B, state["row_stat"], state["col_stat"], 1.0, ridge)
+    # adafactor_ema, adafactor_debias and adaprelora_direction's scales in one op (one launch on a GPU)
+    R, C, p, q = ops.adafactor_ema_scales(
+        state["row_stat"], state["col_stat"], rows, cols, t, beta2, decay_rate, eps1,
+        compute_dtype(A, B, in_A, in_B), SCALE_FLOOR,
+        backend=ops.fused_or_reference(backend, A.device, "adafactor_ema_scales"))
+    new_state = {"t": t, "row_stat": R, "col_stat": C, **momenta}
+    dA, dB = _direction_from_scales(A, B, in_A, in_B, p, q, 1.0, ridge, backend)
 
     lr_ = batch_scalar(lr, A)
     if momentum == "adam":

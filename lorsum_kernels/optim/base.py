@@ -392,17 +392,6 @@ class LoRAOptimizer(CheckpointMixin, ReshardingMixin, torch.optim.Optimizer):
             value = self._resolved[key] = ops.resolve(group.get("backend"), device)
         return value
 
-    def _optional_op_backend(self, group: dict, device: torch.device, op: str) -> ops.Backend | str:
-        """The backend of an op the step runs on whatever backend is chosen (a fused finish, not one of the
-        method's data ops): the group's, unless that is a forced backend without the op (``native`` on a
-        GPU), where the reference runs instead of the step raising."""
-        backend = self._backend(group, device)
-        try:
-            backend.of(op)
-        except RuntimeError:
-            return "torch"
-        return backend
-
     def _state_dtype(self, layer: LoRALayer) -> torch.dtype:
         return math_dtype(layer.A)
 
@@ -730,7 +719,8 @@ class LoRAOptimizer(CheckpointMixin, ReshardingMixin, torch.optim.Optimizer):
             A_new, B_new, *values = ops.finish_normalized_stacked(
                 as_dtype(_stacked(A_old), dt), as_dtype(_stacked(B_old), dt), A_new, B_new, root, layer_lr,
                 old["step_norm_sq"], old["step_norm_count"], group["lr"], group["normalize_beta"],
-                backend=self._optional_op_backend(group, A_new.device, "finish_normalized_stacked"))
+                backend=ops.fused_or_reference(self._backend(group, A_new.device), A_new.device,
+                                               "finish_normalized_stacked"))
             stats = dict(zip(step_normalization.STATE_KEYS, values))
             parts = zip(members, A_new.split(sizes), B_new.split(sizes),
                         zip(*(value.reshape(old[k].shape).split(sizes) for k, value in stats.items())))
