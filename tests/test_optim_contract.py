@@ -412,17 +412,19 @@ def test_a_forced_backend_is_checked_on_the_models_devices(monkeypatch):
         lk.LoRSum(model, backend="cuda")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("name", ["lorsum", "scaled_lorsum", "adaprelora", "scaled_adamw"])
-def test_write_paths_agree(name, monkeypatch):
+def test_write_paths_agree(name, dtype, monkeypatch):
     """The bucket-wide foreach write (accelerators) and the per-layer write (CPU) write the same bits,
-    skipped layers (and their state and counters) untouched by both."""
+    skipped layers (and their state and counters) untouched by both; bf16 parameters with fp32 state (two
+    dtypes, selected apart) too."""
     from lorsum_kernels.optim import base
 
     results = []
     for foreach in (False, True):
         monkeypatch.setattr(base, "_foreach_write", lambda device, foreach=foreach: foreach)
         torch.manual_seed(0)
-        model = TinyLoRAMLP()
+        model = TinyLoRAMLP().to(dtype)
         opt = lk.create_optimizer(model, name, lr=0.05)
         layers = opt._layers[1:]  # l2 and l3: one shape
         g = torch.Generator().manual_seed(3)
@@ -439,4 +441,5 @@ def test_write_paths_agree(name, monkeypatch):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     first, second = results[1][: len(results[1]) // 2], results[1][len(results[1]) // 2:]
     assert int(first[2]) == 1 and int(second[2]) == 0  # skipped_steps: the first layer was skipped
-    torch.testing.assert_close(second[0], A_new[1])  # the second layer took its new A
+    # the second layer took its new A
+    torch.testing.assert_close(second[0], A_new[1].to(dtype), rtol=0, atol=0)
