@@ -19,8 +19,9 @@ The launches: the bound's two 2r×2r Grams, ``Pᵀ·P`` with P = [B_new − B, B
 reduces them to the bound and the statistics (the ~25 elementwise and reduction launches of the composite),
 and one launch over (layer, chunk) moves both factors (four ``where``/``lerp`` launches in the composite).
 The scalars reach the kernels as fp64 bit patterns and are rounded to the working dtype there, as torch
-rounds Python scalars; β^t' is evaluated in fp64 and rounded once. Square roots and quotients are IEEE
-(``sqrt_rn``, ``div_rn``), so the statistics are the reference's up to the order of the Grams' final sums.
+rounds Python scalars; β^t' (of β so rounded) is evaluated in fp64 and rounded once, within an ulp of
+torch.pow. Square roots and quotients are IEEE (``_launch.sqrt_ieee``, ``div_ieee``), so the statistics are
+the reference's up to the order of the Grams' final sums and that ulp.
 """
 
 from __future__ import annotations
