@@ -96,6 +96,45 @@ def test_psi_zero_momentum_with_a_buffer_equals_no_buffer(iters):
     assert rel_err(A1, A0) <= 1e-12 and rel_err(B1, B0) <= 1e-12
 
 
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_psi_proximal_weights_given_in_place_of_lr_times_lmbd(momentum, monkeypatch):
+    """``proximal=(λ, λ_mom)`` is the step at λ and λ_mom whatever the lr: with a per-layer lr tensor it
+    equals the step whose lmbd makes lr·lmbd those numbers, and the λ it passes on is the number itself (no
+    tensor: on a GPU each would be a launch)."""
+    import lorsum_kernels.functional.lorsum_step as module
+
+    m, n, r, T = SHAPES[1]
+    A, B, X, S = make_bucket(2, m, n, r, T, seed=4)
+    buffer = (gauss((2, r, n), 40), gauss((2, m, r), 41)) if momentum else None
+    lr = torch.tensor([0.1, 0.4], dtype=F64)
+    kw = dict(iters=1, momentum=momentum, dampening=0.0)
+    ours = psi_lora_step(A, B, X, S, buffer, lr=lr, lmbd=123.0, lmbd_momentum=456.0, proximal=(0.02, 0.03),
+                         **kw)
+    theirs = psi_lora_step(A, B, X, S, buffer, lr=lr, lmbd=0.02 / lr, lmbd_momentum=0.03 / lr, **kw)
+    for a, b in zip(ours[:2] + (ours[2] or ()), theirs[:2] + (theirs[2] or ())):
+        assert rel_err(a, b) <= 1e-12
+    if not momentum:
+        seen = []
+        monkeypatch.setattr(module, "low_rank_sum", lambda *a, lmbd, **k: seen.append(lmbd) or low_rank_sum(
+            *a, lmbd=lmbd, **k))
+        psi_lora_step(A, B, X, S, None, lr=lr, lmbd=1.0, lmbd_momentum=1.0, proximal=(0.02, 0.03), **kw)
+        assert seen == [0.02]
+
+
+def test_scaled_psi_proximal_weight_given_in_place_of_lr_times_lmbd():
+    """``proximal``: η·λ0 itself, floored at min_lmbd as lr·lmbd is."""
+    m, n, r, T = SHAPES[0]
+    A, B, X, S = make_bucket(2, m, n, r, T, seed=8)
+    ones = (torch.ones(2, n, dtype=F64), torch.ones(2, m, dtype=F64))
+    lr = torch.tensor([0.1, 0.4], dtype=F64)
+    kw = dict(min_lmbd=0.01, iters=1, betas=(0.0, 0.9), damping=0.1, metric="kfac", metric_power=1.0,
+              loss_reduction="mean")
+    for lam in (0.02, 0.001):  # above the floor, below it
+        ours = scaled_psi_lora_step(A, B, X, S, ones, None, lr=lr, lmbd=7.0, proximal=lam, **kw)
+        theirs = scaled_psi_lora_step(A, B, X, S, ones, None, lr=lr, lmbd=lam / lr, **kw)
+        assert rel_err(ours[0], theirs[0]) <= 1e-12 and rel_err(ours[1], theirs[1]) <= 1e-12
+
+
 @pytest.mark.parametrize("dampening", [0.0, 0.1])
 @pytest.mark.parametrize("iters", [0, 1, 3])
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)

@@ -49,6 +49,7 @@ def psi_lora_step(
     dampening: float,
     backend: str | None = "auto",
     reduce: Reduce | None = None,
+    proximal: tuple[float, float] | None = None,
 ):
     """PSI-LoRA with low-rank heavy-ball momentum kept as factors ``(A_m, B_m)`` (spec §5.1).
 
@@ -56,12 +57,15 @@ def psi_lora_step(
     target is ``BA − η((1−d)G + β·B_mA_m)``: PyTorch SGD momentum with the current gradient at full rank.
     Buffer step (after it, with the same G): ``(A_m, B_m) ← LoRSum([(A_m,B_m), (X,Sᵀ)], [β, 1−d], k,
     λ = η·λ_mom)``. With ``momentum_factors=None`` (β = 0) the buffer is neither used nor updated.
+    ``proximal``: the two λ themselves, in place of ``lr·lmbd`` and ``lr·lmbd_momentum`` (an optimizer whose
+    layers step at their own lr keeps λ at its group's η·λ0: numbers, where a per-layer lr tensor would
+    make each a kernel launch on a GPU).
 
     Returns ``(A, B, momentum_factors)``.
     """
     # cast (when the backend needs it) once, not in each LoRSum call
     grad_pair = (data_operand(X, A.dtype, backend), data_operand(S, A.dtype, backend).mT)
-    lam = lr * lmbd
+    lam, lam_momentum = (lr * lmbd, None) if proximal is None else proximal
     # The coefficients as lr · −c: the same numbers as −lr · c (negation is exact), one op instead of two
     # where lr is a tensor (each layer's normalised lr, on a GPU in backward: a kernel launch each).
     if reduce is not None or momentum_factors is not None:
@@ -70,7 +74,8 @@ def psi_lora_step(
         # identity): half the passes over the tokens of two separate LoRSums.
         return _weight_and_buffer_over_ranks(
             (A, B), grad_pair, momentum_factors, [1.0, lr * -(1 - dampening), lr * -momentum],
-            [momentum, 1 - dampening], None, lam, lr * lmbd_momentum, iters, reduce or _one_process, backend)
+            [momentum, 1 - dampening], None, lam, lr * lmbd_momentum if lam_momentum is None else lam_momentum,
+            iters, reduce or _one_process, backend)
     A_new, B_new = low_rank_sum([(A, B), grad_pair], [1.0, lr * -(1 - dampening)], lmbd=lam, iters=iters,
                                 backend=backend)
     return A_new, B_new, None
@@ -95,6 +100,7 @@ def scaled_psi_lora_step(
     loss_reduction: str,
     backend: str | None = "auto",
     reduce: Reduce | None = None,
+    proximal: float | None = None,
 ):
     """Scaled PSI-LoRA, "normal" mode (spec §6.4), for metrics ``"kfac"`` or ``"shampoo"``.
 
@@ -106,6 +112,8 @@ def scaled_psi_lora_step(
     3. If β1 > 0: ``(A_m, B_m) ← LoRSum([(A_m,B_m), (X,Sᵀ)], [β1, 1−β1], k, λ = η·λ0)``, an
        unpreconditioned EMA of G; the preconditioning is applied when the buffer is used.
 
+    ``proximal``: η·λ0 itself, in place of ``lr·lmbd`` (as for ``psi_lora_step``).
+
     Returns ``(A, B, (v_in, v_out), momentum_factors)``.
     """
     if reduce is not None and metric != "kfac":
@@ -116,8 +124,8 @@ def scaled_psi_lora_step(
     beta1, beta2 = betas
     X, S = data_operand(X, A.dtype, backend), data_operand(S, A.dtype, backend)  # once, not per LoRSum
     fused_beta2 = _one_host_value(beta2)
-    lam = lr * lmbd
-    lam = lam.clamp_min(min_lmbd) if isinstance(lam, Tensor) else max(lam, min_lmbd)
+    unfloored = lr * lmbd if proximal is None else proximal
+    lam = unfloored.clamp_min(min_lmbd) if isinstance(unfloored, Tensor) else max(unfloored, min_lmbd)
     if metric == "kfac" and reduce is None and fused_beta2 is not None:
         T = X.shape[-2]
         kfac = (fused_beta2, damping, metric_power, 1.0 / max(T, 1), kfac_scale_out(loss_reduction, T))
@@ -148,7 +156,7 @@ def scaled_psi_lora_step(
     if reduce is not None or momentum_factors is not None:  # lock step: one read of X and S per half-step
         A_new, B_new, buffer = _weight_and_buffer_over_ranks(
             (A, B), grad_pair, momentum_factors, [1.0, lr * -(1 - beta1), lr * -beta1], [beta1, 1 - beta1],
-            metrics, lam, lr * lmbd, iters, reduce or _one_process, backend)
+            metrics, lam, unfloored, iters, reduce or _one_process, backend)
         return A_new, B_new, (v_in, v_out), buffer
     A_new, B_new = scaled_low_rank_sum([(A, B), grad_pair], [1.0, lr * -(1 - beta1)], metrics, lmbd=lam,
                                        iters=iters, backend=backend)

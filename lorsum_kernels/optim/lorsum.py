@@ -83,10 +83,11 @@ class _NormalizedStep:
         return step_normalization.initial_state(self._state_dtype(layer), layer.A.device)
 
     @staticmethod
-    def _ridge(group, lr) -> float:
-        """The factor on λ0 at a layer's lr: η/ℓ keeps the proximal weight at η·λ0 (tied to the layer's lr it
-        would grow with it and cap the step of a layer with small gradients at ~G/λ0)."""
-        return 1.0 if lr is group["lr"] else float(group["lr"]) / lr
+    def _proximal(group, key: str = "lmbd") -> float:
+        """The proximal weight at any layer's lr: η·λ0 at the group's η (tied to the layer's lr it would grow
+        with it and cap the step of a layer with small gradients at ~G/λ0). A number: from a per-layer lr
+        tensor, as ``lr·(λ0·η/lr)``, it took four kernel launches a layer on a GPU."""
+        return float(group["lr"]) * group[key]
 
     def _one_layer_lr(self, group, layer, X, S):
         """The lr of a one-layer path's step (``_prepare_one_layer_step``), as ``_at_layer_lr`` would pass
@@ -271,9 +272,8 @@ class LoRSum(_NormalizedStep, _MomentumFactors, LoRAOptimizer):
         lr = self._one_layer_lr(group, layer, X, S)
         if lr is None:
             return None
-        ridge = self._ridge(group, lr)
         A, B = self._balanced_layer(layer)
-        lam = lr * (group["lmbd"] * ridge)  # psi_lora_step's λ = η·λ0, as it rounds it
+        lam = self._proximal(group)  # psi_lora_step's λ = η·λ0
         rounds = ops.prepare_lorsum_rounds((A, B), [(X.unsqueeze(0), S.unsqueeze(0).mT)],
                                            [1.0, -lr * (1 - group["dampening"])], lam, group["iters"],
                                            backend=self._backend(group, layer.A.device))
@@ -281,11 +281,15 @@ class LoRSum(_NormalizedStep, _MomentumFactors, LoRAOptimizer):
 
     def _method_step(self, group, A, B, X, S, state, grads, reduce, backend):
         def step_at(lr):
-            ridge = self._ridge(group, lr)
+            # At the group's lr its λ as psi_lora_step makes it (lr·λ0); at a layer's own (normalize_step) the
+            # group's, η·λ0, as a number.
+            proximal = None
+            if lr is not group["lr"]:
+                proximal = (self._proximal(group), self._proximal(group, "lmbd_momentum"))
             A_new, B_new, buffer = psi_lora_step(
-                A, B, X, S, _momentum_of(state), lr=lr, lmbd=group["lmbd"] * ridge,
-                lmbd_momentum=group["lmbd_momentum"] * ridge, iters=group["iters"],
-                momentum=group["momentum"], dampening=group["dampening"], backend=backend, reduce=reduce,
+                A, B, X, S, _momentum_of(state), lr=lr, lmbd=group["lmbd"],
+                lmbd_momentum=group["lmbd_momentum"], iters=group["iters"], momentum=group["momentum"],
+                dampening=group["dampening"], backend=backend, reduce=reduce, proximal=proximal,
             )
             return A_new, B_new, _momentum_dict(buffer)
 
@@ -432,7 +436,7 @@ class ScaledLoRSum(_NormalizedStep, _MomentumFactors, LoRAOptimizer):
         A, B = self._balanced_layer(layer)
         T = X.shape[-2]
         # scaled_psi_lora_step's λ = max(η·λ0, min λ) and K-FAC scalars, as it rounds them
-        lam = max(lr * (group["lmbd"] * self._ridge(group, lr)), group["min_lmbd"])
+        lam = max(self._proximal(group), group["min_lmbd"])
         kfac = (beta2, group["damping"], group["metric_power"], 1.0 / max(T, 1),
                 kfac_scale_out(group["loss_reduction"], T))
         rounds = ops.prepare_kfac_lorsum_rounds(
@@ -460,7 +464,8 @@ class ScaledLoRSum(_NormalizedStep, _MomentumFactors, LoRAOptimizer):
         def step_at(lr):  # from the state before the step at every try (normalize_step's first step)
             A_new, B_new, (v_in, v_out), buffer = scaled_psi_lora_step(
                 A, B, X, S, (state["metric_in"], state["metric_out"]), _momentum_of(state),
-                lr=lr, lmbd=group["lmbd"] * self._ridge(group, lr), min_lmbd=group["min_lmbd"],
+                lr=lr, lmbd=group["lmbd"], min_lmbd=group["min_lmbd"],
+                proximal=None if lr is group["lr"] else self._proximal(group),
                 iters=group["iters"], betas=(beta1, beta2), damping=group["damping"], metric=group["metric"],
                 metric_power=group["metric_power"], loss_reduction=group["loss_reduction"], backend=backend,
                 reduce=reduce,
