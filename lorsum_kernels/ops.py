@@ -10,6 +10,7 @@ raises. The layers above (``functional``, ``optim``, ``init``) reach the backend
 
 from __future__ import annotations
 
+import os
 from typing import Callable, Sequence
 
 import torch
@@ -318,7 +319,7 @@ def kfac_metric_update(
     S: Tensor,
     v_in: Tensor,
     v_out: Tensor,
-    beta: float,
+    beta: float | Tensor,
     damping: float,
     power: float,
     scale_in: float,
@@ -326,6 +327,17 @@ def kfac_metric_update(
     *,
     backend: str | None | Backend = "auto",
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``reference.kfac_metric_update``. ``beta`` a number, or a tensor of one value per batch element
+    (ScaledLoRSum's β2 warm-up, on the device: its value is not read on the host): the native kernels take a
+    number, so a tensor runs on Triton where ``kfac_metric_on_triton`` says so, else on the reference."""
+    if isinstance(beta, Tensor):
+        args = (X, S, v_in, v_out, beta, float(damping), float(power), float(scale_in), float(scale_out))
+        if kfac_metric_on_triton(backend, X.device):
+            from . import triton_kernels
+
+            return triton_kernels.kfac_metric_update(*args)
+        per_row = beta.reshape(*v_in.shape[:-1], 1) if beta.numel() > 1 else beta.reshape(())
+        return reference.kfac_metric_update(*args[:4], per_row, *args[5:])
     args = (X, S, v_in, v_out, float(beta), float(damping), float(power), float(scale_in), float(scale_out))
     name = implementation(backend, X.device, "kfac_metric_update")
     if name == "native":
@@ -335,6 +347,31 @@ def kfac_metric_update(
 
         return triton_kernels.kfac_metric_update(*args)
     return reference.kfac_metric_update(*args)
+
+
+__all__ += ["kfac_metric_on_triton"]
+
+
+def kfac_metric_on_triton(backend: str | None | Backend, device: torch.device) -> bool:
+    """Whether ``kfac_metric_update`` with a tensor β runs fused (on Triton) on ``device``: where the backend
+    would run the op natively or on Triton and Triton runs there, a GPU (on the CPU ``auto`` never picks
+    Triton; a forced ``native`` or ``torch`` runs the reference)."""
+    try:
+        name = implementation(backend, device, "kfac_metric_update")
+    except RuntimeError:
+        return False
+    if name == "triton":
+        return True
+    requested = backend.requested if isinstance(backend, Backend) else backend
+    if requested in (None, "auto"):
+        requested = os.environ.get("LORSUM_BACKEND", "").strip().lower() or "auto"
+    if name != "native" or requested != "auto" or torch.device(device).type == "cpu":
+        return False
+    try:
+        backends.resolve_backend("triton", device, "kfac_metric_update")
+    except RuntimeError:
+        return False
+    return True
 
 
 __all__ += ["kfac_lorsum_update_in"]

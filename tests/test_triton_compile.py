@@ -108,6 +108,10 @@ def _calls(op: str):
                 yield f"T={T} m={m} n={n} {name}", lambda T=T, m=m, n=n, d=d: tk.kfac_metric_update(
                     _empty(T, n, dtype=d), _empty(T, m, dtype=d), _empty(n), _empty(m),
                     0.9, 1e-8, 0.5, 1 / T, T)
+                if d == torch.float32:  # β from device memory (the β2 warm-up), one per layer of a bucket
+                    yield f"T={T} m={m} n={n} {name} beta tensor", lambda T=T, m=m, n=n: (
+                        tk.kfac_metric_update(_empty(3, T, n), _empty(3, T, m), _empty(3, n), _empty(3, m),
+                                              _empty(3), 1e-8, 0.5, 1 / T, T))
         elif op == "row_col_energies":
             for T in TOKENS:
                 yield f"T={T} m={m} n={n} {name}", lambda T=T, m=m, n=n, d=d: tk.row_col_energies(

@@ -4,8 +4,10 @@ Contract (reference.kfac_metric_update): ``kfac_metric_update(X, S, v_in, v_out,
 scale_in, scale_out) -> (v_in', v_out', M_in, M_out)`` with ``v' = β·v + (1−β)·scale·Σ_t x_t²`` and
 ``M = (v' + δ)^p``. ``X`` (..., T, n) and ``S`` (..., T, m) are fp32, fp64, bf16 or fp16 with any strides;
 ``v_in`` (..., n) and ``v_out`` (..., m) are fp32 or fp64 and share X's batch shape exactly (as the native
-op requires; the reference would also broadcast). The outputs are new contiguous tensors in v's dtype;
-the inputs are not modified.
+op requires; the reference would also broadcast). ``beta`` is a number, or a tensor in v's dtype on X's
+device, one value per batch element or one for all, which the kernel reads from device memory
+(ScaledLoRSum's β2 warm-up on a GPU; the native kernels take a number only). The outputs are new
+contiguous tensors in v's dtype; the inputs are not modified.
 
 Dtypes and order follow the reference: the sums accumulate in fp32 (fp64 for fp64 X), are multiplied by
 the scale in that dtype, cast to v's dtype, and the EMA and damping run in v's dtype. The scalars reach
@@ -43,9 +45,11 @@ OP = "kfac_metric_update"
 )
 def _kfac_kernel(
     x_ptr, T, n, stride_xb, stride_xt, stride_xn, v_ptr, stride_vb, stride_vn, new_ptr, metric_ptr,
+    beta_ptr, stride_beta,
     scale_bits: tl.int64, beta_bits: tl.int64, one_minus_beta_bits: tl.int64, damping_bits: tl.int64,
     power_bits: tl.int64,
-    ACC: tl.constexpr, SQUARE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+    ACC: tl.constexpr, SQUARE: tl.constexpr, BETA_TENSOR: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     # SQUARE: x is the data (B, T, n); otherwise the (B, splits, n) partial sums of col_sq_sums' kernel.
     b, cols, col_mask, total = sq_sums.col_block_sums(x_ptr, T, n, stride_xb, stride_xt, stride_xn,
@@ -53,7 +57,13 @@ def _kfac_kernel(
     v = tl.load(v_ptr + b * stride_vb + cols.to(tl.int64) * stride_vn, mask=col_mask, other=0.0)
     VT = v.dtype
     stat = (total * f64_from_bits(scale_bits).to(ACC)).to(VT)
-    new = v * f64_from_bits(beta_bits).to(VT) + stat * f64_from_bits(one_minus_beta_bits).to(VT)
+    if BETA_TENSOR:
+        # β of this batch element from device memory (ScaledLoRSum's β2 warm-up: the host cannot read it
+        # without waiting); 1 − β in β's own dtype, as the reference's ``1 - beta`` computes it.
+        beta_b = tl.load(beta_ptr + b * stride_beta)
+        new = v * beta_b.to(VT) + stat * (1.0 - beta_b).to(VT)
+    else:
+        new = v * f64_from_bits(beta_bits).to(VT) + stat * f64_from_bits(one_minus_beta_bits).to(VT)
     tl.store(new_ptr + b * n + cols, new, mask=col_mask)
     base = new + f64_from_bits(damping_bits).to(VT)
     # The power is a run-time value, so one compiled kernel serves every p: its special cases are selected
@@ -72,7 +82,7 @@ def _kfac_kernel(
 
 
 def plan(B: int, T: int, n: int, acc: torch.dtype, target: _launch.Target,
-         splits: int | None = None) -> list[_launch.LaunchPlan]:
+         splits: int | None = None, beta_tensor: bool = False) -> list[_launch.LaunchPlan]:
     """The launches of one metric step over B (T, n) matrices: the fused one, or ``col_sq_sums``' partial
     sums over ``grid[1]`` token splits followed by the epilogue over them. ``splits`` forces the number of
     token splits (tests cover both paths)."""
@@ -81,7 +91,8 @@ def plan(B: int, T: int, n: int, acc: torch.dtype, target: _launch.Target,
     t_splits = partials.grid[1]
     # The partial sums (a few rows) are read with the data's tiles: one compiled epilogue per dtype,
     # whatever the number of splits.
-    meta = {"ACC": _launch.acc_type(acc), "SQUARE": t_splits == 1, "BLOCK_T": block_t, "BLOCK_N": block_n}
+    meta = {"ACC": _launch.acc_type(acc), "SQUARE": t_splits == 1, "BETA_TENSOR": beta_tensor,
+            "BLOCK_T": block_t, "BLOCK_N": block_n}
     epilogue = _launch.LaunchPlan(_kfac_kernel, (partials.grid[0], 1), meta, num_warps=warps, num_stages=3)
     return [epilogue] if t_splits == 1 else [partials, epilogue]
 
@@ -102,8 +113,12 @@ def _metric_step(x, v, beta, damping, power, scale, t_splits):
         T = 1
     else:
         x3 = x.reshape(-1, T, n)
-    launches = plan(B, T, n, acc, _launch.target_of(device, _kfac_kernel), t_splits)
-    scalars = [_launch.f64_bits(s) for s in (scale, beta, 1.0 - beta, damping, power)]
+    tensor = isinstance(beta, Tensor)
+    launches = plan(B, T, n, acc, _launch.target_of(device, _kfac_kernel), t_splits, tensor)
+    # A tensor β: one value per batch element (stride 1) or one for all (stride 0); the scalar slots unused.
+    beta_args = (beta, 0 if beta.numel() == 1 else 1) if tensor else (v2, 0)
+    number = 0.0 if tensor else beta
+    scalars = [_launch.f64_bits(s) for s in (scale, number, 1.0 - number, damping, power)]
     with _launch.device_guard(device):
         if len(launches) == 2:
             partials = launches[0]
@@ -113,7 +128,7 @@ def _metric_step(x, v, beta, damping, power, scale, t_splits):
             # The partial sums, read as a (B, splits, n) "token" matrix.
             x3, T = part.permute(1, 0, 2), part.shape[0]
         launches[-1].launch(x3, T, n, x3.stride(0), x3.stride(1), x3.stride(2),
-                            v2, v2.stride(0), v2.stride(1), new, metric, *scalars)
+                            v2, v2.stride(0), v2.stride(1), new, metric, *beta_args, *scalars)
     return new, metric
 
 
@@ -150,7 +165,18 @@ def kfac_metric_update(
 def _kfac_metric_update(X, S, v_in, v_out, beta, damping, power, scale_in, scale_out, t_splits):
     """``kfac_metric_update`` with the number of token splits forced (tests cover both paths)."""
     _check(X, S, v_in, v_out)
-    beta, damping, power = float(beta), float(damping), float(power)
+    if isinstance(beta, Tensor):
+        batch = X.shape[:-2].numel()
+        if beta.numel() not in (1, batch):
+            raise ValueError(f"{OP}: a tensor beta holds one value, or one per batch element ({batch}), got "
+                             f"{tuple(beta.shape)}")
+        if beta.dtype != v_in.dtype:  # the reference would promote the EMA to β's dtype
+            raise TypeError(f"{OP}: a tensor beta must have v's dtype ({v_in.dtype}), got {beta.dtype}")
+        _launch.check_device(OP, _kfac_kernel, X, beta)
+        beta = beta.reshape(-1).contiguous()
+    else:
+        beta = float(beta)
+    damping, power = float(damping), float(power)
     new_in, m_in = _metric_step(X, v_in, beta, damping, power, float(scale_in), t_splits)
     new_out, m_out = _metric_step(S, v_out, beta, damping, power, float(scale_out), t_splits)
     return new_in, new_out, m_in, m_out

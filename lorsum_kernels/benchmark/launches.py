@@ -72,15 +72,23 @@ def as_gpu_on_meta():
 
     from ..optim import base
 
+    saved_missing = backends._triton_missing_reason
+
+    def triton_missing(device, op):  # Triton runs on the meta device as on a GPU, where it is importable
+        if torch.device(device).type == "meta":
+            return saved_missing(torch.device("cuda"), op)
+        return saved_missing(device, op)
+
     saved_devices = base.IEEE_NATIVE_DEVICES
     _native._NATIVE_KERNELS = saved_kernels | {(op, "meta") for op in on_cuda}
-    backends.resolve_backend = resolve
+    backends.resolve_backend, backends._triton_missing_reason = resolve, triton_missing
     base.IEEE_NATIVE_DEVICES = saved_devices | {"meta"}  # as "cuda": the results carry bad data
     try:
         with _triton_launches_counted():
             yield
     finally:
         _native._NATIVE_KERNELS, backends.resolve_backend = saved_kernels, saved_resolve
+        backends._triton_missing_reason = saved_missing
         base.IEEE_NATIVE_DEVICES = saved_devices
 
 

@@ -141,17 +141,27 @@ def scaled_psi_lora_step(
         v_in, v_out, *metrics = ops.kfac_metric_update(X, S, *metric_state, *kfac, backend=backend)
         metrics = tuple(metrics)
     else:
+        metrics = None
         if reduce is not None:  # metric == "kfac": token sums and counts are reduced, then normalised
             sums = [ops.col_sq_sums(X, backend=backend), ops.col_sq_sums(S, backend=backend)]
             tokens = sums[0].new_full(X.shape[:-2], X.shape[-2])  # in the sums' dtype: one collective
             sum_in, sum_out, tokens = reduce([*sums, tokens])
             stat_in, stat_out = kfac_from_token_sums(sum_in, sum_out, tokens, loss_reduction=loss_reduction)
+        elif metric == "kfac" and ops.kfac_metric_on_triton(backend, X.device):
+            # β2 per layer on a GPU (its warm-up): the fused metric step reads it from device memory, one
+            # launch per side where the composite below takes ten.
+            T = X.shape[-2]
+            v_in, v_out, *metrics = ops.kfac_metric_update(
+                X, S, *metric_state, beta2, damping, metric_power, 1.0 / max(T, 1),
+                kfac_scale_out(loss_reduction, T), backend=backend)
+            metrics = tuple(metrics)
         else:
             stats = kfac_statistics if metric == "kfac" else shampoo_statistics
             stat_in, stat_out = stats(X, S, loss_reduction=loss_reduction, backend=backend)
-        v_in, v_out = ema(metric_state[0], stat_in, beta2), ema(metric_state[1], stat_out, beta2)
-        metrics = (effective_metric(v_in, damping, metric_power),
-                   effective_metric(v_out, damping, metric_power))
+        if metrics is None:
+            v_in, v_out = ema(metric_state[0], stat_in, beta2), ema(metric_state[1], stat_out, beta2)
+            metrics = (effective_metric(v_in, damping, metric_power),
+                       effective_metric(v_out, damping, metric_power))
     grad_pair = (X, S.mT)
     if reduce is not None or momentum_factors is not None:  # lock step: one read of X and S per half-step
         A_new, B_new, buffer = _weight_and_buffer_over_ranks(

@@ -21,7 +21,7 @@ from lorsum_kernels import ops, reference
 from lorsum_kernels.functional import effective_metric, ema, kfac_statistics
 
 from ..problems import (NATIVE_CPU, NATIVE_CUDA, TRITON, activations, assert_layout_independent, cpu64, gen,
-                        over_backends, per_backend, rand, rel_err, spy_on_launcher)
+                        over_backends, per_backend, rand, randn, rel_err, spy_on_launcher)
 
 OP = "kfac_metric_update"
 F32, F64, BF16 = torch.float32, torch.float64, torch.bfloat16
@@ -273,3 +273,81 @@ def test_dispatch_reaches_the_triton_launcher(be, monkeypatch):
     assert len(calls) == 1
     for a, b in zip(out, real(X, S, v_in, v_out, 0.9, 1e-3, -0.5, 1.0, 2.0)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+# ---- β as a device tensor (ScaledLoRSum's β2 warm-up on a GPU) ------------------------------------------
+
+
+@over_backends(OP, TRITON)
+@pytest.mark.parametrize("splits", [1, 2])
+@pytest.mark.parametrize("dtype", [F32, F64], ids=str)
+@pytest.mark.parametrize("per_layer", [True, False], ids=["per-layer", "one"])
+def test_a_tensor_beta_is_read_per_batch_element(be, dtype, splits, per_layer):
+    """β from a tensor of the state's dtype, one per batch element or one for all: the reference's EMA with
+    β broadcast along the rows, in both the fused and the token-split launches."""
+    X, S, v_in, v_out = _problem((3,), 37, 33, 5, dtype, dtype, seed=5, device=be.device)
+    beta = torch.tensor([0.0, 0.5, 0.999] if per_layer else [0.9], dtype=dtype, device=be.device)
+    scalars = (1e-3, -0.5, 1 / 37, 37.0)
+    out = _kfac()._kfac_metric_update(X, S, v_in, v_out, beta, *scalars, t_splits=splits)
+    rows = beta.view(-1, 1) if per_layer else beta.reshape(())
+    _assert_matches(out, (X, S, v_in, v_out, rows, *scalars), _rtol(dtype, dtype, -0.5))
+
+
+@over_backends(OP, TRITON)
+def test_a_tensor_beta_rejects_a_wrong_size_or_dtype(be):
+    X, S, v_in, v_out = _problem((3,), 7, 5, 3, F32, F32, device=be.device)
+    kfac = _kfac()
+    with pytest.raises(ValueError, match=r"one value, or one per batch element \(3\), got \(2,\)"):
+        kfac.kfac_metric_update(X, S, v_in, v_out, torch.full((2,), 0.9), 1e-3, -0.5, 1.0, 1.0)
+    with pytest.raises(TypeError, match=r"a tensor beta must have v's dtype \(torch.float32\)"):
+        kfac.kfac_metric_update(X, S, v_in, v_out, torch.full((3,), 0.9, dtype=F64), 1e-3, -0.5, 1.0, 1.0)
+
+
+def test_where_a_tensor_beta_runs_fused(monkeypatch):
+    """``kfac_metric_on_triton``: never on the CPU under auto (nor under a forced native or torch); where
+    the op would run natively on a GPU, on Triton if it runs there; under a forced triton wherever that
+    runs. Elsewhere ops.kfac_metric_update with a tensor β is the reference, β broadcast along the rows."""
+    from lorsum_kernels import backends
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert not ops.kfac_metric_on_triton("auto", cpu) and not ops.kfac_metric_on_triton("torch", cpu)
+    monkeypatch.setattr(backends, "resolve_backend", lambda backend, device, op: (
+        "native" if backend in (None, "auto", "native") else backend))
+    assert ops.kfac_metric_on_triton("auto", gpu) == backends.triton_available()
+    assert not ops.kfac_metric_on_triton("native", gpu) and not ops.kfac_metric_on_triton("torch", gpu)
+    monkeypatch.setenv("LORSUM_BACKEND", "native")
+    assert not ops.kfac_metric_on_triton(None, gpu)
+    monkeypatch.undo()
+    X, S, v_in, v_out = _problem((3,), 7, 5, 3, F32, F32)
+    beta = torch.tensor([0.1, 0.5, 0.9])
+    out = ops.kfac_metric_update(X, S, v_in, v_out, beta, 1e-3, -0.5, 1.0, 1.0)
+    expected = reference.kfac_metric_update(X, S, v_in, v_out, beta.view(-1, 1), 1e-3, -0.5, 1.0, 1.0)
+    for a, b in zip(out, expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@over_backends(OP, TRITON)
+@pytest.mark.parametrize("momentum", [False, True])
+def test_scaled_psi_step_with_a_per_layer_beta2_takes_the_fused_metric_step(be, momentum, monkeypatch):
+    """scaled_psi_lora_step in the β2 warm-up (β2 one per layer, not read on the host) on a backend that
+    runs the fused op with a tensor β: one metric step call, the same step as the composite's (torch)."""
+    from lorsum_kernels.functional.lorsum_step import scaled_psi_lora_step
+
+    g = gen(7)
+    L, T, n, m, r = 3, 37, 33, 5, 3
+    X, S = activations((L,), T, n, m, dtype=F32, seed=7, device=be.device)
+    A, B = randn(L, r, n, g=g).to(be.device, F32), (0.1 * randn(L, m, r, g=g)).to(be.device, F32)
+    state = (rand(L, n, g=g, low=0.0).to(be.device, F32), rand(L, m, g=g, low=0.0).to(be.device, F32))
+    buffer = None
+    if momentum:
+        buffer = (randn(L, r, n, g=g).to(be.device, F32), randn(L, m, r, g=g).to(be.device, F32))
+    beta2 = torch.tensor([[0.5], [0.75], [0.999]], device=be.device)
+    monkeypatch.setattr(ops, "kfac_metric_on_triton", lambda backend, device: backend == be.name)
+    calls = spy_on_launcher(monkeypatch, OP, _kfac().kfac_metric_update)
+    kw = dict(lr=0.05, lmbd=1e-2, min_lmbd=1e-5, iters=1, betas=(0.9 if momentum else 0.0, beta2),
+              damping=1e-3, metric="kfac", metric_power=0.5, loss_reduction="mean")
+    ours = scaled_psi_lora_step(A, B, X, S, state, buffer, backend=be.name, **kw)
+    assert len(calls) == 1 and isinstance(calls[0][0][4], torch.Tensor)
+    theirs = scaled_psi_lora_step(A, B, X, S, state, buffer, backend="torch", **kw)
+    for a, b in zip([*ours[:2], *ours[2]], [*theirs[:2], *theirs[2]]):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=1e-6)
