@@ -446,3 +446,18 @@ def test_peft_step_depends_on_alpha_ours_does_not():
         results[who] = max(rel_err(b, a) for a, b in zip(*runs))
     assert results["ours"] < 1e-5
     assert results["peft"] > 1e-2
+
+
+def test_decayed_without_weight_decay_is_the_factor_itself():
+    """Decoupled weight decay ``x·(1 − lr·wd)``: with wd the number 0, x itself (x·1 is x bit for bit, so
+    skipping the product, a launch on a GPU, changes nothing); otherwise the product, with a per-layer lr
+    too."""
+    from lorsum_kernels._numerics import decayed
+
+    x = torch.randn(3, 4, 5, generator=torch.Generator().manual_seed(0))
+    x[0, 0, 0] = -0.0
+    assert decayed(x, 0.1, 0.0) is x and torch.equal(x * (1 - 0.1 * 0.0), x)
+    assert decayed(x, torch.tensor([0.1, 0.2, 0.3]), 0.0) is x
+    torch.testing.assert_close(decayed(x, 0.1, 0.01), x * (1 - 0.1 * 0.01), rtol=0, atol=0)
+    lr = torch.tensor([0.1, 0.2, 0.3])
+    torch.testing.assert_close(decayed(x, lr, 0.5), x * (1 - lr.view(3, 1, 1) * 0.5), rtol=0, atol=0)

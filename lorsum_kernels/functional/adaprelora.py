@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from .._numerics import batch_scalar
+from .._numerics import batch_scalar, decayed
 from .low_rank_sum import compute_dtype
 from .riemannian import adamw_update
 
@@ -327,6 +327,6 @@ def adaprelora_step(
         B_new, m_B, v_B = adamw_update(B, dB, state["exp_avg_B"], state["exp_avg_sq_B"], t, **kw)
         new_state.update(exp_avg_A=m_A, exp_avg_B=m_B, exp_avg_sq_A=v_A, exp_avg_sq_B=v_B)
     else:
-        decay = 1 - lr_ * batch_scalar(weight_decay, A)
-        A_new, B_new = A * decay - lr_ * dA, B * decay - lr_ * dB
+        A_new = decayed(A, lr, weight_decay) - lr_ * dA
+        B_new = decayed(B, lr, weight_decay) - lr_ * dB
     return A_new, B_new, new_state

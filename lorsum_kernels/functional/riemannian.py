@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from .._numerics import batch_scalar
+from .._numerics import batch_scalar, decayed
 from .low_rank_sum import compute_dtype
 
 __all__ = ["adamw_update", "scaled_gd_direction", "scaled_gd_step", "scaled_adamw_step"]
@@ -112,10 +112,10 @@ def scaled_gd_step(
     _check_order(update_order)
     dt = compute_dtype(A, B, g_A, g_B)
     A_, B_ = A.to(dt), B.to(dt)
-    lr_, decay = batch_scalar(lr, A_), 1 - batch_scalar(lr, A_) * batch_scalar(weight_decay, A_)
-    A_new = A_ * decay - lr_ * _precondition_A(B_, g_A.to(dt), reg, backend)
+    lr_ = batch_scalar(lr, A_)
+    A_new = decayed(A_, lr, weight_decay) - lr_ * _precondition_A(B_, g_A.to(dt), reg, backend)
     B_ref = A_ if update_order == "jacobi" else A_new
-    B_new = B_ * decay - lr_ * _precondition_B(B_ref, g_B.to(dt), reg, backend)
+    B_new = decayed(B_, lr, weight_decay) - lr_ * _precondition_B(B_ref, g_B.to(dt), reg, backend)
     return A_new.to(A.dtype), B_new.to(B.dtype)
 
 
@@ -143,7 +143,7 @@ def adamw_update(
     exp_avg = torch.lerp(exp_avg, grad.to(exp_avg.dtype), 1 - beta1)
     exp_avg_sq = exp_avg_sq * beta2 + grad.to(exp_avg_sq.dtype).square() * (1 - beta2)
     lr_ = batch_scalar(lr, param)
-    param = param * (1 - lr_ * batch_scalar(weight_decay, param))
+    param = decayed(param, lr, weight_decay)
     if correct_bias:
         t = batch_scalar(step, param)
         step_size = lr_ / (1 - beta1**t)
