@@ -84,11 +84,18 @@ def _warn_native_fallback_once() -> None:
     )
 
 
-def resolve_backend(backend: str | None, device: torch.device | str, op: str) -> str:
-    """The backend that runs ``op`` on ``device``; see the module docstring for the rules."""
+def requested_name(backend: str | None) -> str:
+    """The backend name asked for: ``backend``, or for None and ``"auto"`` the ``LORSUM_BACKEND`` environment
+    variable (``"auto"`` where unset or empty). Not checked."""
     name = backend if backend is not None else "auto"
     if name == "auto":
         name = os.environ.get("LORSUM_BACKEND", "").strip().lower() or "auto"
+    return name
+
+
+def resolve_backend(backend: str | None, device: torch.device | str, op: str) -> str:
+    """The backend that runs ``op`` on ``device``; see the module docstring for the rules."""
+    name = requested_name(backend)
     if name != "auto" and name not in BACKENDS:
         source = "backend" if backend not in (None, "auto") else "LORSUM_BACKEND"
         raise ValueError(f"unknown {source} {name!r}; valid names: {', '.join(BACKENDS)} or 'auto'")

@@ -10,7 +10,6 @@ raises. The layers above (``functional``, ``optim``, ``init``) reach the backend
 
 from __future__ import annotations
 
-import os
 from typing import Callable, Sequence
 
 import torch
@@ -362,9 +361,7 @@ def kfac_metric_on_triton(backend: str | None | Backend, device: torch.device) -
         return False
     if name == "triton":
         return True
-    requested = backend.requested if isinstance(backend, Backend) else backend
-    if requested in (None, "auto"):
-        requested = os.environ.get("LORSUM_BACKEND", "").strip().lower() or "auto"
+    requested = backends.requested_name(backend.requested if isinstance(backend, Backend) else backend)
     if name != "native" or requested != "auto" or torch.device(device).type == "cpu":
         return False
     try:

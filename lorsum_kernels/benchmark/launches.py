@@ -66,7 +66,7 @@ def as_gpu_on_meta():
         if torch.device(device).type == "meta" and requested == "auto":
             if _native.has_native_op(op, "meta"):
                 return "native"
-            if op in backends.TRITON_OPS and backends.triton_available():
+            if backends._triton_missing_reason(device, op) is None:  # the patched rule below: as on a GPU
                 return "triton"
         return saved_resolve(backend, device, op)
 

@@ -1015,7 +1015,7 @@ def _kept_where_skipped(entries: list[tuple[list[Tensor], Tensor]], ok: Tensor) 
     for group in groups.values():
         rows = [new.reshape(L, -1) for _, new in group]
         new_rows = rows[0] if len(rows) == 1 else torch.cat(rows, 1)
-        old_rows = torch.cat([t.reshape(-1) for l in range(L) for targets, _ in group for t in (targets[l],)])
+        old_rows = torch.cat([targets[l].reshape(-1) for l in range(L) for targets, _ in group])
         kept = torch.where(ok.view(L, 1), new_rows, old_rows.view(L, -1))
         for (targets, new), part in zip(group, kept.split([row.shape[1] for row in rows], 1)):
             all_targets += targets
