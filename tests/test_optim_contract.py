@@ -418,11 +418,11 @@ def test_write_paths_agree(name, dtype, monkeypatch):
     """The bucket-wide foreach write (accelerators) and the per-layer write (CPU) write the same bits,
     skipped layers (and their state and counters) untouched by both; bf16 parameters with fp32 state (two
     dtypes, selected apart) too."""
-    from lorsum_kernels.optim import base
+    from lorsum_kernels.optim import writing
 
     results = []
     for foreach in (False, True):
-        monkeypatch.setattr(base, "_foreach_write", lambda device, foreach=foreach: foreach)
+        monkeypatch.setattr(writing, "_foreach_write", lambda device, foreach=foreach: foreach)
         torch.manual_seed(0)
         model = TinyLoRAMLP().to(dtype)
         opt = lk.create_optimizer(model, name, lr=0.05)

@@ -6,7 +6,8 @@ benchmark's SmolLM2 model (``benchmark/real_model.build``: LoRA r=16 on the 210 
 random tokens), and reports each side's work per step (the capture's sink, i.e. the work inside backward,
 and the flush of the CPU's queue of layer steps at backward's end, plus ``step()``). Only Python is
 swapped: both sides run the same native extension (the one built from the working tree). The swapped
-functions: ``LoRAOptimizer.step``, ``._update_clip`` and ``._compute_bucket`` (optim/base.py),
+functions: ``LoRAOptimizer.step``, ``._update_clip`` and ``._compute_bucket`` (optim/base.py; ``_update_clip``
+in optim/writing.py since 2026-12-04),
 ``StreamedStep.take``, ``.collect``, ``.flush``, ``.prepare``, ``.run`` and ``._whole_step``
 (optim/streaming.py; the latter calls a method's one-layer path since 2026-12-03; the tree's ``step``
 finishes the normalised step with the native op the commit may lack in its Python), the optimizer's own ``_one_layer_step`` /
@@ -54,7 +55,16 @@ def _sides(commit: str, cls: type) -> dict:
     torch.optim's profiling wrapper put the inherited step at construction."""
     optim = "lorsum_kernels.optim"
     old_base = _module_at(commit, "lorsum_kernels/optim/base.py", optim)["LoRAOptimizer"]
-    old_streamed = _module_at(commit, "lorsum_kernels/optim/streaming.py", optim)["StreamedStep"]
+    # _update_clip moved from base.py to the writing mixin (optim/writing.py) on 2026-12-04.
+    old_update_clip = old_base.__dict__.get("_update_clip") or \
+        _module_at(commit, "lorsum_kernels/optim/writing.py", optim)["WritingMixin"].__dict__["_update_clip"]
+    old_streaming = _module_at(commit, "lorsum_kernels/optim/streaming.py", optim)
+    # The commit's base imports the tree's LayerResults (its relative imports resolve to the tree's modules):
+    # the commit's collect must build that class for step()'s isinstance to see the streamed results.
+    old_results = old_streaming.get("LayerResults")
+    if old_results is not None and old_results._fields == streaming.LayerResults._fields:
+        old_streaming["LayerResults"] = streaming.LayerResults
+    old_streamed = old_streaming["StreamedStep"]
     old_lrs = _module_at(commit, "lorsum_kernels/functional/low_rank_sum.py", "lorsum_kernels.functional")
     old_ops = _module_at(commit, "lorsum_kernels/ops.py", "lorsum_kernels")
     old_methods = _module_at(commit, "lorsum_kernels/optim/lorsum.py", optim)
@@ -77,7 +87,7 @@ def _sides(commit: str, cls: type) -> dict:
                (streaming.StreamedStep, "run"),
                (low_rank_sum, "_lorsum"), (low_rank_sum, "_als_rounds"), (ops, "_half_step_args"),
                (lorsum_step, "kfac_scaled_low_rank_sum")] + [(cls, attr) for attr in one_layer]
-    old = [old_base.__dict__["step"], old_base.__dict__["_update_clip"], old_base.__dict__["_compute_bucket"],
+    old = [old_base.__dict__["step"], old_update_clip, old_base.__dict__["_compute_bucket"],
            old_streamed.__dict__["take"], old_streamed.__dict__["collect"],
            old_streamed.__dict__["_whole_step"], old_streamed.__dict__["flush"],
            # before 2026-12-04 the queue had no preparation (the commit's flush does not call the tree's)
