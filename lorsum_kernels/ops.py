@@ -534,9 +534,10 @@ def finish_normalized_step(
     root: Tensor, layer_lr: Tensor, allowed: Tensor, balanced: bool, lr: float, beta: float,
     *, backend: str | None | Backend = "auto",
 ) -> Tensor:
-    """``reference.finish_normalized_step``: native on the CPU (fp32), the reference elsewhere."""
+    """``reference.finish_normalized_step``: native on the CPU (fp32), the reference elsewhere and at
+    ``lr`` = 0 (which keeps the statistics: a warm-up's first step, not worth a kernel's special case)."""
     device = A[0].device if len(A) else torch.device("cpu")
-    if implementation(backend, device, "finish_normalized_step") == "native":
+    if implementation(backend, device, "finish_normalized_step") == "native" and float(lr) != 0:
         written = torch.ops.lorsum.finish_normalized_step(A, B, A_new, B_new, checked, v, t, scale, root,
                                                           layer_lr, allowed, balanced, float(lr), float(beta))
         # The kernel writes through the tensors' data pointers, which autograd does not see: their version
@@ -555,9 +556,10 @@ def finish_normalized_stacked(
     lr: float, beta: float, *, backend: str | None | Backend = "auto",
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``reference.finish_normalized_stacked``: Triton on a GPU (two launches and the bound's two Grams where
-    the reference takes ~45 small ops), the reference elsewhere."""
+    the reference takes ~45 small ops), the reference elsewhere and at ``lr`` = 0 (which keeps the
+    statistics and factors)."""
     args = (A, B, A_new, B_new, root, layer_lr, v, t, float(lr), float(beta))
-    if implementation(backend, A.device, "finish_normalized_stacked") == "triton":
+    if implementation(backend, A.device, "finish_normalized_stacked") == "triton" and float(lr) != 0:
         from . import triton_kernels
 
         return triton_kernels.finish_normalized_stacked(*args)

@@ -235,3 +235,61 @@ def test_an_accelerator_reads_each_scale_until_it_is_known(name, capture, monkey
         trained.append([p.detach().clone() for p in model.parameters()])
     for a, b in zip(*trained):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("in_place", [True, False])
+@pytest.mark.parametrize("capture", ["auto", "cache"])
+@pytest.mark.parametrize("name", sorted(NORMALIZED))
+def test_a_zero_lr_step_keeps_factors_and_statistics_and_is_not_skipped(name, capture, in_place):
+    """lr = 0 (a warm-up from 0, as transformers' schedules start; a schedule's end): the step is zero and
+    measures nothing. The layers' factors and ``step_norm_*`` statistics stay (bit for bit, but for the
+    scale, recomputed from them), the step is
+    counted as taken, not skipped, and training goes on as if it had not happened (LoRSum, whose state is
+    only the statistics: the same factors as the run without the zero steps). Before, u = ‖ΔW‖/0 put inf in
+    v, or NaN at a first step: that step was counted as skipped, and a layer with statistics never moved
+    again."""
+    def train(lrs):
+        torch.manual_seed(0)
+        model = TinyLoRAMLP()
+        model.head.requires_grad_(False)  # AdamW's moments would take the zero step's gradient
+        opt = NORMALIZED[name](model, lr=1e-2, capture=capture)
+        if not in_place:
+            opt._finishes_in_place = lambda *args: False
+        g = torch.Generator().manual_seed(3)
+        batches = [torch.randn(2, 7, 12, generator=g) for _ in range(5)]
+        for x, lr in zip(batches, lrs):
+            if lr is None:
+                continue  # the run without the zero steps skips their batches
+            opt.param_groups[0]["lr"] = lr
+            before = [p.detach().clone() for p in model.parameters()]
+            stats = [{k: v.clone() for k, v in opt.state[layer.lora_A.weight].items()
+                      if k.startswith("step_norm")} for layer in _layers(model)]
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+            if lr == 0:
+                for a, b in zip(model.parameters(), before):
+                    assert torch.equal(a, b)
+                for layer, old in zip(_layers(model), stats):
+                    new = opt.state[layer.lora_A.weight]
+                    assert torch.equal(new["step_norm_sq"], old["step_norm_sq"])
+                    assert torch.equal(new["step_norm_count"], old["step_norm_count"])
+                    # recomputed from them (by the reference: the native finish rounds its own way, 1 ulp)
+                    torch.testing.assert_close(new["step_norm_scale"], old["step_norm_scale"], rtol=1e-6,
+                                               atol=0)
+        assert int(opt.state["skipped_steps"]) == 0
+        for layer in _layers(model):
+            st = opt.state[layer.lora_A.weight]
+            assert int(st["step"]) == sum(lr is not None for lr in lrs) and int(st["skipped_steps"]) == 0
+            assert int(st["step_norm_count"]) == sum(bool(lr) for lr in lrs)
+            assert (float(st["step_norm_scale"]) > 0) == any(lrs) and math.isfinite(float(st["step_norm_sq"]))
+        return [p.detach().clone() for p in model.parameters()]
+
+    with_zeros = train([0.0, 1e-2, 1e-2, 0.0, 1e-2])
+    start = train([None] * 5)  # nothing stepped: the initial factors
+    lora = [i for i, (n, _) in enumerate(TinyLoRAMLP().named_parameters()) if "lora_" in n]
+    assert lora and all(not torch.equal(with_zeros[i], start[i]) for i in lora)  # the nonzero steps moved
+    if name == "lorsum":
+        without = train([None, 1e-2, 1e-2, None, 1e-2])
+        for a, b in zip(with_zeros, without):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

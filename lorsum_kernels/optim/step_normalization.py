@@ -20,6 +20,13 @@ layer's first step (or while all its steps were zero) there are no statistics: t
 to measure u_1, then at η/u_1, until the lr reproduces itself within 5% (two to four times the work, once;
 more than two when the step is large against the weight, where it is not linear in the lr).
 
+At η = 0 (a warm-up from 0, as transformers' schedules start, or a schedule's end) the step is zero and
+measures nothing: the factors and statistics stay, and the step is taken, not skipped (the rest of the
+state, a momentum buffer or a metric, updates as at any lr, as torch's optimizers update their moments).
+A step so small that the factors' rounding outweighs it (η below ~1e-7 of the lr the statistics came
+from) measures that rounding instead and overstates u, shrinking the layer's later steps until the EMA
+forgets it.
+
 The proximal weight stays ``η·λ0`` (the method's, at the group's lr) whatever the layer's lr: tied to the
 layer's lr it would grow with it and cap the step of a layer with small gradients near ``G/λ0``, and the
 step would no longer be invariant to the gradient's scale. ‖ΔW‖ is the bound of
@@ -67,6 +74,8 @@ def step_at_layer_lr(step_at: Callable[[object], tuple], A: Tensor, B: Tensor, l
     caller knows every scale is positive, so the step reads none (on a GPU a read waits for the device).
     """
     scale = state["step_norm_scale"].reshape(-1)
+    if float(lr) == 0:  # every layer's lr is 0 (finish keeps the statistics): nothing to measure
+        return step_at(0.0)
     if known_positive:
         return step_at((float(lr) * scale).to(A.dtype))
     if scale.device.type == "cpu" and scale.numel() == 1:
@@ -109,10 +118,20 @@ def finish(A_old: Tensor, B_old: Tensor, A_new: Tensor, B_new: Tensor, root: Ten
     # The bound is homogeneous of degree 2 in the factors: that of the balanced ones (√s·A, √s·B) is s times
     # that of the unbalanced ones (no scaled copies of all factors, four passes over them).
     A_old, B_old = A_old.to(dt), B_old.to(dt)
-    u = (_size(A_old, B_old, A_new, B_new, layer_lr) * root.reshape(-1).square()).to(v.dtype)
-    v_new, t_new = v * beta + (1 - beta) * u * u, t + 1
+    zero_lr = float(lr) == 0
+    if zero_lr:
+        # η = 0 (a warm-up from 0, a schedule's end): every layer's lr is 0, its step is zero and measures
+        # nothing (u = ‖ΔW‖/0, rounding over 0, would put inf in v and stop the layer for good): the factors
+        # and statistics stay; the scale below is the stored one, recomputed from the same v and t.
+        v_new, t_new = v, t
+    else:
+        u = (_size(A_old, B_old, A_new, B_new, layer_lr) * root.reshape(-1).square()).to(v.dtype)
+        v_new, t_new = v * beta + (1 - beta) * u * u, t + 1
     # 1/√v̂_t; 0 while every step was zero (v = 0): the next one is measured again
     scale = torch.where(v_new > 0, (v_new / (1 - beta ** t_new)).sqrt().clamp_min(1e-30).reciprocal(), 0)
+    stats = {"step_norm_sq": v_new, "step_norm_count": t_new, "step_norm_scale": scale}
+    if zero_lr:
+        return A_old, B_old, stats
     alpha = (float(lr) * scale / layer_lr).clamp(max=1.0).to(dt).view(-1, 1, 1)
     A_new, B_new = moved_by(A_old, A_new, alpha), moved_by(B_old, B_new, alpha)
-    return A_new, B_new, {"step_norm_sq": v_new, "step_norm_count": t_new, "step_norm_scale": scale}
+    return A_new, B_new, stats

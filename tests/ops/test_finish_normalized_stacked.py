@@ -115,6 +115,23 @@ def test_a_non_finite_layer_stays_in_its_layer(be):
 
 
 @over_backends(OP, TRITON)
+def test_a_zero_lr_keeps_the_factors_and_statistics(be):
+    """η = 0 (a warm-up from 0): the step measures nothing (u = ‖ΔW‖/0 would be inf or NaN in v): the old
+    factors, v and t exactly, the scale recomputed from them (0 where v = 0), as the reference; ``ops`` runs
+    the reference there, whatever the backend."""
+    args = _problem(6, 3, 37, 23, F32, F32, device=be.device)
+    args[5] = torch.zeros_like(args[5])
+    args[8] = 0.0
+    out = be.run(OP, *args)
+    expected = reference.finish_normalized_stacked(*args)
+    for o, e, old in zip(out, expected, (args[0], args[1], args[6], args[7])):
+        assert torch.equal(o, old) and torch.equal(e, old)
+    assert torch.equal(out[4], expected[4]) and bool(out[4].isfinite().all())
+    v, t = args[6], args[7]
+    torch.testing.assert_close(out[4], torch.where(v > 0, (v / (1 - 0.999 ** t)).sqrt().reciprocal(), 0))
+
+
+@over_backends(OP, TRITON)
 def test_empty_bucket(be):
     args = _problem(0, 3, 5, 4, F32, F32, device=be.device)
     out = be.run(OP, *args)

@@ -109,6 +109,30 @@ def test_a_layer_with_a_non_finite_result_or_not_allowed_is_left_as_it_was(be, c
 
 
 @over_backends(OP, NATIVE_CPU)
+def test_a_zero_lr_keeps_the_factors_and_statistics(be, cpu_path):
+    """η = 0 (a warm-up from 0): every layer's lr is 0, its step measures nothing (u = ‖ΔW‖/0). The layers
+    that may be written keep their factors, v and t; the scale is recomputed from them, 1/√v̂ (0 where v =
+    0); the op says they were written (nothing was skipped). Runs as the reference (``ops`` routes η = 0
+    there): before, the statistics became inf or NaN and the layer never moved again."""
+    args = _problem(3, balanced=True)
+    args[9] = torch.zeros_like(args[9])  # layer_lr = η·scale = 0
+    args[12] = 0.0
+    args[10][4] = False
+    before = _copy(args)
+    out = be.run(OP, *args)
+    assert out.tolist() == [True, True, True, True, False, True]
+    for k in (0, 1, 5, 6):
+        for x, y in zip(args[k], before[k]):
+            assert torch.equal(x, y), k
+    for l, (v, t, scale) in enumerate(zip(args[5], args[6], args[7])):
+        if l == 4:
+            assert torch.equal(scale, before[7][4])
+            continue
+        expected = (v / (1 - 0.999 ** t)).sqrt().reciprocal() if float(v) > 0 else torch.zeros(())
+        torch.testing.assert_close(scale, expected, rtol=1e-6, atol=0)
+
+
+@over_backends(OP, NATIVE_CPU)
 def test_no_checked_tensors_and_no_layers(be, cpu_path):
     args = _problem(2, balanced=False, checked_per_layer=0)
     expected_args = _copy(args)
