@@ -328,6 +328,75 @@ def test_bad_lr_set_after_construction_is_refused_in_step_before_any_change(kind
     assert all(not torch.equal(p, q) for p, q in zip(params, model.parameters()) if q.requires_grad)
 
 
+# An option that decides which state each layer keeps, changed after construction: (class, kwargs, option,
+# new value, message). The step would run without state it needs (or ignore state it has) and the state
+# dict would no longer load.
+STATE_OPTIONS = {
+    "lorsum_momentum_on": (lk.LoRSum, dict(lr=1e-2), "momentum", 0.9, "momentum = 0.9.*cycle_momentum=False"),
+    "lorsum_momentum_off": (lk.LoRSum, dict(lr=1e-2, momentum=0.9), "momentum", 0.0, "momentum = 0.0"),
+    "lorsum_normalize_off": (lk.LoRSum, dict(lr=1e-2), "normalize_step", False, "normalize_step = False"),
+    "scaled_lorsum_beta1_on": (lk.ScaledLoRSum, dict(lr=1e-2), "betas", (0.9, 0.99),
+                               r"betas\[0\] = 0.9.*cycle_momentum=False"),
+    "scaled_lorsum_warmup_off": (lk.ScaledLoRSum, dict(lr=1e-2), "beta2_warmup", False,
+                                 "beta2_warmup = False"),
+    "adaprelora_momentum_adam": (lk.AdaPreLoRA, dict(lr=1e-2), "momentum", "adam", "momentum = 'adam'"),
+    "adaprelora_momentum_off": (lk.AdaPreLoRA, dict(lr=1e-2), "momentum", None, "momentum = None"),
+}
+
+
+@pytest.mark.parametrize("case", list(STATE_OPTIONS))
+def test_an_option_that_decides_the_state_changed_after_construction_is_refused_before_any_change(case):
+    """As torch's OneCycleLR and CyclicLR do by default (cycle_momentum=True: LoRSum's ``momentum``, or β1 of
+    ``betas`` where the optimizer has them), or a user: ``step()`` raises before anything changes, naming
+    the option, and goes through once it is restored."""
+    cls, kwargs, option, value, message = STATE_OPTIONS[case]
+    torch.manual_seed(0)
+    model = TinyLoRAMLP()
+    opt = cls(model, **kwargs)
+    train(model, opt, batches(1))
+    params = [p.detach().clone() for p in model.parameters()]
+    before = snapshot(opt)
+    group = opt.param_groups[0]
+    good, group[option] = group[option], value  # as a scheduler sets it: after one step, before the next
+    opt.zero_grad()
+    with pytest.raises(ValueError, match=f"{cls.__name__}: param group 0 has {message}"):
+        loss_of(model, batches(1, seed=4)[0]).backward()  # the step streamed in backward (capture="auto")
+        opt.step()
+    group[option] = good
+    assert_same_snapshot(before, snapshot(opt))
+    for p, q in zip(params, model.parameters()):
+        assert torch.equal(p, q)
+    opt.zero_grad()
+    loss_of(model, batches(1, seed=4)[0]).backward()
+    opt.step()
+    assert any(not torch.equal(p, q) for p, q in zip(params, model.parameters()) if q.requires_grad)
+
+
+@pytest.mark.parametrize("cls, kwargs", [(lk.LoRSum, dict(lr=1e-2, momentum=0.9)),
+                                         (lk.ScaledLoRSum, dict(lr=1e-2, betas=(0.9, 0.99))),
+                                         (lk.AdaPreLoRA, dict(lr=1e-2)), (lk.ScaledAdamW, dict(lr=1e-2))])
+def test_one_cycle_lr_cycles_the_momentum_an_optimizer_was_built_with(cls, kwargs):
+    """torch's OneCycleLR with its default cycle_momentum=True on an optimizer built with a momentum (LoRSum's
+    ``momentum``, β1 of the others' ``betas``): it trains, every step taken, and the state dict resumes."""
+    torch.manual_seed(0)
+    model = TinyLoRAMLP()
+    opt = cls(model, **kwargs)
+    max_lr = [g["lr"] for g in opt.param_groups]
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=max_lr, total_steps=6)
+    seen = set()
+    for batch in batches(4):
+        opt.zero_grad()
+        loss_of(model, batch).backward()
+        opt.step()
+        sched.step()
+        group = opt.param_groups[0]
+        seen.add(group["momentum"] if "momentum" in opt.defaults and cls is lk.LoRSum else group["betas"][0])
+    assert len(seen) > 1 and int(opt.state["skipped_steps"]) == 0  # the momentum did cycle
+    resumed = cls(model, **kwargs)
+    resumed.load_state_dict(opt.state_dict())
+    assert resumed.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+
+
 def test_tensor_lr_is_accepted():
     torch.manual_seed(0)
     model = TinyLoRAMLP()

@@ -61,6 +61,8 @@ class AdaPreLoRA(LoRAOptimizer):
     """
 
     _data_op = "row_col_energies"
+    _optional_state = {"exp_avg_A": ("momentum", lambda group: group["momentum"] is not None),
+                       "exp_avg_sq_A": ("momentum", lambda group: group["momentum"] == "adam")}
 
     def __init__(
         self,

@@ -403,6 +403,45 @@ class LoRAOptimizer(WritingMixin, CheckpointMixin, ReshardingMixin, torch.optim.
         """Initial method state of one layer (fp32 tensors on the layer's device)."""
         return {}
 
+    # State keys a layer holds only under some options: key -> (the option's name, whether a group's options
+    # ask for the key). Such an option decides which state each layer keeps, at construction; changed later
+    # (a scheduler that cycles momentum) the step would run without state it needs, or ignore state it has,
+    # and the state dict would no longer load: step() raises first (_check_options_fit_state).
+    _optional_state: dict = {}
+
+    def _check_options_fit_state(self) -> None:
+        """Raises (before any state changes) where a LoRA group's options now ask for other state than its
+        layers were built with (``_optional_state``)."""
+        if not self._optional_state:
+            return
+        for group in self._lora_groups():
+            layers = self._layers_by_A
+            layer = next((layers[id(p)] for p in group["params"] if id(p) in layers), None)
+            if layer is not None:
+                self._check_options_fit_layer(group, layer)
+
+    def _check_options_fit_layer(self, group: dict, layer: LoRALayer) -> None:
+        """``_check_options_fit_state`` for one layer of ``group`` (the streamed step checks each layer in
+        backward, before its step reads the state)."""
+        state = self.state[layer.A]
+        for key, (option, asks) in self._optional_state.items():
+            if bool(asks(group)) == (key in state):
+                continue
+            value = group["betas"][0] if option == "betas[0]" else group[option]
+            index = next(i for i, g in enumerate(self.param_groups) if g is group)
+            numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+            hint = ""
+            if option in ("momentum", "betas[0]"):
+                hint = (" A scheduler that cycles momentum does this (OneCycleLR and CyclicLR do by "
+                        f"default): pass cycle_momentum=False to it, or build the optimizer with a nonzero "
+                        f"{option} to cycle it.")
+            raise ValueError(
+                f"{type(self).__name__}: param group {index} has {option} = {value!r}, but its layers were "
+                f"built {'with' if key in state else 'without'} the state it decides ('{key}'): {option} was "
+                f"changed after the optimizer was built, and {'whether it is 0' if numeric else 'it'} decides "
+                f"which state each layer keeps, made at construction.{hint}"
+            )
+
     def _no_data_parallel_mode(self, group: dict) -> str | None:
         """Why this group's configuration cannot run with a ``process_group`` (None when it can). Methods
         that step from the captured X and S must average their token sums over ``self._reduce``."""
@@ -476,6 +515,7 @@ class LoRAOptimizer(WritingMixin, CheckpointMixin, ReshardingMixin, torch.optim.
                    for g in self.param_groups}
         if self._streamed is not None:
             self._streamed.check(loss_scaled=inv_scale is not None)  # raises before any state changes
+        self._check_options_fit_state()
         plan = self._plan()  # validates everything before any state changes
         # One factor for everything the step consumes: the loss scale's inverse times the clip coefficient.
         factor = inv_scale

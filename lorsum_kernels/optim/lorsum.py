@@ -213,6 +213,8 @@ class LoRSum(_NormalizedStep, _MomentumFactors, LoRAOptimizer):
 
     # Every read of X and S goes through these (psi_lora_step: the half-steps, or the lock-step products).
     _data_ops = ("lorsum_update_in", "lorsum_update_out", "pair_products")
+    _optional_state = {"momentum_in": ("momentum", lambda group: group["momentum"]),
+                       "step_norm_scale": ("normalize_step", lambda group: group["normalize_step"])}
 
     def __init__(
         self,
@@ -338,6 +340,9 @@ class ScaledLoRSum(_NormalizedStep, _MomentumFactors, LoRAOptimizer):
 
     # LoRSum's, plus the metric statistics (fused, or the composite's sums of squares and Shampoo energies).
     _data_ops = LoRSum._data_ops + ("kfac_metric_update", "col_sq_sums", "row_col_energies")
+    _optional_state = {"momentum_in": ("betas[0]", lambda group: group["betas"][0]),
+                       "metric_updates": ("beta2_warmup", lambda group: group["beta2_warmup"]),
+                       "step_norm_scale": ("normalize_step", lambda group: group["normalize_step"])}
 
     def __init__(
         self,

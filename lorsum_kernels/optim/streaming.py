@@ -234,6 +234,7 @@ class StreamedStep:
         False when the capture is to cache it."""
         opt = self.optimizer
         group = opt._group_of(layer)
+        opt._check_options_fit_layer(group, layer)  # a scheduler may have changed them since step()
         if not opt._steps_from_token_sums(group):
             if not self.whole_steps:
                 return False  # cached: this layer's step needs all of the step's tokens at once
