@@ -56,9 +56,13 @@ class TwoLoRA(nn.Module):
 
 # name -> (optimizer factory (model, process_group), options). Options: "micro" micro-batches per rank
 # (the first ones under DDP.no_sync), "uneven" (rank r has 11 − 2r tokens and rank 1 skips the second
-# layer: the single process then accumulates the per-shard means / R, the objective DDP optimises).
+# layer: the single process then accumulates the per-shard means / R, the objective DDP optimises), "lrs"
+# (the LoRA group's lr at each step: a warm-up from 0 and a zero mid-run, which the normalised step takes
+# without moving or measuring; the zero steps are streamed, as the others from step 2 on).
 CASES = {
     "lorsum_k1": (lambda m, pg: lk.LoRSum(m, lr=1e-2, iters=1, process_group=pg), {}),  # normalised (default)
+    "scaled_zero_lr": (lambda m, pg: lk.ScaledLoRSum(m, lr=1e-2, iters=1, process_group=pg),
+                       {"lrs": [0.0, 1e-2, 0.0]}),
     "lorsum_k0_momentum": (lambda m, pg: lk.LoRSum(m, lr=0.5, normalize_step=False, iters=0, momentum=0.9,
                                                    dampening=0.1, process_group=pg), {}),
     "lorsum_k2_momentum_clipped": (
@@ -125,6 +129,8 @@ def _train(case: str, world: int, rank: int | None, with_group: bool = True) -> 
     shards = _shards(world, uneven)
     total = shards[-1][1] * micro
     for step in range(STEPS):
+        if "lrs" in options:
+            opt.param_groups[0]["lr"] = options["lrs"][step]
         g = torch.Generator().manual_seed(100 + step)
         x, y = torch.randn(total, N_IN, generator=g), torch.randn(total, 5, generator=g)
         if rank is None and not uneven:  # the concatenated global batch, one mean
