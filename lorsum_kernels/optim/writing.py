@@ -15,7 +15,9 @@ the steps streamed in backward); ``_write_results`` then, in this order:
   in the parameters' dtype, and state; the others keep theirs and count a skipped step. The choice is a
   device select, never a host read of a flag, except on the CPU where the read is free.
 
-Each returns a device flag per bucket (whether it skipped a layer), which ``step()`` counts.
+Each returns a device flag per bucket (whether it skipped a layer), which ``step()`` counts. The mixin reads
+the optimizer's state, options and helpers (``_backend``, ``_scale_root``, ``_host_values``,
+``_factor_values``, ``_sharded``), which ``LoRAOptimizer`` defines.
 """
 
 from __future__ import annotations
