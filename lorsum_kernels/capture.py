@@ -17,7 +17,9 @@ Contract:
   the graph) stays alive. S is held only between the module's output-gradient hook and that function's
   backward, a few nodes later in the same layer's backward. Under ``torch.compile`` (whose graphs cannot
   hold a side-effecting backward) X is held by the output-gradient hook instead, from forward to backward;
-  the hooks add no graph break.
+  the hooks add no graph break. There the pair is handed over by an opaque op in the compiled backward,
+  which takes copies of X and S: Inductor reuses a buffer's memory once its last op has run, so the
+  tensors themselves would hold whatever it writes next (one extra pass over X and S per layer).
 * What happens to a pair: the ``sink`` (set by the optimizer when it streams, and by LoRA-One's init)
   takes it during backward and nothing is kept; otherwise it is appended to the layer's records, and
   gradient accumulation and modules called several times per step concatenate, which gives exactly
@@ -231,7 +233,8 @@ def _(out, x, key):
 def _tap_grad_op(grad: Tensor, x: Tensor, key: int) -> Tensor:
     tap = _TAPS.get(key)
     if tap is not None:
-        tap.on_output_grad(None, x, grad)
+        # Copies: Inductor's compiled backward reuses the memory of x and grad once this op has run.
+        tap.on_output_grad(None, x.clone(), grad.clone())
     return grad.clone()
 
 
