@@ -229,7 +229,12 @@ def _(out, x, key):
     return torch.empty_like(out)
 
 
-@torch.library.custom_op("lorsum_capture::tap_grad", mutates_args=())
+# The tap's backward runs Python (it records the pair): a CUDA graph would replay its kernels without it, so
+# Inductor's CUDA graphs (mode="reduce-overhead") must leave it out (where this torch has the tag).
+_CUDAGRAPH_UNSAFE = tuple(tag for tag in (getattr(torch.Tag, "cudagraph_unsafe", None),) if tag is not None)
+
+
+@torch.library.custom_op("lorsum_capture::tap_grad", mutates_args=(), tags=_CUDAGRAPH_UNSAFE or None)
 def _tap_grad_op(grad: Tensor, x: Tensor, key: int) -> Tensor:
     tap = _TAPS.get(key)
     if tap is not None:

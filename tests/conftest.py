@@ -50,22 +50,26 @@ LAYER_SHAPES = [
 LAYER_SHAPE_IDS = [f"b{'x'.join(map(str, b)) or '0'}_m{m}_n{n}_r{r}" for b, m, n, r in LAYER_SHAPES]
 
 
-def train_tiny(make_optimizer, steps: int, device="cpu", dtype=torch.float32) -> tuple[dict, dict]:
+def train_tiny(make_optimizer, steps: int, device="cpu", dtype=torch.float32,
+               compile_mode: str | None = None) -> tuple[dict, dict]:
     """``steps`` seeded steps of a TinyLoRAMLP(40→72→72→72→5, r=5) under ``make_optimizer(model)``, the model
     and its data on ``device`` in ``dtype`` (the batches drawn on the CPU); returns the parameters and every
     tensor of the optimizer state, keyed by parameter name, where they live (backend and device
-    comparisons)."""
+    comparisons). ``compile_mode``: the model runs under ``torch.compile(model, mode=compile_mode)``."""
     torch.manual_seed(0)
     model = TinyLoRAMLP(d_in=40, d_hidden=72, d_out=5, r=5, alpha=10.0).to(device=device, dtype=dtype)
     opt = make_optimizer(model)
+    run = model if compile_mode is None else torch.compile(model, mode=compile_mode)
     g = torch.Generator().manual_seed(1)
     for _ in range(steps):
         x = torch.randn(4, 33, 40, generator=g).to(device=device, dtype=dtype)
         y = torch.randint(0, 5, (4, 33), generator=g).to(device)
-        loss = nn.functional.cross_entropy(model(x).flatten(0, 1).float(), y.flatten())
+        loss = nn.functional.cross_entropy(run(x).flatten(0, 1).float(), y.flatten())
         opt.zero_grad()
         loss.backward()
         opt.step()
+    if compile_mode is not None:
+        torch._dynamo.reset()
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
     state = {(n, k): v.clone() for n, p in model.named_parameters() for k, v in opt.state.get(p, {}).items()
              if isinstance(v, torch.Tensor)}
