@@ -26,8 +26,11 @@ Two things to know when pairing the Trainer with these optimizers:
   normalised as the big batch's: true for causal LMs in transformers 5, whose loss takes
   ``num_items_in_batch``. A model whose ``forward`` accepts ``**kwargs`` but ignores
   ``num_items_in_batch`` (e.g. ``BertForSequenceClassification``) gets a gradient ``GA`` times too large
-  from the Trainer, which AdamW does not notice but LoRSum's step does: pass
+  from the Trainer, which AdamW, AdaPreLoRA, Scaled AdamW and the normalised LoRSum steps (the defaults)
+  hardly notice but the plain steps (ScaledGD, SVDLoRA, ``normalize_step=False``) do: pass
   ``compute_loss_func`` or divide the lr by ``gradient_accumulation_steps`` there.
+* A warm-up from lr 0 (``get_linear_schedule_with_warmup``) is fine: the normalised steps take a zero
+  step without moving or measuring anything.
 """
 
 from __future__ import annotations
