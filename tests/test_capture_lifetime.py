@@ -324,6 +324,31 @@ def test_inductor_compiled_model_captures_the_true_gradient(dropout):
         assert rel_err(layer.B.grad, layer.scale * G @ layer.A.detach().T) < 1e-5, layer.name
 
 
+def test_a_model_compiled_before_the_optimizer_says_how_to_recompile():
+    """torch.compile does not guard on module hooks: a model compiled and run before the optimizer hooked
+    its layers (or one of the same class: the compiled code is shared) keeps running a graph without the
+    capture. The step says so, and names the way out, before changing anything; after
+    ``torch.compiler.reset()`` the same optimizer trains."""
+    torch.compiler.reset()
+    model = _model()
+    compiled = torch.compile(model, backend="aot_eager")
+    x, y = _batch(2, 4, 1)
+    _loss(compiled, x, y).backward()  # compiled without hooks
+    model.zero_grad()
+    opt = lk.LoRSum(model, lr=1e-2)
+    _loss(compiled, x, y).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match=r"torch.compiler.reset\(\)"):
+        opt.step()
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    opt.zero_grad()
+    torch.compiler.reset()
+    _loss(compiled, x, y).backward()
+    opt.step()
+    assert not torch.equal(before[2], model.l1.lora_A.weight)  # the step ran
+    torch.compiler.reset()
+
+
 @pytest.mark.parametrize("capture", ["auto", "cache"])
 def test_inductor_compiled_model_trains_as_the_eager_one(capture):
     """LoRSum on a model compiled with Inductor takes the eager model's steps: the first cached, the next

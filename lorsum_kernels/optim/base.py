@@ -587,7 +587,11 @@ class LoRAOptimizer(WritingMixin, CheckpointMixin, ReshardingMixin, torch.optim.
                 if data is None and self._capture.received_grad(layer):
                     raise RuntimeError(
                         f"{layer.name} has gradients but no captured inputs/output-gradients: was its "
-                        "forward run in eval mode, under no_grad, or before the optimizer was created?"
+                        "forward run in eval mode, under no_grad, or before the optimizer was created? Or by "
+                        "a torch.compile'd model that had run before the optimizer was created (or run a model "
+                        "of the same class): its compiled graphs do not see module hooks added later; build "
+                        "the optimizer before the first compiled forward, or call torch.compiler.reset() "
+                        "after building it"
                     )
                 data_of[id(layer)] = data
         uneven = self._agree_on_data(data_of) if self._reduce is not None and data_of else set()
