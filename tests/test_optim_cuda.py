@@ -108,8 +108,8 @@ def test_trains_a_bf16_model_on_cuda_as_on_cpu(name):
 
 
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
-@pytest.mark.parametrize("name", ["lorsum", "scaled_lorsum", "adaprelora"])
-def test_a_compiled_model_trains_on_cuda_as_the_eager_one(name, mode):
+@pytest.mark.parametrize("name", ["lorsum"])  # the capture is the methods' common path; each compile costs
+def test_a_compiled_model_trains_on_cuda_as_the_eager_one(name, mode):  # ~half a minute of GPU time
     """``torch.compile(model)`` on the GPU (Inductor), and with its CUDA graphs (``mode="reduce-overhead"``,
     which must leave the capture's tap op out: its backward records the pair in Python, which a graph's
     replay would skip): the same steps as the eager model, within the GPU's rounding."""
