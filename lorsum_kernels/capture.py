@@ -291,6 +291,16 @@ class ActivationCapture:
         self._taps: dict[int, _LayerTap] = {}  # id(layer) -> tap
         self._by_module: dict[int, list[_LayerTap]] = {}  # id(module) -> its layers' taps
         self._handles = []
+        layers = list(layers)
+        for layer in layers:
+            if layer.on_parameter:
+                raise NotImplementedError(
+                    f"{layer.name}: a PEFT LoRA on a parameter (target_parameters) adds s·B·A to the weight and "
+                    "runs no LoRA path on an input, so there is no input X or output gradient S to capture for "
+                    "the methods that step from them (LoRSum, ScaledLoRSum, AdaPreLoRA with exact statistics, "
+                    "SVDLoRA, LoRA-One's init): target the module instead (target_modules), or use a method "
+                    "that steps from .grad (ScaledAdamW, ScaledGD, AdaPreLoRA with statistics='surrogate')"
+                )
         for layer in layers:
             if layer.A_module is None or layer.B_module is None:
                 raise ValueError(f"{layer.name}: the capture needs the lora_A and lora_B modules of the layer")

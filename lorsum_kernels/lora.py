@@ -38,6 +38,9 @@ class LoRALayer:
     scale: float
     A_module: nn.Module | None = None  # the lora_A Linear: its input is the X the LoRA path saw
     B_module: nn.Module | None = None  # the lora_B Linear
+    # PEFT's target_parameters (ParamWrapper): s·B·A is added to a parameter, and no LoRA path runs on an
+    # input, so there is no X or S to capture (the methods that step from .grad work as on any layer).
+    on_parameter: bool = False
 
     @property
     def rank(self) -> int:
@@ -128,5 +131,5 @@ def find_lora_layers(model: nn.Module) -> list[LoRALayer]:
                 )
             label = name if adapter is None else f"{name}[{adapter}]"
             layers.append(LoRALayer(label, module, a_mod.weight, b_mod.weight, _scale_of(module, adapter),
-                                    a_mod, b_mod))
+                                    a_mod, b_mod, on_parameter=type(module).__name__ == "ParamWrapper"))
     return layers

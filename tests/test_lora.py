@@ -275,6 +275,35 @@ def test_peft_variants_that_change_the_update_are_rejected(variant):
         find_lora_layers(model)
 
 
+def test_peft_lora_on_a_parameter_is_refused_by_the_capture_methods_and_steps_from_grad():
+    """PEFT's ``target_parameters`` (``ParamWrapper``) adds s·B·A to a parameter and runs no LoRA path on an
+    input: the methods that step from each layer's captured X and S raise at construction (before, their
+    first step said "has gradients but no captured inputs"), LoRA-One's init too; those that step from
+    ``.grad`` train it."""
+    peft = _peft()
+    if "target_parameters" not in getattr(peft.LoraConfig, "__dataclass_fields__", {}):
+        pytest.skip("this peft has no target_parameters")
+    model = _peft_llama(targets=(), target_parameters=["mlp.up_proj.weight"])
+    layers = find_lora_layers(model)
+    assert layers and all(layer.on_parameter for layer in layers)
+    assert not any(layer.on_parameter for layer in find_lora_layers(_peft_llama()))
+    for cls in (lk.LoRSum, lk.ScaledLoRSum, lk.AdaPreLoRA, lk.SVDLoRA):
+        with pytest.raises(NotImplementedError, match="target_parameters"):
+            cls(model)
+    with pytest.raises(NotImplementedError, match="target_parameters"):
+        lk.lora_one_init(model, [{"input_ids": _tokens()}], loss_fn=lambda m, b: m(**b).logits.square().mean())
+    for make in (lambda m: lk.ScaledAdamW(m), lambda m: lk.ScaledGD(m, lr=1e-2),
+                 lambda m: lk.AdaPreLoRA(m, statistics="surrogate")):
+        model = _peft_llama(targets=(), target_parameters=["mlp.up_proj.weight"])
+        opt = make(model)
+        before = [layer.A.detach().clone() for layer in find_lora_layers(model)]
+        for _ in range(2):
+            model(input_ids=_tokens()).logits.square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+        assert all(not torch.equal(b, layer.A) for b, layer in zip(before, find_lora_layers(model)))
+
+
 # --------------------------------------------------------------------------------------------------
 # LoRALinear
 
