@@ -293,13 +293,14 @@ class ActivationCapture:
         self._handles = []
         layers = list(layers)
         for layer in layers:
-            if layer.on_parameter:
+            if layer.merged_in_forward:
                 raise NotImplementedError(
-                    f"{layer.name}: a PEFT LoRA on a parameter (target_parameters) adds s·B·A to the weight and "
-                    "runs no LoRA path on an input, so there is no input X or output gradient S to capture for "
-                    "the methods that step from them (LoRSum, ScaledLoRSum, AdaPreLoRA with exact statistics, "
-                    "SVDLoRA, LoRA-One's init): target the module instead (target_modules), or use a method "
-                    "that steps from .grad (ScaledAdamW, ScaledGD, AdaPreLoRA with statistics='surrogate')"
+                    f"{layer.name}: PEFT applies this LoRA by adding s·B·A to a weight in forward (a LoRA on "
+                    "a parameter, target_parameters, or on nn.MultiheadAttention) and runs no LoRA path on an "
+                    "input, so there is no input X or output gradient S to capture for the methods that step "
+                    "from them (LoRSum, ScaledLoRSum, AdaPreLoRA with exact statistics, SVDLoRA, LoRA-One's "
+                    "init): target Linear modules instead, or use a method that steps from .grad "
+                    "(ScaledAdamW, ScaledGD, AdaPreLoRA with statistics='surrogate')"
                 )
         for layer in layers:
             if layer.A_module is None or layer.B_module is None:

@@ -38,9 +38,10 @@ class LoRALayer:
     scale: float
     A_module: nn.Module | None = None  # the lora_A Linear: its input is the X the LoRA path saw
     B_module: nn.Module | None = None  # the lora_B Linear
-    # PEFT's target_parameters (ParamWrapper): s·B·A is added to a parameter, and no LoRA path runs on an
-    # input, so there is no X or S to capture (the methods that step from .grad work as on any layer).
-    on_parameter: bool = False
+    # PEFT adds s·B·A to a weight in forward instead of running lora_B(lora_A(x)): a LoRA on a parameter
+    # (target_parameters, ParamWrapper) or on nn.MultiheadAttention (in_proj and out_proj). No LoRA path
+    # runs on an input, so there is no X or S to capture (the methods that step from .grad work as usual).
+    merged_in_forward: bool = False
 
     @property
     def rank(self) -> int:
@@ -101,9 +102,16 @@ def _scale_of(module: nn.Module, adapter: str | None) -> float:
     return scaling
 
 
+# PEFT LoRA classes that merge s·B·A into a weight for the forward (LoRALayer.merged_in_forward); their
+# submodules' LoRA layers too (the out_proj of a LoRA-wrapped nn.MultiheadAttention: its forward never
+# runs).
+_MERGED_IN_FORWARD = ("ParamWrapper", "MultiheadAttention")
+
+
 def find_lora_layers(model: nn.Module) -> list[LoRALayer]:
     """Every trainable LoRA pair in ``model``, in module order. Raises for PEFT variants (DoRA, KaSA, ...)."""
     layers: list[LoRALayer] = []
+    merging: list[str] = []  # names of the modules that merge their LoRA (and their submodules') in forward
     for name, module in model.named_modules():
         lora_A, lora_B = getattr(module, "lora_A", None), getattr(module, "lora_B", None)
         if isinstance(lora_A, nn.ModuleDict) and isinstance(lora_B, nn.ModuleDict):
@@ -112,6 +120,9 @@ def find_lora_layers(model: nn.Module) -> list[LoRALayer]:
             candidates = [(None, lora_A, lora_B)]
         else:
             continue
+        if type(module).__name__ in _MERGED_IN_FORWARD and type(module).__module__.startswith("peft."):
+            merging.append(name)
+        merged = any(name == n or name.startswith(n + ".") for n in merging)
         for adapter, a_mod, b_mod in candidates:
             if not (isinstance(a_mod, nn.Linear) and isinstance(b_mod, nn.Linear)):
                 continue  # Conv/Embedding LoRA: not a Linear pair; its params stay with the other optimizer
@@ -131,5 +142,5 @@ def find_lora_layers(model: nn.Module) -> list[LoRALayer]:
                 )
             label = name if adapter is None else f"{name}[{adapter}]"
             layers.append(LoRALayer(label, module, a_mod.weight, b_mod.weight, _scale_of(module, adapter),
-                                    a_mod, b_mod, on_parameter=type(module).__name__ == "ParamWrapper"))
+                                    a_mod, b_mod, merged_in_forward=merged))
     return layers

@@ -285,8 +285,8 @@ def test_peft_lora_on_a_parameter_is_refused_by_the_capture_methods_and_steps_fr
         pytest.skip("this peft has no target_parameters")
     model = _peft_llama(targets=(), target_parameters=["mlp.up_proj.weight"])
     layers = find_lora_layers(model)
-    assert layers and all(layer.on_parameter for layer in layers)
-    assert not any(layer.on_parameter for layer in find_lora_layers(_peft_llama()))
+    assert layers and all(layer.merged_in_forward for layer in layers)
+    assert not any(layer.merged_in_forward for layer in find_lora_layers(_peft_llama()))
     for cls in (lk.LoRSum, lk.ScaledLoRSum, lk.AdaPreLoRA, lk.SVDLoRA):
         with pytest.raises(NotImplementedError, match="target_parameters"):
             cls(model)
@@ -302,6 +302,40 @@ def test_peft_lora_on_a_parameter_is_refused_by_the_capture_methods_and_steps_fr
             opt.step()
             opt.zero_grad()
         assert all(not torch.equal(b, layer.A) for b, layer in zip(before, find_lora_layers(model)))
+
+
+def test_peft_lora_on_multihead_attention_is_refused_by_the_capture_methods():
+    """PEFT's LoRA on ``nn.MultiheadAttention`` merges s·B·A into in_proj and out_proj for each forward (their
+    Linear forward never runs): like a LoRA on a parameter, no X and S to capture. A Linear LoRA beside it is
+    an ordinary layer; a plain module of that class name with LoRA children is one too."""
+    peft = _peft()
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = nn.MultiheadAttention(16, 2, batch_first=True)
+            self.lin = nn.Linear(16, 16)
+
+        def forward(self, x):
+            return self.lin(self.mha(x, x, x)[0])
+
+    torch.manual_seed(0)
+    model = peft.get_peft_model(Net(), peft.LoraConfig(r=2, target_modules=["mha", "lin"]))
+    merged = {layer.name: layer.merged_in_forward for layer in find_lora_layers(model)}
+    assert merged == {"base_model.model.mha[default]": True, "base_model.model.lin[default]": False,
+                      "base_model.model.mha.base_layer.out_proj[default]": True}, merged
+    with pytest.raises(NotImplementedError, match="MultiheadAttention"):
+        lk.LoRSum(model)
+    opt = lk.ScaledAdamW(model)
+    model(torch.randn(2, 5, 16)).square().mean().backward()
+    opt.step()
+
+    class MultiheadAttention(nn.Module):  # not PEFT's
+        def __init__(self):
+            super().__init__()
+            self.lora_A, self.lora_B = nn.Linear(4, 2, bias=False), nn.Linear(2, 4, bias=False)
+
+    assert not find_lora_layers(MultiheadAttention())[0].merged_in_forward
 
 
 # --------------------------------------------------------------------------------------------------
