@@ -397,6 +397,20 @@ def test_one_cycle_lr_cycles_the_momentum_an_optimizer_was_built_with(cls, kwarg
     assert resumed.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
 
 
+@pytest.mark.parametrize("cls, key, suggestion", [(lk.LoRSum, "momentm", "momentum"),
+                                                    (lk.ScaledLoRSum, "beta", "betas"),
+                                                    (lk.AdaPreLoRA, "statistic", "statistics"),
+                                                    (lk.ScaledAdamW, "max_grad_nrom", "max_grad_norm"),
+                                                    (lk.SVDLoRA, "zzz", None)])
+def test_a_misspelled_option_names_the_class_and_the_option_meant(cls, key, suggestion):
+    """The subclasses pass their keyword arguments through to LoRAOptimizer, whose name Python's own error
+    would carry: the error names the class built and the closest option it takes."""
+    message = f"{cls.__name__}\\(\\) got an unexpected keyword argument '{key}'"
+    message += f"; did you mean '{suggestion}'\\?$" if suggestion else "$"
+    with pytest.raises(TypeError, match=message):
+        cls(TinyLoRAMLP(), **{key: 1})
+
+
 def test_tensor_lr_is_accepted():
     torch.manual_seed(0)
     model = TinyLoRAMLP()

@@ -60,6 +60,8 @@ backward.
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import weakref
 from collections import defaultdict
 from typing import Any, Iterable
@@ -116,7 +118,18 @@ class LoRAOptimizer(WritingMixin, CheckpointMixin, ReshardingMixin, torch.optim.
         capture: str = "auto",
         accumulation_steps: int | None = None,
         stream_batch_bytes: int | None = None,
+        **unknown,
     ):
+        if unknown:
+            # Named for the class the user built, with the options it takes (Python's own error names this
+            # base class, whose keyword arguments the subclasses pass through).
+            options = [name for cls in type(self).__mro__ if "__init__" in cls.__dict__
+                       for name in inspect.signature(cls.__init__).parameters
+                       if name not in ("self", "model", "defaults", "unknown", "kwargs")]
+            key = next(iter(unknown))
+            close = difflib.get_close_matches(key, options, n=1)
+            raise TypeError(f"{type(self).__name__}() got an unexpected keyword argument {key!r}"
+                            + (f"; did you mean {close[0]!r}?" if close else ""))
         if not isinstance(model, nn.Module):
             raise TypeError(
                 f"{type(self).__name__} takes the model (an nn.Module), not {type(model).__name__}: it pairs "
