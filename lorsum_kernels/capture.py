@@ -43,6 +43,7 @@ Layers and modules: every method takes a ``LoRALayer`` or, for the common one-ad
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import weakref
 from typing import Callable, Iterable
@@ -230,11 +231,14 @@ def _(out, x, key):
 
 
 # The tap's backward runs Python (it records the pair): a CUDA graph would replay its kernels without it, so
-# Inductor's CUDA graphs (mode="reduce-overhead") must leave it out (where this torch has the tag).
+# Inductor's CUDA graphs (mode="reduce-overhead") must leave it out (where this torch has the tag, and
+# custom_op takes tags).
 _CUDAGRAPH_UNSAFE = tuple(tag for tag in (getattr(torch.Tag, "cudagraph_unsafe", None),) if tag is not None)
+_TAP_GRAD_TAGS = ({"tags": _CUDAGRAPH_UNSAFE}
+                  if _CUDAGRAPH_UNSAFE and "tags" in inspect.signature(torch.library.custom_op).parameters else {})
 
 
-@torch.library.custom_op("lorsum_capture::tap_grad", mutates_args=(), tags=_CUDAGRAPH_UNSAFE or None)
+@torch.library.custom_op("lorsum_capture::tap_grad", mutates_args=(), **_TAP_GRAD_TAGS)
 def _tap_grad_op(grad: Tensor, x: Tensor, key: int) -> Tensor:
     tap = _TAPS.get(key)
     if tap is not None:
