@@ -46,6 +46,15 @@ def _loss(model, x, y):
     return F.cross_entropy(model(x).flatten(0, -2), y.flatten())
 
 
+def _assert_factor_gradients_from_captures(cap, layers):
+    """Each layer's captured G = SᵀX gives autograd's factor gradients: s·BᵀG and s·G·Aᵀ."""
+    for layer in layers:
+        X, S = cap.get(layer)
+        G = S.T @ X
+        assert rel_err(layer.A.grad, layer.scale * layer.B.detach().T @ G) < 1e-5, layer.name
+        assert rel_err(layer.B.grad, layer.scale * G @ layer.A.detach().T) < 1e-5, layer.name
+
+
 class _StorageRef:
     """Weak reference to a tensor's storage: views and detached copies (what the capture keeps) share it."""
 
@@ -133,11 +142,7 @@ def test_x_is_what_the_lora_path_saw_under_dropout():
     x, y = _batch(3, 5, 1)
     _loss(model, x, y).backward()
     assert not torch.equal(cap.get(model.l1)[0], x.reshape(15, 12))  # dropped out, not the module input
-    for layer in layers:
-        X, S = cap.get(layer)
-        G = S.T @ X
-        assert rel_err(layer.A.grad, layer.scale * layer.B.detach().T @ G) < 1e-5, layer.name
-        assert rel_err(layer.B.grad, layer.scale * G @ layer.A.detach().T) < 1e-5, layer.name
+    _assert_factor_gradients_from_captures(cap, layers)
 
 
 def test_x_from_module_is_the_module_input_and_gives_the_base_weight_gradient_under_dropout():
@@ -171,11 +176,7 @@ def test_peft_lora_dropout_gives_the_factor_gradients():
     cap = ActivationCapture(layers)
     ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
     model(input_ids=ids, labels=ids).loss.backward()
-    for layer in layers:
-        X, S = cap.get(layer)
-        G = S.T @ X
-        assert rel_err(layer.A.grad, layer.scale * layer.B.detach().T @ G) < 1e-5, layer.name
-        assert rel_err(layer.B.grad, layer.scale * G @ layer.A.detach().T) < 1e-5, layer.name
+    _assert_factor_gradients_from_captures(cap, layers)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -317,11 +318,7 @@ def test_inductor_compiled_model_captures_the_true_gradient(dropout):
     torch.manual_seed(5)  # the dropout masks
     _loss(torch.compile(model), x, y).backward()
     torch._dynamo.reset()
-    for layer in layers:
-        X, S = cap.get(layer)
-        G = S.T @ X
-        assert rel_err(layer.A.grad, layer.scale * layer.B.detach().T @ G) < 1e-5, layer.name
-        assert rel_err(layer.B.grad, layer.scale * G @ layer.A.detach().T) < 1e-5, layer.name
+    _assert_factor_gradients_from_captures(cap, layers)
 
 
 def test_a_model_compiled_before_the_optimizer_says_how_to_recompile():
