@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["FALLBACK_RIDGE", "RELATIVE_RIDGE", "as_dtype", "batch_scalar", "decayed", "math_dtype",
-           "promoted_dtype", "relative_ridge", "ridged_cholesky"]
+__all__ = ["FALLBACK_RIDGE", "RELATIVE_RIDGE", "STEP_NOISE_FLOOR", "as_dtype", "batch_scalar", "decayed",
+           "math_dtype", "promoted_dtype", "relative_ridge", "ridged_cholesky"]
 
 # Ridge added to every r×r Gram before its Cholesky factorisation, relative to its mean diagonal, per
 # math dtype: small enough to leave results unchanged at that dtype's working accuracy, large enough to
@@ -26,6 +26,12 @@ __all__ = ["FALLBACK_RIDGE", "RELATIVE_RIDGE", "as_dtype", "batch_scalar", "deca
 # reading the status.
 RELATIVE_RIDGE = {torch.float32: 1e-7, torch.float64: 1e-14}
 FALLBACK_RIDGE = {torch.float32: 1e-4, torch.float64: 1e-8}
+
+# normalize_step's statistics measure a step only above this many ε·‖A‖_F·‖B‖_F of its layer's factors (ε of
+# the factors' math dtype): below, the step cannot be told from the factors' rounding (optim/
+# step_normalization.py). The reference, the CPU kernel (csrc/cpu/step_normalization.cpp, kNoiseFloor) and
+# the Triton finish take it.
+STEP_NOISE_FLOOR = 16.0
 
 
 def math_dtype(*items: Tensor | torch.dtype | None) -> torch.dtype:

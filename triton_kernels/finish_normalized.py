@@ -7,7 +7,8 @@ fp32 or all fp64; ``root`` (L,) √s; ``layer_lr`` (L,) the lr each step ran at;
 statistics before the step (fp32 or fp64, one dtype). Per layer, with N the bound of
 ``update_clip.merged_update_bound`` on ‖B_new·A_new − B·A‖ of the balanced factors (s times that of these):
 
-    u = N·s / (layer_lr·√(m·n)),  v' = β·v + (1−β)·u²,  t' = t + 1,
+    u = N·s / (layer_lr·√(m·n)),  v' = β·v + (1−β)·u²,  t' = t + 1
+    (v' = v, t' = t where N ≤ STEP_NOISE_FLOOR·ε·‖A‖_F·‖B‖_F: a step within the factors' rounding),
     scale' = 1/max(√(v'/(1 − β^t')), 1e-30) where v' > 0, else 0,
     α = min(1, η·scale'/layer_lr),  A_out = lerp(A, A_new, α), B_out likewise (α = 1: the new values exactly).
 
@@ -31,6 +32,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .._numerics import STEP_NOISE_FLOOR
 from . import _launch
 from ._launch import PROPAGATE_NAN as NAN
 from ._launch import div_ieee, f64_from_bits, sqrt_ieee
@@ -40,11 +42,12 @@ _GRAM_BLOCK = 1024  # Gram entries reduced per iteration of a layer's statistics
 _MOVE_BLOCK = 1024  # factor entries per program of the move
 
 
-@triton.jit(do_not_specialize=["lr_bits", "beta_bits", "one_minus_beta_bits", "entries_root_bits"])
+@triton.jit(do_not_specialize=["lr_bits", "beta_bits", "one_minus_beta_bits", "entries_root_bits",
+                               "floor_bits"])
 def _statistics_kernel(
     gram_p_ptr, gram_q_ptr, root_ptr, layer_lr_ptr, v_ptr, t_ptr, v_out_ptr, t_out_ptr, scale_out_ptr,
     weight_ptr, r, lr_bits: tl.int64, beta_bits: tl.int64, one_minus_beta_bits: tl.int64,
-    entries_root_bits: tl.int64, ACC: tl.constexpr, BLOCK: tl.constexpr,
+    entries_root_bits: tl.int64, floor_bits: tl.int64, ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # One program per layer. The Grams are contiguous (L, 2r, 2r).
     layer = tl.program_id(0).to(tl.int64)
@@ -71,6 +74,18 @@ def _statistics_kernel(
     first = tl.maximum(tl.sum(first, 0), 0.0, propagate_nan=NAN)
     second = tl.maximum(tl.sum(second, 0), 0.0, propagate_nan=NAN)
     bound = sqrt_ieee(first) + sqrt_ieee(second)
+    # ‖A‖² and ‖B‖²: the traces of A·Aᵀ (Q·Qᵀ's top-left block) and BᵀB (PᵀP's bottom-right one). A step
+    # within the factors' rounding (bound ≤ STEP_NOISE_FLOOR·ε·‖A‖‖B‖) measures nothing: the statistics stay.
+    trace_a = tl.zeros((BLOCK,), ACC)
+    trace_b = tl.zeros((BLOCK,), ACC)
+    for start in range(0, r, BLOCK):
+        i = start + tl.arange(0, BLOCK)
+        mask = i < r
+        trace_a += tl.load(gram_q + i * width + i, mask=mask, other=0.0)
+        trace_b += tl.load(gram_p + (i + r) * width + i + r, mask=mask, other=0.0)
+    noise_floor = (f64_from_bits(floor_bits).to(ACC) * sqrt_ieee(tl.sum(trace_a, 0))
+                   * sqrt_ieee(tl.sum(trace_b, 0)))
+    unmeasured = bound <= noise_floor  # False for NaN: a non-finite step reaches v, as in the reference
     root = tl.load(root_ptr + layer).to(ACC)
     v = tl.load(v_ptr + layer)
     VT = v.dtype
@@ -79,8 +94,9 @@ def _statistics_kernel(
     u = div_ieee(bound, step_lr.to(ACC) * f64_from_bits(entries_root_bits).to(ACC)) * (root * root)
     u = u.to(VT)
     beta = f64_from_bits(beta_bits)
-    v_new = v * beta.to(VT) + f64_from_bits(one_minus_beta_bits).to(VT) * u * u
-    t_new = tl.load(t_ptr + layer) + 1
+    t = tl.load(t_ptr + layer)
+    v_new = tl.where(unmeasured, v, v * beta.to(VT) + f64_from_bits(one_minus_beta_bits).to(VT) * u * u)
+    t_new = tl.where(unmeasured, t, t + 1)
     # β^t of β rounded to v's dtype (as torch rounds the Python scalar), in fp64 and rounded once: torch.pow
     # within an ulp; 1 − β^t is then exact in v's dtype (β^t near 1), as the reference's subtraction.
     beta_vt = beta.to(VT).to(tl.float64)
@@ -190,7 +206,8 @@ def finish_normalized_stacked(
     gram_p, gram_q = torch.bmm(P.mT, P), torch.bmm(Q, Q.mT)
     weight = torch.empty(L, dtype=dt, device=device)
     statistics, move = plan(L, r, n, m, dt)
-    scalars = [_launch.f64_bits(x) for x in (lr, beta, 1.0 - beta, float(m * n) ** 0.5)]
+    noise = STEP_NOISE_FLOOR * torch.finfo(dt).eps
+    scalars = [_launch.f64_bits(x) for x in (lr, beta, 1.0 - beta, float(m * n) ** 0.5, noise)]
     with _launch.device_guard(device):
         per_layer = (x.reshape(L).contiguous() for x in (root, layer_lr, v, t))
         statistics.launch(gram_p, gram_q, *per_layer, v_new, t_new, scale, weight, r, *scalars)

@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 #define LORSUM_INLINE inline __attribute__((always_inline))
@@ -51,6 +52,8 @@ LORSUM_INLINE double frobenius_dot(const double* x, const double* y, int64_t cou
 // Grams' rounding grows with kGramChunk + K / kGramChunk terms rather than K (the composite's fp32 bmm sums
 // in blocks too; the bound comes out as accurate as the composite's against an fp64 computation).
 constexpr int64_t kGramChunk = 64;
+// _numerics.STEP_NOISE_FLOOR, in units of ε·‖A‖_F·‖B‖_F.
+constexpr double kNoiseFloor = 16.0;
 
 // G (r×r, fp64) = Σ_k P[k,:]ᵀ·Q[k,:] over the K rows of P and Q (row stride r), chunk by chunk.
 template <bool kVectorised>
@@ -169,12 +172,22 @@ LORSUM_INLINE bool finish_layer(const Layer& L, float root, float layer_lr, floa
                                          2.0 * frobenius_dot(dBB, AdA, r * r));
   const float second = static_cast<float>(frobenius_dot(dBdB, dAdA, r * r));
   const float bound = std::sqrt(std::max(first, 0.0f)) + std::sqrt(std::max(second, 0.0f));
+  // _numerics.STEP_NOISE_FLOOR: a step within the factors' rounding (‖ΔW‖ ≤ 16·ε·‖A‖_F·‖B‖_F) measures
+  // nothing, and the statistics stay; a NaN bound counts as measured (it reaches v, as in the composite).
+  double trace_a = 0.0, trace_b = 0.0;
+  for (int64_t i = 0; i < r; ++i) {
+    trace_a += AA[i * r + i];
+    trace_b += BB[i * r + i];
+  }
+  const float noise_floor = static_cast<float>(kNoiseFloor * std::numeric_limits<float>::epsilon()) *
+                            static_cast<float>(std::sqrt(trace_a)) * static_cast<float>(std::sqrt(trace_b));
+  const bool measured = !(bound <= noise_floor);
   const float entries_root = static_cast<float>(std::sqrt(static_cast<double>(n * m)));
   const float u = bound / (layer_lr * entries_root) * (root * root);
   // As torch rounds the Python numbers β and 1 − β against an fp32 tensor (1 − β from the double β).
   const float beta_f = static_cast<float>(beta), one_minus_beta = static_cast<float>(1.0 - beta);
-  const float v_new = *L.v * beta_f + one_minus_beta * u * u;
-  const float t_new = *L.t + 1.0f;
+  const float v_new = measured ? *L.v * beta_f + one_minus_beta * u * u : *L.v;
+  const float t_new = measured ? *L.t + 1.0f : *L.t;
   float scale = 0.0f;
   if (v_new > 0.0f) {
     scale = 1.0f / std::max(std::sqrt(v_new / (1.0f - std::pow(beta_f, t_new))), 1e-30f);

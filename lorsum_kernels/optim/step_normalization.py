@@ -23,9 +23,13 @@ more than two when the step is large against the weight, where it is not linear 
 At η = 0 (a warm-up from 0, as transformers' schedules start, or a schedule's end) the step is zero and
 measures nothing: the factors and statistics stay, and the step is taken, not skipped (the rest of the
 state, a momentum buffer or a metric, updates as at any lr, as torch's optimizers update their moments).
-A step so small that the factors' rounding outweighs it (η below ~1e-7 of the lr the statistics came
-from) measures that rounding instead and overstates u, shrinking the layer's later steps until the EMA
-forgets it.
+A step too small to tell from the factors' rounding, ‖ΔW‖ ≤ ``NOISE_FLOOR``·ε·‖A‖_F·‖B‖_F (ε of the
+factors' math dtype; a merged step ~1e-6 of the weight's size, as at an lr below ~1e-6 of the one the
+statistics came from: the last steps before a restart of a long-cycle cosine schedule), would measure that
+rounding (and ScaledLoRSum's re-solve in its new metric) instead of itself and overstate u, shrinking the
+layer's later steps until the EMA forgot (ScaledLoRSum at 1e-7 of the lr: v 40 times too large, the next
+steps 0.6 of theirs): it is taken, and the statistics stay, as at η = 0. So does a zero step (a zero
+gradient), which before decayed v.
 
 The proximal weight stays ``η·λ0`` (the method's, at the group's lr) whatever the layer's lr: tied to the
 layer's lr it would grow with it and cap the step of a layer with small gradients near ``G/λ0``, and the
@@ -43,11 +47,16 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .._numerics import STEP_NOISE_FLOOR
 from .update_clip import merged_update_bound, moved_by
 
-__all__ = ["STATE_KEYS", "finish", "initial_state", "layer_lrs", "step_at_layer_lr"]
+__all__ = ["NOISE_FLOOR", "STATE_KEYS", "finish", "initial_state", "layer_lrs", "step_at_layer_lr"]
 
 STATE_KEYS = ("step_norm_sq", "step_norm_count", "step_norm_scale")
+# A step whose merged-update bound is at most this many ε·‖A‖_F·‖B‖_F (the old, unbalanced factors) measures
+# nothing (module docstring). Measured on a small MLP: LoRSum's and ScaledLoRSum's steps at their default lr
+# ~1e5 ε·‖A‖‖B‖, at 1e-6 of it ~80, their rounding residue below 1 (ScaledLoRSum's at lr → 0: 0.23).
+NOISE_FLOOR = STEP_NOISE_FLOOR
 MEASURED_LR = "step_norm_lr"  # in a method step's new state only: the lr a measured first step ran at
 # The layer's step reads only the scale; step() updates these (LoRAOptimizer._state_for_step).
 FINISHED_IN_STEP = ("step_norm_sq", "step_norm_count")
@@ -125,8 +134,14 @@ def finish(A_old: Tensor, B_old: Tensor, A_new: Tensor, B_new: Tensor, root: Ten
         # and statistics stay; the scale below is the stored one, recomputed from the same v and t.
         v_new, t_new = v, t
     else:
-        u = (_size(A_old, B_old, A_new, B_new, layer_lr) * root.reshape(-1).square()).to(v.dtype)
-        v_new, t_new = v * beta + (1 - beta) * u * u, t + 1
+        bound = merged_update_bound(A_old, B_old, A_new, B_new)
+        norms = A_old.flatten(1).norm(dim=1) * B_old.flatten(1).norm(dim=1)
+        floor = NOISE_FLOOR * torch.finfo(dt).eps * norms
+        measured = ~(bound <= floor)  # NaN counts as measured: it reaches v, as any non-finite step does
+        entries = A_old.shape[-1] * B_old.shape[-2]
+        u = (bound / (layer_lr.to(dt) * entries ** 0.5) * root.reshape(-1).square()).to(v.dtype)
+        v_new = torch.where(measured, v * beta + (1 - beta) * u * u, v)
+        t_new = torch.where(measured, t + 1, t)
     # 1/√v̂_t; 0 while every step was zero (v = 0): the next one is measured again
     scale = torch.where(v_new > 0, (v_new / (1 - beta ** t_new)).sqrt().clamp_min(1e-30).reciprocal(), 0)
     stats = {"step_norm_sq": v_new, "step_norm_count": t_new, "step_norm_scale": scale}

@@ -115,6 +115,19 @@ def test_a_non_finite_layer_stays_in_its_layer(be):
 
 
 @over_backends(OP, TRITON)
+def test_a_step_within_the_factors_rounding_keeps_v_and_t(be):
+    """Steps of 1e-12 of the factors (below ``_numerics.STEP_NOISE_FLOOR``·ε·‖A‖‖B‖) measure nothing: v and
+    t exactly as before, as the reference; the problem's 1e-3 steps (the other tests) are measured."""
+    args = _problem(6, 3, 37, 23, F32, F32, device=be.device)
+    g = gen(7)
+    args[2] = args[0] + 1e-12 * randn(*args[0].shape, g=g).to(be.device, F32)
+    args[3] = args[1] + 1e-12 * randn(*args[1].shape, g=g).to(be.device, F32)
+    out = be.run(OP, *args)
+    _assert_matches(out, args)
+    assert torch.equal(out[2], args[6]) and torch.equal(out[3], args[7])
+
+
+@over_backends(OP, TRITON)
 def test_a_zero_lr_keeps_the_factors_and_statistics(be):
     """η = 0 (a warm-up from 0): the step measures nothing (u = ‖ΔW‖/0 would be inf or NaN in v): the old
     factors, v and t exactly, the scale recomputed from them (0 where v = 0), as the reference; ``ops`` runs

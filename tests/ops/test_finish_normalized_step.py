@@ -133,6 +133,22 @@ def test_a_zero_lr_keeps_the_factors_and_statistics(be, cpu_path):
 
 
 @over_backends(OP, NATIVE_CPU)
+def test_a_step_within_the_factors_rounding_keeps_v_and_t(be, cpu_path):
+    """Steps of 1e-12 of the factors (below ``_numerics.STEP_NOISE_FLOOR``·ε·‖A‖‖B‖) measure nothing: v and t
+    stay, the layers are written, as the reference does; 1e-3 steps (the other problems) are measured."""
+    args = _problem(4, balanced=False, step=1e-12)
+    before = _copy(args)
+    expected_args = _copy(args)
+    expected = reference.finish_normalized_step(*expected_args)
+    out = be.run(OP, *args)
+    assert out.all() and expected.all()
+    _assert_matches_reference(out, args, expected, expected_args)
+    for k in (5, 6):  # v and t
+        for x, y in zip(args[k], before[k]):
+            assert torch.equal(x, y), k
+
+
+@over_backends(OP, NATIVE_CPU)
 def test_no_checked_tensors_and_no_layers(be, cpu_path):
     args = _problem(2, balanced=False, checked_per_layer=0)
     expected_args = _copy(args)
