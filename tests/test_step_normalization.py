@@ -300,8 +300,9 @@ def test_a_zero_lr_step_keeps_factors_and_statistics_and_is_not_skipped(name, ca
 def test_a_step_within_the_factors_rounding_keeps_the_statistics(name, in_place):
     """A step at 1e-10 of the lr its statistics came from moves the merged weight by less than the factors'
     fp32 rounding (``_numerics.STEP_NOISE_FLOOR``·ε·‖A‖‖B‖): it would measure that rounding (and
-    ScaledLoRSum's re-solve in its new metric, 0.23 ε‖A‖‖B‖ at any lr) as its size, and did: v 40 times too
-    large, the later steps cut to 0.6 of theirs until the EMA forgot. It is taken and the statistics stay;
+    ScaledLoRSum's re-solve in its new metric, 0.23 ε‖A‖‖B‖ at any lr) as its size, and did: one layer's v
+    147 times too large, its next step 0.09 of its size (tools/step_noise_ratio.py --effect), until the EMA
+    forgot. It is taken and the statistics stay;
     the steps after it are those of a run without it, within rounding."""
     def train(tiny: bool):
         torch.manual_seed(0)

@@ -27,9 +27,9 @@ A step too small to tell from the factors' rounding, ‖ΔW‖ ≤ ``NOISE_FLOOR
 factors' math dtype; a merged step ~1e-6 of the weight's size, as at an lr below ~1e-6 of the one the
 statistics came from: the last steps before a restart of a long-cycle cosine schedule), would measure that
 rounding (and ScaledLoRSum's re-solve in its new metric) instead of itself and overstate u, shrinking the
-layer's later steps until the EMA forgot (ScaledLoRSum at 1e-7 of the lr: v 40 times too large, the next
-steps 0.6 of theirs): it is taken, and the statistics stay, as at η = 0. So does a zero step (a zero
-gradient), which before decayed v.
+layer's later steps until the EMA forgot (ScaledLoRSum, one step at 1e-7 of the lr: one layer's v 147
+times too large, its next step 0.09 of its size; ``python tools/step_noise_ratio.py --effect``): it is
+taken, and the statistics stay, as at η = 0. So does a zero step (a zero gradient), which before decayed v.
 
 The proximal weight stays ``η·λ0`` (the method's, at the group's lr) whatever the layer's lr: tied to the
 layer's lr it would grow with it and cap the step of a layer with small gradients near ``G/λ0``, and the
@@ -54,8 +54,8 @@ __all__ = ["NOISE_FLOOR", "STATE_KEYS", "finish", "initial_state", "layer_lrs", 
 
 STATE_KEYS = ("step_norm_sq", "step_norm_count", "step_norm_scale")
 # A step whose merged-update bound is at most this many ε·‖A‖_F·‖B‖_F (the old, unbalanced factors) measures
-# nothing (module docstring). Measured on a small MLP: LoRSum's and ScaledLoRSum's steps at their default lr
-# ~1e5 ε·‖A‖‖B‖, at 1e-6 of it ~80, their rounding residue below 1 (ScaledLoRSum's at lr → 0: 0.23).
+# nothing (module docstring). On a small MLP (tools/step_noise_ratio.py): LoRSum's and ScaledLoRSum's steps at
+# lr 1e-3 ~9e4 ε·‖A‖‖B‖, at 1e-6 ~90, their rounding residue below 1 (ScaledLoRSum's at lr → 0: 0.23).
 NOISE_FLOOR = STEP_NOISE_FLOOR
 MEASURED_LR = "step_norm_lr"  # in a method step's new state only: the lr a measured first step ran at
 # The layer's step reads only the scale; step() updates these (LoRAOptimizer._state_for_step).
