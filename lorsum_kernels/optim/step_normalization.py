@@ -70,8 +70,12 @@ def initial_state(dtype: torch.dtype, device: torch.device) -> dict:
 def _size(A: Tensor, B: Tensor, A_new: Tensor, B_new: Tensor, lrs: Tensor) -> Tensor:
     """u: the merged step's RMS per entry and unit lr, (L,), for balanced factors."""
     dt = A_new.dtype
-    entries = A.shape[-1] * B.shape[-2]
-    return merged_update_bound(A.to(dt), B.to(dt), A_new, B_new) / (lrs.to(dt) * entries ** 0.5)
+    return _per_entry_and_lr(merged_update_bound(A.to(dt), B.to(dt), A_new, B_new), A, B, lrs)
+
+
+def _per_entry_and_lr(bound: Tensor, A: Tensor, B: Tensor, lrs: Tensor) -> Tensor:
+    """The merged-update bound (L,) as a size per entry and unit lr."""
+    return bound / (lrs.to(bound.dtype) * (A.shape[-1] * B.shape[-2]) ** 0.5)
 
 
 def step_at_layer_lr(step_at: Callable[[object], tuple], A: Tensor, B: Tensor, lr, state: dict,
@@ -138,8 +142,7 @@ def finish(A_old: Tensor, B_old: Tensor, A_new: Tensor, B_new: Tensor, root: Ten
         norms = A_old.flatten(1).norm(dim=1) * B_old.flatten(1).norm(dim=1)
         floor = NOISE_FLOOR * torch.finfo(dt).eps * norms
         measured = ~(bound <= floor)  # NaN counts as measured: it reaches v, as any non-finite step does
-        entries = A_old.shape[-1] * B_old.shape[-2]
-        u = (bound / (layer_lr.to(dt) * entries ** 0.5) * root.reshape(-1).square()).to(v.dtype)
+        u = (_per_entry_and_lr(bound, A_old, B_old, layer_lr) * root.reshape(-1).square()).to(v.dtype)
         v_new = torch.where(measured, v * beta + (1 - beta) * u * u, v)
         t_new = torch.where(measured, t + 1, t)
     # 1/√v̂_t; 0 while every step was zero (v = 0): the next one is measured again
